@@ -1,0 +1,1 @@
+"""Sourcebeam's benchmarks: each compares rates measured in the same run, never absolute times."""

@@ -1,0 +1,1 @@
+"""Deterministic generators of raw retail and taxi events, for demos, tests and benchmarks."""

@@ -1,0 +1,1 @@
+"""Sourcebeam's pipelines: each module builds one job from options and shares transforms."""

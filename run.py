@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Sourcebeam's one entry point.
+
+With no subcommand it runs the main job: generate a sample day of retail and taxi
+events (if none exists), publish them, archive them, and replay the archive
+through every pipeline, writing outputs and summary.json under out/.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)``
+and ``main(args, beam_args) -> int``. Arguments a subcommand does not know are
+Beam pipeline options (``--runner``, ``--flink_master``...) and pass through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# name -> (module, one-line help). Modules are imported only when chosen, so
+# `run.py --help` stays fast and one broken pipeline cannot break the others.
+SUBCOMMANDS = {
+    'main': ('pipelines.main_job', 'the main job (the default): generate, publish, archive, replay everything'),
+    'generate': ('generators.cli', 'generate deterministic raw retail or taxi events as JSON lines'),
+    'publish': ('pipelines.publish', 'fix the stream: raw JSON events in, published events and dead letters out'),
+    'replay': ('pipelines.replay', 'replay an event archive through the pipelines'),
+    'keys': ('pipelines.keys', 'partition-key report of an archive: cardinality, skew, hot keys'),
+    'taxi': ('pipelines.taxi', 'taxi pipelines: join, long-rides, hourly-tips, cleanse'),
+    'stream': ('pipelines.stream', 'run the pipelines live from Kafka (optionally after an archive replay)'),
+    'services': ('pipelines.services', 'bring the local stack (Kafka, Flink) up, down, or show its status'),
+    'bench': ('benchmarks.cli', 'benchmarks: ordering, replay, fanout, causal'),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='run.py',
+      description='Sourcebeam: event sourcing on Apache Beam. Without a subcommand, runs the main job.',
+      epilog='Unknown --options are passed to Beam (e.g. --runner=FlinkRunner --flink_master=[local]). '
+             'See `run.py SUBCOMMAND --help`.')
+  sub = parser.add_subparsers(dest='command', metavar='SUBCOMMAND')
+  for name, (module, help_text) in SUBCOMMANDS.items():
+    sp = sub.add_parser(name, help=help_text, description=help_text)
+    sp.set_defaults(_module=module)
+    _add_module_arguments(sp, module)
+  return parser
+
+
+def _add_module_arguments(sp: argparse.ArgumentParser, module: str) -> None:
+  try:
+    mod = importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if e.name and module.startswith(e.name):
+      sp.set_defaults(_missing=f'{module} is not built yet')
+      return
+    raise
+  mod.add_arguments(sp)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0].startswith('-') and argv[0] not in ('-h', '--help'):
+    argv = ['main'] + argv
+  parser = build_parser()
+  args, beam_args = parser.parse_known_args(argv)
+  if getattr(args, '_missing', None):
+    parser.error(args._missing)
+  from pipelines.cli import run_command
+  return run_command(importlib.import_module(args._module), args, beam_args)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

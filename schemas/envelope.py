@@ -1,0 +1,105 @@
+"""The event envelope in memory, in JSON and in Avro.
+
+In memory (and in Avro) an envelope is a plain ``dict`` with the fields of
+``Envelope.avsc``, ``event_time`` as epoch milliseconds UTC, and ``data`` as the
+event's own dict. Plain dicts are what fastavro and pyarrow read and write
+fastest, and what a handler written in plain Python expects.
+
+The JSON form (what the publish pipeline writes and the event writer accepts)
+is the same with ``event_time`` as an ISO-8601 UTC string, so a person can read
+it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any, Dict, Mapping, Optional
+
+from schemas.registry import registry
+
+ENVELOPE_FIELDS = ('event_id', 'event_type', 'schema_version', 'partition_key',
+                   'sequence', 'event_time', 'origin', 'follows_from', 'data')
+
+Envelope = Dict[str, Any]
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def millis_to_iso(millis: int) -> str:
+  """Epoch milliseconds to ISO-8601 UTC with millisecond precision, e.g. 2026-11-26T10:00:00.000Z."""
+  dt = _EPOCH + datetime.timedelta(milliseconds=millis)
+  return dt.strftime('%Y-%m-%dT%H:%M:%S.') + f'{dt.microsecond // 1000:03d}Z'
+
+
+def iso_to_millis(text: str, assume_utc: bool = True) -> int:
+  """ISO-8601 (any offset, or 'Z') to epoch milliseconds UTC.
+
+  Raises ValueError for text that is not an ISO-8601 timestamp. A timestamp
+  without an offset is taken as UTC when ``assume_utc`` (the documented repair).
+  """
+  t = text.strip()
+  if t.endswith('Z') or t.endswith('z'):
+    t = t[:-1] + '+00:00'
+  dt = datetime.datetime.fromisoformat(t)
+  if dt.tzinfo is None:
+    if not assume_utc:
+      raise ValueError(f'timestamp {text!r} has no UTC offset')
+    dt = dt.replace(tzinfo=datetime.timezone.utc)
+  delta = dt - _EPOCH
+  return (delta.days * 86_400_000 + delta.seconds * 1000 +
+          delta.microseconds // 1000)
+
+
+def make_envelope(event_type: str,
+                  data: Mapping[str, Any],
+                  *,
+                  event_id: str,
+                  sequence: int,
+                  event_time: int,
+                  origin: str,
+                  follows_from: Optional[str] = None,
+                  schema_version: Optional[int] = None) -> Envelope:
+  """A well-formed envelope for ``data``, its partition key taken from the key rule."""
+  et = registry().get(event_type)
+  return {
+      'event_id': event_id,
+      'event_type': event_type,
+      'schema_version': et.version if schema_version is None else schema_version,
+      'partition_key': et.key_of(data),
+      'sequence': sequence,
+      'event_time': event_time,
+      'origin': origin,
+      'follows_from': follows_from,
+      'data': {f: data[f] for f in et.field_names},
+  }
+
+
+def to_json_dict(env: Mapping[str, Any]) -> Dict[str, Any]:
+  out = dict(env)
+  out['event_time'] = millis_to_iso(env['event_time'])
+  return out
+
+
+def to_json(env: Mapping[str, Any]) -> str:
+  """One line of the published stream."""
+  return json.dumps(to_json_dict(env), separators=(',', ':'), ensure_ascii=False)
+
+
+def from_json(line: str) -> Envelope:
+  """Inverse of :func:`to_json` for published (already valid) envelopes."""
+  env = json.loads(line)
+  if isinstance(env.get('event_time'), str):
+    env['event_time'] = iso_to_millis(env['event_time'])
+  return env
+
+
+def to_avro_record(env: Mapping[str, Any]) -> Dict[str, Any]:
+  """The envelope as fastavro writes it: ``data`` tagged with its record name.
+
+  The tag matters: CartItemAdded and CartItemRemoved have identical fields, so
+  fastavro could not otherwise tell which branch of the union to write.
+  """
+  rec = dict(env)
+  rec['data'] = (registry().get(env['event_type']).fullname, env['data'])
+  return rec

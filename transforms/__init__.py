@@ -1,0 +1,1 @@
+"""Sourcebeam's Beam transforms, each wrapping plain-Python business logic."""
