@@ -1,0 +1,111 @@
+"""Fix the stream: publish raw events, dead-letter what cannot be repaired, archive the rest.
+
+``run.py publish --input RAW --out DIR [--archive PATH]`` reads raw JSON lines
+(a local path, a glob, ``s3://`` or ``gs://``), and writes:
+
+* ``DIR/published.jsonl``: clean envelopes in their JSON form;
+* ``DIR/dead_letters.jsonl``: each refused line whole, with a reason;
+* ``DIR/summary.json``: counts, with ``in == published + dead_lettered`` always;
+* the archive at PATH when ``--archive`` is given (Avro by default).
+
+What it repairs and what it refuses is documented in :mod:`schemas.validation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import apache_beam as beam
+from apache_beam.coders import coders
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines import outputs
+from pipelines.cli import UsageError
+from pipelines.options import pipeline_options
+from schemas.envelope import to_json
+from schemas.validation import DEFAULT_MAX_EVENT_BYTES
+from transforms.counting import WriteCounts, read_counts
+from transforms.publish import PublishEvents, dead_letter_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--input', required=True, metavar='RAW',
+                      help='raw events as JSON lines: a file, a glob, or an s3:// or gs:// path')
+  parser.add_argument('--out', required=True, metavar='DIR',
+                      help='where published.jsonl, dead_letters.jsonl and summary.json go')
+  parser.add_argument('--archive', metavar='PATH',
+                      help='also write the published events to the event archive at PATH '
+                           '(local, s3:// or gs://)')
+  parser.add_argument('--archive-format', choices=('avro', 'parquet'), default='avro',
+                      help='archive file format (default: avro)')
+  parser.add_argument('--max-event-bytes', type=int, default=DEFAULT_MAX_EVENT_BYTES,
+                      help=f'lines longer than this are dead-lettered (default: {DEFAULT_MAX_EVENT_BYTES})')
+
+
+def check_input(pattern: str) -> None:
+  """A one-line UsageError when the raw input does not exist."""
+  try:
+    matched = FileSystems.match([pattern])[0].metadata_list
+  except Exception as e:  # a filesystem's own error for a bad path or bucket
+    raise UsageError(f'cannot read input {pattern}: {str(e).splitlines()[0]}') from None
+  if not matched:
+    raise UsageError(f'input {pattern} does not exist (no file matches)')
+
+
+def build_publish(p: beam.Pipeline, input_pattern: str, out: str,
+                  archive: Optional[str] = None, archive_format: str = 'avro',
+                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Dict[str, beam.PCollection]:
+  """Publish (and archive) raw lines; returns the PCollections to count."""
+  raw = p | 'ReadRaw' >> beam.io.ReadFromTextWithFilename(input_pattern, coder=coders.BytesCoder())
+  result = raw | 'Publish' >> PublishEvents(max_event_bytes)
+  result.published | 'PublishedJson' >> beam.Map(to_json) | 'WritePublished' >> outputs.write_lines(
+      out, 'published.jsonl')
+  result.dead_letters | 'DeadLetterJson' >> beam.Map(dead_letter_json) | 'WriteDeadLetters' >> (
+      outputs.write_lines(out, 'dead_letters.jsonl'))
+  counts = {'in': raw, 'published': result.published, 'dead_lettered': result.dead_letters}
+  if archive:
+    from transforms.archive import WriteArchive
+    files = result.published | 'Archive' >> WriteArchive(archive, format=archive_format)
+    counts['archived'] = files | 'ArchivedEvents' >> beam.FlatMap(lambda f: [None] * f['events'])
+  return counts
+
+
+def run(input_pattern: str, out: str, beam_args: List[str], archive: Optional[str] = None,
+        archive_format: str = 'avro',
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Dict[str, Any]:
+  options = pipeline_options(beam_args)
+  FileSystems.set_options(options)
+  check_input(input_pattern)
+  outputs.prepare(out)
+  started = time.monotonic()
+  with beam.Pipeline(options=options) as p:
+    counts = build_publish(p, input_pattern, out, archive, archive_format, max_event_bytes)
+    counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
+  seconds = time.monotonic() - started
+  summary: Dict[str, Any] = read_counts(outputs.join(out, '_counts.json'))
+  summary.update(seconds=round(seconds, 3),
+                 events_per_sec=round(summary['in'] / seconds, 1) if seconds else None,
+                 outputs={'published': outputs.join(out, 'published.jsonl'),
+                          'dead_letters': outputs.join(out, 'dead_letters.jsonl')})
+  if archive:
+    summary['outputs']['archive'] = archive
+  if summary['in'] != summary['published'] + summary['dead_lettered']:
+    raise AssertionError(f'events lost in publish: {summary}')
+  outputs.write_json(out, 'summary.json', summary)
+  return summary
+
+
+def main(args: argparse.Namespace, beam_args: List[str]) -> int:
+  if args.max_event_bytes <= 0:
+    raise UsageError('--max-event-bytes must be positive')
+  summary = run(args.input, args.out, beam_args, args.archive, args.archive_format,
+                args.max_event_bytes)
+  print(f'published {summary["published"]} of {summary["in"]} events, '
+        f'dead-lettered {summary["dead_lettered"]} '
+        f'({summary["events_per_sec"]} events/s); summary in {args.out}/summary.json',
+        file=sys.stderr)
+  return 0
