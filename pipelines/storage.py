@@ -1,14 +1,126 @@
-"""Storage options: where S3 and GCS paths go (real clouds or local emulators).
+"""Storage options: where ``s3://`` and ``gs://`` paths go (real clouds or local emulators).
 
-Beam reaches ``s3://`` and ``gs://`` paths through its filesystems; this module
-adds the options that point them at the endpoint configured in the environment.
+Beam reaches S3 and GCS through its ``FileSystems``; this module turns the
+environment into the pipeline options that point them at the right endpoint,
+so the same command works against a real cloud and against a local emulator.
+
+Environment variables:
+
+``SOURCEBEAM_S3_ENDPOINT``
+    URL of an S3-compatible endpoint (moto's server, MinIO...), e.g.
+    ``http://127.0.0.1:5000``. Becomes ``--s3_endpoint_url``. Unset: AWS.
+``AWS_REGION`` (or ``AWS_DEFAULT_REGION``)
+    Becomes ``--s3_region_name``.
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``
+    Read by boto3 itself on every worker. They are deliberately *not* copied
+    into pipeline options, where runners display and log them; pass
+    ``--s3_access_key_id`` / ``--s3_secret_access_key`` explicitly if a remote
+    worker has no other way to get credentials.
+``STORAGE_EMULATOR_HOST``
+    URL of a GCS emulator (``gcp-storage-emulator``, ``fake-gcs-server``), e.g.
+    ``http://127.0.0.1:9023``. The google-cloud-storage client sends every
+    request there. Beam's GCS filesystem always asks Google's default
+    credential chain first and, when it finds nothing, retries with backoff for
+    about 20 s per process before going anonymous. An emulator needs no
+    credentials, so for an emulator this module points
+    ``GOOGLE_APPLICATION_CREDENTIALS`` (unless already set) at a generated
+    credentials file holding a dummy, never-expiring access token: the lookup
+    succeeds at once, nothing is refreshed over the network, and the emulator
+    ignores the token. It also sets ``GOOGLE_CLOUD_PROJECT`` (unless set) to
+    ``SOURCEBEAM_GCP_PROJECT`` or ``sourcebeam-local``. Against real GCS
+    (``STORAGE_EMULATOR_HOST`` unset) nothing is changed: the usual application
+    default credentials apply.
+``SOURCEBEAM_GCP_PROJECT``
+    Project for the emulator case (above).
+
+Command-line options given explicitly always win over the environment.
+
+Plain Python outside a pipeline (tests, benchmarks, ``iter_archive``) uses
+Beam's FileSystems too; :func:`use_storage_options` sets the options it needs
+(a pipeline sets them itself when it is constructed).
 """
 
 from __future__ import annotations
 
-from typing import List
+import json
+import os
+import tempfile
+from typing import List, Optional, Sequence
+
+S3_ENDPOINT_ENV = 'SOURCEBEAM_S3_ENDPOINT'
+GCS_EMULATOR_ENV = 'STORAGE_EMULATOR_HOST'
+GCP_PROJECT_ENV = 'SOURCEBEAM_GCP_PROJECT'
+DEFAULT_LOCAL_PROJECT = 'sourcebeam-local'
+
+# An "authorized_user" credential with a token that never expires: google-auth
+# uses the token as is (no refresh, no network); only an emulator accepts it.
+_EMULATOR_CREDENTIALS = {
+    'type': 'authorized_user',
+    'client_id': 'sourcebeam-storage-emulator',
+    'client_secret': 'unused',
+    'refresh_token': 'unused',
+    'token': 'sourcebeam-storage-emulator',
+    'expiry': '2999-01-01T00:00:00Z',
+}
+
+
+def _has_option(args: Sequence[str], name: str) -> bool:
+  return any(a == name or a.startswith(name + '=') for a in args)
+
+
+def emulator_credentials_file() -> str:
+  """Path of the dummy credentials file for a GCS emulator (written once per user)."""
+  path = os.path.join(tempfile.gettempdir(), f'sourcebeam-gcs-emulator-{os.getuid()}.json')
+  text = json.dumps(_EMULATOR_CREDENTIALS)
+  try:
+    with open(path, encoding='utf-8') as f:
+      if f.read() == text:
+        return path
+  except OSError:
+    pass
+  tmp = f'{path}.{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
+  return path
+
+
+def prepare_gcs_emulator_environment() -> bool:
+  """When STORAGE_EMULATOR_HOST is set, make GCS access fast and anonymous-equivalent.
+
+  Returns whether an emulator is configured. Idempotent.
+  """
+  if not os.environ.get(GCS_EMULATOR_ENV):
+    return False
+  os.environ.setdefault('GOOGLE_APPLICATION_CREDENTIALS', emulator_credentials_file())
+  os.environ.setdefault(
+      'GOOGLE_CLOUD_PROJECT', os.environ.get(GCP_PROJECT_ENV) or DEFAULT_LOCAL_PROJECT)
+  return True
 
 
 def storage_args(args: List[str]) -> List[str]:
   """``args`` plus the filesystem options the environment asks for."""
-  return list(args)
+  args = list(args)
+  endpoint = os.environ.get(S3_ENDPOINT_ENV)
+  if endpoint and not _has_option(args, '--s3_endpoint_url'):
+    args.append(f'--s3_endpoint_url={endpoint}')
+  region = os.environ.get('AWS_REGION') or os.environ.get('AWS_DEFAULT_REGION')
+  if region and not _has_option(args, '--s3_region_name'):
+    args.append(f'--s3_region_name={region}')
+  if prepare_gcs_emulator_environment() and not _has_option(args, '--project'):
+    args.append(f'--project={os.environ["GOOGLE_CLOUD_PROJECT"]}')
+  return args
+
+
+def use_storage_options(beam_args: Optional[Sequence[str]] = None):
+  """Set Beam's FileSystems options for plain-Python use outside a pipeline.
+
+  Returns the PipelineOptions used. A pipeline sets these itself when it is
+  built; code that reads or writes ``s3://`` / ``gs://`` paths directly (the
+  archive's ``iter_archive``, a benchmark) calls this first.
+  """
+  from apache_beam.io.filesystems import FileSystems
+  from pipelines.options import pipeline_options  # here: options imports this module
+  options = pipeline_options(list(beam_args or []))
+  FileSystems.set_options(options)
+  return options

@@ -1,0 +1,347 @@
+"""The event archive: write published events to Avro or Parquet, read them back.
+
+``WriteArchive`` partitions envelopes by event-time hour and partition-key
+bucket, sorts each (hour, bucket) group by ``(partition_key, sequence)`` and
+writes it as one file (or a few, for big groups), so a replay can keep per-key
+order without a global shuffle. ``ReadArchive`` is the bounded source a replay
+starts from. Both go through Beam's ``FileSystems``: local paths, ``s3://`` and
+``gs://`` work alike (see :mod:`pipelines.storage` for endpoints and emulators).
+The layout and file formats are described in :mod:`transforms.archive_format`.
+
+Writes are idempotent under Beam retries: file names are fixed when the
+pipeline is built (run id, window, pane, chunk) and file contents are a pure
+function of the group (sorted, with a sync marker derived from the name), so a
+retried bundle rewrites the same bytes. Each run has its own run id, so two
+runs into one archive add files side by side. Local files are written to a
+hidden temporary name and renamed into place (atomic); S3 and GCS objects only
+appear when their upload completes, so they are written in place.
+
+For a live (unbounded) stream, window the events before ``WriteArchive`` (for
+example hourly windows with an early trigger): each window and pane gets its own
+files, named by window start and pane index.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import re
+import uuid
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io import fileio
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import window as beam_window
+
+from pipelines.cli import UsageError
+from schemas.envelope import Envelope
+from schemas.registry import SCHEMA_DIR, Registry, registry as load_registry
+from transforms.archive_format import (
+    AVRO_CODECS, DEFAULT_BUCKETS, DEFAULT_MAX_EVENTS_PER_FILE, FORMATS, LAYOUT_VERSION,
+    MANIFEST_NAME, SORT_ORDER, ArchiveFile, CorruptArchiveFile, IncompatibleSchema,
+    bucket_of, chunks, data_file_pattern, encode_avro, encode_parquet, hour_of,
+    join, make_manifest, parse_file_path, parse_manifest, partition_dir, read_events,
+    sort_key)
+
+__all__ = [
+    'WriteArchive', 'ReadArchive', 'check_archive_path', 'read_archive_file', 'iter_archive',
+    'list_archive_files', 'read_manifest', 'CorruptArchiveFile', 'IncompatibleSchema',
+    'EVENTS', 'CORRUPT']
+
+EVENTS = 'events'
+CORRUPT = 'corrupt'
+_LOCAL_SCHEMES = (None, 'file')
+_RUN_ID_RE = re.compile(r'^[A-Za-z0-9_.]{1,64}$')
+_LOG = logging.getLogger(__name__)
+
+RegistryArg = Union[None, str, Registry]
+
+
+def _schema_dir(reg: RegistryArg) -> str:
+  if reg is None:
+    return SCHEMA_DIR
+  if isinstance(reg, Registry):
+    return reg.schema_dir
+  return str(reg)
+
+
+def new_run_id() -> str:
+  """A run id that sorts by start time and cannot collide with another run's."""
+  now = datetime.datetime.now(datetime.timezone.utc)
+  return now.strftime('%Y%m%dT%H%M%SZ') + '_' + uuid.uuid4().hex[:8]
+
+
+# ---------------------------------------------------------------------------
+# Plain-Python access through Beam's FileSystems (tests, benchmarks, the CLI)
+
+
+def _is_local(path: str) -> bool:
+  return FileSystems.get_scheme(path) in _LOCAL_SCHEMES
+
+
+def write_bytes(path: str, blob: bytes) -> None:
+  """Write one file; atomically (temporary name + rename) on local disk."""
+  if not _is_local(path):
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      f.write(blob)
+    return
+  dirname, name = path.rsplit('/', 1) if '/' in path else ('.', path)
+  tmp = f'{dirname}/.tmp-{uuid.uuid4().hex}-{name}'
+  with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    f.write(blob)
+  FileSystems.rename([tmp], [path])
+
+
+def read_manifest(path: str) -> Optional[Dict[str, Any]]:
+  """The archive's manifest, None if it has none; ValueError if it is not valid."""
+  mpath = join(path, MANIFEST_NAME)
+  if not FileSystems.exists(mpath):
+    return None
+  with FileSystems.open(mpath, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    return parse_manifest(f.read(), mpath)
+
+
+def check_archive_path(path: str) -> Dict[str, Any]:
+  """The manifest of the archive at ``path``, or UsageError saying why there is none.
+
+  The CLI calls this before building a pipeline, so a wrong path is one line
+  and exit code 2, not a traceback from deep inside a runner.
+  """
+  if not path:
+    raise UsageError('no archive path given')
+  try:
+    manifest = read_manifest(path)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  except Exception as e:  # storage errors: unknown bucket, endpoint down, no access
+    raise UsageError(f'cannot read archive {path}: {_one_line(e)}') from None
+  if manifest is None:
+    raise UsageError(f'archive {path} does not exist (no {MANIFEST_NAME} there); '
+                     'write one with `run.py publish --archive PATH`')
+  return manifest
+
+
+def list_archive_files(path: str, fmt: Optional[str] = None) -> List[ArchiveFile]:
+  """The archive's data files, ordered by (hour, bucket, name): the replay order."""
+  if fmt is None:
+    fmt = check_archive_path(path)['format']
+  pattern = data_file_pattern(path, fmt)
+  result = FileSystems.match([pattern])[0]
+  files = [parse_file_path(m.path) for m in result.metadata_list]
+  return sorted((f for f in files if f is not None), key=lambda f: (f.hour, f.bucket, f.path))
+
+
+def read_archive_file(path: str, registry: RegistryArg = None) -> List[Envelope]:
+  """Every event of one archive file, resolved to ``registry``'s current schemas.
+
+  Raises CorruptArchiveFile (one-line reason) or IncompatibleSchema.
+  """
+  reg = registry if isinstance(registry, Registry) else load_registry(_schema_dir(registry))
+  fmt = 'parquet' if path.endswith('.parquet') else 'avro'
+  try:
+    fo = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+  except Exception as e:
+    raise CorruptArchiveFile(path, f'cannot open ({_one_line(e)})') from None
+  with fo:
+    return read_events(fo, fmt, reg, path)
+
+
+def iter_archive(path: str, registry: RegistryArg = None) -> Iterator[Envelope]:
+  """Every event of an archive, file by file in (hour, bucket) order; no Beam.
+
+  Within a file events are in (partition_key, sequence) order. Raises
+  UsageError for a missing archive and CorruptArchiveFile / IncompatibleSchema
+  at the first bad file.
+  """
+  manifest = check_archive_path(path)
+  reg = registry if isinstance(registry, Registry) else load_registry(_schema_dir(registry))
+  for f in list_archive_files(path, manifest['format']):
+    yield from read_archive_file(f.path, reg)
+
+
+def _one_line(e: BaseException) -> str:
+  text = ' '.join(str(e).split()) or type(e).__name__
+  return text if len(text) <= 300 else text[:297] + '...'
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+def _check_existing_manifest(path: str, fmt: str, buckets: int) -> None:
+  try:
+    existing = read_manifest(path)
+  except ValueError as e:
+    raise UsageError(f'cannot add to {path}: {e}') from None
+  if existing and (existing['format'], existing['buckets']) != (fmt, buckets):
+    raise UsageError(
+        f'archive {path} holds {existing["format"]} files in {existing["buckets"]} buckets; '
+        f'cannot add {fmt} files in {buckets} buckets (write a new archive instead)')
+
+
+class _WritePartitionFiles(beam.DoFn):
+  """Sorts one (hour, bucket) group by (partition_key, sequence) and writes its files."""
+
+  def __init__(self, path: str, fmt: str, run_id: str, schema_dir: str, codec: str,
+               max_events_per_file: int):
+    self._path, self._fmt, self._run_id = path, fmt, run_id
+    self._schema_dir, self._codec, self._max = schema_dir, codec, max_events_per_file
+    self._files = Metrics.counter('archive', 'files_written')
+    self._events = Metrics.counter('archive', 'events_written')
+
+  def setup(self):
+    self._reg = load_registry(self._schema_dir)
+
+  def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+    (hour, bucket), events = element
+    events = sorted(events, key=sort_key)
+    tag = self._window_tag(win, pane)
+    for n, chunk in enumerate(chunks(events, self._max)):
+      name = f'events-{self._run_id}{tag}-{n:04d}.{self._fmt}'
+      rel = join(partition_dir(hour, bucket), name)
+      meta = {
+          'sourcebeam.layout_version': str(LAYOUT_VERSION), 'sourcebeam.hour': hour,
+          'sourcebeam.bucket': str(bucket), 'sourcebeam.sorted_by': ','.join(SORT_ORDER),
+          'sourcebeam.run_id': self._run_id}
+      if self._fmt == 'avro':
+        blob = encode_avro(chunk, self._reg, codec=self._codec, metadata=meta, name=rel)
+      else:
+        blob = encode_parquet(chunk, self._reg, metadata=meta)
+      out = join(self._path, rel)
+      write_bytes(out, blob)
+      self._files.inc()
+      self._events.inc(len(chunk))
+      yield {'path': out, 'events': len(chunk), 'hour': hour, 'bucket': bucket}
+
+  @staticmethod
+  def _window_tag(win, pane) -> str:
+    """'' for the global window's first pane (batch); window start and pane otherwise."""
+    index = getattr(pane, 'index', 0) or 0
+    if isinstance(win, beam_window.GlobalWindow) and index == 0:
+      return ''
+    start = '' if isinstance(win, beam_window.GlobalWindow) else f'-w{win.start.micros // 1000}'
+    return f'{start}-p{index:04d}'
+
+
+def _write_manifest(_, path: str, manifest: Dict[str, Any]) -> str:
+  write_bytes(join(path, MANIFEST_NAME), json.dumps(manifest, indent=2).encode('utf-8'))
+  return join(path, MANIFEST_NAME)
+
+
+class WriteArchive(beam.PTransform):
+  """Archive envelopes under ``path``, partitioned by event-time hour and key bucket.
+
+  Returns a PCollection of one record per file written:
+  ``{'path': str, 'events': int, 'hour': 'YYYY-MM-DDTHH', 'bucket': int}``.
+
+  Bounded input is grouped directly; unbounded input must be windowed first
+  (GroupByKey per (hour, bucket) needs windows or triggers on a live stream).
+  ``run_id`` defaults to a fresh id per pipeline construction; pass one to make
+  file names reproducible.
+  """
+
+  def __init__(self, path: str, format: str = 'avro', buckets: int = DEFAULT_BUCKETS, *,
+               registry: RegistryArg = None, codec: str = 'deflate',
+               max_events_per_file: int = DEFAULT_MAX_EVENTS_PER_FILE,
+               run_id: Optional[str] = None):
+    super().__init__()
+    self._manifest = make_manifest(format, buckets)  # validates format and buckets
+    if codec not in AVRO_CODECS:
+      raise ValueError(f'Avro codec must be one of {AVRO_CODECS}, not {codec!r}')
+    if max_events_per_file < 1:
+      raise ValueError('max_events_per_file must be at least 1')
+    run_id = run_id or new_run_id()
+    if not _RUN_ID_RE.match(run_id):
+      raise ValueError(f'run_id {run_id!r} must be 1-64 letters, digits, "_" or "."')
+    self._path = path.rstrip('/')
+    self._fmt, self._buckets, self._codec = format, buckets, codec
+    self._schema_dir = _schema_dir(registry)
+    self._max = max_events_per_file
+    self.run_id = run_id
+
+  def expand(self, pcoll):
+    _check_existing_manifest(self._path, self._fmt, self._buckets)
+    buckets = self._buckets
+    files = (
+        pcoll
+        | 'ByHourAndBucket' >> beam.Map(
+            lambda env: ((hour_of(env['event_time']), bucket_of(env['partition_key'], buckets)),
+                         env))
+        | 'GroupPartitions' >> beam.GroupByKey()
+        | 'SortAndWrite' >> beam.ParDo(_WritePartitionFiles(
+            self._path, self._fmt, self.run_id, self._schema_dir, self._codec, self._max)))
+    _ = (
+        pcoll.pipeline
+        | 'Manifest' >> beam.Create([None])
+        | 'WriteManifest' >> beam.Map(_write_manifest, self._path, self._manifest))
+    return files
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+class _DecodeArchiveFile(beam.DoFn):
+  """Decodes one archive file; a file that cannot be read goes to ``corrupt``."""
+
+  def __init__(self, schema_dir: str, with_timestamps: bool):
+    self._schema_dir, self._with_timestamps = schema_dir, with_timestamps
+    self._events = Metrics.counter('archive', 'events_read')
+    self._corrupt = Metrics.counter('archive', 'corrupt_files')
+
+  def setup(self):
+    self._reg = load_registry(self._schema_dir)
+
+  def process(self, metadata):
+    path = metadata.path
+    try:
+      events = read_archive_file(path, self._reg)
+    except (CorruptArchiveFile, IncompatibleSchema) as e:
+      self._corrupt.inc()
+      reason = e.reason if isinstance(e, CorruptArchiveFile) else str(e)
+      if reason.startswith(path + ': '):
+        reason = reason[len(path) + 2:]
+      _LOG.warning('archive file %s not read: %s', path, reason)
+      yield beam.pvalue.TaggedOutput(CORRUPT, {'path': path, 'reason': reason})
+      return
+    self._events.inc(len(events))
+    if self._with_timestamps:
+      for env in events:
+        yield beam_window.TimestampedValue(env, env['event_time'] / 1000.0)
+    else:
+      yield from events
+
+
+class ReadArchive(beam.PTransform):
+  """The bounded source of a replay: every event of the archive at ``path``.
+
+  Returns ``{'events': PCollection[envelope], 'corrupt': PCollection[{'path', 'reason'}]}``.
+  Events carry their ``event_time`` as element timestamp (so windows and
+  event-time timers behave as they would live), unless ``with_timestamps`` is
+  False. ``registry`` (a Registry or a schema directory) gives the reader
+  schemas; files written with older compatible schemas are resolved to it, and
+  files it cannot resolve are reported in ``corrupt`` with the type and field.
+  The archive must exist when the pipeline is built (UsageError otherwise).
+  """
+
+  def __init__(self, path: str, *, registry: RegistryArg = None, with_timestamps: bool = True):
+    super().__init__()
+    self._path = path.rstrip('/')
+    self._schema_dir = _schema_dir(registry)
+    self._with_timestamps = with_timestamps
+
+  def expand(self, pbegin):
+    manifest = check_archive_path(self._path)
+    results = (
+        pbegin
+        | 'MatchFiles' >> fileio.MatchFiles(
+            data_file_pattern(self._path, manifest['format']),
+            empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+        | 'SpreadFiles' >> beam.Reshuffle()
+        | 'Decode' >> beam.ParDo(_DecodeArchiveFile(self._schema_dir, self._with_timestamps))
+        .with_outputs(CORRUPT, main=EVENTS))
+    return {EVENTS: results[EVENTS], CORRUPT: results[CORRUPT]}

@@ -1,0 +1,514 @@
+"""The event archive's layout and file formats, in plain Python (no Beam).
+
+Layout (``LAYOUT_VERSION`` 1)::
+
+  PATH/_archive.json                                   the manifest
+  PATH/hour=2026-11-26T10/bucket=007/events-<run>-<pane>-<chunk>.avro   (or .parquet)
+
+* ``hour`` is the event-time hour (UTC) of the envelope's ``event_time``, so a
+  replay of a time range reads only the directories it needs.
+* ``bucket`` is ``crc32(partition_key as UTF-8) % buckets``: stable across
+  processes and languages (Python's own ``hash`` is randomised per process),
+  so every event of a key lands in the same bucket in every hour and every run.
+* Within a file, events are sorted by ``(partition_key, sequence, event_id)``.
+  One run writes each (hour, bucket) group as chunks ``0..n`` of that sorted
+  order; runs (and, for a windowed live stream, panes) add files beside each
+  other and never overwrite. A replay that must keep per-key order therefore
+  needs no global shuffle: it merges the sorted files of one (hour, bucket)
+  (a k-way merge) and walks hours in order.
+* The manifest names format, bucket count and layout version, so a reader needs
+  nothing but the path. Writers refuse to add to an archive whose manifest
+  disagrees (a different bucket count would split keys across buckets).
+
+Formats:
+
+* **Avro** (default): object container files written by fastavro with the
+  envelope schema (``Registry.parsed_envelope``), ``data`` being the union of
+  all event types. Readers pass the *current* envelope schema as reader schema,
+  so Avro schema resolution reads files written with an older, compatible
+  schema version. The file's header metadata repeats hour, bucket, sort order
+  and layout version.
+* **Parquet** (pyarrow): the envelope's scalar fields as columns
+  (``event_time`` stays int64 epoch millis, exactly as in the envelope) and
+  ``data`` as a struct with one child struct per event type (named by type,
+  e.g. ``data.CartItemAdded.user_id``), null except for the row's own type.
+  Parquet has no union type; this "sparse union" keeps every event field typed
+  and columnar (so a replay can decode and validate Arrow batches per type,
+  issue 7), round-trips ints, longs, floats and nulls exactly (JSON would turn
+  types into guesses), and costs little since Parquet stores nulls as
+  definition levels. The writer's envelope schema (Avro JSON) is stored in the
+  file's key-value metadata, so the same compatibility rules apply to both
+  formats.
+
+Corrupt files: a file that cannot be decoded to the end (truncated, random
+bytes, empty, wrong format) raises :class:`CorruptArchiveFile` with a one-line
+reason, and yields **no** events: a file is the unit of integrity, so a replay
+either sees all of a file's events or none of them plus a report naming the
+file (the reason says how many records decoded before the damage). Partial
+files would silently drop the tail of some keys' histories.
+
+Schema evolution: :func:`check_compatible` compares the writer schema from the
+file with the reader's registry before decoding and raises
+:class:`IncompatibleSchema` naming the event type and field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import re
+import zlib
+from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import fastavro
+from fastavro.read import SchemaResolutionError
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.envelope import Envelope, to_avro_record
+from schemas.registry import Registry, SchemaError, registry as default_registry
+
+LAYOUT_VERSION = 1
+MANIFEST_NAME = '_archive.json'
+FORMATS = ('avro', 'parquet')
+EXTENSIONS = {'avro': 'avro', 'parquet': 'parquet'}
+AVRO_CODECS = ('null', 'deflate', 'zstandard')
+DEFAULT_BUCKETS = 16
+DEFAULT_MAX_EVENTS_PER_FILE = 250_000
+SORT_ORDER = ('partition_key', 'sequence', 'event_id')
+
+_FILE_RE = re.compile(
+    r'hour=(?P<hour>\d{4}-\d\d-\d\dT\d\d)/bucket=(?P<bucket>\d+)/'
+    r'(?P<name>events-[^/]+\.(?P<ext>avro|parquet))$')
+
+
+class CorruptArchiveFile(Exception):
+  """An archive file that cannot be decoded; ``str(e)`` is a one-line reason."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f'{path}: {reason}')
+    self.path, self.reason = path, reason
+
+
+class IncompatibleSchema(SchemaError):
+  """Files written with a schema the reader's schemas cannot resolve."""
+
+
+# ---------------------------------------------------------------------------
+# Layout
+
+
+def bucket_of(partition_key: str, buckets: int) -> int:
+  """The partition-key bucket: crc32 of the key's UTF-8 bytes, mod ``buckets``."""
+  return zlib.crc32(partition_key.encode('utf-8')) % buckets
+
+
+def hour_of(event_time_millis: int) -> str:
+  """The UTC event-time hour of epoch millis, e.g. ``2026-11-26T10``."""
+  dt = datetime.datetime.fromtimestamp(event_time_millis // 1000, tz=datetime.timezone.utc)
+  return dt.strftime('%Y-%m-%dT%H')
+
+
+def partition_of(env: Mapping[str, Any], buckets: int) -> Tuple[str, int]:
+  return hour_of(env['event_time']), bucket_of(env['partition_key'], buckets)
+
+
+def partition_dir(hour: str, bucket: int) -> str:
+  return f'hour={hour}/bucket={bucket:03d}'
+
+
+def sort_key(env: Mapping[str, Any]) -> Tuple[str, int, str]:
+  return env['partition_key'], env['sequence'], env['event_id']
+
+
+def file_name(run_id: str, pane: int, chunk: int, fmt: str) -> str:
+  return f'events-{run_id}-{pane:04d}-{chunk:04d}.{EXTENSIONS[fmt]}'
+
+
+def join(base: str, *parts: str) -> str:
+  """``base/part/...`` for local paths and URLs alike (no FileSystems needed)."""
+  return '/'.join([base.rstrip('/')] + [p.strip('/') for p in parts])
+
+
+def chunks(events: Sequence[Envelope], size: int) -> List[Sequence[Envelope]]:
+  return [events[i:i + size] for i in range(0, len(events), size)] or [events]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveFile:
+  """One data file of an archive, with the partition its path names."""
+  path: str
+  hour: str
+  bucket: int
+  format: str
+
+
+def parse_file_path(path: str) -> Optional[ArchiveFile]:
+  """The (hour, bucket, format) of a data file path, or None if it is not one."""
+  m = _FILE_RE.search(path.replace('\\', '/'))
+  if not m:
+    return None
+  return ArchiveFile(path, m.group('hour'), int(m.group('bucket')), m.group('ext'))
+
+
+def data_file_pattern(path: str, fmt: str) -> str:
+  return join(path, 'hour=*', 'bucket=*', f'events-*.{EXTENSIONS[fmt]}')
+
+
+# ---------------------------------------------------------------------------
+# Manifest
+
+
+def make_manifest(fmt: str, buckets: int) -> Dict[str, Any]:
+  if fmt not in FORMATS:
+    raise ValueError(f'archive format must be one of {FORMATS}, not {fmt!r}')
+  if not isinstance(buckets, int) or not 1 <= buckets <= 999:
+    raise ValueError(f'buckets must be a whole number from 1 to 999, not {buckets!r}')
+  return {
+      'sourcebeam_archive': True,
+      'layout_version': LAYOUT_VERSION,
+      'format': fmt,
+      'buckets': buckets,
+      'partitioning': 'hour=<event-time hour, UTC, YYYY-MM-DDTHH>/bucket=<NNN>',
+      'bucket_function': 'crc32(utf-8 partition_key) % buckets',
+      'sorted_by': list(SORT_ORDER),
+      'file_names': 'events-<run id>-<pane>-<chunk>.<ext>',
+  }
+
+
+def parse_manifest(text: bytes, where: str) -> Dict[str, Any]:
+  """A manifest's dict, or ValueError saying what is wrong with it."""
+  try:
+    manifest = json.loads(text.decode('utf-8'))
+  except (UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f'{where} is not a Sourcebeam archive manifest: {e}') from None
+  if not isinstance(manifest, dict) or not manifest.get('sourcebeam_archive'):
+    raise ValueError(f'{where} is not a Sourcebeam archive manifest')
+  if manifest.get('layout_version') != LAYOUT_VERSION:
+    raise ValueError(f'{where}: archive layout version {manifest.get("layout_version")!r} '
+                     f'is not supported (this Sourcebeam reads version {LAYOUT_VERSION})')
+  if manifest.get('format') not in FORMATS or not isinstance(manifest.get('buckets'), int):
+    raise ValueError(f'{where}: manifest lacks a valid format and bucket count')
+  return manifest
+
+
+# ---------------------------------------------------------------------------
+# Schema compatibility
+
+_PROMOTIONS = {
+    ('int', 'long'), ('int', 'float'), ('int', 'double'), ('long', 'float'),
+    ('long', 'double'), ('float', 'double'), ('string', 'bytes'), ('bytes', 'string')}
+
+
+def _type_desc(t: Any) -> Tuple[str, bool]:
+  """(primitive or record name, nullable) of a field type of our schemas."""
+  if isinstance(t, list):
+    non_null = [x for x in t if x != 'null']
+    if len(non_null) == 1:
+      inner, _ = _type_desc(non_null[0])
+      return inner, 'null' in t
+    return 'union', 'null' in t
+  if isinstance(t, dict):
+    return t.get('name', t.get('type')), False
+  return t, False
+
+
+def _record_fields(schema: Mapping[str, Any]) -> Dict[str, Mapping[str, Any]]:
+  return {f['name']: f for f in schema.get('fields', [])}
+
+
+def _compare_record(where: str, writer: Mapping[str, Any], reader: Mapping[str, Any],
+                    versions: str) -> List[str]:
+  problems = []
+  wfields, rfields = _record_fields(writer), _record_fields(reader)
+  for name, rf in rfields.items():
+    if name not in wfields:
+      if 'default' not in rf:
+        problems.append(f'{where}: field {name!r} is new in the reader schema{versions} '
+                        f'and has no default, so older files cannot be read')
+      continue
+    wtype, wnull = _type_desc(wfields[name]['type'])
+    rtype, rnull = _type_desc(rf['type'])
+    if where.endswith('Envelope') and name == 'data':
+      continue  # the union is compared branch by branch
+    if wtype != rtype and (wtype, rtype) not in _PROMOTIONS:
+      problems.append(f'{where}: field {name!r} changed type from {wtype} to {rtype}{versions}, '
+                      'which Avro schema resolution cannot convert')
+    elif wnull and not rnull:
+      problems.append(f'{where}: field {name!r} was nullable and is not nullable in the '
+                      f'reader schema{versions}')
+  return problems
+
+
+def check_compatible(writer_envelope: Mapping[str, Any], reg: Registry) -> None:
+  """Raise :class:`IncompatibleSchema` unless ``reg`` can read ``writer_envelope`` files.
+
+  The rules are Avro's resolution rules for the schemas Sourcebeam has
+  (records of primitive, optionally nullable fields): a field the reader added
+  needs a default, a changed type must be a promotion (int -> long -> double),
+  and every event type in the file must be known to the reader.
+  """
+  reader_env = reg.envelope_schema()
+  problems = _compare_record('sourcebeam.Envelope', writer_envelope, reader_env, '')
+  wdata = _record_fields(writer_envelope).get('data', {}).get('type', [])
+  if not isinstance(wdata, list):
+    raise IncompatibleSchema('the file\'s envelope schema has no union of event types in "data"')
+  reader_types = {f'{et.schema["namespace"]}.{et.name}': et for et in reg.current.values()}
+  for wt in wdata:
+    if not isinstance(wt, dict):
+      continue
+    full = wt['name'] if '.' in wt['name'] else f'{wt.get("namespace", "")}.{wt["name"]}'
+    et = reader_types.get(full)
+    if et is None:
+      problems.append(f'event type {full} in the file is unknown to the reader\'s schemas')
+      continue
+    versions = f' (file v{wt.get("version", "?")}, reader v{et.version})'
+    problems.extend(_compare_record(et.name, wt, et.schema, versions))
+  if problems:
+    raise IncompatibleSchema('incompatible schema: ' + '; '.join(problems))
+
+
+class _CompatCache:
+  """Checks each distinct writer schema once per reader registry."""
+
+  def __init__(self):
+    self._ok: Dict[Tuple[int, str], Optional[str]] = {}
+
+  def check(self, writer_json: str, reg: Registry) -> None:
+    key = (id(reg), hashlib.sha1(writer_json.encode('utf-8')).hexdigest())
+    if key not in self._ok:
+      try:
+        check_compatible(json.loads(writer_json), reg)
+        self._ok[key] = None
+      except IncompatibleSchema as e:
+        self._ok[key] = str(e)
+      except ValueError as e:
+        self._ok[key] = f'unreadable writer schema: {e}'
+    if self._ok[key] is not None:
+      raise IncompatibleSchema(self._ok[key])
+
+
+_COMPAT = _CompatCache()
+
+
+# ---------------------------------------------------------------------------
+# Avro
+
+
+def _sync_marker(name: str) -> bytes:
+  """A sync marker derived from the file name, so a retried write is byte-identical."""
+  return hashlib.md5(name.encode('utf-8')).digest()
+
+
+def encode_avro(events: Iterable[Envelope], reg: Registry, *, codec: str = 'deflate',
+                metadata: Optional[Mapping[str, str]] = None, name: str = '') -> bytes:
+  """An Avro object container file of ``events`` (already in the order to keep)."""
+  buf = io.BytesIO()
+  records = (_avro_record(env, reg) for env in events)
+  try:
+    fastavro.writer(buf, reg.parsed_envelope, records, codec=codec,
+                    metadata=dict(metadata or {}), sync_marker=_sync_marker(name),
+                    strict_allow_default=True)
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f'cannot archive events as Avro: {_one_line(e)}') from None
+  return buf.getvalue()
+
+
+def _avro_record(env: Envelope, reg: Registry) -> Dict[str, Any]:
+  if reg is default_registry():
+    return to_avro_record(env)
+  rec = dict(env)  # same tagging as to_avro_record, with this registry's types
+  rec['data'] = (reg.get(env['event_type']).fullname, env['data'])
+  return rec
+
+
+def iter_avro(fo: BinaryIO, reg: Registry, path: str) -> Iterator[Envelope]:
+  """Decode an Avro archive file with ``reg``'s envelope as reader schema.
+
+  Raises CorruptArchiveFile or IncompatibleSchema; may have yielded events first.
+  """
+  n = 0
+  try:
+    reader = fastavro.reader(fo, reader_schema=reg.parsed_envelope)
+  except SchemaResolutionError as e:
+    raise IncompatibleSchema(f'{path}: incompatible schema: {_one_line(e)}') from None
+  except Exception as e:  # any decode failure of a damaged file is reported, not raised
+    raise CorruptArchiveFile(path, f'not an Avro archive file ({_one_line(e)})') from None
+  writer_json = reader.metadata.get('avro.schema', '')
+  try:
+    _COMPAT.check(writer_json, reg)
+  except IncompatibleSchema as e:
+    raise IncompatibleSchema(f'{path}: {e}') from None
+  try:
+    for rec in reader:
+      n += 1
+      yield rec
+  except SchemaResolutionError as e:
+    raise IncompatibleSchema(f'{path}: incompatible schema: {_one_line(e)}') from None
+  except Exception as e:  # any decode failure of a damaged file is reported, not raised
+    raise CorruptArchiveFile(
+        path, f'Avro data damaged after {n} good records ({_one_line(e)})') from None
+
+
+# ---------------------------------------------------------------------------
+# Parquet
+
+_ARROW_TYPES = {
+    'string': pa.string(), 'int': pa.int32(), 'long': pa.int64(), 'double': pa.float64(),
+    'float': pa.float32(), 'boolean': pa.bool_(), 'bytes': pa.binary()}
+_ENVELOPE_COLUMNS = (
+    ('event_id', pa.string(), False), ('event_type', pa.string(), False),
+    ('schema_version', pa.int32(), False), ('partition_key', pa.string(), False),
+    ('sequence', pa.int64(), False), ('event_time', pa.int64(), False),
+    ('origin', pa.string(), False), ('follows_from', pa.string(), True))
+
+
+def arrow_schema(reg: Registry) -> pa.Schema:
+  """The Parquet column layout: envelope columns and ``data`` as a struct per event type."""
+  types = []
+  for name in sorted(reg.current):
+    et = reg.current[name]
+    types.append(pa.field(name, pa.struct(
+        [pa.field(f.name, _ARROW_TYPES[f.type], nullable=f.nullable) for f in et.fields])))
+  fields = [pa.field(n, t, nullable=null) for n, t, null in _ENVELOPE_COLUMNS]
+  fields.append(pa.field('data', pa.struct(types), nullable=False))
+  return pa.schema(fields)
+
+
+def encode_parquet(events: Sequence[Envelope], reg: Registry, *,
+                   metadata: Optional[Mapping[str, str]] = None) -> bytes:
+  """A Parquet file of ``events`` (in the order given) with the sparse-union layout."""
+  schema = arrow_schema(reg)
+  meta = {'sourcebeam.envelope_schema': json.dumps(reg.envelope_schema())}
+  meta.update(metadata or {})
+  schema = schema.with_metadata(meta)
+  try:
+    columns = [pa.array([e[n] for e in events], type=t) for n, t, _ in _ENVELOPE_COLUMNS]
+    for e in events:
+      reg.get(e['event_type'])  # a clear KeyError for an unknown type
+    columns.append(pa.array([{e['event_type']: e['data']} for e in events],
+                            type=schema.field('data').type))
+    table = pa.Table.from_arrays(columns, schema=schema)
+  except (pa.ArrowException, KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'cannot archive events as Parquet: {_one_line(e)}') from None
+  buf = pa.BufferOutputStream()
+  pq.write_table(table, buf, compression='zstd', row_group_size=64 * 1024)
+  return buf.getvalue().to_pybytes()
+
+
+def _arrow_to_avro_type(t: pa.DataType) -> str:
+  for name, at in _ARROW_TYPES.items():
+    if t == at:
+      return name
+  return str(t)
+
+
+def decode_parquet(blob: bytes, reg: Registry, path: str) -> List[Envelope]:
+  """All events of a Parquet archive file, resolved to ``reg``'s current schemas."""
+  if not blob:
+    raise CorruptArchiveFile(path, 'empty file (0 bytes)')
+  try:
+    table = pq.read_table(pa.BufferReader(blob))
+  except (pa.ArrowException, OSError, ValueError) as e:
+    raise CorruptArchiveFile(path, f'not a Parquet archive file ({_one_line(e)})') from None
+  meta = table.schema.metadata or {}
+  writer_json = meta.get(b'sourcebeam.envelope_schema')
+  if writer_json is None:
+    raise CorruptArchiveFile(path, 'Parquet file without a Sourcebeam envelope schema')
+  try:
+    _COMPAT.check(writer_json.decode('utf-8'), reg)
+  except IncompatibleSchema as e:
+    raise IncompatibleSchema(f'{path}: {e}') from None
+  names = set(table.column_names)
+  missing = [n for n, _, _ in _ENVELOPE_COLUMNS if n not in names] + (
+      [] if 'data' in names else ['data'])
+  if missing:
+    raise CorruptArchiveFile(path, f'Parquet file lacks envelope columns {missing}')
+  rows = {n: table.column(n).to_pylist() for n, _, _ in _ENVELOPE_COLUMNS}
+  data_col = table.column('data').combine_chunks() if table.num_rows else None
+  data: List[Any] = [None] * table.num_rows
+  if data_col is not None:
+    types = rows['event_type']
+    written = {f.name: f for f in data_col.type}
+    by_type: Dict[str, List[int]] = {}
+    for i, t in enumerate(types):
+      by_type.setdefault(t, []).append(i)
+    for t, idx in by_type.items():
+      if t not in written:
+        raise CorruptArchiveFile(path, f'rows of type {t!r} but no data.{t} column')
+      child = data_col.field(t).take(pa.array(idx, type=pa.int64()))
+      values = child.to_pylist()
+      et = reg.get(t)
+      wnames = [f.name for f in written[t].type]
+      if tuple(wnames) != et.field_names:
+        defaults = {f.name: f.default for f in et.fields}
+        values = [{n: (v[n] if n in v else defaults[n]) for n in et.field_names}
+                  for v in values]
+      for i, v in zip(idx, values):
+        data[i] = v
+  out = []
+  for i in range(table.num_rows):
+    env = {n: rows[n][i] for n, _, _ in _ENVELOPE_COLUMNS}
+    env['data'] = data[i]
+    out.append(env)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# One file, any format
+
+
+def read_events(fo: BinaryIO, fmt: str, reg: Registry, path: str) -> List[Envelope]:
+  """Every event of one archive file, or CorruptArchiveFile / IncompatibleSchema.
+
+  All or nothing: events decoded before a corruption point are not returned.
+  """
+  if fmt == 'parquet':
+    try:
+      blob = fo.read()
+    except Exception as e:  # a storage error is reported per file, not a traceback
+      raise CorruptArchiveFile(path, f'cannot read file ({_one_line(e)})') from None
+    return decode_parquet(blob, reg, path)
+  head = fo.read(4)
+  if not head:
+    raise CorruptArchiveFile(path, 'empty file (0 bytes)')
+  if head != b'Obj\x01':
+    raise CorruptArchiveFile(path, 'not an Avro object container file (bad magic bytes)')
+  return list(iter_avro(_Prepend(head, fo), reg, path))
+
+
+class _Prepend(io.RawIOBase):
+  """A read-only stream: ``head`` followed by the rest of ``fo``."""
+
+  def __init__(self, head: bytes, fo: BinaryIO):
+    super().__init__()
+    self._head, self._fo = head, fo
+
+  def readable(self) -> bool:
+    return True
+
+  def read(self, n: int = -1) -> bytes:
+    if self._head:
+      if n is None or n < 0:
+        out, self._head = self._head + self._fo.read(), b''
+        return out
+      out, self._head = self._head[:n], self._head[n:]
+      if len(out) < n:
+        out += self._fo.read(n - len(out))
+      return out
+    return self._fo.read(n)
+
+  def readinto(self, b) -> int:
+    data = self.read(len(b))
+    b[:len(data)] = data
+    return len(data)
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().replace('\n', ' ')
+  name = type(e).__name__
+  text = f'{name}: {text}' if text else name
+  return text if len(text) <= 300 else text[:297] + '...'
