@@ -1,0 +1,307 @@
+"""The taxi exercises as Beam transforms, shared by batch and streaming pipelines.
+
+Each composite wraps the plain-Python logic of :mod:`transforms.taxi_logic`:
+
+* :class:`ParseTaxiRecords`: JSON lines -> timestamped records + dead letters;
+* :class:`CleanseRides`: rides that start and end inside New York City;
+* :class:`JoinRidesAndFares`: START rides enriched with their fares by rideId,
+  with an event-time timer that expires a side whose partner never came;
+* :class:`LongRideAlerts`: rides over two hours, or whose END is two hours late;
+* :class:`HourlyTips`: the top-tipped driver of each event-time hour.
+
+The stateful transforms run in the global window, keyed by rideId, and use
+event-time timers only (processing-time timers do not fire on a bounded run).
+On bounded input the watermark jumps to the end of time after the last
+element, so every timer fires then, after every START, END and fare has been
+seen: a bounded run gives the exact answer.
+
+Timer output and lateness: an event-time timer's output carries the timer's
+time, which is behind the watermark when the timer fires as the watermark jumps
+(the end of a bounded stream, a burst after a stall). A downstream
+``GroupByKey`` with no allowed lateness drops such output as late. So every
+output PCollection that timers write to is re-windowed into the global window
+with :data:`TIMER_OUTPUT_LATENESS` of allowed lateness; a consumer that groups
+it in its own windows must allow lateness too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, NamedTuple, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (ReadModifyWriteStateSpec, TimerSpec,
+                                              on_timer)
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from transforms import taxi_logic as logic
+
+DEAD_LETTERS = 'dead_letters'
+UNMATCHED = 'unmatched'
+IGNORED = 'ignored'
+
+# Longer than one day, so that output in the global window (whose end is a day
+# before the end of time) is not late even when the watermark reaches the end of time.
+TIMER_OUTPUT_LATENESS = Duration(seconds=7 * 24 * 3600)
+
+
+def _ts(millis: int) -> Timestamp:
+  return Timestamp(micros=millis * 1000)
+
+
+def _millis(ts: Timestamp) -> int:
+  return ts.micros // 1000
+
+
+def timer_output_windowing(label: str) -> beam.PTransform:
+  """Global window with enough allowed lateness that timer output is never dropped."""
+  return label >> beam.WindowInto(window.GlobalWindows(),
+                                  allowed_lateness=TIMER_OUTPUT_LATENESS)
+
+
+# --- parsing ------------------------------------------------------------------------
+
+class _ParseFn(beam.DoFn):
+  def __init__(self, kind: str):
+    self.kind = kind
+    self.good = Metrics.counter('taxi', f'{kind}s_parsed')
+    self.bad = Metrics.counter('taxi', f'{kind}s_dead_lettered')
+
+  def process(self, line: str):
+    try:
+      record = logic.parse(self.kind, line)
+    except logic.BadRecord as e:
+      self.bad.inc()
+      yield pvalue.TaggedOutput(DEAD_LETTERS, {'input': self.kind, 'reason': str(e), 'line': line})
+      return
+    self.good.inc()
+    yield window.TimestampedValue(record, _ts(logic.event_time(self.kind, record)))
+
+
+class Parsed(NamedTuple):
+  records: beam.PCollection
+  dead_letters: beam.PCollection
+
+
+class ParseTaxiRecords(beam.PTransform):
+  """JSON lines of one kind ('ride' or 'fare') -> records timestamped at their
+  event time, and dead letters ``{input, reason, line}`` for lines that are not
+  valid records."""
+
+  def __init__(self, kind: str):
+    super().__init__()
+    if kind not in logic.FIELDS:
+      raise ValueError(f'kind must be one of {sorted(logic.FIELDS)}, not {kind!r}')
+    self.kind = kind
+
+  def expand(self, lines):
+    out = lines | 'Parse' >> beam.ParDo(_ParseFn(self.kind)).with_outputs(
+        DEAD_LETTERS, main='records')
+    return Parsed(out.records, out[DEAD_LETTERS])
+
+
+# --- cleansing ------------------------------------------------------------------------
+
+class CleanseRides(beam.PTransform):
+  """Only the rides that start and end inside New York City (bounds inclusive)."""
+
+  def expand(self, rides):
+    return rides | 'InNYC' >> beam.Filter(logic.starts_and_ends_in_nyc)
+
+
+# --- rides and fares --------------------------------------------------------------------
+
+class _JoinFn(beam.DoFn):
+  """Per rideId: the first side waits (with an expiry timer) for the other."""
+
+  WAITING = ReadModifyWriteStateSpec('waiting', PickleCoder())
+  EXPIRY = TimerSpec('expiry', TimeDomain.WATERMARK)
+
+  def __init__(self, expire_after_ms: int):
+    self.expire_after_ms = expire_after_ms
+
+  def process(self, element: Tuple[int, Tuple[str, Dict[str, Any]]],
+              waiting=beam.DoFn.StateParam(WAITING),
+              expiry=beam.DoFn.TimerParam(EXPIRY)):
+    _, (side, record) = element
+    step = logic.join_on_arrival(waiting.read(), side, record, self.expire_after_ms)
+    yield from self._apply(step, waiting, expiry)
+
+  @on_timer(EXPIRY)
+  def expire(self, waiting=beam.DoFn.StateParam(WAITING),
+             expiry=beam.DoFn.TimerParam(EXPIRY)):
+    yield from self._apply(logic.join_on_expiry(waiting.read(), self.expire_after_ms),
+                           waiting, expiry)
+
+  @staticmethod
+  def _apply(step: logic.JoinStep, waiting, expiry) -> Iterable:
+    if step.state is None:
+      waiting.clear()
+    else:
+      waiting.write(step.state)
+    if step.timer is None:
+      expiry.clear()
+    else:
+      expiry.set(_ts(step.timer))
+    if step.joined is not None:
+      yield step.joined
+    for u in step.unmatched:
+      yield pvalue.TaggedOutput(UNMATCHED, u.to_json_dict())
+
+
+class JoinResult(NamedTuple):
+  joined: beam.PCollection     # {'ride': record, 'fare': record}, times as millis
+  unmatched: beam.PCollection  # {'side', 'reason', 'record'}, times as ISO
+
+
+class JoinRidesAndFares(beam.PTransform):
+  """The enrichment join of START rides with fares by rideId.
+
+  Input: ``(rides, fares)`` of parsed records (END rides are passed over).
+  Whichever side arrives first waits in state; the match clears state and
+  timer. A side still waiting ``expire_after_ms`` of event time after its own
+  time goes to ``unmatched``, as does a duplicate of a waiting side.
+  """
+
+  def __init__(self, expire_after_ms: int = logic.HOUR_MS):
+    super().__init__()
+    if expire_after_ms <= 0:
+      raise ValueError(f'expire_after_ms must be positive, not {expire_after_ms}')
+    self.expire_after_ms = expire_after_ms
+
+  def expand(self, rides_and_fares):
+    rides, fares = rides_and_fares
+    keyed_rides = (rides
+                   | 'StartsOnly' >> beam.Filter(lambda r: r['isStart'])
+                   | 'KeyRide' >> beam.Map(lambda r: (r['rideId'], ('ride', r))))
+    keyed_fares = fares | 'KeyFare' >> beam.Map(lambda f: (f['rideId'], ('fare', f)))
+    out = ((keyed_rides, keyed_fares)
+           | 'Both' >> beam.Flatten()
+           | 'Global' >> beam.WindowInto(window.GlobalWindows())
+           | 'Join' >> beam.ParDo(_JoinFn(self.expire_after_ms)).with_outputs(
+               UNMATCHED, main='joined'))
+    return JoinResult(out.joined | timer_output_windowing('JoinedWindowing'),
+                      out[UNMATCHED] | timer_output_windowing('UnmatchedWindowing'))
+
+
+# --- long rides ---------------------------------------------------------------------------
+
+class _LongRideFn(beam.DoFn):
+  """Per rideId: START and END in either order; an alert at most once."""
+
+  RIDE = ReadModifyWriteStateSpec('ride', PickleCoder())
+  TIMER = TimerSpec('timer', TimeDomain.WATERMARK)
+
+  def __init__(self, settle_after_ms: int):
+    self.settle_after_ms = settle_after_ms
+
+  def process(self, element: Tuple[int, Dict[str, Any]],
+              ride=beam.DoFn.StateParam(RIDE), timer=beam.DoFn.TimerParam(TIMER)):
+    ride_id, record = element
+    step = logic.long_ride_on_event(ride.read(), record['isStart'], record['eventTime'],
+                                    self.settle_after_ms)
+    yield from self._apply(ride_id, step, ride, timer, record)
+
+  @on_timer(TIMER)
+  def fire(self, key=beam.DoFn.KeyParam, ride=beam.DoFn.StateParam(RIDE),
+           timer=beam.DoFn.TimerParam(TIMER)):
+    yield from self._apply(key, logic.long_ride_on_timer(ride.read(), self.settle_after_ms),
+                           ride, timer, None)
+
+  @staticmethod
+  def _apply(ride_id: int, step: logic.LongRideStep, ride, timer,
+             record: Optional[Dict[str, Any]]) -> Iterable:
+    if step.state is None:
+      ride.clear()
+    else:
+      ride.write(step.state)
+    if step.timer is None:
+      timer.clear()
+    else:
+      timer.set(_ts(step.timer))
+    if step.alert:
+      yield {'rideId': ride_id}
+    if step.ignored:
+      yield pvalue.TaggedOutput(IGNORED, {
+          'rideId': ride_id, 'reason': step.ignored,
+          'record': None if record is None else logic.to_output('ride', record)})
+
+
+class LongRideResult(NamedTuple):
+  alerts: beam.PCollection   # {'rideId': n}
+  ignored: beam.PCollection  # {'rideId', 'reason', 'record'}: duplicates, ENDs without START
+
+
+class LongRideAlerts(beam.PTransform):
+  """``{'rideId': n}`` for every ride longer than two hours (strictly), or whose
+  END has not arrived two hours of event time after its START. Never two alerts
+  for one ride. Once a ride is settled its state is gone; after an alert a
+  marker waits ``settle_after_ms`` for a late END, and an END whose START never
+  comes waits as long; both are then cleared by a timer."""
+
+  def __init__(self, settle_after_ms: int = logic.LONG_RIDE_MS):
+    super().__init__()
+    self.settle_after_ms = settle_after_ms
+
+  def expand(self, rides):
+    out = (rides
+           | 'KeyByRide' >> beam.Map(lambda r: (r['rideId'], r))
+           | 'Global' >> beam.WindowInto(window.GlobalWindows())
+           | 'Detect' >> beam.ParDo(_LongRideFn(self.settle_after_ms)).with_outputs(
+               IGNORED, main='alerts'))
+    return LongRideResult(out.alerts | timer_output_windowing('AlertWindowing'),
+                          out[IGNORED] | timer_output_windowing('IgnoredWindowing'))
+
+
+# --- hourly tips ---------------------------------------------------------------------------
+
+class _TopDriverFn(beam.CombineFn):
+  """Keeps the (driverId, cents) with the highest sum; ties to the lowest driverId."""
+
+  def create_accumulator(self):
+    return None
+
+  def add_input(self, acc, driver_cents):
+    return logic.top_driver([x for x in (acc, tuple(driver_cents)) if x is not None])
+
+  def merge_accumulators(self, accs):
+    return logic.top_driver([a for a in accs if a is not None])
+
+  def extract_output(self, acc):
+    return acc
+
+
+class _WithWindowEnd(beam.DoFn):
+  def process(self, driver_cents, win=beam.DoFn.WindowParam):
+    if driver_cents is not None:
+      yield logic.hourly_tip_record(_millis(win.end), driver_cents)
+
+
+class HourlyTips(beam.PTransform):
+  """Tips summed per driver in one-hour event-time windows, then the top driver
+  per hour: ``{'windowEnd': epoch_millis, 'driverId': n, 'totalTips': x}``.
+
+  Fares later than ``allowed_lateness_s`` behind the watermark are dropped by
+  the window (Beam's lateness rule); within it, a late fare fires an updated
+  (accumulated) result for its hour.
+  """
+
+  def __init__(self, window_ms: int = logic.HOUR_MS, allowed_lateness_s: int = 0):
+    super().__init__()
+    self.window_ms = window_ms
+    self.allowed_lateness_s = allowed_lateness_s
+
+  def expand(self, fares):
+    windowed = fares | 'Hourly' >> beam.WindowInto(
+        window.FixedWindows(self.window_ms / 1000),
+        allowed_lateness=Duration(seconds=self.allowed_lateness_s),
+        accumulation_mode=beam.trigger.AccumulationMode.ACCUMULATING)
+    return (windowed
+            | 'DriverCents' >> beam.Map(lambda f: (f['driverId'], logic.tip_cents(f)))
+            | 'SumPerDriver' >> beam.CombinePerKey(sum)
+            | 'TopDriver' >> beam.CombineGlobally(_TopDriverFn()).without_defaults()
+            | 'WithWindowEnd' >> beam.ParDo(_WithWindowEnd()))
