@@ -1,0 +1,36 @@
+"""Session-wide storage services for tests: ``s3_service`` and ``gcs_service``.
+
+Each starts a real server on loopback once per test session (moto's S3 server,
+gcp-storage-emulator), points Beam at it through the environment that
+:mod:`pipelines.storage` reads, and stops it at the end. A service that cannot
+start fails the tests that need it; it never skips them.
+"""
+
+import pytest
+
+from tests.storage_services import GcsServer, S3Server, ServiceError, StorageService
+
+
+def _start(server) -> StorageService:
+  try:
+    return server.start()
+  except ServiceError as e:
+    pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope='session')
+def s3_service():
+  """A running S3-compatible endpoint (moto) with a bucket: ``.url(...)`` gives ``s3://`` paths."""
+  server = S3Server()
+  service = _start(server)
+  yield service
+  server.stop()
+
+
+@pytest.fixture(scope='session')
+def gcs_service():
+  """A running GCS emulator with a bucket: ``.url(...)`` gives ``gs://`` paths."""
+  server = GcsServer()
+  service = _start(server)
+  yield service
+  server.stop()

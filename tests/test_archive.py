@@ -1,0 +1,373 @@
+"""The event archive: round trips (local, S3, GCS), layout, evolution, corrupt files, bad paths."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import apache_beam as beam
+import fastavro
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to, is_empty
+
+from pipelines import storage
+from pipelines.cli import UsageError
+from pipelines.options import pipeline_options
+from schemas.envelope import make_envelope
+from schemas.registry import SCHEMA_DIR, Registry
+from transforms.archive import (
+    CORRUPT, EVENTS, CorruptArchiveFile, IncompatibleSchema, ReadArchive, WriteArchive,
+    check_archive_path, iter_archive, list_archive_files, read_archive_file, read_manifest)
+from transforms.archive_format import bucket_of, hour_of, parse_file_path, sort_key
+
+T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
+HOUR = 3_600_000
+
+
+def sample_events():
+  """A mixed, out-of-order set: several keys and hours, None and set follows_from,
+  floats that do not survive a careless text round trip, longs near the limits."""
+  events = []
+  seq = {}
+
+  def add(event_type, data, t, follows_from=None):
+    from schemas import registry
+    key = registry().get(event_type).key_of(data)
+    seq[key] = seq.get(key, 0) + 1
+    events.append(make_envelope(
+        event_type, data, event_id=f'ev-{len(events):04d}', sequence=seq[key], event_time=t,
+        origin='test/archive', follows_from=follows_from))
+
+  for i in range(60):
+    user = f'user-{i % 9}'
+    add('CartItemAdded', {'user_id': user, 'product_id': f'p-{i % 5}', 'quantity': i + 1},
+        T0 + (i * 180_001) % (3 * HOUR))
+    if i % 4 == 0:
+      add('CartItemRemoved', {'user_id': user, 'product_id': f'p-{i % 5}', 'quantity': 1},
+          T0 + (i * 180_001) % (3 * HOUR) + 1, follows_from=events[-1]['event_id'])
+  add('ProductCreated', {'product_id': 'p-ü', 'brand': 'Brånd', 'name': 'naïve ☃', 'description': '',
+                         'category': 'shoes'}, T0 + 5)
+  add('FarePaid', {'rideId': 2**63 - 1, 'taxiId': -(2**63), 'driverId': 7, 'startTime': T0,
+                   'paymentType': 'CARD', 'tip': 0.1, 'tolls': 1e-300, 'totalFare': 1 / 3}, T0 + 9)
+  add('RideStarted', {'rideId': 2**40 + 3, 'isStart': True, 'eventTime': T0 + HOUR, 'startLon': -73.99,
+                      'startLat': 40.75, 'endLon': 0.0, 'endLat': -0.0, 'passengerCnt': 2,
+                      'taxiId': 2**33, 'driverId': 2**33 + 1}, T0 + HOUR)
+  events.reverse()  # the writer must sort, not rely on input order
+  return events
+
+
+@pytest.fixture(scope='module')
+def events():
+  return sample_events()
+
+
+def write(path, events, *, fmt='avro', buckets=4, beam_args=(), **kwargs):
+  """Run WriteArchive in a TestPipeline; returns the file records it emitted."""
+  files = []
+  with TestPipeline(options=pipeline_options(list(beam_args))) as p:
+    out = p | beam.Create(events) | WriteArchive(path, format=fmt, buckets=buckets, **kwargs)
+    assert_that(out | beam.Map(lambda f: f['events']) | beam.CombineGlobally(sum),
+                equal_to([len(events)]))
+  storage.use_storage_options(list(beam_args))
+  for f in list_archive_files(path):
+    files.append(f)
+  return files
+
+
+def read_with_beam(path, expected_events, expected_corrupt_paths=(), beam_args=(), **kwargs):
+  with TestPipeline(options=pipeline_options(list(beam_args))) as p:
+    result = p | ReadArchive(path, **kwargs)
+    assert_that(result[EVENTS], equal_to(expected_events), label='events')
+    if expected_corrupt_paths:
+      assert_that(result[CORRUPT] | beam.Map(lambda c: c['path']),
+                  equal_to(list(expected_corrupt_paths)), label='corrupt_paths')
+      assert_that(result[CORRUPT] | beam.Filter(lambda c: not c['reason'] or '\n' in c['reason']),
+                  is_empty(), label='one_line_reasons')
+    else:
+      assert_that(result[CORRUPT], is_empty(), label='no_corrupt')
+
+
+@pytest.mark.parametrize('fmt', ['avro', 'parquet'])
+def test_local_round_trip_is_exact(tmp_path, events, fmt):
+  path = str(tmp_path / 'archive')
+  write(path, events, fmt=fmt)
+  read_with_beam(path, events)
+  got = list(iter_archive(path))
+  assert sorted(got, key=sort_key) == sorted(events, key=sort_key)
+  fare = next(e for e in got if e['event_type'] == 'FarePaid')
+  assert fare['data']['rideId'] == 2**63 - 1 and fare['data']['taxiId'] == -(2**63)
+  assert fare['data']['tip'] == 0.1 and fare['data']['tolls'] == 1e-300
+  assert fare['data']['totalFare'] == 1 / 3 and fare['follows_from'] is None
+  assert all(type(e['data']['quantity']) is int for e in got if 'quantity' in e['data'])
+
+
+@pytest.mark.parametrize('fmt', ['avro', 'parquet'])
+def test_layout_is_hour_and_bucket_with_files_sorted_by_key_and_sequence(tmp_path, events, fmt):
+  path = str(tmp_path / 'archive')
+  files = write(path, events, fmt=fmt, buckets=4)
+  assert read_manifest(path)['format'] == fmt and read_manifest(path)['buckets'] == 4
+  manifest = json.loads((tmp_path / 'archive' / '_archive.json').read_text())
+  assert manifest['layout_version'] == 1
+  hours = {f.hour for f in files}
+  assert hours == {hour_of(e['event_time']) for e in events} and len(hours) == 3
+  assert all(os.path.basename(os.path.dirname(f.path)) == f'bucket={f.bucket:03d}' for f in files)
+  buckets_of_key = {}
+  total = 0
+  for f in files:
+    got = read_archive_file(f.path)
+    total += len(got)
+    assert got == sorted(got, key=sort_key), f'{f.path} is not sorted by (key, sequence)'
+    for e in got:
+      assert hour_of(e['event_time']) == f.hour
+      assert bucket_of(e['partition_key'], 4) == f.bucket
+      buckets_of_key.setdefault(e['partition_key'], set()).add(f.bucket)
+  assert total == len(events)
+  assert all(len(b) == 1 for b in buckets_of_key.values())
+  assert not [n for n in os.listdir(os.path.dirname(files[0].path)) if n.startswith('.tmp')]
+
+
+def test_bucket_is_stable_across_processes():
+  code = 'from transforms.archive_format import bucket_of; print([bucket_of(f"k{i}", 16) for i in range(50)])'
+  outs = set()
+  for seed in ('1', '2'):
+    env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=os.getcwd())
+    outs.add(subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                            text=True, check=True).stdout)
+  assert len(outs) == 1 and len(set(json.loads(outs.pop()))) > 8
+
+
+def test_avro_files_carry_partition_metadata_and_split_big_groups(tmp_path, events):
+  path = str(tmp_path / 'archive')
+  carts = [e for e in events if e['partition_key'] == 'user-0']
+  files = write(path, carts, buckets=1, max_events_per_file=3, run_id='r1')
+  hour_files = [f for f in files if f.hour == hour_of(T0)]
+  assert len(hour_files) > 1
+  names = [os.path.basename(f.path) for f in hour_files]
+  assert names[0] == 'events-r1-0000.avro'
+  with open(hour_files[0].path, 'rb') as fo:
+    meta = fastavro.reader(fo).metadata
+  assert meta['sourcebeam.hour'] == hour_of(T0) and meta['sourcebeam.bucket'] == '0'
+  assert meta['sourcebeam.sorted_by'] == 'partition_key,sequence,event_id'
+  chained = [e for f in hour_files for e in read_archive_file(f.path)]
+  assert chained == sorted(chained, key=sort_key)  # chunks are consecutive slices
+
+
+def test_rerun_with_same_run_id_rewrites_identical_files_and_new_runs_add_files(tmp_path, events):
+  path = str(tmp_path / 'archive')
+  first = write(path, events, run_id='run1')
+  before = {f.path: open(f.path, 'rb').read() for f in first}
+  again = write(path, events, run_id='run1')  # what a retry does: same names, same bytes
+  assert {f.path: open(f.path, 'rb').read() for f in again} == before
+  both = write(path, events[:10])  # a second run with a fresh id
+  assert len(both) > len(first) and set(before) <= {f.path for f in both}
+  assert sorted(iter_archive(path), key=sort_key) == sorted(events + events[:10], key=sort_key)
+
+
+def test_writer_refuses_an_archive_with_another_layout(tmp_path, events):
+  path = str(tmp_path / 'archive')
+  write(path, events[:5], buckets=4)
+  with pytest.raises(UsageError, match='4 buckets'):
+    with TestPipeline() as p:
+      _ = p | beam.Create(events[:5]) | WriteArchive(path, buckets=8)
+  with pytest.raises(UsageError, match='avro'):
+    with TestPipeline() as p:
+      _ = p | beam.Create(events[:5]) | WriteArchive(path, format='parquet', buckets=4)
+  with pytest.raises(ValueError, match='format'):
+    WriteArchive(path, format='csv')
+
+
+def test_empty_input_writes_an_empty_readable_archive(tmp_path):
+  path = str(tmp_path / 'archive')
+  assert write(path, []) == []
+  read_with_beam(path, [])
+  assert list(iter_archive(path)) == []
+
+
+# ---------------------------------------------------------------------------
+# Bad paths and corrupt files
+
+
+def test_missing_archive_is_a_clear_usage_error(tmp_path):
+  missing = str(tmp_path / 'nope')
+  with pytest.raises(UsageError, match='does not exist'):
+    check_archive_path(missing)
+  with pytest.raises(UsageError, match='does not exist'):
+    list(iter_archive(missing))
+  with pytest.raises(UsageError, match='does not exist'):
+    with TestPipeline() as p:
+      _ = p | ReadArchive(missing)
+  (tmp_path / 'notarchive').mkdir()
+  (tmp_path / 'notarchive' / '_archive.json').write_text('{"hello": 1}')
+  with pytest.raises(UsageError, match='not a Sourcebeam archive'):
+    check_archive_path(str(tmp_path / 'notarchive'))
+
+
+@pytest.mark.parametrize('fmt', ['avro', 'parquet'])
+def test_corrupt_files_are_reported_with_path_and_reason(tmp_path, events, fmt):
+  path = str(tmp_path / 'archive')
+  files = write(path, events, fmt=fmt, buckets=4)
+  by_size = sorted(files, key=lambda f: os.path.getsize(f.path), reverse=True)
+  truncated, garbage, empty = by_size[0].path, by_size[1].path, by_size[2].path
+  with open(truncated, 'rb') as f:
+    blob = f.read()
+  with open(truncated, 'wb') as f:
+    f.write(blob[:len(blob) * 2 // 3])
+  with open(garbage, 'wb') as f:
+    f.write(os.urandom(3000))
+  open(empty, 'wb').close()
+  bad = {truncated, garbage, empty}
+  good_events = [e for f in files if f.path not in bad for e in read_archive_file(f.path)]
+  assert 0 < len(good_events) < len(events)
+  read_with_beam(path, good_events, expected_corrupt_paths=sorted(bad))
+  reasons = {}
+  for p in bad:
+    with pytest.raises(CorruptArchiveFile) as err:
+      read_archive_file(p)
+    assert err.value.path == p and '\n' not in str(err.value)
+    reasons[p] = err.value.reason
+  assert 'empty file' in reasons[empty]
+  assert fmt in reasons[garbage].lower() or 'magic' in reasons[garbage]
+
+
+# ---------------------------------------------------------------------------
+# Schema evolution
+
+
+def schema_dir(tmp_path, name, edit=None):
+  """A copy of the project's schemas, with CartItemAdded changed by ``edit``."""
+  d = tmp_path / name
+  d.mkdir()
+  for f in os.listdir(SCHEMA_DIR):
+    if f.endswith('.avsc'):
+      shutil.copy(os.path.join(SCHEMA_DIR, f), d / f)
+  if edit:
+    schema = json.loads((d / 'CartItemAdded.avsc').read_text())
+    edit(schema)
+    (d / 'CartItemAdded.avsc').write_text(json.dumps(schema))
+  return str(d)
+
+
+def add_field(field):
+  def edit(schema):
+    schema['version'] = 2
+    schema['fields'].append(field)
+  return edit
+
+
+def change_type(schema):
+  schema['version'] = 2
+  next(f for f in schema['fields'] if f['name'] == 'quantity')['type'] = 'string'
+
+
+@pytest.fixture
+def v1_archives(tmp_path, events):
+  v1 = Registry(schema_dir(tmp_path, 'v1'))
+  paths = {}
+  for fmt in ('avro', 'parquet'):
+    paths[fmt] = str(tmp_path / f'archive-{fmt}')
+    write(paths[fmt], events, fmt=fmt, registry=v1)
+  return paths
+
+
+@pytest.mark.parametrize('fmt', ['avro', 'parquet'])
+def test_newer_compatible_schema_reads_older_archive(tmp_path, events, v1_archives, fmt):
+  v2 = Registry(schema_dir(tmp_path, 'v2', add_field(
+      {'name': 'coupon', 'type': ['null', 'string'], 'default': None})))
+  expected = []
+  for e in events:
+    e = dict(e, data=dict(e['data']))
+    if e['event_type'] == 'CartItemAdded':
+      e['data']['coupon'] = None
+    expected.append(e)
+  assert sorted(iter_archive(v1_archives[fmt], registry=v2), key=sort_key) == sorted(
+      expected, key=sort_key)
+  read_with_beam(v1_archives[fmt], expected, registry=v2.schema_dir)
+
+
+@pytest.mark.parametrize('fmt', ['avro', 'parquet'])
+@pytest.mark.parametrize('change,words', [
+    (add_field({'name': 'coupon', 'type': 'string'}), ['CartItemAdded', "'coupon'", 'no default']),
+    (change_type, ['CartItemAdded', "'quantity'", 'int to string'])])
+def test_incompatible_schema_is_refused_naming_type_and_field(tmp_path, events, v1_archives, fmt,
+                                                              change, words):
+  v2 = Registry(schema_dir(tmp_path, 'v2', change))
+  with pytest.raises(IncompatibleSchema) as err:
+    list(iter_archive(v1_archives[fmt], registry=v2))
+  for w in words:
+    assert w in str(err.value)
+  files = [f.path for f in list_archive_files(v1_archives[fmt])]
+  with TestPipeline() as p:
+    result = p | ReadArchive(v1_archives[fmt], registry=v2)
+    assert_that(result[EVENTS], is_empty(), label='no_events')
+    assert_that(result[CORRUPT] | beam.Map(lambda c: (c['path'], all(w in c['reason'] for w in words))),
+                equal_to([(f, True) for f in files]), label='refused')
+
+
+# ---------------------------------------------------------------------------
+# S3 (moto's server) and GCS (gcp-storage-emulator): real HTTP, real protocols
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('fmt', ['avro', 'parquet'])
+def test_s3_round_trip(s3_service, events, fmt):
+  path = s3_service.fresh_prefix(f'archive-{fmt}')
+  files = write(path, events, fmt=fmt, beam_args=s3_service.beam_args)
+  assert files and all(f.path.startswith(f's3://{s3_service.bucket}/') for f in files)
+  read_with_beam(path, events, beam_args=s3_service.beam_args)
+  assert sorted(iter_archive(path), key=sort_key) == sorted(events, key=sort_key)
+  import boto3  # the objects are really in the S3 server, under the layout's keys
+  client = boto3.client('s3', endpoint_url=s3_service.endpoint)
+  keys = [o['Key'] for o in client.list_objects_v2(
+      Bucket=s3_service.bucket, Prefix=path.split('/', 3)[3])['Contents']]
+  assert any(k.endswith('/_archive.json') for k in keys)
+  assert sum(parse_file_path(k) is not None for k in keys) == len(files)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('fmt', ['avro', 'parquet'])
+def test_gcs_round_trip(gcs_service, events, fmt):
+  path = gcs_service.fresh_prefix(f'archive-{fmt}')
+  files = write(path, events, fmt=fmt, beam_args=gcs_service.beam_args)
+  assert files and all(f.path.startswith(f'gs://{gcs_service.bucket}/') for f in files)
+  read_with_beam(path, events, beam_args=gcs_service.beam_args)
+  assert sorted(iter_archive(path), key=sort_key) == sorted(events, key=sort_key)
+  from google.cloud import storage as gcs
+  blobs = [b.name for b in gcs.Client.create_anonymous_client().list_blobs(
+      gcs_service.bucket, prefix=path.split('/', 3)[3])]
+  assert sum(parse_file_path(b) is not None for b in blobs) == len(files)
+
+
+@pytest.mark.integration
+def test_missing_cloud_archive_is_a_usage_error(s3_service, gcs_service):
+  storage.use_storage_options()
+  for service in (s3_service, gcs_service):
+    with pytest.raises(UsageError, match='does not exist'):
+      check_archive_path(service.url('no-such-archive'))
+
+
+# ---------------------------------------------------------------------------
+# Storage options from the environment
+
+
+def test_storage_args_come_from_the_environment(monkeypatch):
+  for name in ('SOURCEBEAM_S3_ENDPOINT', 'AWS_REGION', 'AWS_DEFAULT_REGION', 'STORAGE_EMULATOR_HOST'):
+    monkeypatch.delenv(name, raising=False)
+  assert storage.storage_args(['--runner=DirectRunner']) == ['--runner=DirectRunner']
+  monkeypatch.setenv('SOURCEBEAM_S3_ENDPOINT', 'http://127.0.0.1:9')
+  monkeypatch.setenv('AWS_REGION', 'eu-west-1')
+  monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', 'not-in-the-options')
+  args = storage.storage_args(['--s3_region_name=us-east-2'])
+  assert '--s3_endpoint_url=http://127.0.0.1:9' in args
+  assert '--s3_region_name=us-east-2' in args and '--s3_region_name=eu-west-1' not in args
+  assert not any('not-in-the-options' in a for a in args)
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', 'http://127.0.0.1:9')
+  monkeypatch.delenv('GOOGLE_APPLICATION_CREDENTIALS', raising=False)
+  monkeypatch.delenv('GOOGLE_CLOUD_PROJECT', raising=False)
+  args = storage.storage_args([])
+  assert '--project=sourcebeam-local' in args
+  with open(os.environ['GOOGLE_APPLICATION_CREDENTIALS']) as f:
+    assert json.load(f)['type'] == 'authorized_user'
