@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Mapping, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Union
 
 Line = Union[bytes, str, Mapping[str, Any]]
 
@@ -21,13 +21,96 @@ Line = Union[bytes, str, Mapping[str, Any]]
 _encode = json.JSONEncoder(separators=(',', ':')).encode
 
 
+try:
+  from _json import encode_basestring_ascii as _quote  # the C function json itself uses
+except ImportError:  # pragma: no cover - CPython always has _json
+  from json.encoder import encode_basestring_ascii as _quote
+
+
+def _field_code(expr: str, avro_type: str) -> str:
+  """Python source of an f-string part that writes one value as json would."""
+  if avro_type == 'string':
+    return f'{{_q({expr})}}'
+  if avro_type in ('int', 'long'):
+    return f'{{_int({expr})}}'
+  if avro_type == 'boolean':
+    return f'{{"true" if {expr} else "false"}}'
+  return f'{{_float({expr})}}'
+
+
+def _build_envelope_encoders() -> Dict[str, Callable[[Mapping[str, Any]], str]]:
+  """One compiled f-string per event type: envelope and data written in one go.
+
+  The json module's encoder costs several microseconds per event; a formatted
+  string costs a fraction of that, and benchmarks write millions of events.
+  Each encoder refuses (TypeError) anything json would write differently, and
+  the caller then falls back to json itself.
+  """
+  from schemas.registry import registry
+  encoders = {}
+  for name, et in registry().current.items():
+    data = ','.join(f'"{f.name}":' + _field_code(f'd["{f.name}"]', f.type) for f in et.fields)
+    src = (
+        'def enc(e):\n'
+        '  d = e["data"]\n'
+        f'  if len(e) != 9 or len(d) != {len(et.fields)}: raise TypeError\n'
+        '  ff = e["follows_from"]\n'
+        '  return (f\'{{"event_id":{_q(e["event_id"])},"event_type":{_q(e["event_type"])},'
+        '"schema_version":{_int(e["schema_version"])},"partition_key":{_q(e["partition_key"])},'
+        '"sequence":{_int(e["sequence"])},"event_time":{_q(e["event_time"])},'
+        '"origin":{_q(e["origin"])},"follows_from":{"null" if ff is None else _q(ff)},'
+        f'"data":{{{{{data}}}}}}}}}\')\n')
+    scope = {'_q': _quote, '_int': _strict_int, '_float': _strict_float}
+    exec(compile(src, f'<envelope encoder {name}>', 'exec'), scope)  # pylint: disable=exec-used
+    encoders[name] = scope['enc']
+  return encoders
+
+
+def _strict_int(v: Any) -> str:
+  if type(v) is not int:
+    raise TypeError
+  return int.__repr__(v)
+
+
+_INF = float('inf')
+
+
+def _strict_float(v: Any) -> str:
+  if type(v) is not float or not -_INF < v < _INF:
+    raise TypeError
+  return float.__repr__(v)
+
+
+_envelope_encoders: Optional[Dict[str, Callable[[Mapping[str, Any]], str]]] = None
+
+
+def encode_json(record: Mapping[str, Any]) -> str:
+  """Compact JSON for a dict, as json.dumps(separators=(',', ':')) writes it.
+
+  Envelopes of known event types take a compiled fast path (several times
+  faster than the json module) that writes the fields in envelope and schema
+  order, which is the order every generator builds them in, so the bytes are
+  the same; anything else goes through json.
+  """
+  global _envelope_encoders
+  if _envelope_encoders is None:
+    _envelope_encoders = _build_envelope_encoders()
+  enc = _envelope_encoders.get(record.get('event_type')) if 'data' in record else None
+  if enc is not None:
+    try:
+      return enc(record)
+    except (TypeError, KeyError):
+      pass
+  return _encode(record)
+
+
 def encode_line(record: Line) -> bytes:
   """One JSON line (no newline) for a dict; str and bytes lines pass through."""
   if isinstance(record, bytes):
     return record
   if isinstance(record, str):
     return record.encode('utf-8')
-  return _encode(record).encode('utf-8')
+  return encode_json(record).encode('utf-8')
 
 
 def event_id_from_bits(bits: int) -> str:
@@ -36,21 +119,22 @@ def event_id_from_bits(bits: int) -> str:
   return f'{h[:8]}-{h[8:12]}-4{h[13:16]}-{"89ab"[bits & 3]}{h[17:20]}-{h[20:]}'
 
 
-class IsoClock:
-  """Epoch millis to '2026-11-26T00:00:00.123Z', caching the formatted second."""
+def iso_clock() -> Callable[[int], str]:
+  """A function from epoch millis to '2026-11-26T00:00:00.123Z' that caches the formatted second."""
+  last = [None, '']
+  gmtime, strftime = time.gmtime, time.strftime
 
-  __slots__ = ('_sec', '_prefix')
-
-  def __init__(self):
-    self._sec = None
-    self._prefix = ''
-
-  def __call__(self, millis: int) -> str:
+  def iso(millis: int) -> str:
     sec, ms = divmod(millis, 1000)
-    if sec != self._sec:
-      self._sec = sec
-      self._prefix = time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(sec))
-    return f'{self._prefix}.{ms:03d}Z'
+    if sec != last[0]:
+      last[0] = sec
+      last[1] = strftime('%Y-%m-%dT%H:%M:%S', gmtime(sec))
+    return f'{last[1]}.{ms:03d}Z'
+
+  return iso
+
+
+IsoClock = iso_clock  # a new clock per stream: IsoClock()(millis)
 
 
 def open_output(path: str, buffer_bytes: int = 1 << 20):

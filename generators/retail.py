@@ -106,6 +106,7 @@ def timed_retail_events(n: int,
   rand, bits = rng.random, rng.getrandbits
   iso = IsoClock()
   versions = {t: registry().current[t].version for t in RETAIL_TYPES}
+  key_field = {t: registry().current[t].partition_key for t in RETAIL_TYPES}  # the key rules
   n_users = users or default_users(n)
   n_initial = products or default_products(n)
 
@@ -130,8 +131,9 @@ def timed_retail_events(n: int,
   cart_pos: Dict[int, int] = {}
   last_login: Dict[int, str] = {}
   uid_cache: Dict[int, str] = {}
-  origins = {c: {what: f'{c}/{what}' for what in ('product-page', 'cart', 'checkout', 'login', 'account')}
-             for c in set(CHANNELS)}
+  # origins[u % 5][what]: each user sticks to one channel
+  origins = [{what: f'{c}/{what}' for what in ('product-page', 'cart', 'checkout', 'login', 'account')}
+             for c in CHANNELS]
 
   def uid(u: int) -> str:
     s = uid_cache.get(u)
@@ -188,8 +190,7 @@ def timed_retail_events(n: int,
       if etype == 'ProductViewed':
         u = int(n_users * rand() ** 2)
         p = pick_product()
-        ch = CHANNELS[u % 5]
-        origin = origins[ch]['product-page']
+        origin = origins[u % 5]['product-page']
         data = {'user_id': uid(u), 'product_id': prod_ids[p]}
         if len(recent_views) < _RECENT_VIEWS:
           recent_views.append((u, p, eid))
@@ -214,7 +215,7 @@ def timed_retail_events(n: int,
         else:
           line[0] += q
           line[1] = eid
-        origin = origins[CHANNELS[u % 5]]['cart']
+        origin = origins[u % 5]['cart']
         data = {'user_id': uid(u), 'product_id': prod_ids[p], 'quantity': q}
       elif etype == 'CartItemRemoved':
         u = cart_users[int(rand() * len(cart_users))]
@@ -227,7 +228,7 @@ def timed_retail_events(n: int,
           drop_cart_line(u, p)
         else:
           line[0] -= q
-        origin = origins[CHANNELS[u % 5]]['cart']
+        origin = origins[u % 5]['cart']
         data = {'user_id': uid(u), 'product_id': prod_ids[p], 'quantity': q}
       elif etype == 'ProductPurchased':
         if cart_users and (rand() < 0.9 or not recent_views):
@@ -239,17 +240,17 @@ def timed_retail_events(n: int,
         else:  # "buy now" straight from a product page
           u, p, ff = recent_views[int(rand() * len(recent_views))]
           q = 1
-        origin = origins[CHANNELS[u % 5]]['checkout']
+        origin = origins[u % 5]['checkout']
         data = {'user_id': uid(u), 'product_id': prod_ids[p], 'quantity': q, 'price': prices[p]}
       elif etype == 'UserLoggedIn':
         u = int(n_users * rand() ** 2)
         last_login[u] = eid
-        origin = origins[CHANNELS[u % 5]]['login']
+        origin = origins[u % 5]['login']
         data = {'user_id': uid(u), 'name': user_name(u)}
       elif etype == 'PhoneNumberUpdated':
         u = int(n_users * rand() ** 2)
         ff = last_login.get(u)
-        origin = origins[CHANNELS[u % 5]]['account']
+        origin = origins[u % 5]['account']
         data = {'user_id': uid(u),
                 'phone': f'+1-{200 + int(rand() * 800)}-555-{int(rand() * 10000):04d}'}
       elif etype == 'RoleAdded':
@@ -270,7 +271,7 @@ def timed_retail_events(n: int,
         data = {'product_id': prod_ids[p],
                 'image_url': f'https://images.sourcebeam.example/products/{prod_ids[p]}/{images[p]}.jpg'}
 
-    key = data['user_id'] if 'user_id' in data else data['product_id']
+    key = data[key_field[etype]]
     s = seq.get(key, 0) + 1
     seq[key] = s
     yield t, {'event_id': eid, 'event_type': etype, 'schema_version': versions[etype],
