@@ -1,0 +1,174 @@
+"""Retail projection handlers in plain Python, and RetailProjections /
+WriteProjections on a real runner with real JSON-lines and Parquet files."""
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from schemas.envelope import make_envelope
+from transforms.projections import (CartHandler, CartState, CatalogHandler, CombinedHandler,
+                                    FrequentlyViewedHandler, RecentlyViewedHandler,
+                                    catalog_by_category, latest, merge_carts, top_viewed)
+
+T0 = 1_795_651_200_000
+
+
+class Stream:
+  """Envelopes of one partition key, sequenced from 1 like the published stream."""
+
+  def __init__(self, region='us'):
+    self.seq = 0
+    self.region = region
+
+  def __call__(self, event_type, **data):
+    self.seq += 1
+    return make_envelope(event_type, data, event_id=f'{self.region}-{data.get("user_id", data.get("product_id"))}-{self.seq}',
+                         sequence=self.seq, event_time=T0 + self.seq * 1000, origin='test')
+
+
+def fold(handler, events, key='u1'):
+  state, outputs = handler.initial_state(key), []
+  for e in events:
+    state, out = handler.apply(state, e)
+    outputs.extend(out)
+  return state, outputs
+
+
+def items(record):
+  return {i['product_id']: i['quantity'] for i in record['items']}
+
+
+# --- cart ------------------------------------------------------------------------------
+
+def test_cart_adds_removes_and_purchase_empties_what_was_bought():
+  ev = Stream()
+  events = [
+      ev('UserLoggedIn', user_id='u1', name='Ada'),
+      ev('CartItemAdded', user_id='u1', product_id='p1', quantity=2),
+      ev('ProductViewed', user_id='u1', product_id='p9'),
+      ev('CartItemAdded', user_id='u1', product_id='p2', quantity=1),
+      ev('CartItemRemoved', user_id='u1', product_id='p1', quantity=1),
+      ev('CartItemRemoved', user_id='u1', product_id='p2', quantity=5),   # more than there is
+      ev('CartItemAdded', user_id='u1', product_id='p3', quantity=4),
+      ev('ProductPurchased', user_id='u1', product_id='p3', quantity=4, price=9.5),
+      ev('CartItemAdded', user_id='u1', product_id='p2', quantity=1),     # not eaten by the -5
+  ]
+  state, out = fold(CartHandler(), events)
+  assert [r['as_of_sequence'] for r in out] == [2, 4, 5, 6, 7, 8, 9]  # other types passed over
+  assert [items(r) for r in out] == [
+      {'p1': 2}, {'p1': 2, 'p2': 1}, {'p1': 1, 'p2': 1}, {'p1': 1}, {'p1': 1, 'p3': 4},
+      {'p1': 1}, {'p1': 1, 'p2': 1}]
+  last = out[-1]
+  assert last == {'view': 'cart', 'key': 'u1', 'items': [
+      {'product_id': 'p1', 'quantity': 1}, {'product_id': 'p2', 'quantity': 1}],
+      'as_of_sequence': 9, 'event_time': T0 + 9000}
+
+
+def test_cart_passes_over_other_types_unchanged():
+  ev = Stream()
+  h = CartHandler()
+  s0 = h.initial_state('u1')
+  for e in (ev('UserLoggedIn', user_id='u1', name='x'), ev('RoleAdded', user_id='u1', role='r'),
+            ev('PhoneNumberUpdated', user_id='u1', phone='1'),
+            ev('ProductViewed', user_id='u1', product_id='p')):
+    assert h.apply(s0, e) == (s0, [])
+
+
+def test_two_regions_carts_merge():
+  """The same user shops in two regions; their cart states merge: both regions'
+  adds survive, each region's purchase empties only what it had seen."""
+  us, eu = Stream('us'), Stream('eu')
+  s_us, _ = fold(CartHandler(), [us('CartItemAdded', user_id='u1', product_id='shoe', quantity=1),
+                                 us('CartItemAdded', user_id='u1', product_id='hat', quantity=1)])
+  s_eu, _ = fold(CartHandler(), [eu('CartItemAdded', user_id='u1', product_id='shoe', quantity=2),
+                                 eu('ProductPurchased', user_id='u1', product_id='hat',
+                                    quantity=1, price=3.0)])
+  merged = merge_carts(s_us, s_eu)
+  assert merged == merge_carts(s_eu, s_us) == merge_carts(merged, s_us)
+  assert merged.items.value() == {'hat': 1, 'shoe': 3}
+
+
+# --- catalog ----------------------------------------------------------------------------
+
+def test_catalog_latest_product_with_image():
+  ev = Stream()
+  events = [ev('ProductImageAdded', product_id='p1', image_url='http://img/1a.jpg'),
+            ev('ProductCreated', product_id='p1', brand='B', name='Boot', description='d',
+               category='shoes'),
+            ev('ProductImageAdded', product_id='p1', image_url='http://img/1b.jpg'),
+            ev('ProductCreated', product_id='p1', brand='B', name='Boot 2', description='d2',
+               category='boots')]
+  _, out = fold(CatalogHandler(), events, key='p1')
+  assert out[0]['name'] is None and out[0]['image_url'] == 'http://img/1a.jpg'
+  assert out[-1] == {'view': 'catalog', 'key': 'p1', 'product_id': 'p1', 'brand': 'B',
+                     'name': 'Boot 2', 'description': 'd2', 'category': 'boots',
+                     'image_url': 'http://img/1b.jpg', 'as_of_sequence': 4,
+                     'event_time': T0 + 4000}
+  by_cat = catalog_by_category([out[-1], dict(out[-1], product_id='p0', category='boots'),
+                                dict(out[1], product_id='p2')])
+  assert {c: [r['product_id'] for r in rs] for c, rs in by_cat.items()} == {
+      'boots': ['p0', 'p1'], 'shoes': ['p2']}
+
+
+# --- recently / frequently viewed -----------------------------------------------------------
+
+def views(products, extra_every=0):
+  ev = Stream()
+  out = []
+  for i, p in enumerate(products):
+    if extra_every and i % extra_every == 0:
+      out.append(ev('CartItemAdded', user_id='u1', product_id='c', quantity=1))
+    out.append(ev('ProductViewed', user_id='u1', product_id=p))
+  return out
+
+
+def test_recently_viewed_last_ten_distinct_newest_first():
+  products = [f'p{i}' for i in range(12)] + ['p3', 'p11', 'p3']
+  _, out = fold(RecentlyViewedHandler(), views(products, extra_every=4))
+  assert out[-1]['products'] == ['p3', 'p11', 'p10', 'p9', 'p8', 'p7', 'p6', 'p5', 'p4', 'p2']
+  assert len(out) == len(products)  # cart events passed over
+
+
+def test_frequently_viewed_top_ten_with_deterministic_ties():
+  products = ['a'] * 3 + ['b'] * 3 + ['c'] * 5 + [f'z{i:02d}' for i in range(12)]
+  rng = random.Random(4)
+  rng.shuffle(products)
+  _, out = fold(FrequentlyViewedHandler(), views(products))
+  top = out[-1]['products']
+  assert top[:3] == [{'product_id': 'c', 'views': 5}, {'product_id': 'a', 'views': 3},
+                     {'product_id': 'b', 'views': 3}]
+  assert [t['product_id'] for t in top[3:]] == [f'z{i:02d}' for i in range(7)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from('abcdefghijklmnop'), max_size=40))
+def test_view_handlers_match_their_definitions(products):
+  events = views(products)
+  _, recent = fold(RecentlyViewedHandler(), events)
+  _, frequent = fold(FrequentlyViewedHandler(), events)
+  if not products:
+    assert recent == frequent == []
+    return
+  expected_recent = []
+  for p in reversed(products):
+    if p not in expected_recent:
+      expected_recent.append(p)
+  assert recent[-1]['products'] == expected_recent[:10]
+  counts = {p: products.count(p) for p in set(products)}
+  assert frequent[-1]['products'] == top_viewed(counts, 10)
+  assert sorted(frequent[-1]['products'], key=lambda x: (-x['views'], x['product_id'])) == \
+      frequent[-1]['products']
+
+
+def test_combined_handler_runs_each_handler_on_one_stream():
+  ev = Stream()
+  events = [ev('ProductViewed', user_id='u1', product_id='p1'),
+            ev('CartItemAdded', user_id='u1', product_id='p1', quantity=1)]
+  h = CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])
+  state, out = fold(h, events)
+  assert [r['view'] for r in out] == ['recently_viewed', 'frequently_viewed', 'cart']
+  assert isinstance(state[0], CartState)
+  assert {k: r['as_of_sequence'] for k, r in latest(out).items()} == {
+      ('cart', 'u1'): 2, ('recently_viewed', 'u1'): 1, ('frequently_viewed', 'u1'): 1}
