@@ -10,6 +10,7 @@ that :mod:`pipelines.storage` reads. They run as threads of the test process
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import uuid
@@ -77,6 +78,7 @@ class S3Server:
     self._env = _Env()
 
   def start(self) -> StorageService:
+    logging.getLogger('werkzeug').setLevel(logging.WARNING)  # no line per request
     try:
       from moto.server import ThreadedMotoServer
       self._server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)

@@ -167,6 +167,20 @@ def test_rerun_with_same_run_id_rewrites_identical_files_and_new_runs_add_files(
   assert sorted(iter_archive(path), key=sort_key) == sorted(events + events[:10], key=sort_key)
 
 
+def test_windowed_input_gets_files_per_window(tmp_path, events):
+  """What a live stream does: window first; each window's files are named by its start."""
+  path = str(tmp_path / 'archive')
+  with TestPipeline() as p:
+    _ = (p | beam.Create(events)
+         | beam.Map(lambda e: beam.window.TimestampedValue(e, e['event_time'] / 1000))
+         | beam.WindowInto(beam.window.FixedWindows(30 * 60))
+         | WriteArchive(path, buckets=2, run_id='live'))
+  files = list_archive_files(path)
+  starts = {os.path.basename(f.path).split('-')[2] for f in files}
+  assert len(starts) == 6 and all(s.startswith('w') for s in starts)
+  assert sorted(iter_archive(path), key=sort_key) == sorted(events, key=sort_key)
+
+
 def test_writer_refuses_an_archive_with_another_layout(tmp_path, events):
   path = str(tmp_path / 'archive')
   write(path, events[:5], buckets=4)
@@ -263,12 +277,14 @@ def change_type(schema):
   next(f for f in schema['fields'] if f['name'] == 'quantity')['type'] = 'string'
 
 
-@pytest.fixture
-def v1_archives(tmp_path, events):
-  v1 = Registry(schema_dir(tmp_path, 'v1'))
+@pytest.fixture(scope='module')
+def v1_archives(tmp_path_factory, events):
+  """An Avro and a Parquet archive written with CartItemAdded v1 (read-only for tests)."""
+  base = tmp_path_factory.mktemp('v1')
+  v1 = Registry(schema_dir(base, 'v1'))
   paths = {}
   for fmt in ('avro', 'parquet'):
-    paths[fmt] = str(tmp_path / f'archive-{fmt}')
+    paths[fmt] = str(base / f'archive-{fmt}')
     write(paths[fmt], events, fmt=fmt, registry=v1)
   return paths
 
@@ -339,6 +355,23 @@ def test_gcs_round_trip(gcs_service, events, fmt):
   blobs = [b.name for b in gcs.Client.create_anonymous_client().list_blobs(
       gcs_service.bucket, prefix=path.split('/', 3)[3])]
   assert sum(parse_file_path(b) is not None for b in blobs) == len(files)
+
+
+@pytest.mark.integration
+def test_a_fresh_process_finds_cloud_archives_from_the_environment_alone(s3_service, gcs_service,
+                                                                          events):
+  """What the CLI does: no options set by hand, only SOURCEBEAM_S3_ENDPOINT / STORAGE_EMULATOR_HOST."""
+  paths = [s3_service.fresh_prefix('env'), gcs_service.fresh_prefix('env')]
+  for path in paths:
+    write(path, events[:20])
+  code = ('import sys; from transforms.archive import iter_archive; '
+          'print([len(list(iter_archive(p))) for p in sys.argv[1:]])')
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  env.pop('GOOGLE_APPLICATION_CREDENTIALS')  # pipelines.storage supplies it for the emulator
+  out = subprocess.run([sys.executable, '-c', code, *paths], env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == '[20, 20]'
 
 
 @pytest.mark.integration

@@ -37,6 +37,7 @@ from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import window as beam_window
 
+from pipelines import storage
 from pipelines.cli import UsageError
 from schemas.envelope import Envelope
 from schemas.registry import SCHEMA_DIR, Registry, registry as load_registry
@@ -79,6 +80,17 @@ def new_run_id() -> str:
 # Plain-Python access through Beam's FileSystems (tests, benchmarks, the CLI)
 
 
+def ensure_storage_options() -> None:
+  """Give Beam's FileSystems the storage options from the environment, if nobody has.
+
+  Outside a pipeline FileSystems has no options, and ``s3://`` would go to AWS
+  even with SOURCEBEAM_S3_ENDPOINT set. A pipeline (or an explicit
+  :func:`pipelines.storage.use_storage_options`) sets them and is left alone.
+  """
+  if FileSystems._pipeline_options is None:  # pylint: disable=protected-access
+    storage.use_storage_options()
+
+
 def _is_local(path: str) -> bool:
   return FileSystems.get_scheme(path) in _LOCAL_SCHEMES
 
@@ -98,6 +110,7 @@ def write_bytes(path: str, blob: bytes) -> None:
 
 def read_manifest(path: str) -> Optional[Dict[str, Any]]:
   """The archive's manifest, None if it has none; ValueError if it is not valid."""
+  ensure_storage_options()
   mpath = join(path, MANIFEST_NAME)
   if not FileSystems.exists(mpath):
     return None
@@ -142,6 +155,7 @@ def read_archive_file(path: str, registry: RegistryArg = None) -> List[Envelope]
   """
   reg = registry if isinstance(registry, Registry) else load_registry(_schema_dir(registry))
   fmt = 'parquet' if path.endswith('.parquet') else 'avro'
+  ensure_storage_options()
   try:
     fo = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
   except Exception as e:

@@ -60,6 +60,7 @@ import hashlib
 import io
 import json
 import re
+import weakref
 import zlib
 from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -272,13 +273,21 @@ def check_compatible(writer_envelope: Mapping[str, Any], reg: Registry) -> None:
 
 
 class _CompatCache:
-  """Checks each distinct writer schema once per reader registry."""
+  """Checks each distinct (writer schema, reader schemas) pair once per process."""
 
   def __init__(self):
-    self._ok: Dict[Tuple[int, str], Optional[str]] = {}
+    self._ok: Dict[Tuple[str, str], Optional[str]] = {}
+    self._reader_fp: 'weakref.WeakKeyDictionary[Registry, str]' = weakref.WeakKeyDictionary()
+
+  def _fingerprint(self, reg: Registry) -> str:
+    fp = self._reader_fp.get(reg)
+    if fp is None:
+      fp = hashlib.sha1(json.dumps(reg.envelope_schema(), sort_keys=True).encode()).hexdigest()
+      self._reader_fp[reg] = fp
+    return fp
 
   def check(self, writer_json: str, reg: Registry) -> None:
-    key = (id(reg), hashlib.sha1(writer_json.encode('utf-8')).hexdigest())
+    key = (self._fingerprint(reg), hashlib.sha1(writer_json.encode('utf-8')).hexdigest())
     if key not in self._ok:
       try:
         check_compatible(json.loads(writer_json), reg)
