@@ -194,6 +194,15 @@ def test_writer_refuses_an_archive_with_another_layout(tmp_path, events):
     WriteArchive(path, format='csv')
 
 
+@pytest.mark.parametrize('fmt', ['avro', 'parquet'])
+def test_writer_refuses_envelopes_it_cannot_store_exactly(tmp_path, events, fmt):
+  """Published envelopes always fit; one that does not is a bug upstream, named, not dropped."""
+  bad = dict(events[0], event_id='ev-bad', data=dict(events[0]['data'], surprise=1))
+  with pytest.raises(Exception, match=r"ev-bad.*surprise"):
+    with TestPipeline() as p:
+      _ = p | beam.Create(events[:3] + [bad]) | WriteArchive(str(tmp_path / 'a'), format=fmt)
+
+
 def test_empty_input_writes_an_empty_readable_archive(tmp_path):
   path = str(tmp_path / 'archive')
   assert write(path, []) == []

@@ -65,11 +65,12 @@ import zlib
 from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import fastavro
+import fastavro.validation
 from fastavro.read import SchemaResolutionError
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.envelope import Envelope, to_avro_record
+from schemas.envelope import ENVELOPE_FIELDS, Envelope, to_avro_record
 from schemas.registry import Registry, SchemaError, registry as default_registry
 
 LAYOUT_VERSION = 1
@@ -304,6 +305,47 @@ _COMPAT = _CompatCache()
 
 
 # ---------------------------------------------------------------------------
+# What can be archived
+
+_ENVELOPE_KEYS = frozenset(ENVELOPE_FIELDS)
+
+
+def envelope_problem(env: Any, reg: Registry) -> Optional[str]:
+  """Why ``env`` cannot be archived exactly as it is, or None if it can.
+
+  Both formats would otherwise lose something quietly (pyarrow ignores extra
+  dict keys), so the writer refuses envelopes that do not match the schemas.
+  """
+  if not isinstance(env, dict):
+    return f'not an envelope dict: {type(env).__name__}'
+  if env.keys() != _ENVELOPE_KEYS:
+    extra, missing = sorted(env.keys() - _ENVELOPE_KEYS), sorted(_ENVELOPE_KEYS - env.keys())
+    return f'envelope fields differ from the schema (extra {extra}, missing {missing})'
+  try:
+    et = reg.get(env['event_type'])
+  except KeyError as e:
+    return str(e.args[0]) if e.args else 'unknown event type'
+  data = env['data']
+  if not isinstance(data, dict) or tuple(sorted(data)) != tuple(sorted(et.field_names)):
+    got = sorted(data) if isinstance(data, dict) else type(data).__name__
+    return f'data fields {got} differ from {et.name} v{et.version} {sorted(et.field_names)}'
+  try:
+    fastavro.validation.validate(_avro_record(env, reg), reg.parsed_envelope, raise_errors=True)
+  except Exception as e:  # ValidationError lists every bad field
+    return 'does not match the envelope schema: ' + ' '.join(str(e).split())
+  return None
+
+
+def check_archivable(events: Iterable[Envelope], reg: Registry) -> None:
+  """ValueError naming the first event that cannot be archived, and why."""
+  for env in events:
+    problem = envelope_problem(env, reg)
+    if problem:
+      eid = env.get('event_id') if isinstance(env, dict) else None
+      raise ValueError(f'cannot archive event {eid!r}: {problem}')
+
+
+# ---------------------------------------------------------------------------
 # Avro
 
 
@@ -312,7 +354,7 @@ def _sync_marker(name: str) -> bytes:
   return hashlib.md5(name.encode('utf-8')).digest()
 
 
-def encode_avro(events: Iterable[Envelope], reg: Registry, *, codec: str = 'deflate',
+def encode_avro(events: Sequence[Envelope], reg: Registry, *, codec: str = 'deflate',
                 metadata: Optional[Mapping[str, str]] = None, name: str = '') -> bytes:
   """An Avro object container file of ``events`` (already in the order to keep)."""
   buf = io.BytesIO()
@@ -322,6 +364,7 @@ def encode_avro(events: Iterable[Envelope], reg: Registry, *, codec: str = 'defl
                     metadata=dict(metadata or {}), sync_marker=_sync_marker(name),
                     strict_allow_default=True)
   except (ValueError, TypeError, KeyError) as e:
+    check_archivable(events, reg)  # names the event, if one is to blame
     raise ValueError(f'cannot archive events as Avro: {_one_line(e)}') from None
   return buf.getvalue()
 
@@ -394,10 +437,9 @@ def encode_parquet(events: Sequence[Envelope], reg: Registry, *,
   meta = {'sourcebeam.envelope_schema': json.dumps(reg.envelope_schema())}
   meta.update(metadata or {})
   schema = schema.with_metadata(meta)
+  check_archivable(events, reg)
   try:
     columns = [pa.array([e[n] for e in events], type=t) for n, t, _ in _ENVELOPE_COLUMNS]
-    for e in events:
-      reg.get(e['event_type'])  # a clear KeyError for an unknown type
     columns.append(pa.array([{e['event_type']: e['data']} for e in events],
                             type=schema.field('data').type))
     table = pa.Table.from_arrays(columns, schema=schema)
