@@ -172,3 +172,66 @@ def test_combined_handler_runs_each_handler_on_one_stream():
   assert isinstance(state[0], CartState)
   assert {k: r['as_of_sequence'] for k, r in latest(out).items()} == {
       ('cart', 'u1'): 2, ('recently_viewed', 'u1'): 1, ('frequently_viewed', 'u1'): 1}
+
+
+# --- Beam: RetailProjections and WriteProjections ----------------------------------------------
+
+def _published_retail(n, seed):
+  from generators.retail import retail_events
+  from schemas.envelope import iso_to_millis
+  events = []
+  for e in retail_events(n, seed=seed):
+    e = dict(e, event_time=iso_to_millis(e['event_time']))
+    events.append(e)
+  return events
+
+
+def _expected_views(events):
+  from transforms.projections import PRODUCT_EVENT_TYPES, USER_EVENT_TYPES
+  by_key = {}
+  for e in events:
+    space = 'user' if e['event_type'] in USER_EVENT_TYPES else (
+        'product' if e['event_type'] in PRODUCT_EVENT_TYPES else None)
+    if space:
+      by_key.setdefault((space, e['partition_key']), []).append(e)
+  out = []
+  for (space, key), evs in by_key.items():
+    evs.sort(key=lambda e: e['sequence'])
+    assert [e['sequence'] for e in evs] == list(range(1, len(evs) + 1))  # a gap-free fixture
+    handler = (CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])
+               if space == 'user' else CatalogHandler())
+    out.extend(fold(handler, evs, key)[1])
+  return latest(out)
+
+
+def test_retail_projections_write_final_views_as_jsonl_and_parquet(tmp_path):
+  import apache_beam as beam
+  import pyarrow.parquet as pq
+  from apache_beam.testing.test_pipeline import TestPipeline
+  from apache_beam.testing.util import assert_that, equal_to
+  from transforms.projections import VIEWS, RetailProjections, WriteProjections
+
+  events = _published_retail(400, seed=5)
+  expected = _expected_views(events)
+  assert {v for v, _ in expected} == set(VIEWS)  # the fixture exercises every view
+  ride = make_envelope('TaxiLocationReported', {'taxi_id': 1, 'lon': 0.0, 'lat': 0.0},
+                       event_id='t1', sequence=1, event_time=T0, origin='taxi-gps')
+  duplicate = next(e for e in events if e['event_type'] == 'CartItemAdded')
+  shuffled = events + [ride, duplicate]
+  random.Random(2).shuffle(shuffled)
+  with TestPipeline() as p:
+    views = p | beam.Create(shuffled) | RetailProjections()
+    counts = views | WriteProjections(str(tmp_path))
+    for view in VIEWS:
+      n = sum(1 for v, _ in expected if v == view)
+      assert_that(counts[view], equal_to([n]), label=f'count {view}')
+    assert_that(views.unprocessed | beam.Map(lambda u: (u['reason'], u['sequence'])),
+                equal_to([('duplicate', duplicate['sequence'])]), label='unprocessed')
+  for view in VIEWS:
+    want = sorted((r for (v, _), r in expected.items() if v == view), key=lambda r: r['key'])
+    with open(tmp_path / f'{view}.jsonl') as f:
+      got_json = sorted((json.loads(l) for l in f), key=lambda r: r['key'])
+    assert got_json == want
+    got_parquet = sorted(pq.read_table(tmp_path / f'{view}.parquet').to_pylist(),
+                         key=lambda r: r['key'])
+    assert got_parquet == want

@@ -220,3 +220,139 @@ def latest(records: Iterable[Record]) -> Dict[Tuple[str, str], Record]:
     if k not in out or r['as_of_sequence'] >= out[k]['as_of_sequence']:
       out[k] = r
   return out
+
+
+# --- Beam: the projections as transforms ----------------------------------------------------------
+
+class LatestRecordFn(beam.CombineFn):
+  """The record with the highest ``as_of_sequence``: the view of one key."""
+
+  def create_accumulator(self):
+    return None
+
+  def add_input(self, acc, record):
+    return record if acc is None or record['as_of_sequence'] > acc['as_of_sequence'] else acc
+
+  def merge_accumulators(self, accs):
+    out = None
+    for a in accs:
+      if a is not None:
+        out = self.add_input(out, a)
+    return out
+
+  def extract_output(self, acc):
+    return acc
+
+
+class ProjectionViews(NamedTuple):
+  """One PCollection of view records per view, and the events ordering could not apply."""
+  cart: beam.PCollection
+  catalog: beam.PCollection
+  recently_viewed: beam.PCollection
+  frequently_viewed: beam.PCollection
+  unprocessed: beam.PCollection  # ProcessInOrder's records: duplicates, gaps, handler errors
+
+  def views(self) -> Dict[str, beam.PCollection]:
+    return {v: getattr(self, v) for v in VIEWS}
+
+
+class RetailProjections(beam.PTransform):
+  """Published envelopes -> the four retail views.
+
+  User-keyed events (views, cart, purchases, logins...) are ordered once per
+  user and fed to the cart, recently-viewed and frequently-viewed handlers
+  together; product-keyed events to the catalog handler. Other event types
+  (rides, riders) are not retail views' business and are passed over.
+
+  ``final``: True gives one record per key, the latest (the view); False gives
+  every record (the changelog, what a live view store applies). The default is
+  True for bounded input and False for unbounded input, where "final" has no
+  end to wait for. ``ordering`` passes options to ``ProcessInOrder``
+  (``gap_timeout``, ``gap_policy``, ``expansion``...).
+  """
+
+  def __init__(self, final: Optional[bool] = None, **ordering):
+    super().__init__()
+    self.final = final
+    self.ordering = ordering
+
+  def expand(self, envelopes):
+    from transforms.ordering import ProcessInOrder  # the ordering issue's transform
+
+    users = envelopes | 'UserEvents' >> beam.Filter(
+        lambda e: e['event_type'] in USER_EVENT_TYPES)
+    products = envelopes | 'ProductEvents' >> beam.Filter(
+        lambda e: e['event_type'] in PRODUCT_EVENT_TYPES)
+    by_user = users | 'OrderPerUser' >> ProcessInOrder(
+        CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()]),
+        **self.ordering)
+    by_product = products | 'OrderPerProduct' >> ProcessInOrder(CatalogHandler(), **self.ordering)
+    records = ((by_user.outputs, by_product.outputs)
+               | 'AllRecords' >> beam.Flatten()
+               | 'DropKey' >> beam.Map(lambda key_record: key_record[1]))
+    split = records | 'ByView' >> beam.Partition(lambda r, n: VIEWS.index(r['view']), len(VIEWS))
+    final = envelopes.is_bounded if self.final is None else self.final
+    views = {}
+    for view, pcoll in zip(VIEWS, split):
+      if final:
+        pcoll = (pcoll
+                 | f'Key {view}' >> beam.Map(lambda r: (r['key'], r))
+                 | f'Latest {view}' >> beam.CombinePerKey(LatestRecordFn())
+                 | f'View {view}' >> beam.Values())
+      views[view] = pcoll
+    unprocessed = ((by_user.unprocessed, by_product.unprocessed)
+                   | 'AllUnprocessed' >> beam.Flatten())
+    return ProjectionViews(unprocessed=unprocessed, **views)
+
+
+def _parquet_schemas():
+  import pyarrow as pa
+  head = [('view', pa.string()), ('key', pa.string())]
+  tail = [('as_of_sequence', pa.int64()), ('event_time', pa.int64())]
+  return {
+      'cart': pa.schema(head + [('items', pa.list_(pa.struct(
+          [('product_id', pa.string()), ('quantity', pa.int64())])))] + tail),
+      'catalog': pa.schema(head + [(f, pa.string()) for f in ('product_id',) + PRODUCT_FIELDS
+                                   + ('image_url',)] + tail),
+      'recently_viewed': pa.schema(head + [('products', pa.list_(pa.string()))] + tail),
+      'frequently_viewed': pa.schema(head + [('products', pa.list_(pa.struct(
+          [('product_id', pa.string()), ('views', pa.int64())])))] + tail),
+  }
+
+
+PARQUET_SCHEMAS = _parquet_schemas()
+
+
+def record_to_json(record: Record) -> str:
+  return json.dumps(record, sort_keys=True, separators=(',', ':'), ensure_ascii=False)
+
+
+class WriteProjections(beam.PTransform):
+  """Writes each view as ``DIR/<view>.jsonl`` and ``DIR/<view>.parquet`` (one
+  file each) and returns ``{view: PCollection of one int}``, the records written.
+
+  Input: a :class:`ProjectionViews` or a dict ``{view: PCollection}``.
+  """
+
+  def __init__(self, out_dir: str):
+    super().__init__()
+    self.out_dir = out_dir
+
+  def expand(self, views):
+    from apache_beam.io.filesystems import FileSystems
+    if isinstance(views, ProjectionViews):
+      views = views.views()
+    counts = {}
+    for view, pcoll in views.items():
+      prefix = FileSystems.join(self.out_dir, view)
+      _ = (pcoll
+           | f'Json {view}' >> beam.Map(record_to_json)
+           | f'WriteJsonl {view}' >> beam.io.WriteToText(
+               prefix, file_name_suffix='.jsonl', shard_name_template='', num_shards=1))
+      _ = pcoll | f'WriteParquet {view}' >> beam.io.WriteToParquet(
+          prefix, PARQUET_SCHEMAS[view], file_name_suffix='.parquet',
+          shard_name_template='', num_shards=1)
+      counts[view] = (pcoll
+                      | f'Global {view}' >> beam.WindowInto(beam.window.GlobalWindows())
+                      | f'Count {view}' >> beam.combiners.Count.Globally())
+    return counts
