@@ -18,7 +18,7 @@ from typing import Counter, Dict, Iterable, Iterator, List, Optional, Tuple
 from generators import faults as faults_mod
 from generators import phases as phases_mod
 from generators import retail, riders, taxi
-from generators.jsonl import IsoClock, encode_line, write_lines
+from generators.jsonl import iso_clock, encode_line, write_lines
 from pipelines.cli import UsageError
 
 DEFAULT_EVENTS = 10_000
@@ -198,7 +198,7 @@ class Tally:
     kinds = ', '.join(f'{k} {v:,}' for k, v in self.types.most_common())
     if self.first is None:
       return f'{n:,} events'
-    iso = IsoClock()
+    iso = iso_clock()
     span = (self.last - self.first) / 1000
     return (f'{n:,} events ({kinds}), event time {iso(self.first)} .. {iso(self.last)} '
             f'({_span(span)})')
@@ -287,7 +287,7 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
       written.append(f'envelopes {args.out} ({lines:,} lines)')
       counted = True
     if args.rides:
-      iso = IsoClock()
+      iso = iso_clock()
       for which, path, salt in (('ride', args.rides, 1), ('fare', args.fares, 2)):
         pairs = ((ev, taxi.flink_record(ev, iso)) for ev in feed()
                  if (ev.event_type == 'FarePaid') == (which == 'fare'))

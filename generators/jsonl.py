@@ -34,7 +34,7 @@ def _field_code(expr: str, avro_type: str) -> str:
   if avro_type in ('int', 'long'):
     return f'{{_int({expr})}}'
   if avro_type == 'boolean':
-    return f'{{"true" if {expr} else "false"}}'
+    return f'{{_bool({expr})}}'
   return f'{{_float({expr})}}'
 
 
@@ -60,7 +60,7 @@ def _build_envelope_encoders() -> Dict[str, Callable[[Mapping[str, Any]], str]]:
         '"sequence":{_int(e["sequence"])},"event_time":{_q(e["event_time"])},'
         '"origin":{_q(e["origin"])},"follows_from":{"null" if ff is None else _q(ff)},'
         f'"data":{{{{{data}}}}}}}}}\')\n')
-    scope = {'_q': _quote, '_int': _strict_int, '_float': _strict_float}
+    scope = {'_q': _quote, '_int': _strict_int, '_float': _strict_float, '_bool': _strict_bool}
     exec(compile(src, f'<envelope encoder {name}>', 'exec'), scope)  # pylint: disable=exec-used
     encoders[name] = scope['enc']
   return encoders
@@ -70,6 +70,14 @@ def _strict_int(v: Any) -> str:
   if type(v) is not int:
     raise TypeError
   return int.__repr__(v)
+
+
+def _strict_bool(v: Any) -> str:
+  if v is True:
+    return 'true'
+  if v is False:
+    return 'false'
+  raise TypeError
 
 
 _INF = float('inf')
@@ -134,7 +142,6 @@ def iso_clock() -> Callable[[int], str]:
   return iso
 
 
-IsoClock = iso_clock  # a new clock per stream: IsoClock()(millis)
 
 
 def open_output(path: str, buffer_bytes: int = 1 << 20):

@@ -27,7 +27,7 @@ import random
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from generators import phases as phases_mod
-from generators.jsonl import IsoClock, event_id_from_bits
+from generators.jsonl import iso_clock, event_id_from_bits
 from schemas.registry import registry
 
 Envelope = Dict[str, object]
@@ -104,7 +104,7 @@ def timed_retail_events(n: int,
   times = phases_mod.arrival_times(ph, start, limit=n)
   rng = random.Random(seed)
   rand, bits = rng.random, rng.getrandbits
-  iso = IsoClock()
+  iso = iso_clock()
   versions = {t: registry().current[t].version for t in RETAIL_TYPES}
   key_field = {t: registry().current[t].partition_key for t in RETAIL_TYPES}  # the key rules
   n_users = users or default_users(n)

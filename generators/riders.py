@@ -26,7 +26,7 @@ import random
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from generators import phases as phases_mod
-from generators.jsonl import IsoClock, event_id_from_bits
+from generators.jsonl import iso_clock, event_id_from_bits
 from schemas.registry import registry
 
 RIDER_TYPES = ('RideRequested', 'RiderPickedUp', 'RiderDroppedOff', 'TaxiLocationReported')
@@ -68,7 +68,7 @@ def timed_rider_events(n_trips: int,
   ph = phases_mod.resolve(n_trips, phases, default_rate=TRIP_RATE)
   rng = random.Random(seed)
   rand, bits, gauss = rng.random, rng.getrandbits, rng.gauss
-  iso = IsoClock()
+  iso = iso_clock()
   versions = {t: registry().current[t].version for t in RIDER_TYPES}
   n_riders = riders or max(20, n_trips // 3)
   interval_ms = max(1, int(report_interval_s * 1000))

@@ -29,10 +29,10 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from generators import phases as phases_mod
-from generators.jsonl import IsoClock, event_id_from_bits, write_lines, encode_line
+from generators.jsonl import iso_clock, event_id_from_bits, write_lines, encode_line
 from schemas.registry import registry
 
 # The Flink training data model's field names, in its order.
@@ -184,7 +184,7 @@ def taxi_feed(n_rides: int,
     yield heapq.heappop(pending)[2]
 
 
-def flink_record(ev: TaxiEvent, iso: IsoClock) -> Dict[str, object]:
+def flink_record(ev: TaxiEvent, iso: Callable[[int], str]) -> Dict[str, object]:
   """The record as the taxi pipelines read it: times as ISO-8601 UTC strings."""
   rec = dict(ev.record)
   if ev.event_type == 'FarePaid':
@@ -196,14 +196,14 @@ def flink_record(ev: TaxiEvent, iso: IsoClock) -> Dict[str, object]:
 
 def taxi_rides_and_fares(n_rides: int, seed: int = 1, **kwargs) -> Iterator[Tuple[str, Dict]]:
   """('ride' | 'fare', Flink-model record with ISO-8601 times) in delivery order."""
-  iso = IsoClock()
+  iso = iso_clock()
   for ev in taxi_feed(n_rides, seed, **kwargs):
     yield ('fare' if ev.event_type == 'FarePaid' else 'ride'), flink_record(ev, iso)
 
 
 def envelopes(feed: Iterator[TaxiEvent]) -> Iterator[Tuple[TaxiEvent, Dict]]:
   """Each feed event with its raw envelope: keyed by rideId, sequenced per ride as delivered."""
-  iso = IsoClock()
+  iso = iso_clock()
   versions = {t: registry().current[t].version for t in ('RideStarted', 'RideEnded', 'FarePaid')}
   seq: Dict[int, int] = {}
   for ev in feed:
