@@ -21,7 +21,8 @@ from generators import retail, riders, taxi
 from generators.jsonl import iso_clock, encode_line, write_lines
 from pipelines.cli import UsageError
 
-DEFAULT_EVENTS = 10_000
+# --events when nothing else says how many: events, rides, ride requests
+DEFAULT_EVENTS = {'retail': 10_000, 'taxi': 10_000, 'riders': 1_000}
 DOMAINS = ('retail', 'taxi', 'riders')
 
 DESCRIPTION = """\
@@ -59,9 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--domain', choices=DOMAINS, default='retail',
                       help='what to generate (default: retail)')
   parser.add_argument('--events', metavar='N',
-                      help=f'how many events (retail), rides (taxi) or ride requests (riders); '
-                           f'default {DEFAULT_EVENTS:,}, or as many as --rate/--duration/--phases hold '
-                           f'(then N caps them)')
+                      help='how many events (retail, default 10,000), rides (taxi, default 10,000) '
+                           'or ride requests (riders, default 1,000); with --rate/--duration/--phases '
+                           'as many as they hold, and N caps them')
   parser.add_argument('--seed', default='1', metavar='S',
                       help='random seed (an integer, default 1): same seed, same bytes')
   parser.add_argument('--out', metavar='FILE',
@@ -131,7 +132,7 @@ def _duration(text: str, what: str) -> float:
     raise UsageError(f'{what}: {e}') from None
 
 
-def resolve_shape(args: argparse.Namespace, default_rate: float
+def resolve_shape(args: argparse.Namespace, default_rate: float, default_n: int
                   ) -> Tuple[int, List[phases_mod.Phase]]:
   """(how many, phases) from --events and the arrival-shape options."""
   n = _int(args.events, '--events', 1)
@@ -143,7 +144,7 @@ def resolve_shape(args: argparse.Namespace, default_rate: float
     elif args.day:
       if args.rate or args.duration:
         raise UsageError('--day cannot be combined with --rate or --duration')
-      n = n or DEFAULT_EVENTS
+      n = n or default_n
       ph = phases_mod.day_phases(n)
     elif args.rate is not None or args.duration is not None:
       rate = phases_mod.parse_rate(args.rate) if args.rate is not None else None
@@ -163,7 +164,7 @@ def resolve_shape(args: argparse.Namespace, default_rate: float
           raise UsageError('--duration must be positive')
         ph = [phases_mod.constant(n / dur, dur)]
     else:
-      n = n or DEFAULT_EVENTS
+      n = n or default_n
       ph = phases_mod.constant_for(n, default_rate)
   except phases_mod.PhaseSpecError as e:
     raise UsageError(str(e)) from None
@@ -251,7 +252,7 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
 
   default_rate = {'retail': phases_mod.HELLO_RETAIL_RATE, 'taxi': taxi.TAXI_RATE,
                   'riders': riders.TRIP_RATE}[args.domain]
-  n, ph = resolve_shape(args, default_rate)
+  n, ph = resolve_shape(args, default_rate, DEFAULT_EVENTS[args.domain])
   stats: Counter = collections.Counter()
   tally = Tally()
   t0 = time.monotonic()

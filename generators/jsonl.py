@@ -153,21 +153,43 @@ def open_output(path: str, buffer_bytes: int = 1 << 20):
   return open(path, 'wb', buffering=buffer_bytes)
 
 
+class LineWriter:
+  """Buffered JSON-lines output: lines are joined and written in batches."""
+
+  def __init__(self, path: str, batch: int = 4096):
+    self.path, self.batch, self.count = path, batch, 0
+    self._f = open_output(path)
+    self._buf = []
+
+  def write(self, line: bytes) -> None:
+    self._buf.append(line)
+    if len(self._buf) >= self.batch:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._buf:
+      self._f.write(b'\n'.join(self._buf) + b'\n')
+      self.count += len(self._buf)
+      self._buf.clear()
+
+  def close(self) -> None:
+    self.flush()
+    self._f.close()
+
+  def __enter__(self) -> 'LineWriter':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
 def write_lines(lines: Iterable[bytes], path: str, batch: int = 4096) -> int:
   """Write already-encoded lines (without newlines) to path; returns how many."""
-  n = 0
-  buf = []
-  with open_output(path) as f:
+  with LineWriter(path, batch) as w:
+    write = w.write
     for line in lines:
-      buf.append(line)
-      if len(buf) >= batch:
-        f.write(b'\n'.join(buf) + b'\n')
-        n += len(buf)
-        buf.clear()
-    if buf:
-      f.write(b'\n'.join(buf) + b'\n')
-      n += len(buf)
-  return n
+      write(line)
+  return w.count
 
 
 def write_jsonl(events_or_lines: Iterable[Line], path: str) -> int:

@@ -32,7 +32,7 @@ import random
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from generators import phases as phases_mod
-from generators.jsonl import iso_clock, event_id_from_bits, write_lines, encode_line
+from generators.jsonl import LineWriter, encode_line, event_id_from_bits, iso_clock
 from schemas.registry import registry
 
 # The Flink training data model's field names, in its order.
@@ -232,7 +232,7 @@ def taxi_envelopes(n_rides: int, seed: int = 1, **kwargs) -> Iterator[Dict]:
 def write_rides_and_fares(n_rides: int, rides_path: str, fares_path: str, seed: int = 1,
                           **kwargs) -> Tuple[int, int]:
   """Write the Flink-model rides and fares files; returns (ride lines, fare lines)."""
-  rides, fares = [], []
-  for kind, rec in taxi_rides_and_fares(n_rides, seed, **kwargs):
-    (fares if kind == 'fare' else rides).append(encode_line(rec))
-  return write_lines(rides, rides_path), write_lines(fares, fares_path)
+  with LineWriter(rides_path) as rides, LineWriter(fares_path) as fares:
+    for kind, rec in taxi_rides_and_fares(n_rides, seed, **kwargs):
+      (fares if kind == 'fare' else rides).write(encode_line(rec))
+  return rides.count, fares.count

@@ -417,10 +417,9 @@ def run_generate(*args, cwd):
 
 
 def test_cli_generates_the_same_bytes_and_says_what_it_did(tmp_path):
-  for name in ('a.jsonl', 'b.jsonl'):
-    p = run_generate('--events', '2000', '--seed', '5', '--out', name, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-  assert (tmp_path / 'a.jsonl').read_bytes() == (tmp_path / 'b.jsonl').read_bytes()
+  p = run_generate('--events', '2000', '--seed', '5', '--out', 'a.jsonl', cwd=tmp_path)
+  assert p.returncode == 0, p.stderr
+  # the same bytes as the (deterministic) Python API writes
   assert (tmp_path / 'a.jsonl').read_bytes() == b''.join(
       encode_line(e) + b'\n' for e in retail.retail_events(2000, seed=5))
   summary = p.stderr.strip().splitlines()
