@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+import textwrap
 import time
 from typing import Counter, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -56,7 +57,9 @@ examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
   parser.description = DESCRIPTION
-  parser.epilog = 'arrival phases: ' + phases_mod.PHASES_HELP
+  parser.epilog = 'arrival phases:\n' + textwrap.fill(
+      phases_mod.PHASES_HELP, width=88, initial_indent='  ', subsequent_indent='  ',
+      break_on_hyphens=False, break_long_words=False)
   parser.add_argument('--domain', choices=DOMAINS, default='retail',
                       help='what to generate (default: retail)')
   parser.add_argument('--events', metavar='N',
@@ -73,8 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f'event time of the first phase, ISO-8601 (default {phases_mod.DEFAULT_START})')
   shape = parser.add_argument_group('arrival shape (event times follow it)')
   shape.add_argument('--rate', metavar='R',
-                     help='constant arrival rate in events/s (or 6000/m, 720000/h); with --duration, '
-                          'or with --events for N/R seconds')
+                     help='constant arrival rate in events/s (rides/s for taxi, requests/s for '
+                          'riders; or 6000/m, 720000/h); with --duration, or with --events for N/R '
+                          'seconds')
   shape.add_argument('--duration', metavar='D',
                      help='how long the constant rate lasts (90s, 10m, 1h30m); with --events alone, '
                           'N events spread evenly over D')

@@ -23,8 +23,9 @@ phases (:mod:`generators.phases`) as ISO-8601 UTC strings. Same seed, same event
 from __future__ import annotations
 
 import bisect
+import collections
 import random
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from generators import phases as phases_mod
 from generators.jsonl import iso_clock, event_id_from_bits
@@ -122,7 +123,7 @@ def timed_retail_events(n: int,
   prices: List[float] = []
   prod_created: List[str] = []  # ProductCreated event id per product
   images: List[int] = []        # images per product
-  awaiting_image: List[int] = []
+  awaiting_image: Deque[int] = collections.deque()
   popularity: List[int] = []    # product indices, most popular first
   recent_views: List[Tuple[int, int, str]] = []
   rv_next = 0
@@ -262,7 +263,7 @@ def timed_retail_events(n: int,
         prod_created.append(eid)
       else:  # ProductImageAdded
         if awaiting_image and rand() < 0.8:
-          p = awaiting_image.pop(0)
+          p = awaiting_image.popleft()
         else:
           p = int(rand() * len(prod_ids))
         images[p] += 1

@@ -380,6 +380,29 @@ def test_every_malformation_is_refused_for_every_domain(kind, taxi_feed_3k, ride
     assert publish_raw(bad)[1] is not None, bad
 
 
+@pytest.mark.parametrize('kind', faults.RECORD_MALFORMATIONS)
+def test_flink_records_are_corrupted_too(kind, tmp_path):
+  import random
+  rng = random.Random(kind)
+  rides = str(tmp_path / 'rides.jsonl')
+  taxi.write_rides_and_fares(50, rides, str(tmp_path / 'fares.jsonl'), seed=1)
+  for line in open(rides, 'rb').read().splitlines():
+    bad, k = faults.corrupt(line, rng, kind)
+    assert k == kind and bad != line
+    try:
+      rec = json.loads(bad.decode('utf-8'))
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+      assert kind in ('truncated', 'not-utf8')
+      continue
+    good = json.loads(line)
+    if kind == 'missing-field':
+      assert set(rec) < set(good)
+    elif kind == 'wrong-type':
+      assert [type(rec[f]) for f in good] != [type(good[f]) for f in good]
+    else:
+      assert kind == 'absurd-time' and rec['eventTime'] in faults.ABSURD_TIMES
+
+
 def test_duplicates_are_redelivered_later_and_still_publish():
   stats = collections.Counter()
   timed = [(t, encode_line(e)) for t, e in retail.timed_retail_events(4000, seed=3)]
