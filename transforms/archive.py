@@ -44,9 +44,8 @@ from schemas.registry import SCHEMA_DIR, Registry, registry as load_registry
 from transforms.archive_format import (
     AVRO_CODECS, DEFAULT_BUCKETS, DEFAULT_MAX_EVENTS_PER_FILE, FORMATS, LAYOUT_VERSION,
     MANIFEST_NAME, SORT_ORDER, ArchiveFile, CorruptArchiveFile, IncompatibleSchema,
-    bucket_of, chunks, data_file_pattern, encode_avro, encode_parquet, hour_of,
-    join, make_manifest, parse_file_path, parse_manifest, partition_dir, read_events,
-    sort_key)
+    chunks, data_file_pattern, encode_avro, encode_parquet, file_name, join, make_manifest,
+    parse_file_path, parse_manifest, partition_dir, partition_of, read_events, sort_key)
 
 __all__ = [
     'WriteArchive', 'ReadArchive', 'check_archive_path', 'read_archive_file', 'iter_archive',
@@ -215,7 +214,7 @@ class _WritePartitionFiles(beam.DoFn):
     events = sorted(events, key=sort_key)
     tag = self._window_tag(win, pane)
     for n, chunk in enumerate(chunks(events, self._max)):
-      name = f'events-{self._run_id}{tag}-{n:04d}.{self._fmt}'
+      name = file_name(self._run_id, n, self._fmt, tag)
       rel = join(partition_dir(hour, bucket), name)
       meta = {
           'sourcebeam.layout_version': str(LAYOUT_VERSION), 'sourcebeam.hour': hour,
@@ -282,9 +281,7 @@ class WriteArchive(beam.PTransform):
     buckets = self._buckets
     files = (
         pcoll
-        | 'ByHourAndBucket' >> beam.Map(
-            lambda env: ((hour_of(env['event_time']), bucket_of(env['partition_key'], buckets)),
-                         env))
+        | 'ByHourAndBucket' >> beam.Map(lambda env: (partition_of(env, buckets), env))
         | 'GroupPartitions' >> beam.GroupByKey()
         | 'SortAndWrite' >> beam.ParDo(_WritePartitionFiles(
             self._path, self._fmt, self.run_id, self._schema_dir, self._codec, self._max)))

@@ -3,7 +3,9 @@
 Layout (``LAYOUT_VERSION`` 1)::
 
   PATH/_archive.json                                   the manifest
-  PATH/hour=2026-11-26T10/bucket=007/events-<run>-<pane>-<chunk>.avro   (or .parquet)
+  PATH/hour=2026-11-26T10/bucket=007/events-<run id>-<chunk>.avro   (or .parquet)
+  PATH/hour=2026-11-26T10/bucket=007/events-<run id>-w<window start>-p<pane>-<chunk>.avro
+                                                       (windowed, i.e. live, writes)
 
 * ``hour`` is the event-time hour (UTC) of the envelope's ``event_time``, so a
   replay of a time range reads only the directories it needs.
@@ -126,8 +128,9 @@ def sort_key(env: Mapping[str, Any]) -> Tuple[str, int, str]:
   return env['partition_key'], env['sequence'], env['event_id']
 
 
-def file_name(run_id: str, pane: int, chunk: int, fmt: str) -> str:
-  return f'events-{run_id}-{pane:04d}-{chunk:04d}.{EXTENSIONS[fmt]}'
+def file_name(run_id: str, chunk: int, fmt: str, window_tag: str = '') -> str:
+  """``events-<run id>[<window tag>]-<chunk>.<ext>``; the tag is '' for batch writes."""
+  return f'events-{run_id}{window_tag}-{chunk:04d}.{EXTENSIONS[fmt]}'
 
 
 def join(base: str, *parts: str) -> str:
@@ -177,7 +180,7 @@ def make_manifest(fmt: str, buckets: int) -> Dict[str, Any]:
       'partitioning': 'hour=<event-time hour, UTC, YYYY-MM-DDTHH>/bucket=<NNN>',
       'bucket_function': 'crc32(utf-8 partition_key) % buckets',
       'sorted_by': list(SORT_ORDER),
-      'file_names': 'events-<run id>-<pane>-<chunk>.<ext>',
+      'file_names': 'events-<run id>[-w<window start millis>-p<pane>]-<chunk>.<ext>',
   }
 
 
