@@ -101,6 +101,22 @@ def test_a_position_after_the_timeout_still_locates_the_rider():
   assert unmatched == [('pickup', 'no position of taxi 7 within 60000 ms of pickup')]
 
 
+def test_no_state_is_left_behind_a_trip_without_drop_off_is_reported():
+  join = TaxiJoin(max_position_age_ms=30 * S, pickup_timeout_ms=60 * S, max_trip_ms=600 * S)
+  ev = Events()
+  state = join.initial_state(7)
+  unmatched = []
+  for e in (position(ev, 0, -73.1), pickup(ev, 5 * S), pickup(ev, 6 * S, rider='r2'),
+            dropoff(ev, 50 * S, rider='r2')):
+    state, _, un = join.apply(state, e)
+    unmatched += un
+  state, _, un = join.advance(state, 599 * S + T0)
+  assert [t.rider_id for t in state.trips] == ['r1'] and unmatched + un == []
+  state, _, un = join.finish(state)
+  assert state.is_empty()
+  assert [(u['kind'], u['reason']) for u in un] == [('trip', 'no drop-off within 600000 ms of pickup')]
+
+
 def test_rider_located_envelopes_are_valid_deterministic_and_sequenced():
   ev = Events()
   events = [pickup(ev, 0), position(ev, 5 * S, -73.1), position(ev, 10 * S, -73.2)]

@@ -11,6 +11,8 @@ The join, per taxi, in event-time order (:class:`TaxiJoin`, plain Python):
 * a position locates every rider in the taxi at that time;
 * a pickup is located at once by the taxi's latest position if that is at most
   ``max_position_age_ms`` old;
+* a trip with no drop-off ``max_trip_ms`` after its pickup leaves state, to
+  ``unmatched`` as well, so no state is left behind;
 * a position that ages out having located no rider is expired to
   ``unmatched`` (a stale position: the taxi was empty), and a pickup that no
   position located within ``pickup_timeout_ms`` goes to ``unmatched`` (a
@@ -127,11 +129,13 @@ class TaxiJoin:
   pickups whose deadlines are <= t). Both return ``(state, located, unmatched)``.
   """
 
-  def __init__(self, max_position_age_ms: int = 60_000, pickup_timeout_ms: int = 120_000):
-    if max_position_age_ms <= 0 or pickup_timeout_ms <= 0:
-      raise ValueError('max_position_age_ms and pickup_timeout_ms must be positive')
+  def __init__(self, max_position_age_ms: int = 60_000, pickup_timeout_ms: int = 120_000,
+               max_trip_ms: int = 6 * 3_600_000):
+    if min(max_position_age_ms, pickup_timeout_ms, max_trip_ms) <= 0:
+      raise ValueError('max_position_age_ms, pickup_timeout_ms and max_trip_ms must be positive')
     self.max_position_age_ms = max_position_age_ms
     self.pickup_timeout_ms = pickup_timeout_ms
+    self.max_trip_ms = max_trip_ms
 
   def initial_state(self, taxi_id: int) -> TaxiState:
     return TaxiState(taxi_id)
@@ -139,6 +143,7 @@ class TaxiJoin:
   def next_deadline(self, state: TaxiState) -> Optional[int]:
     times = [trip.pickup['event_time'] + self.pickup_timeout_ms
              for trip in state.trips if not trip.located and not trip.timed_out]
+    times += [trip.pickup['event_time'] + self.max_trip_ms for trip in state.trips]
     if state.position is not None:
       times.append(state.position.t + self.max_position_age_ms)
     return min(times) if times else None
@@ -162,6 +167,11 @@ class TaxiJoin:
         continue
       trips = []
       for trip in state.trips:
+        if trip.pickup['event_time'] + self.max_trip_ms <= due:
+          # no drop-off ever came: the trip leaves state, reported (not lost)
+          unmatched.append(unmatched_record(
+              'trip', f'no drop-off within {self.max_trip_ms} ms of pickup', trip.pickup))
+          continue
         if (not trip.located and not trip.timed_out and
             trip.pickup['event_time'] + self.pickup_timeout_ms == due):
           unmatched.append(unmatched_record(
@@ -342,11 +352,11 @@ class LocateRiders(beam.PTransform):
   """
 
   def __init__(self, max_position_age_ms: int = 60_000, pickup_timeout_ms: int = 120_000,
-               expansion: str = 'auto'):
+               max_trip_ms: int = 6 * 3_600_000, expansion: str = 'auto'):
     super().__init__()
     if expansion not in ('auto', 'batch', 'streaming'):
       raise ValueError(f"expansion must be 'auto', 'batch' or 'streaming', not {expansion!r}")
-    self.join = TaxiJoin(max_position_age_ms, pickup_timeout_ms)
+    self.join = TaxiJoin(max_position_age_ms, pickup_timeout_ms, max_trip_ms)
     self.expansion = expansion
 
   def expand(self, envelopes):
