@@ -235,3 +235,44 @@ def test_retail_projections_write_final_views_as_jsonl_and_parquet(tmp_path):
     got_parquet = sorted(pq.read_table(tmp_path / f'{view}.parquet').to_pylist(),
                          key=lambda r: r['key'])
     assert got_parquet == want
+
+
+def test_retail_projections_streaming_changelog_applies_events_in_sequence_order():
+  """Out-of-order arrival with watermarks between: the changelog's records follow
+  sequence order per key, and its latest record per key is the bounded view."""
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+  from apache_beam.testing.test_pipeline import TestPipeline
+  from apache_beam.testing.test_stream import TestStream
+  from apache_beam.testing.util import assert_that, equal_to
+  from apache_beam.transforms import window
+  from transforms.projections import RetailProjections
+
+  ev, pv = Stream(), Stream()
+  user = [ev('UserLoggedIn', user_id='u1', name='Ada'),
+          ev('ProductViewed', user_id='u1', product_id='p1'),
+          ev('CartItemAdded', user_id='u1', product_id='p1', quantity=2),
+          ev('ProductViewed', user_id='u1', product_id='p2'),
+          ev('CartItemRemoved', user_id='u1', product_id='p1', quantity=1)]
+  product = [pv('ProductCreated', product_id='p1', brand='B', name='N', description='D',
+                category='C'),
+             pv('ProductImageAdded', product_id='p1', image_url='http://i/1')]
+  arrival = [[user[2], product[1]], [user[0], user[4]], [user[1], product[0], user[3]]]
+  stream = TestStream().advance_watermark_to(T0 / 1000)
+  for i, batch in enumerate(arrival):
+    stream = stream.add_elements(
+        [window.TimestampedValue(e, e['event_time'] / 1000) for e in batch])
+    stream = stream.advance_watermark_to((T0 + (i + 1) * 2000) / 1000)
+  stream = stream.advance_watermark_to((T0 + 60_000) / 1000).advance_watermark_to_infinity()
+  _, cart = fold(CartHandler(), user)
+  _, recent = fold(RecentlyViewedHandler(), user)
+  _, frequent = fold(FrequentlyViewedHandler(), user)
+  _, catalog = fold(CatalogHandler(), product, key='p1')
+  options = PipelineOptions()
+  options.view_as(StandardOptions).streaming = True
+  with TestPipeline(options=options) as p:
+    views = p | stream | RetailProjections()
+    assert_that(views.cart, equal_to(cart), label='cart')
+    assert_that(views.recently_viewed, equal_to(recent), label='recent')
+    assert_that(views.frequently_viewed, equal_to(frequent), label='frequent')
+    assert_that(views.catalog, equal_to(catalog), label='catalog')
