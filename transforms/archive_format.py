@@ -64,7 +64,7 @@ import json
 import re
 import weakref
 import zlib
-from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import fastavro
 import fastavro.validation
@@ -79,7 +79,7 @@ LAYOUT_VERSION = 1
 MANIFEST_NAME = '_archive.json'
 FORMATS = ('avro', 'parquet')
 EXTENSIONS = {'avro': 'avro', 'parquet': 'parquet'}
-AVRO_CODECS = ('null', 'deflate', 'zstandard')
+AVRO_CODECS = ('null', 'deflate')  # snappy/zstandard need libraries not installed
 DEFAULT_BUCKETS = 16
 DEFAULT_MAX_EVENTS_PER_FILE = 250_000
 SORT_ORDER = ('partition_key', 'sequence', 'event_id')
@@ -380,32 +380,58 @@ def _avro_record(env: Envelope, reg: Registry) -> Dict[str, Any]:
   return rec
 
 
-def iter_avro(fo: BinaryIO, reg: Registry, path: str) -> Iterator[Envelope]:
-  """Decode an Avro archive file with ``reg``'s envelope as reader schema.
+_AVRO_MAGIC = b'Obj\x01'
+_OWN_WRITER_SCHEMA: 'weakref.WeakKeyDictionary[Registry, str]' = weakref.WeakKeyDictionary()
 
-  Raises CorruptArchiveFile or IncompatibleSchema; may have yielded events first.
+
+def _own_writer_schema(reg: Registry) -> str:
+  """The ``avro.schema`` header this registry's writer puts in its files."""
+  text = _OWN_WRITER_SCHEMA.get(reg)
+  if text is None:
+    buf = io.BytesIO()
+    fastavro.writer(buf, reg.parsed_envelope, [])
+    text = fastavro.reader(io.BytesIO(buf.getvalue())).metadata['avro.schema']
+    _OWN_WRITER_SCHEMA[reg] = text
+  return text
+
+
+def decode_avro(blob: bytes, reg: Registry, path: str) -> List[Envelope]:
+  """Every event of an Avro archive file, resolved to ``reg``'s envelope schema.
+
+  Files written with exactly the reader's schema (the usual case) are decoded
+  without schema resolution, which costs fastavro about 3x in decode speed;
+  older files are resolved with the current envelope as reader schema after
+  :func:`check_compatible` has passed. Raises CorruptArchiveFile or
+  IncompatibleSchema.
   """
-  n = 0
+  if not blob:
+    raise CorruptArchiveFile(path, 'empty file (0 bytes)')
+  if blob[:4] != _AVRO_MAGIC:
+    raise CorruptArchiveFile(path, 'not an Avro object container file (bad magic bytes)')
   try:
-    reader = fastavro.reader(fo, reader_schema=reg.parsed_envelope)
+    reader = fastavro.reader(io.BytesIO(blob))
+    writer_json = reader.metadata.get('avro.schema', '')
+    if writer_json != _own_writer_schema(reg):
+      try:
+        _COMPAT.check(writer_json, reg)
+      except IncompatibleSchema as e:
+        raise IncompatibleSchema(f'{path}: {e}') from None
+      reader = fastavro.reader(io.BytesIO(blob), reader_schema=reg.parsed_envelope)
+  except IncompatibleSchema:
+    raise
   except SchemaResolutionError as e:
     raise IncompatibleSchema(f'{path}: incompatible schema: {_one_line(e)}') from None
-  except Exception as e:  # any decode failure of a damaged file is reported, not raised
-    raise CorruptArchiveFile(path, f'not an Avro archive file ({_one_line(e)})') from None
-  writer_json = reader.metadata.get('avro.schema', '')
+  except Exception as e:  # any failure to read a damaged header is reported, not raised
+    raise CorruptArchiveFile(path, f'unreadable Avro header ({_one_line(e)})') from None
+  out: List[Envelope] = []
   try:
-    _COMPAT.check(writer_json, reg)
-  except IncompatibleSchema as e:
-    raise IncompatibleSchema(f'{path}: {e}') from None
-  try:
-    for rec in reader:
-      n += 1
-      yield rec
+    out.extend(reader)
   except SchemaResolutionError as e:
     raise IncompatibleSchema(f'{path}: incompatible schema: {_one_line(e)}') from None
   except Exception as e:  # any decode failure of a damaged file is reported, not raised
     raise CorruptArchiveFile(
-        path, f'Avro data damaged after {n} good records ({_one_line(e)})') from None
+        path, f'Avro data damaged after {len(out)} good records ({_one_line(e)})') from None
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -519,46 +545,16 @@ def read_events(fo: BinaryIO, fmt: str, reg: Registry, path: str) -> List[Envelo
   """Every event of one archive file, or CorruptArchiveFile / IncompatibleSchema.
 
   All or nothing: events decoded before a corruption point are not returned.
+  The file is read whole (files hold one hour of one bucket, a few MB) so the
+  Avro decoder can choose its fast path after seeing the header.
   """
+  try:
+    blob = fo.read()
+  except Exception as e:  # a storage error is reported per file, not a traceback
+    raise CorruptArchiveFile(path, f'cannot read file ({_one_line(e)})') from None
   if fmt == 'parquet':
-    try:
-      blob = fo.read()
-    except Exception as e:  # a storage error is reported per file, not a traceback
-      raise CorruptArchiveFile(path, f'cannot read file ({_one_line(e)})') from None
     return decode_parquet(blob, reg, path)
-  head = fo.read(4)
-  if not head:
-    raise CorruptArchiveFile(path, 'empty file (0 bytes)')
-  if head != b'Obj\x01':
-    raise CorruptArchiveFile(path, 'not an Avro object container file (bad magic bytes)')
-  return list(iter_avro(_Prepend(head, fo), reg, path))
-
-
-class _Prepend(io.RawIOBase):
-  """A read-only stream: ``head`` followed by the rest of ``fo``."""
-
-  def __init__(self, head: bytes, fo: BinaryIO):
-    super().__init__()
-    self._head, self._fo = head, fo
-
-  def readable(self) -> bool:
-    return True
-
-  def read(self, n: int = -1) -> bytes:
-    if self._head:
-      if n is None or n < 0:
-        out, self._head = self._head + self._fo.read(), b''
-        return out
-      out, self._head = self._head[:n], self._head[n:]
-      if len(out) < n:
-        out += self._fo.read(n - len(out))
-      return out
-    return self._fo.read(n)
-
-  def readinto(self, b) -> int:
-    data = self.read(len(b))
-    b[:len(data)] = data
-    return len(data)
+  return decode_avro(blob, reg, path)
 
 
 def _one_line(e: BaseException) -> str:
