@@ -19,7 +19,7 @@ from typing import Counter, Dict, Iterable, Iterator, List, Optional, Tuple
 from generators import faults as faults_mod
 from generators import phases as phases_mod
 from generators import retail, riders, taxi
-from generators.jsonl import iso_clock, encode_line, write_lines
+from generators.jsonl import LineWriter, encode_line, iso_clock, write_lines
 from pipelines.cli import UsageError
 
 # --events when nothing else says how many: events, rides, ride requests
@@ -287,17 +287,25 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
 
     counted = False
     if args.out:
-      lines = _write(_lines(_taxi_tally(taxi.envelopes(feed()), tally), faults, seed, stats),
-                     args.out)
+      timed = ((ev.delivered, env) for ev, env in taxi.envelopes(_taxi_tally(feed(), tally)))
+      lines = _write(_lines(timed, faults, seed, stats), args.out)
       written.append(f'envelopes {args.out} ({lines:,} lines)')
       counted = True
-    if args.rides:
-      iso = iso_clock()
+    if args.rides and not faults.any:  # one pass, both files
+      try:
+        with LineWriter(args.rides) as rides, LineWriter(args.fares) as fares:
+          for ev, line in taxi.flink_lines(_taxi_tally(feed(), None if counted else tally)):
+            (fares if ev.event_type == 'FarePaid' else rides).write(line)
+      except OSError as e:
+        raise UsageError(f'cannot write {e.filename or "output"}: {e.strerror or e}') from None
+      written += [f'rides {args.rides} ({rides.count:,} lines)',
+                  f'fares {args.fares} ({fares.count:,} lines)']
+    elif args.rides:  # each file has its own duplicates and malformed lines
       for which, path, salt in (('ride', args.rides, 1), ('fare', args.fares, 2)):
-        pairs = ((ev, taxi.flink_record(ev, iso)) for ev in feed()
-                 if (ev.event_type == 'FarePaid') == (which == 'fare'))
-        lines = _write(_lines(_taxi_tally(pairs, None if counted else tally), faults,
-                              seed + salt, stats), path)
+        evs = (ev for ev in _taxi_tally(feed(), None if counted or which == 'fare' else tally)
+               if (ev.event_type == 'FarePaid') == (which == 'fare'))
+        timed = ((ev.delivered, line) for ev, line in taxi.flink_lines(evs))
+        lines = _write(faults_mod.inject(timed, faults, seed + salt, stats), path)
         written.append(f'{which}s {path} ({lines:,} lines)')
 
   elapsed = time.monotonic() - t0
@@ -314,13 +322,16 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   return 0
 
 
-def _taxi_tally(pairs: Iterable[Tuple[taxi.TaxiEvent, Dict]], tally: Optional[Tally]
-                ) -> Iterator[Tuple[int, Dict]]:
-  """(delivered, Flink record) pairs, counting event types when tally is given."""
-  for ev, rec in pairs:
-    if tally is not None:
-      tally.types[ev.event_type] += 1
-      t = ev.event_time
-      tally.first = t if tally.first is None or t < tally.first else tally.first
-      tally.last = t if tally.last is None or t > tally.last else tally.last
-    yield ev.delivered, rec
+def _taxi_tally(feed: Iterable[taxi.TaxiEvent], tally: Optional[Tally]) -> Iterator[taxi.TaxiEvent]:
+  """The feed, counting event types and event times when tally is given."""
+  if tally is None:
+    yield from feed
+    return
+  for ev in feed:
+    tally.types[ev.event_type] += 1
+    t = ev.event_time
+    if tally.first is None or t < tally.first:
+      tally.first = t
+    if tally.last is None or t > tally.last:
+      tally.last = t
+    yield ev

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 Line = Union[bytes, str, Mapping[str, Any]]
 
@@ -64,6 +64,29 @@ def _build_envelope_encoders() -> Dict[str, Callable[[Mapping[str, Any]], str]]:
     exec(compile(src, f'<envelope encoder {name}>', 'exec'), scope)  # pylint: disable=exec-used
     encoders[name] = scope['enc']
   return encoders
+
+
+def record_encoder(fields: Sequence[Tuple[str, str]]) -> Callable[[Mapping[str, Any]], str]:
+  """A fast encoder for flat records with these (name, Avro type) fields, in this order.
+
+  What it writes is what json.dumps(separators=(',', ':')) writes for such a
+  record; anything else (another shape, a value of another type) goes to json.
+  """
+  body = ','.join(f'"{n}":' + _field_code(f'r["{n}"]', t) for n, t in fields)
+  src = ('def enc(r):\n'
+         f'  if len(r) != {len(fields)}: raise TypeError\n'
+         f'  return f\'{{{{{body}}}}}\'\n')
+  scope = {'_q': _quote, '_int': _strict_int, '_float': _strict_float, '_bool': _strict_bool}
+  exec(compile(src, '<record encoder>', 'exec'), scope)  # pylint: disable=exec-used
+  fast = scope['enc']
+
+  def encode(record: Mapping[str, Any]) -> str:
+    try:
+      return fast(record)
+    except (TypeError, KeyError):
+      return _encode(record)
+
+  return encode
 
 
 def _strict_int(v: Any) -> str:

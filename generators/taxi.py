@@ -29,10 +29,10 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from generators import phases as phases_mod
-from generators.jsonl import LineWriter, encode_line, event_id_from_bits, iso_clock
+from generators.jsonl import LineWriter, event_id_from_bits, iso_clock, record_encoder
 from schemas.registry import registry
 
 # The Flink training data model's field names, in its order.
@@ -62,6 +62,12 @@ HOTSPOTS = (
 )
 # Places outside the bounds where some rides start or end.
 OUTSIDE = ((-74.175, 40.690), (-73.500, 40.800), (0.0, 0.0), (-74.250, 40.900))
+
+
+def _flink_encoder(event_type: str, time_field: str) -> Callable[[Dict], str]:
+  fields = [(f.name, 'string' if f.name == time_field else f.type)
+            for f in registry().current[event_type].fields]
+  return record_encoder(fields)
 
 
 class TaxiEvent(NamedTuple):
@@ -233,6 +239,16 @@ def write_rides_and_fares(n_rides: int, rides_path: str, fares_path: str, seed: 
                           **kwargs) -> Tuple[int, int]:
   """Write the Flink-model rides and fares files; returns (ride lines, fare lines)."""
   with LineWriter(rides_path) as rides, LineWriter(fares_path) as fares:
-    for kind, rec in taxi_rides_and_fares(n_rides, seed, **kwargs):
-      (fares if kind == 'fare' else rides).write(encode_line(rec))
+    for ev, line in flink_lines(taxi_feed(n_rides, seed, **kwargs)):
+      (fares if ev.event_type == 'FarePaid' else rides).write(line)
   return rides.count, fares.count
+
+
+def flink_lines(feed: Iterable[TaxiEvent]) -> Iterator[Tuple[TaxiEvent, bytes]]:
+  """Each event with its Flink-model JSON line (times as ISO-8601 strings)."""
+  iso = iso_clock()
+  ride_enc = _flink_encoder('RideStarted', 'eventTime')
+  fare_enc = _flink_encoder('FarePaid', 'startTime')
+  for ev in feed:
+    enc = fare_enc if ev.event_type == 'FarePaid' else ride_enc
+    yield ev, enc(flink_record(ev, iso)).encode()

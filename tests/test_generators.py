@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from generators import faults, phases, retail, riders, taxi
-from generators.jsonl import _encode, encode_json, encode_line, read_jsonl, write_jsonl
+from generators.jsonl import _encode, encode_json, encode_line, iso_clock, read_jsonl, write_jsonl
 from schemas.envelope import iso_to_millis
 from schemas.registry import registry
 from schemas.validation import publish_raw
@@ -92,6 +92,9 @@ def test_written_lines_are_what_json_writes(retail_20k, taxi_feed_3k, rider_stre
     assert encode_json(e) == _encode(e)
     assert json.loads(encode_line(e)) == e
   # Values of the wrong type (as faults and tech-debt producers write them) too.
+  iso = iso_clock()
+  for ev, line in taxi.flink_lines(taxi_feed_3k[:1000]):
+    assert line == _encode(taxi.flink_record(ev, iso)).encode()
   odd = dict(taxi_envs[0], follows_from=123, data=dict(taxi_envs[0]['data'], isStart='n/a',
                                                         passengerCnt='2', startLon=5))
   odd_retail = dict(retail_20k[0], sequence=True, data=dict(retail_20k[0]['data'], name=None))
