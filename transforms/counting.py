@@ -12,6 +12,7 @@ import json
 from typing import Dict
 
 import apache_beam as beam
+from apache_beam.transforms import window
 from apache_beam.io.filesystems import FileSystems
 
 
@@ -25,6 +26,7 @@ class WriteCounts(beam.PTransform):
   def expand(self, pcolls: Dict[str, beam.PCollection]):
     counted = [
         pc
+        | f'Global {name}' >> beam.WindowInto(window.GlobalWindows())
         | f'Count {name}' >> beam.combiners.Count.Globally()
         | f'Name {name}' >> beam.Map(lambda n, name=name: (name, n))
         for name, pc in sorted(pcolls.items())
