@@ -132,6 +132,8 @@ def check_archive_path(path: str) -> Dict[str, Any]:
   except Exception as e:  # storage errors: unknown bucket, endpoint down, no access
     raise UsageError(f'cannot read archive {path}: {_one_line(e)}') from None
   if manifest is None:
+    if _is_local(path) and FileSystems.exists(path):
+      raise UsageError(f'{path} is not a Sourcebeam archive (it has no {MANIFEST_NAME})')
     raise UsageError(f'archive {path} does not exist (no {MANIFEST_NAME} there); '
                      'write one with `run.py publish --archive PATH`')
   return manifest
