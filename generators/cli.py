@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import logging
 import sys
 import textwrap
 import time
@@ -19,7 +21,7 @@ from typing import Counter, Dict, Iterable, Iterator, List, Optional, Tuple
 from generators import faults as faults_mod
 from generators import phases as phases_mod
 from generators import retail, riders, taxi
-from generators.jsonl import LineWriter, encode_line, iso_clock, write_lines
+from generators.jsonl import LineWriter, encode_line, is_remote, iso_clock, write_lines
 from pipelines.cli import UsageError
 
 # --events when nothing else says how many: events, rides, ride requests
@@ -69,7 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--seed', default='1', metavar='S',
                       help='random seed (an integer, default 1): same seed, same bytes')
   parser.add_argument('--out', metavar='FILE',
-                      help='where to write the raw envelope events as JSON lines ("-" for stdout)')
+                      help='where to write the raw envelope events as JSON lines: a local path, '
+                           '"-" for stdout, or s3://... / gs://... (through Beam\'s filesystems; '
+                           'endpoints from SOURCEBEAM_S3_ENDPOINT / STORAGE_EMULATOR_HOST or Beam '
+                           'options such as --s3_endpoint_url; a .gz name is gzipped)')
   parser.add_argument('--rides', metavar='FILE', help='taxi: write Flink-model TaxiRide records here')
   parser.add_argument('--fares', metavar='FILE', help='taxi: write Flink-model TaxiFare records here')
   parser.add_argument('--start', default=phases_mod.DEFAULT_START, metavar='TIME',
@@ -224,15 +229,40 @@ def _lines(timed: Iterable[Tuple[int, Dict]], faults: faults_mod.Faults, seed: i
   return (encode_line(e) for _, e in timed)
 
 
-def _write(lines: Iterable[bytes], path: str) -> int:
+@contextlib.contextmanager
+def _writing(*paths: str) -> Iterator[None]:
+  """Turns a failure to write into one line naming the path, never a traceback.
+
+  Beam's S3 and GCS clients log a full traceback at ERROR before they raise; for
+  remote paths those logs are held back, and the error is said once, below.
+  """
+  remote = any(is_remote(p) for p in paths)
+  if remote:
+    logging.disable(logging.ERROR)
   try:
-    return write_lines(lines, path)
+    yield
   except OSError as e:
-    raise UsageError(f'cannot write {path}: {e.strerror or e}') from None
+    where = e.filename or ' / '.join(paths)
+    raise UsageError(f'cannot write {where}: {e.strerror or e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    if not any(is_remote(p) for p in paths):
+      raise
+    # Beam's filesystems wrap the cloud client's errors in layers: say it in one line
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise UsageError(f'cannot write {" / ".join(paths)}: {first}') from None
+  finally:
+    if remote:
+      logging.disable(logging.NOTSET)
+
+
+def _write(lines: Iterable[bytes], path: str) -> int:
+  with _writing(path):
+    return write_lines(lines, path)
 
 
 def main(args: argparse.Namespace, beam_args: List[str]) -> int:
-  if beam_args:
+  remote = [p for p in (args.out, args.rides, args.fares) if p and is_remote(p)]
+  if beam_args and not remote:
     raise UsageError(f'unknown option(s) for generate: {" ".join(beam_args)} (see run.py generate --help)')
   seed = _int(args.seed, '--seed', -(2**63))
   try:
@@ -253,6 +283,10 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
       raise UsageError('--out FILE is required')
     if args.rides or args.fares:
       raise UsageError('--rides and --fares are for --domain taxi')
+
+  if remote:  # s3:// and gs:// go through Beam's FileSystems, set up as pipelines set them up
+    from pipelines.storage import use_storage_options
+    use_storage_options(beam_args)
 
   default_rate = {'retail': phases_mod.HELLO_RETAIL_RATE, 'taxi': taxi.TAXI_RATE,
                   'riders': riders.TRIP_RATE}[args.domain]
@@ -292,12 +326,10 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
       written.append(f'envelopes {args.out} ({lines:,} lines)')
       counted = True
     if args.rides and not faults.any:  # one pass, both files
-      try:
+      with _writing(args.rides, args.fares):
         with LineWriter(args.rides) as rides, LineWriter(args.fares) as fares:
           for ev, line in taxi.flink_lines(_taxi_tally(feed(), None if counted else tally)):
             (fares if ev.event_type == 'FarePaid' else rides).write(line)
-      except OSError as e:
-        raise UsageError(f'cannot write {e.filename or "output"}: {e.strerror or e}') from None
       written += [f'rides {args.rides} ({rides.count:,} lines)',
                   f'fares {args.fares} ({fares.count:,} lines)']
     elif args.rides:  # each file has its own duplicates and malformed lines

@@ -167,10 +167,22 @@ def iso_clock() -> Callable[[int], str]:
 
 
 
+def is_remote(path: str) -> bool:
+  """A path Beam's FileSystems must open (s3://, gs://...), not the local disk."""
+  return '://' in path and not path.startswith('file://')
+
+
 def open_output(path: str, buffer_bytes: int = 1 << 20):
-  """A binary file for writing ('-' is stdout); parent directories are created."""
+  """A binary file for writing: '-' is stdout; s3:// and gs:// paths go through Beam's
+  FileSystems (pointed at an endpoint by pipelines.storage.use_storage_options), where a
+  .gz name means gzip; local parent directories are created."""
   if path == '-':
     return os.fdopen(os.dup(sys.stdout.fileno()), 'wb', buffering=buffer_bytes)
+  if is_remote(path):
+    from apache_beam.io.filesystems import FileSystems
+    return FileSystems.create(path, mime_type='application/x-ndjson')
+  if path.startswith('file://'):
+    path = path[len('file://'):]
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   return open(path, 'wb', buffering=buffer_bytes)

@@ -490,3 +490,22 @@ def test_cli_help_explains_every_option(tmp_path):
                  '--rate', '--duration', '--phases', '--day', '--duplicates', '--out-of-order',
                  '--malformed', '--report-interval', 'ramp=A..B'):
     assert option in p.stdout, option
+
+
+def test_generate_to_s3_through_beams_filesystems(s3_service, tmp_path):
+  """`--out s3://...` writes through Beam's FileSystems to a real S3 endpoint (moto)."""
+  import argparse
+  from apache_beam.io.filesystems import FileSystems
+  from generators import cli
+  parser = argparse.ArgumentParser()
+  cli.add_arguments(parser)
+  path = s3_service.url('generated', 'retail.jsonl')
+  args, beam_args = parser.parse_known_args(
+      ['--events', '700', '--seed', '3', '--out', path, '--quiet'] + list(s3_service.beam_args))
+  assert cli.main(args, beam_args) == 0
+  with FileSystems.open(path) as f:
+    assert f.read() == b''.join(encode_line(e) + b'\n' for e in retail.retail_events(700, seed=3))
+  bad = s3_service.url('generated', 'x.jsonl').replace(s3_service.bucket, 'no-such-bucket', 1)
+  args, beam_args = parser.parse_known_args(['--events', '5', '--out', bad])
+  with pytest.raises(cli.UsageError, match='cannot write s3://no-such-bucket/'):
+    cli.main(args, beam_args)
