@@ -1,13 +1,28 @@
 """Runner-specific options: what each Beam runner needs on this machine.
 
-Prism is built locally by scripts/install_tools.sh (Beam's own download from
-GitHub is unreachable here), so every DirectRunner or PrismRunner pipeline gets
-``--prism_location``. Remote runners get ``--setup_file`` so workers install
-Sourcebeam's packages.
+Everything here points Beam at binaries that ``scripts/install_tools.sh`` put
+under ``.cache/``, because Beam's own downloads (Prism from GitHub, shaded jars
+from Maven Central) are unreachable or not served here:
+
+* PrismRunner gets ``--prism_location=.cache/bin/prism`` (built with ``go install``).
+* FlinkRunner gets ``--flink_job_server_jar`` (Beam's Flink job server, shaded by
+  ``scripts/maven/flink-job-server`` from ``beam-runners-flink-1.19:2.70.0``, the
+  newest unshaded Flink runner served here), ``--flink_version=1.19`` (the Flink
+  of that jar, and of the standalone cluster ``scripts/flink.sh`` runs) and
+  ``--environment_type=LOOPBACK`` (the Python workers run in the submitting
+  process: there is no Docker engine for Beam's SDK containers).
+* Every runner gets ``--beam_services`` pointing Beam's default IO expansion
+  service at the local jar, so a plain ``ReadFromKafka(...)`` never downloads.
+  On Flink, pass :func:`kafka_expansion_service` as ``expansion_service=`` (see
+  its docstring for why).
+* Remote runners that install Sourcebeam on their own workers get ``--setup_file``.
+
+Options given explicitly on the command line always win.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import List, Optional
@@ -15,6 +30,22 @@ from typing import List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS_DIR = os.path.join(ROOT, '.cache')
 PRISM_BIN = os.path.join(TOOLS_DIR, 'bin', 'prism')
+JARS_DIR = os.path.join(TOOLS_DIR, 'jars')
+# Java side versions: see scripts/install_tools.sh for why they differ from the Python SDK's.
+BEAM_JAVA_VERSION = '2.70.0'
+FLINK_VERSION = '1.19'
+FLINK_JOB_SERVER_JAR = os.path.join(
+    JARS_DIR, f'beam-runners-flink-{FLINK_VERSION}-job-server-{BEAM_JAVA_VERSION}.jar')
+IO_EXPANSION_JAR = os.path.join(
+    JARS_DIR, f'beam-sdks-java-io-expansion-service-{BEAM_JAVA_VERSION}.jar')
+# The Gradle target Beam's Python SDK resolves for ReadFromKafka's default expansion service.
+IO_EXPANSION_TARGET = 'sdks:java:io:expansion-service:shadowJar'
+FLINK_RUNNERS = ('FlinkRunner', )
+LOOPBACK = 'LOOPBACK'
+
+
+class ToolMissing(RuntimeError):
+  """A binary from scripts/install_tools.sh is not there: say how to get it."""
 
 
 def has_option(args: List[str], name: str) -> bool:
@@ -37,8 +68,24 @@ def prism_binary() -> Optional[str]:
   return shutil.which('prism')
 
 
+def flink_job_server_jar() -> Optional[str]:
+  """The Beam Flink job server jar built by scripts/install_tools.sh, if present."""
+  return FLINK_JOB_SERVER_JAR if os.path.isfile(FLINK_JOB_SERVER_JAR) else None
+
+
+def io_expansion_jar() -> Optional[str]:
+  """The Beam Java IO expansion service jar built by scripts/install_tools.sh, if present."""
+  return IO_EXPANSION_JAR if os.path.isfile(IO_EXPANSION_JAR) else None
+
+
 def runner_of(args: List[str]) -> str:
   return (option_value(args, '--runner') or 'DirectRunner').split('.')[-1]
+
+
+def _require(path: Optional[str], what: str) -> str:
+  if not path:
+    raise ToolMissing(f'{what} is missing: run scripts/install_tools.sh (or `make tools`)')
+  return path
 
 
 def runner_args(args: List[str]) -> List[str]:
@@ -49,7 +96,37 @@ def runner_args(args: List[str]) -> List[str]:
     prism = prism_binary()
     if prism:
       args.append(f'--prism_location={prism}')
-  if runner in ('DataflowRunner', 'FlinkRunner', 'PortableRunner') and not has_option(
-      args, '--setup_file'):
+  if runner in FLINK_RUNNERS:
+    if not has_option(args, '--flink_job_server_jar'):
+      args.append('--flink_job_server_jar=' +
+                  _require(flink_job_server_jar(), 'the Beam Flink job server jar'))
+    if not has_option(args, '--flink_version'):
+      args.append(f'--flink_version={FLINK_VERSION}')
+    if not has_option(args, '--environment_type'):
+      args.append(f'--environment_type={LOOPBACK}')
+  if not has_option(args, '--beam_services') and io_expansion_jar():
+    args.append('--beam_services=' + json.dumps({IO_EXPANSION_TARGET: IO_EXPANSION_JAR}))
+  # Workers that are not this process need Sourcebeam installed; LOOPBACK workers are us.
+  remote_workers = runner == 'DataflowRunner' or (
+      runner in FLINK_RUNNERS + ('PortableRunner', ) and
+      (option_value(args, '--environment_type') or '').upper() != LOOPBACK)
+  if remote_workers and not has_option(args, '--setup_file'):
     args.append(f'--setup_file={os.path.join(ROOT, "setup.py")}')
   return args
+
+
+def kafka_expansion_service():
+  """The expansion service for ``ReadFromKafka`` / ``WriteToKafka``: the local jar.
+
+  Use it as ``ReadFromKafka(..., expansion_service=kafka_expansion_service())``.
+  Why not Beam's default: the default downloads a jar that is not served here,
+  and its Java environment is Docker (no engine here) or, inside a pipeline, an
+  ``anyOf`` that Prism resolves to the expansion service's loopback worker but
+  the Flink job server resolves to Docker. Adding ``EMBEDDED`` as the default
+  environment makes the ``anyOf`` (embedded, loopback worker): Flink runs the
+  Java half inside its TaskManagers (the job server jar carries KafkaIO and ships
+  itself to the cluster) and Prism keeps using the loopback worker.
+  """
+  from apache_beam.transforms.external import JavaJarExpansionService
+  jar = _require(io_expansion_jar(), 'the Beam Java IO expansion service jar')
+  return JavaJarExpansionService(jar, append_args=['--defaultEnvironmentType=EMBEDDED'])
