@@ -467,7 +467,17 @@ def test_cli_phases_faults_and_bad_spec(tmp_path):
   assert 'Traceback' not in p.stderr and not (tmp_path / 'x.jsonl').exists()
 
 
-def test_cli_taxi_and_riders(tmp_path):
+def in_process(*argv):
+  """generate's own parser and main, without a subprocess (what run.py does after dispatch)."""
+  import argparse
+  from generators import cli
+  parser = argparse.ArgumentParser(prog='run.py generate')
+  cli.add_arguments(parser)
+  args, beam_args = parser.parse_known_args(list(argv))
+  return parser, cli.main(args, beam_args)
+
+
+def test_cli_taxi(tmp_path):
   p = run_generate('--domain', 'taxi', '--events', '300', '--rides', 'rides.jsonl',
                    '--fares', 'fares.jsonl', '--out', 'taxi.jsonl', cwd=tmp_path)
   assert p.returncode == 0, p.stderr
@@ -475,37 +485,41 @@ def test_cli_taxi_and_riders(tmp_path):
   assert tuple(rides[0]) == taxi.TAXI_RIDE_FIELDS and len(read_jsonl(str(tmp_path / 'fares.jsonl'))) == 300
   envs = (tmp_path / 'taxi.jsonl').read_bytes().splitlines()
   assert len(envs) == len(rides) + 300 and publish_all(envs)[1] == []
-  p = run_generate('--domain', 'riders', '--events', '20', '--report-interval', '30s',
-                   '--out', 'riders.jsonl', cwd=tmp_path)
-  assert p.returncode == 0, p.stderr
-  events = read_jsonl(str(tmp_path / 'riders.jsonl'))
+
+
+def test_generate_riders(tmp_path):
+  out = str(tmp_path / 'riders.jsonl')
+  _, rc = in_process('--domain', 'riders', '--events', '20', '--report-interval', '30s',
+                     '--out', out, '--quiet')
+  assert rc == 0
+  events = read_jsonl(out)
   assert publish_all(events)[1] == [] and sum(e['event_type'] == 'RideRequested' for e in events) == 20
 
 
-def test_cli_help_explains_every_option(tmp_path):
-  p = subprocess.run([sys.executable, os.path.join(REPO, 'run.py'), 'generate', '--help'],
-                     capture_output=True, text=True, timeout=300)
-  assert p.returncode == 0, p.stderr
+def test_generate_help_explains_every_option():
+  import argparse
+  from generators import cli
+  parser = argparse.ArgumentParser(prog='run.py generate')
+  cli.add_arguments(parser)
+  text = parser.format_help()
   for option in ('--events', '--seed', '--out', '--domain', '--rides', '--fares', '--start',
                  '--rate', '--duration', '--phases', '--day', '--duplicates', '--out-of-order',
-                 '--malformed', '--report-interval', 'ramp=A..B'):
-    assert option in p.stdout, option
+                 '--malformed', '--report-interval', 'ramp=A..B', 's3://'):
+    assert option in text, option
+  for action in parser._actions:
+    assert action.help, action.dest
 
 
-def test_generate_to_s3_through_beams_filesystems(s3_service, tmp_path):
+def test_generate_to_s3_through_beams_filesystems(s3_service):
   """`--out s3://...` writes through Beam's FileSystems to a real S3 endpoint (moto)."""
-  import argparse
   from apache_beam.io.filesystems import FileSystems
   from generators import cli
-  parser = argparse.ArgumentParser()
-  cli.add_arguments(parser)
   path = s3_service.url('generated', 'retail.jsonl')
-  args, beam_args = parser.parse_known_args(
-      ['--events', '700', '--seed', '3', '--out', path, '--quiet'] + list(s3_service.beam_args))
-  assert cli.main(args, beam_args) == 0
+  _, rc = in_process('--events', '700', '--seed', '3', '--out', path, '--quiet',
+                     *s3_service.beam_args)
+  assert rc == 0
   with FileSystems.open(path) as f:
     assert f.read() == b''.join(encode_line(e) + b'\n' for e in retail.retail_events(700, seed=3))
   bad = s3_service.url('generated', 'x.jsonl').replace(s3_service.bucket, 'no-such-bucket', 1)
-  args, beam_args = parser.parse_known_args(['--events', '5', '--out', bad])
   with pytest.raises(cli.UsageError, match='cannot write s3://no-such-bucket/'):
-    cli.main(args, beam_args)
+    in_process('--events', '5', '--out', bad)
