@@ -4,7 +4,6 @@ WriteProjections on a real runner with real JSON-lines and Parquet files."""
 import json
 import random
 
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from schemas.envelope import make_envelope

@@ -1,7 +1,6 @@
 """The taxi exercises' plain-Python logic: parsing, cleansing, the join and
 long-ride state machines, hourly-tip arithmetic. No Beam here."""
 
-import itertools
 import json
 
 import pytest

@@ -7,14 +7,12 @@ import os
 import uuid
 
 import apache_beam as beam
-import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 
-from transforms import taxi as taxi_tf
 from transforms import taxi_logic as logic
 from transforms.taxi import (CleanseRides, HourlyTips, JoinRidesAndFares, LongRideAlerts,
                              ParseTaxiRecords)
