@@ -12,6 +12,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from generators import faults, phases, retail, riders, taxi
 from generators.jsonl import _encode, encode_json, encode_line, iso_clock, read_jsonl, write_jsonl
@@ -228,6 +230,30 @@ def test_bad_phase_specs_are_refused(spec):
     phases.parse_phases(spec)
 
 
+_rates = st.floats(min_value=0, max_value=40, allow_nan=False)
+_phase = st.one_of(
+    st.builds(phases.constant, _rates, st.floats(min_value=0.5, max_value=60)),
+    st.builds(phases.ramp, _rates, _rates, st.floats(min_value=0.5, max_value=60)),
+    st.builds(phases.pause, st.floats(min_value=0, max_value=60)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_phase, min_size=1, max_size=5))
+def test_arrivals_follow_any_phases(ph):
+  """Every phase gets its share of arrivals (within rounding), inside its own time window."""
+  times = list(phases.arrival_times(ph, START))
+  assert len(times) == phases.total_events(ph)
+  assert times == sorted(times)
+  begin, expected = 0.0, 0.0
+  for p in ph:
+    expected += p.expected_events
+    end = begin + p.duration_s
+    got = sum(1 for t in times if t < START + end * 1000)
+    assert abs(got - expected) <= 1.5, (p, got, expected)
+    begin = end
+  assert all(START <= t <= START + begin * 1000 for t in times)
+
+
 def test_sample_day_is_quiet_at_night_and_peaks_in_the_evening():
   times = list(phases.arrival_times(phases.day_phases(48_000), START))
   assert len(times) == 48_000
@@ -363,6 +389,8 @@ def test_malformed_lines_are_dead_letters_at_the_requested_rate():
   stats = collections.Counter()
   timed = ((t, encode_line(e)) for t, e in retail.timed_retail_events(6000, seed=2))
   lines = list(faults.inject(timed, faults.Faults(malformed=0.05), seed=2, stats=stats))
+  again = ((t, encode_line(e)) for t, e in retail.timed_retail_events(6000, seed=2))
+  assert list(faults.inject(again, faults.Faults(malformed=0.05), seed=2)) == lines
   published, dead, _ = publish_all(lines)
   assert len(lines) == 6000 and len(published) + len(dead) == 6000
   assert len(dead) == stats['malformed']
