@@ -263,3 +263,30 @@ def test_taxi_occupancy_and_zone_counts_on_generated_trips():
     assert_that(occupancy, equal_to([(t, sorted(rs)) for t, rs in inside.items()]))
     zones = envs | ZoneRiderCounts(buckets=4) | beam.MapTuple(lambda z, c: (z, c.value()))
     assert_that(zones, equal_to(list(waiting.items())), label='zones')
+
+
+def test_locate_riders_streaming_late_position_is_unmatched_not_lost():
+  """A position that arrives behind the watermark, older than the taxi's latest
+  position, is reported as late; the on-time ones locate the rider."""
+  ev = Events()
+  p0, up, p20, late = (position(ev, 0, -73.1), pickup(ev, 10 * S), position(ev, 20 * S, -73.2),
+                       position(ev, 5 * S, -73.9))
+  stamped = lambda e: window.TimestampedValue(e, e['event_time'] / 1000)
+  stream = (TestStream()
+            .advance_watermark_to(T0 / 1000)
+            .add_elements([stamped(p0), stamped(up), stamped(p20)])
+            .advance_watermark_to((T0 + 25 * S) / 1000)
+            .add_elements([stamped(late)])             # 5 s, with the watermark at 25 s
+            .advance_watermark_to((T0 + 30 * S) / 1000)
+            .add_elements([stamped(dropoff(ev, 30 * S))])
+            .advance_watermark_to((T0 + 300 * S) / 1000)
+            .advance_watermark_to_infinity())
+  options = PipelineOptions()
+  options.view_as(StandardOptions).streaming = True
+  with TestPipeline(options=options) as p:
+    out = p | stream | LocateRiders(max_position_age_ms=30 * S, pickup_timeout_ms=60 * S)
+    assert_that(out.located | beam.Map(lambda e: (e['sequence'], e['data']['lon'])),
+                equal_to([(1, -73.1), (2, -73.2)]))
+    assert_that(out.unmatched | beam.Map(lambda u: (u['kind'], u['event_id'], u['reason'])),
+                equal_to([('position', late['event_id'],
+                           "late: older than the taxi's latest position")]), label='unmatched')
