@@ -23,10 +23,18 @@ CONF="$KDIR/server.properties"
 CP="$JARS/kafka/*"
 BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
 
+TOOLS_LOG4J="$CACHE/kafka-tools-log4j2.properties"
+
 kjava() {
-  # Client tools: small heap, quiet logging.
+  # Client tools: small heap, quiet logging (errors only, on stderr).
+  if [[ ! -f "$TOOLS_LOG4J" ]]; then
+    mkdir -p "$CACHE"
+    printf '%s\n' 'rootLogger.level = ERROR' 'rootLogger.appenderRef.stderr.ref = STDERR' \
+      'appender.stderr.type = Console' 'appender.stderr.name = STDERR' 'appender.stderr.target = SYSTEM_ERR' \
+      'appender.stderr.layout.type = PatternLayout' 'appender.stderr.layout.pattern = %p %m%n' > "$TOOLS_LOG4J"
+  fi
   "$(java_bin)" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
-    -Dlog4j2.configurationFile="$KDIR/tools-log4j2.properties" -cp "$CP" "$@"
+    -Dlog4j2.configurationFile="$TOOLS_LOG4J" -cp "$CP" "$@"
 }
 
 write_config() {
@@ -63,15 +71,6 @@ logger.kafka.name = kafka
 logger.kafka.level = INFO
 logger.apache.name = org.apache.kafka
 logger.apache.level = WARN
-CONF
-  cat > "$KDIR/tools-log4j2.properties" <<'CONF'
-rootLogger.level = ERROR
-rootLogger.appenderRef.stderr.ref = STDERR
-appender.stderr.type = Console
-appender.stderr.name = STDERR
-appender.stderr.target = SYSTEM_ERR
-appender.stderr.layout.type = PatternLayout
-appender.stderr.layout.pattern = %p %m%n
 CONF
 }
 
@@ -130,7 +129,6 @@ case "${1:-}" in
   status) status ;;
   topic)
     [[ $# -ge 2 ]] || die "usage: kafka.sh topic NAME [PARTITIONS]"
-    write_config >/dev/null 2>&1 || true
     kjava org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" --create --if-not-exists \
       --topic "$2" --partitions "${3:-1}" --replication-factor 1 >/dev/null ;;
   produce)

@@ -1,0 +1,131 @@
+"""Session-wide Kafka and Flink for integration tests: ``kafka`` and ``flink_cluster``.
+
+Use them from a test module with ``from tests.service_fixtures import kafka, flink_cluster``
+(pytest registers fixtures imported into a module) and mark the tests
+``@pytest.mark.integration``.
+
+Each fixture starts its service through the project's own scripts
+(``scripts/kafka.sh``, ``scripts/flink.sh``, via :mod:`pipelines.services`) once
+per test session and stops it at the end. If ``run.py services up`` already runs
+the service on its default ports, the fixture uses it and leaves it running.
+Otherwise it starts a private instance on free ports in a temporary state
+directory, so concurrent test runs in one checkout cannot collide. A service that
+cannot start FAILS the tests that need it; it never skips them.
+
+Helpers for tests: :func:`create_topic`, :func:`produce` and :func:`consume` use
+Kafka's own command-line tools (through ``scripts/kafka.sh``), independent of Beam,
+so a test can feed a pipeline and check what it wrote without trusting Beam's IO
+on both ends. :func:`flink_jobs` reads the cluster's REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import urllib.request
+from typing import Iterable, List, Optional, Tuple
+
+import pytest
+
+from pipelines import services
+from pipelines.cli import DataError
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _private_ports() -> services.Ports:
+  return services.Ports(kafka=free_port(), kafka_controller=free_port(),
+                        flink_rest=free_port(), flink_rpc=free_port())
+
+
+def _service(name: str, tmp_path_factory) -> Tuple[services.Ports, str, bool]:
+  """(ports, state dir, started here) of a healthy ``name``; fails the test if it cannot start."""
+  default = services.Ports()
+  if services.status(name, default).healthy:
+    return default, services.DEFAULT_STATE_DIR, False
+  ports = _private_ports()
+  state_dir = str(tmp_path_factory.mktemp(f'{name}-state'))
+  try:
+    services.start(name, ports, state_dir)
+  except (DataError, subprocess.TimeoutExpired, OSError) as e:
+    services.stop(name, ports, state_dir)  # whatever half-started
+    pytest.fail(f'{name} could not start through scripts/{name}.sh: {e} '
+                f'(logs under {state_dir}; run scripts/install_tools.sh first)', pytrace=False)
+  return ports, state_dir, True
+
+
+@pytest.fixture(scope='session')
+def kafka(tmp_path_factory) -> Iterable[str]:
+  """Bootstrap servers (``127.0.0.1:PORT``) of a running single-node KRaft Kafka broker."""
+  ports, state_dir, started = _service('kafka', tmp_path_factory)
+  yield f'127.0.0.1:{ports.kafka}'
+  if started:
+    services.stop('kafka', ports, state_dir)
+
+
+@pytest.fixture(scope='session')
+def flink_cluster(tmp_path_factory) -> Iterable[str]:
+  """``localhost:PORT`` of a running standalone Flink cluster (1 TaskManager, 2 slots)."""
+  ports, state_dir, started = _service('flink', tmp_path_factory)
+  yield f'localhost:{ports.flink_rest}'
+  if started:
+    services.stop('flink', ports, state_dir)
+
+
+# --- Kafka's command-line tools --------------------------------------------------
+
+def _kafka_tool(bootstrap: str, args: List[str], stdin: Optional[str] = None,
+                keyed: bool = False, timeout: float = 120) -> str:
+  port = bootstrap.rsplit(':', 1)[1]
+  env = services.script_env(services.Ports(kafka=int(port)))
+  if keyed:
+    env['KEYED'] = '1'
+  result = subprocess.run([os.path.join(services.SCRIPTS, 'kafka.sh')] + args,
+                          input=stdin, env=env, capture_output=True, text=True, timeout=timeout)
+  if result.returncode != 0:
+    raise AssertionError(f'kafka.sh {" ".join(args)} failed ({result.returncode}): {result.stderr[-2000:]}')
+  return result.stdout
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
+  """Creates ``topic`` (if it does not exist) with ``partitions`` partitions."""
+  _kafka_tool(bootstrap, ['topic', topic, str(partitions)])
+
+
+def produce(bootstrap: str, topic: str, records: Iterable[Tuple[str, str]]) -> None:
+  """Writes ``(key, value)`` string records to ``topic`` (acks=all), in order."""
+  lines = []
+  for key, value in records:
+    if '\t' in key or '\n' in key or '\n' in value:
+      raise ValueError('keys may not hold tabs or newlines, values no newlines')
+    lines.append(f'{key}\t{value}\n')
+  _kafka_tool(bootstrap, ['produce', topic], stdin=''.join(lines), keyed=True)
+
+
+def consume(bootstrap: str, topic: str, n: int, timeout_ms: int = 30000) -> List[Tuple[str, str]]:
+  """Reads up to ``n`` ``(key, value)`` records of ``topic`` from the beginning."""
+  out = _kafka_tool(bootstrap, ['consume', topic, str(n), str(timeout_ms)],
+                    timeout=timeout_ms / 1000 + 60)
+  records = []
+  for line in out.splitlines():
+    key, _, value = line.partition('\t')
+    records.append((key, value))
+  return records
+
+
+# --- Flink's REST API ----------------------------------------------------------------
+
+def flink_rest(flink_master: str, path: str) -> dict:
+  with urllib.request.urlopen(f'http://{flink_master}{path}', timeout=10) as r:
+    return json.loads(r.read())
+
+
+def flink_jobs(flink_master: str) -> List[dict]:
+  """The cluster's jobs (``jid``, ``name``, ``state``...) from ``/jobs/overview``."""
+  return flink_rest(flink_master, '/jobs/overview')['jobs']

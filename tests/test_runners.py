@@ -1,0 +1,223 @@
+"""The same pipeline on every runner: Prism, Flink embedded, a standalone Flink cluster,
+Kafka in and out through Beam's cross-language IO, and a Dataflow job built by dry run.
+
+The pipeline is a small event-sourcing shape: timestamped events per key, a stateful
+DoFn that buffers them and releases a per-key total from an event-time timer, written
+to files. Expected outputs are computed in plain Python from the same events.
+Options go through :func:`pipelines.options.pipeline_options`, the project's one path
+to Beam, so these tests check what ``run.py`` subcommands get on each runner.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import uuid
+from typing import Dict, Iterable, List, Tuple
+
+import apache_beam as beam
+import pytest
+from apache_beam.coders import VarIntCoder
+from apache_beam.io.kafka import ReadFromKafka, WriteToKafka
+from apache_beam.transforms.external import JavaJarExpansionService
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.subprocess_server import JavaJarServer
+
+from pipelines import runners
+from pipelines.options import pipeline_options
+from tests.service_fixtures import consume, create_topic, flink_cluster, flink_jobs, kafka, produce  # noqa: F401
+
+# (key, amount, event time in seconds)
+EVENTS: List[Tuple[str, int, int]] = [
+    (f'cart-{i % 4}', (i * 7) % 11 + 1, 1_700_000_000 + i * 13) for i in range(40)
+]
+
+
+def expected_totals(events: Iterable[Tuple[str, int, int]]) -> List[str]:
+  totals: Dict[str, List[int]] = {}
+  for key, amount, _ in events:
+    totals.setdefault(key, []).append(amount)
+  return sorted(f'{k}\t{sum(v)}\t{len(v)}' for k, v in totals.items())
+
+
+class TotalAtWatermark(beam.DoFn):
+  """Buffers a key's amounts and emits ``key, total, count`` once the watermark passes
+  the key's last event: state plus an event-time timer, the core of every consumer."""
+  AMOUNTS = BagStateSpec('amounts', VarIntCoder())
+  FLUSH = TimerSpec('flush', TimeDomain.WATERMARK)
+
+  def process(self, element: Tuple[str, int], timestamp=beam.DoFn.TimestampParam,
+              amounts=beam.DoFn.StateParam(AMOUNTS), flush=beam.DoFn.TimerParam(FLUSH)):
+    amounts.add(element[1])
+    flush.set(timestamp + 1)
+
+  @on_timer(FLUSH)
+  def on_flush(self, key=beam.DoFn.KeyParam, amounts=beam.DoFn.StateParam(AMOUNTS)):
+    values = list(amounts.read())
+    amounts.clear()
+    yield f'{key}\t{sum(values)}\t{len(values)}'
+
+
+def build_totals(p: beam.Pipeline, out_prefix: str) -> None:
+  (p
+   | 'Events' >> beam.Create(EVENTS)
+   | 'Stamp' >> beam.Map(lambda e: TimestampedValue((e[0], e[1]), e[2])).with_output_types(Tuple[str, int])
+   | 'TotalPerKey' >> beam.ParDo(TotalAtWatermark())
+   | 'Write' >> beam.io.WriteToText(out_prefix))
+
+
+def read_lines(prefix: str) -> List[str]:
+  lines = []
+  for path in glob.glob(prefix + '*'):
+    with open(path) as f:
+      lines.extend(line.rstrip('\n') for line in f if line.strip())
+  return sorted(lines)
+
+
+def run_totals(beam_args: List[str], tmp_path) -> List[str]:
+  out = str(tmp_path / 'totals')
+  with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+    build_totals(p, out)
+  return read_lines(out)
+
+
+# --- what each runner gets (fast) ------------------------------------------------
+
+def test_flink_gets_local_job_server_version_and_loopback():
+  args = runners.runner_args(['--runner=FlinkRunner', '--flink_master=[local]'])
+  assert runners.option_value(args, '--flink_job_server_jar') == runners.FLINK_JOB_SERVER_JAR
+  assert os.path.isfile(runners.FLINK_JOB_SERVER_JAR), 'run scripts/install_tools.sh'
+  assert runners.option_value(args, '--flink_version') == runners.FLINK_VERSION
+  assert runners.option_value(args, '--environment_type') == 'LOOPBACK'
+  # LOOPBACK workers are this process: nothing to install on them.
+  assert not runners.has_option(args, '--setup_file')
+
+
+def test_explicit_options_win():
+  args = runners.runner_args(['--runner=FlinkRunner', '--flink_job_server_jar=/x.jar',
+                              '--environment_type=PROCESS', '--flink_version=1.20'])
+  assert runners.option_value(args, '--flink_job_server_jar') == '/x.jar'
+  assert runners.option_value(args, '--environment_type') == 'PROCESS'
+  assert runners.option_value(args, '--flink_version') == '1.20'
+  assert runners.has_option(args, '--setup_file')  # PROCESS workers need the package
+
+
+def test_prism_and_default_io_expansion_service_are_local():
+  args = runners.runner_args(['--runner=PrismRunner'])
+  assert runners.option_value(args, '--prism_location') == runners.PRISM_BIN
+  assert os.access(runners.PRISM_BIN, os.X_OK), 'run scripts/install_tools.sh'
+  services = json.loads(runners.option_value(args, '--beam_services'))
+  assert services == {runners.IO_EXPANSION_TARGET: runners.IO_EXPANSION_JAR}
+  # The key is the Gradle target ReadFromKafka's default expansion service resolves.
+  from apache_beam.io import kafka as beam_kafka
+  with JavaJarServer.beam_services(services):
+    assert beam_kafka.default_io_expansion_service().path_to_jar == runners.IO_EXPANSION_JAR
+
+
+def test_kafka_expansion_service_uses_local_jar_with_embedded_java():
+  service = runners.kafka_expansion_service()
+  assert isinstance(service, JavaJarExpansionService)
+  assert service.path_to_jar == runners.IO_EXPANSION_JAR
+  assert '--defaultEnvironmentType=EMBEDDED' in service._append_args
+
+
+def test_dataflow_gets_setup_file():
+  args = runners.runner_args(['--runner=DataflowRunner'])
+  assert runners.option_value(args, '--setup_file').endswith('setup.py')
+
+
+# --- real runs ---------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_totals_on_prism(tmp_path):
+  assert run_totals(['--runner=PrismRunner'], tmp_path) == expected_totals(EVENTS)
+
+
+@pytest.mark.integration
+def test_totals_on_embedded_flink(tmp_path):
+  assert run_totals(['--runner=FlinkRunner', '--flink_master=[local]'], tmp_path) == expected_totals(EVENTS)
+
+
+@pytest.mark.integration
+def test_totals_on_standalone_flink_cluster(tmp_path, flink_cluster):
+  job_name = f'sourcebeam-totals-{uuid.uuid4().hex[:8]}'
+  got = run_totals(['--runner=FlinkRunner', f'--flink_master={flink_cluster}',
+                    f'--job_name={job_name}'], tmp_path)
+  assert got == expected_totals(EVENTS)
+  # It ran on the cluster, not in an embedded Flink: the JobManager knows the job.
+  jobs = [j for j in flink_jobs(flink_cluster) if j['name'].startswith(job_name)]
+  assert len(jobs) == 1, flink_jobs(flink_cluster)
+  assert jobs[0]['state'] == 'FINISHED'
+  assert jobs[0]['tasks']['finished'] == jobs[0]['tasks']['total'] > 0
+
+
+def _kafka_round_trip(beam_args: List[str], bootstrap: str, tmp_path) -> None:
+  """Events produced with Kafka's own tools -> ReadFromKafka -> totals -> WriteToKafka
+  and files; the output topic is read back with Kafka's own tools."""
+  source, sink = f'events-{uuid.uuid4().hex[:8]}', f'totals-{uuid.uuid4().hex[:8]}'
+  create_topic(bootstrap, source, partitions=2)
+  create_topic(bootstrap, sink)
+  records = [(key, f'{amount}') for key, amount, _ in EVENTS]
+  produce(bootstrap, source, records)
+  out = str(tmp_path / 'kafka-totals')
+  expansion = runners.kafka_expansion_service()
+  with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+    totals = (
+        p
+        | 'ReadEvents' >> ReadFromKafka(
+            consumer_config={'bootstrap.servers': bootstrap, 'auto.offset.reset': 'earliest'},
+            topics=[source], max_num_records=len(records), expansion_service=expansion)
+        | 'Decode' >> beam.Map(lambda kv: (kv[0].decode(), int(kv[1].decode())))
+        | 'Sum' >> beam.CombinePerKey(sum))
+    totals | 'Format' >> beam.MapTuple(lambda k, v: f'{k}\t{v}') | 'Write' >> beam.io.WriteToText(out)
+    (totals
+     | 'Encode' >> beam.MapTuple(lambda k, v: (k.encode(), str(v).encode())).with_output_types(Tuple[bytes, bytes])
+     | 'WriteTotals' >> WriteToKafka(producer_config={'bootstrap.servers': bootstrap}, topic=sink,
+                                     expansion_service=expansion))
+  want: Dict[str, int] = {}
+  for key, amount in records:
+    want[key] = want.get(key, 0) + int(amount)
+  assert read_lines(out) == sorted(f'{k}\t{v}' for k, v in want.items())
+  assert sorted(consume(bootstrap, sink, len(want))) == sorted((k, str(v)) for k, v in want.items())
+
+
+@pytest.mark.integration
+def test_kafka_in_and_out_on_prism(tmp_path, kafka):
+  _kafka_round_trip(['--runner=PrismRunner'], kafka, tmp_path)
+
+
+@pytest.mark.integration
+def test_kafka_in_and_out_on_standalone_flink_cluster(tmp_path, kafka, flink_cluster):
+  _kafka_round_trip(['--runner=FlinkRunner', f'--flink_master={flink_cluster}'], kafka, tmp_path)
+
+
+# --- Dataflow: the job it would submit, built without contacting Google ------------
+
+DATAFLOW_DRY_RUN_ARGS = [
+    '--runner=DataflowRunner', '--project=sourcebeam-dry-run', '--region=us-central1',
+    '--temp_location=gs://sourcebeam-dry-run/tmp', '--job_name=sourcebeam-totals',
+    '--sdk_location=container', '--dry_run=True',
+]
+
+
+def test_dataflow_dry_run_builds_the_job():
+  p = beam.Pipeline(options=pipeline_options(DATAFLOW_DRY_RUN_ARGS))
+  build_totals(p, 'gs://sourcebeam-dry-run/out/totals')
+  result = p.run()
+  job = result.job
+  assert job.proto.name == 'sourcebeam-totals'
+  assert json.loads(job.json())['type'] == 'JOB_TYPE_BATCH'
+  names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
+  assert {'Events', 'Stamp', 'TotalPerKey', 'Write'} <= names
+  # The stateful DoFn is there as a ParDo with its state and timer.
+  pardo = next(t for t in job.proto_pipeline.components.transforms.values()
+               if t.unique_name == 'TotalPerKey')
+  from apache_beam.portability.api import beam_runner_api_pb2
+  payload = beam_runner_api_pb2.ParDoPayload.FromString(pardo.spec.payload)
+  assert set(payload.state_specs) == {'amounts'} and set(payload.timer_family_specs) == {'ts-flush'}  # Beam prefixes timer families
+  # Dataflow runs Python in Beam's SDK container.
+  envs = list(job.proto_pipeline.components.environments.values())
+  assert envs and all(e.urn == 'beam:env:docker:v1' for e in envs)
