@@ -12,7 +12,7 @@ Consumers and their outputs under DIR:
   per-key ordering could not apply (duplicates, gaps), each with a reason;
 * ``taxi/``: rides joined with fares (``joined.jsonl`` / ``unmatched.jsonl``),
   long-ride ``alerts.jsonl``, ``hourly_tips.jsonl`` and the rides inside New
-  York City (``rides.jsonl``), fed by the RideStarted / RideEnded / FarePaid
+  York City (``rides_in_nyc.jsonl``), fed by the RideStarted / RideEnded / FarePaid
   events of the stream;
 * ``riders/``: the canonical joined stream ``rider_located.jsonl`` (riders
   joined with their taxi's positions across partition keys), ``unmatched.jsonl``,
@@ -76,7 +76,7 @@ def taxi_consumers(events: beam.PCollection, out: str) -> Dict[str, beam.PCollec
   _write(joined.unmatched, out, 'taxi/unmatched.jsonl')
   _write(alerts.alerts, out, 'taxi/alerts.jsonl')
   _write(tips, out, 'taxi/hourly_tips.jsonl')
-  _write(cleansed, out, 'taxi/rides.jsonl', lambda r: _json(taxi_logic.to_output('ride', r)))
+  _write(cleansed, out, 'taxi/rides_in_nyc.jsonl', lambda r: _json(taxi_logic.to_output('ride', r)))
   return {'taxi/joined': joined.joined, 'taxi/unmatched': joined.unmatched,
           'taxi/alerts': alerts.alerts, 'taxi/hourly_tips': tips, 'taxi/rides_in_nyc': cleansed}
 
