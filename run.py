@@ -32,7 +32,8 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: Optional[str] = None) -> argparse.ArgumentParser:
+  """The parser; only the chosen subcommand's module is imported (fast, and isolated)."""
   parser = argparse.ArgumentParser(
       prog='run.py',
       description='Sourcebeam: event sourcing on Apache Beam. Without a subcommand, runs the main job.',
@@ -42,29 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
   for name, (module, help_text) in SUBCOMMANDS.items():
     sp = sub.add_parser(name, help=help_text, description=help_text)
     sp.set_defaults(_module=module)
-    _add_module_arguments(sp, module)
+    if name == chosen:
+      importlib.import_module(module).add_arguments(sp)
   return parser
-
-
-def _add_module_arguments(sp: argparse.ArgumentParser, module: str) -> None:
-  try:
-    mod = importlib.import_module(module)
-  except ModuleNotFoundError as e:
-    if e.name and module.startswith(e.name):
-      sp.set_defaults(_missing=f'{module} is not built yet')
-      return
-    raise
-  mod.add_arguments(sp)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0].startswith('-') and argv[0] not in ('-h', '--help'):
     argv = ['main'] + argv
-  parser = build_parser()
+  parser = build_parser(argv[0] if argv[0] in SUBCOMMANDS else None)
   args, beam_args = parser.parse_known_args(argv)
-  if getattr(args, '_missing', None):
-    parser.error(args._missing)
   from pipelines.cli import run_command
   return run_command(importlib.import_module(args._module), args, beam_args)
 
