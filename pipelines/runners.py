@@ -10,7 +10,8 @@ from Maven Central) are unreachable or not served here:
   newest unshaded Flink runner served here), ``--flink_version=1.19`` (the Flink
   of that jar, and of the standalone cluster ``scripts/flink.sh`` runs) and
   ``--environment_type=LOOPBACK`` (the Python workers run in the submitting
-  process: there is no Docker engine for Beam's SDK containers).
+  process: there is no Docker engine for Beam's SDK containers), and a capped
+  job server heap.
 * Every runner gets ``--beam_services`` pointing Beam's default IO expansion
   service at the local jar, so a plain ``ReadFromKafka(...)`` never downloads.
   On Flink, pass :func:`kafka_expansion_service` as ``expansion_service=`` (see
@@ -42,6 +43,7 @@ IO_EXPANSION_JAR = os.path.join(
 IO_EXPANSION_TARGET = 'sdks:java:io:expansion-service:shadowJar'
 FLINK_RUNNERS = ('FlinkRunner', )
 LOOPBACK = 'LOOPBACK'
+JOB_SERVER_HEAP = '-Xmx1536m'
 
 
 class ToolMissing(RuntimeError):
@@ -104,6 +106,11 @@ def runner_args(args: List[str]) -> List[str]:
       args.append(f'--flink_version={FLINK_VERSION}')
     if not has_option(args, '--environment_type'):
       args.append(f'--environment_type={LOOPBACK}')
+    if not has_option(args, '--job_server_jvm_properties') and not has_option(
+        args, '--job_server_jvm_property'):
+      # Beam keeps each pipeline's job server JVM until the Python process exits;
+      # without a cap each may grow to a quarter of the machine's memory.
+      args.append(f'--job_server_jvm_properties={JOB_SERVER_HEAP}')
   if not has_option(args, '--beam_services') and io_expansion_jar():
     args.append('--beam_services=' + json.dumps({IO_EXPANSION_TARGET: IO_EXPANSION_JAR}))
   # Workers that are not this process need Sourcebeam installed; LOOPBACK workers are us.
