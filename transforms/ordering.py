@@ -91,7 +91,13 @@ __all__ = ['ProcessInOrder', 'OrderedResult', 'StatusRequest', 'Handler', 'Order
 
 UNPROCESSED = 'unprocessed'
 STATUS = 'status'
-_END_OF_GLOBAL_WINDOW = window.GlobalWindow().max_timestamp()
+# Timers fire at millisecond precision, so every time the DoFn compares with a
+# firing time is kept in whole milliseconds (as microseconds).
+_END_MICROS = window.GlobalWindow().max_timestamp().micros // 1000 * 1000
+
+
+def _ceil_millis(micros: int) -> int:
+  return -(-micros // 1000) * 1000
 
 
 class OrderedResult(NamedTuple):
@@ -301,10 +307,10 @@ class _OrderKeyStreamingBase(beam.DoFn):
     if cell.next_status_et is not None:
       due.append(cell.next_status_et)
     if self._final_status and not cell.finished:
-      due.append(_END_OF_GLOBAL_WINDOW.micros)
-    et_due = min(due) if due else None
+      due.append(_END_MICROS)
+    et_due = min(_ceil_millis(min(due)), _END_MICROS) if due else None
     if et_due is not None and et_due != cell.et_due:
-      tick.set(Timestamp(micros=min(et_due, _END_OF_GLOBAL_WINDOW.micros)))
+      tick.set(Timestamp(micros=et_due))
     cell.et_due = et_due
     if tick_pt is not None:
       due = []
@@ -314,7 +320,7 @@ class _OrderKeyStreamingBase(beam.DoFn):
         due.append(gap_pt)
       if cell.next_status_pt is not None:
         due.append(cell.next_status_pt)
-      pt_due = min(due) if due else None
+      pt_due = _ceil_millis(min(due)) if due else None
       if pt_due is not None and pt_due != cell.pt_due:
         tick_pt.set(Timestamp(micros=pt_due))
       cell.pt_due = pt_due
@@ -347,8 +353,8 @@ class _OrderKeyStreamingBase(beam.DoFn):
     if cell.next_status_et is not None and now_et >= cell.next_status_et:
       act.status.append(orderer.status(st, buf, 'interval'))
       cell.next_status_et = (now_et + self._status_interval
-                             if now_et + self._status_interval < _END_OF_GLOBAL_WINDOW.micros else None)
-    if now_et >= _END_OF_GLOBAL_WINDOW.micros and not cell.finished:
+                             if now_et + self._status_interval < _END_MICROS else None)
+    if now_et >= _END_MICROS and not cell.finished:
       # Bounded input ended: what the batch expansion does at the end, too.
       act.extend(orderer.finish(st, buf))
       if self._final_status:
