@@ -124,3 +124,91 @@ def use_storage_options(beam_args: Optional[Sequence[str]] = None):
   options = pipeline_options(list(beam_args or []))
   FileSystems.set_options(options)
   return options
+
+
+# ---------------------------------------------------------------------------
+# Preflight: fail in seconds, with one line, instead of minutes of retries
+
+
+_PREFLIGHT_OK = set()
+
+
+def preflight(path: str, options=None) -> None:
+  """Check that the bucket of an ``s3://`` or ``gs://`` path can be reached; UsageError if not.
+
+  Beam's S3 filesystem retries a request that failed for want of credentials
+  or a connection for about seven minutes, logging a traceback each time; the
+  GCS client does much the same against an emulator that is not running. A
+  command should instead say at once what is wrong. Local paths pass. A
+  successful check is remembered for the rest of the process.
+  """
+  scheme, _, rest = path.partition('://')
+  if scheme not in ('s3', 'gs') or not rest:
+    return
+  bucket = rest.split('/', 1)[0]
+  if options is None:
+    from pipelines.options import pipeline_options  # here: options imports this module
+    options = pipeline_options([])
+  if scheme == 's3':
+    _preflight_s3(bucket, options)
+  else:
+    _preflight_gcs(bucket)
+
+
+def _preflight_s3(bucket: str, options) -> None:
+  from apache_beam.options.pipeline_options import S3Options
+  from pipelines.cli import UsageError
+  import boto3
+  import botocore.exceptions
+  from botocore.config import Config
+  o = options.view_as(S3Options)
+  where = o.s3_endpoint_url or 'AWS'
+  key = ('s3', where, bucket)
+  if key in _PREFLIGHT_OK:
+    return
+  session = boto3.session.Session()
+  if not o.s3_access_key_id and session.get_credentials() is None:
+    raise UsageError(f'no AWS credentials for s3://{bucket}: set AWS_ACCESS_KEY_ID and '
+                     'AWS_SECRET_ACCESS_KEY (or an AWS profile)')
+  client = session.client(
+      's3', endpoint_url=o.s3_endpoint_url, region_name=o.s3_region_name,
+      aws_access_key_id=o.s3_access_key_id, aws_secret_access_key=o.s3_secret_access_key,
+      aws_session_token=o.s3_session_token, verify=o.s3_verify, use_ssl=not o.s3_disable_ssl,
+      config=Config(connect_timeout=5, read_timeout=15, retries={'max_attempts': 1}))
+  try:
+    client.head_bucket(Bucket=bucket)
+  except botocore.exceptions.ClientError as e:
+    code = str(e.response.get('Error', {}).get('Code', ''))
+    if code in ('404', 'NoSuchBucket'):
+      raise UsageError(f'S3 bucket {bucket} does not exist (endpoint: {where})') from None
+    if code in ('403', 'AccessDenied'):
+      raise UsageError(f'access to S3 bucket {bucket} denied (endpoint: {where})') from None
+    # anything else (a redirect to another region...) is left to Beam's client
+  except (botocore.exceptions.BotoCoreError, ValueError) as e:
+    raise UsageError(f'cannot reach S3 ({where}) for bucket {bucket}: '
+                     f'{" ".join(str(e).split())}') from None
+  _PREFLIGHT_OK.add(key)
+
+
+def _preflight_gcs(bucket: str) -> None:
+  import urllib.error
+  import urllib.request
+  from pipelines.cli import UsageError
+  emulator = os.environ.get(GCS_EMULATOR_ENV)
+  if not emulator:
+    return  # real GCS: Google's credential chain and Beam's client apply
+  base = emulator if '://' in emulator else f'http://{emulator}'
+  key = ('gs', base, bucket)
+  if key in _PREFLIGHT_OK:
+    return
+  url = f'{base.rstrip("/")}/storage/v1/b/{bucket}'
+  try:
+    with urllib.request.urlopen(url, timeout=5):
+      pass
+  except urllib.error.HTTPError as e:
+    if e.code == 404:
+      raise UsageError(f'GCS bucket {bucket} does not exist (emulator: {base})') from None
+  except (urllib.error.URLError, OSError) as e:
+    raise UsageError(f'cannot reach the GCS emulator at {base} (STORAGE_EMULATOR_HOST): '
+                     f'{getattr(e, "reason", e)}') from None
+  _PREFLIGHT_OK.add(key)

@@ -17,6 +17,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to, is_empty
 
 from pipelines import storage
+from tests.storage_services import free_port
 from pipelines.cli import UsageError
 from pipelines.options import pipeline_options
 from schemas.envelope import make_envelope
@@ -425,11 +426,48 @@ def test_a_fresh_process_finds_cloud_archives_from_the_environment_alone(s3_serv
 
 
 @pytest.mark.integration
-def test_missing_cloud_archive_is_a_usage_error(s3_service, gcs_service):
+def test_missing_cloud_archive_or_bucket_is_a_usage_error(s3_service, gcs_service):
   storage.use_storage_options()
   for service in (s3_service, gcs_service):
-    with pytest.raises(UsageError, match='does not exist'):
+    with pytest.raises(UsageError, match='archive .* does not exist'):
       check_archive_path(service.url('no-such-archive'))
+    with pytest.raises(UsageError, match='bucket no-such-bucket does not exist'):
+      check_archive_path(f'{service.scheme}://no-such-bucket/archive')
+    with pytest.raises(UsageError, match='bucket no-such-bucket does not exist'):
+      with TestPipeline(options=pipeline_options([])) as p:
+        _ = p | beam.Create([]) | WriteArchive(f'{service.scheme}://no-such-bucket/archive')
+
+
+def isolate_env(monkeypatch, *names):
+  """Unset ``names`` for this test and restore them (set or unset) afterwards."""
+  for name in names:
+    monkeypatch.setenv(name, '')
+    monkeypatch.delenv(name)
+
+
+GCP_ENV = ('GOOGLE_APPLICATION_CREDENTIALS', 'GOOGLE_CLOUD_PROJECT', 'STORAGE_EMULATOR_HOST')
+
+
+def test_unreachable_storage_fails_at_once_with_one_line(monkeypatch):
+  """Beam's own clients would retry for minutes; the preflight says what is wrong."""
+  isolate_env(monkeypatch, *GCP_ENV)
+  closed = f'http://127.0.0.1:{free_port()}'
+  monkeypatch.setenv('AWS_ACCESS_KEY_ID', 'x')
+  monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', 'y')
+  with pytest.raises(UsageError, match='cannot reach S3') as err:
+    storage.preflight('s3://b/archive', pipeline_options([f'--s3_endpoint_url={closed}']))
+  assert '\n' not in str(err.value)
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', closed)
+  with pytest.raises(UsageError, match='cannot reach the GCS emulator'):
+    storage.preflight('gs://b/archive')
+  for name in ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN', 'AWS_PROFILE'):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv('AWS_SHARED_CREDENTIALS_FILE', '/nonexistent/credentials')
+  monkeypatch.setenv('AWS_CONFIG_FILE', '/nonexistent/config')
+  monkeypatch.setenv('AWS_EC2_METADATA_DISABLED', 'true')
+  with pytest.raises(UsageError, match='no AWS credentials'):
+    storage.preflight('s3://b/archive', pipeline_options([f'--s3_endpoint_url={closed}']))
+  storage.preflight('/local/paths/need/no/preflight')
 
 
 # ---------------------------------------------------------------------------
@@ -437,8 +475,7 @@ def test_missing_cloud_archive_is_a_usage_error(s3_service, gcs_service):
 
 
 def test_storage_args_come_from_the_environment(monkeypatch):
-  for name in ('SOURCEBEAM_S3_ENDPOINT', 'AWS_REGION', 'AWS_DEFAULT_REGION', 'STORAGE_EMULATOR_HOST'):
-    monkeypatch.delenv(name, raising=False)
+  isolate_env(monkeypatch, 'SOURCEBEAM_S3_ENDPOINT', 'AWS_REGION', 'AWS_DEFAULT_REGION', *GCP_ENV)
   assert storage.storage_args(['--runner=DirectRunner']) == ['--runner=DirectRunner']
   monkeypatch.setenv('SOURCEBEAM_S3_ENDPOINT', 'http://127.0.0.1:9')
   monkeypatch.setenv('AWS_REGION', 'eu-west-1')
@@ -448,9 +485,7 @@ def test_storage_args_come_from_the_environment(monkeypatch):
   assert '--s3_region_name=us-east-2' in args and '--s3_region_name=eu-west-1' not in args
   assert not any('not-in-the-options' in a for a in args)
   monkeypatch.setenv('STORAGE_EMULATOR_HOST', 'http://127.0.0.1:9')
-  monkeypatch.delenv('GOOGLE_APPLICATION_CREDENTIALS', raising=False)
-  monkeypatch.delenv('GOOGLE_CLOUD_PROJECT', raising=False)
   args = storage.storage_args([])
-  assert '--project=sourcebeam-local' in args
+  assert '--project=sourcebeam-local' in args and storage.storage_args(args) == args
   with open(os.environ['GOOGLE_APPLICATION_CREDENTIALS']) as f:
     assert json.load(f)['type'] == 'authorized_user'

@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -117,14 +117,20 @@ def read_manifest(path: str) -> Optional[Dict[str, Any]]:
     return parse_manifest(f.read(), mpath)
 
 
-def check_archive_path(path: str) -> Dict[str, Any]:
+def check_archive_path(path: str, beam_args: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   """The manifest of the archive at ``path``, or UsageError saying why there is none.
 
   The CLI calls this before building a pipeline, so a wrong path is one line
-  and exit code 2, not a traceback from deep inside a runner.
+  and exit code 2, not a traceback from deep inside a runner. Pass the
+  command's Beam arguments as ``beam_args`` when they may name storage options
+  (``--s3_endpoint_url``...); otherwise the environment's are used.
   """
   if not path:
     raise UsageError('no archive path given')
+  if beam_args is not None:
+    storage.use_storage_options(beam_args)
+  ensure_storage_options()
+  storage.preflight(path, FileSystems._pipeline_options)  # pylint: disable=protected-access
   try:
     manifest = read_manifest(path)
   except ValueError as e:
@@ -188,6 +194,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def _check_existing_manifest(path: str, fmt: str, buckets: int) -> None:
+  ensure_storage_options()
+  storage.preflight(path, FileSystems._pipeline_options)  # pylint: disable=protected-access
   try:
     existing = read_manifest(path)
   except ValueError as e:
