@@ -23,7 +23,7 @@ from pipelines.options import pipeline_options
 from schemas.envelope import make_envelope
 from schemas.registry import SCHEMA_DIR, Registry
 from transforms.archive import (
-    CORRUPT, EVENTS, CorruptArchiveFile, IncompatibleSchema, ReadArchive, WriteArchive,
+    CORRUPT, EVENTS, CorruptArchiveFile, archive_partitions, iter_partition, IncompatibleSchema, ReadArchive, WriteArchive,
     check_archive_path, iter_archive, list_archive_files, read_archive_file, read_manifest)
 from transforms.archive_format import (
     bucket_of, encode_avro, encode_parquet, hour_of, parse_file_path, read_events, sort_key)
@@ -169,6 +169,13 @@ def test_rerun_with_same_run_id_rewrites_identical_files_and_new_runs_add_files(
   both = write(path, events[:10])  # a second run with a fresh id
   assert len(both) > len(first) and set(before) <= {f.path for f in both}
   assert sorted(iter_archive(path), key=sort_key) == sorted(events + events[:10], key=sort_key)
+  merged = []
+  for (hour, bucket), part_files in archive_partitions(path).items():
+    part = list(iter_partition(part_files))
+    assert part == sorted(part, key=sort_key)  # one merge keeps (key, sequence) order across runs
+    assert {(hour_of(e['event_time']), bucket_of(e['partition_key'], 4)) for e in part} == {(hour, bucket)}
+    merged.extend(part)
+  assert len(merged) == len(events) + 10
 
 
 def test_windowed_input_gets_files_per_window(tmp_path, events):
