@@ -9,10 +9,8 @@ import sys
 
 import apache_beam as beam
 import fastavro
-import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to, is_empty
 

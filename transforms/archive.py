@@ -43,15 +43,15 @@ from pipelines.cli import UsageError
 from schemas.envelope import Envelope
 from schemas.registry import SCHEMA_DIR, Registry, registry as load_registry
 from transforms.archive_format import (
-    AVRO_CODECS, DEFAULT_BUCKETS, DEFAULT_MAX_EVENTS_PER_FILE, FORMATS, LAYOUT_VERSION,
+    AVRO_CODECS, DEFAULT_BUCKETS, DEFAULT_MAX_EVENTS_PER_FILE, LAYOUT_VERSION,
     MANIFEST_NAME, SORT_ORDER, ArchiveFile, CorruptArchiveFile, IncompatibleSchema,
     chunks, data_file_pattern, encode_avro, encode_parquet, file_name, join, make_manifest,
     parse_file_path, parse_manifest, partition_dir, partition_of, read_events, sort_key)
 
 __all__ = [
     'WriteArchive', 'ReadArchive', 'check_archive_path', 'read_archive_file', 'iter_archive',
-    'list_archive_files', 'archive_partitions', 'iter_partition', 'read_manifest', 'CorruptArchiveFile', 'IncompatibleSchema',
-    'EVENTS', 'CORRUPT']
+    'list_archive_files', 'archive_partitions', 'iter_partition', 'read_manifest',
+    'CorruptArchiveFile', 'IncompatibleSchema', 'EVENTS', 'CORRUPT']
 
 EVENTS = 'events'
 CORRUPT = 'corrupt'
@@ -68,6 +68,14 @@ def _schema_dir(reg: RegistryArg) -> str:
   if isinstance(reg, Registry):
     return reg.schema_dir
   return str(reg)
+
+
+def _registry_for(reg: RegistryArg) -> Registry:
+  """The Registry object for a registry argument (the process-wide one by default)."""
+  if isinstance(reg, Registry):
+    return reg
+  d = _schema_dir(reg)
+  return load_registry() if d == SCHEMA_DIR else load_registry(d)
 
 
 def new_run_id() -> str:
@@ -161,7 +169,7 @@ def read_archive_file(path: str, registry: RegistryArg = None) -> List[Envelope]
 
   Raises CorruptArchiveFile (one-line reason) or IncompatibleSchema.
   """
-  reg = registry if isinstance(registry, Registry) else load_registry(_schema_dir(registry))
+  reg = _registry_for(registry)
   fmt = 'parquet' if path.endswith('.parquet') else 'avro'
   ensure_storage_options()
   try:
@@ -180,7 +188,7 @@ def iter_archive(path: str, registry: RegistryArg = None) -> Iterator[Envelope]:
   at the first bad file.
   """
   manifest = check_archive_path(path)
-  reg = registry if isinstance(registry, Registry) else load_registry(_schema_dir(registry))
+  reg = _registry_for(registry)
   for f in list_archive_files(path, manifest['format']):
     yield from read_archive_file(f.path, reg)
 
@@ -199,7 +207,7 @@ def iter_partition(files: Sequence[ArchiveFile], registry: RegistryArg = None) -
   Every file is sorted, so a k-way merge suffices: what a replay that keeps
   per-key order without a shuffle does with the files of several runs.
   """
-  reg = registry if isinstance(registry, Registry) else load_registry(_schema_dir(registry))
+  reg = _registry_for(registry)
   yield from heapq.merge(*(read_archive_file(f.path, reg) for f in files), key=sort_key)
 
 
@@ -236,7 +244,7 @@ class _WritePartitionFiles(beam.DoFn):
     self._events = Metrics.counter('archive', 'events_written')
 
   def setup(self):
-    self._reg = load_registry(self._schema_dir)
+    self._reg = _registry_for(self._schema_dir)
 
   def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
     (hour, bucket), events = element
@@ -334,7 +342,7 @@ class _DecodeArchiveFile(beam.DoFn):
     self._corrupt = Metrics.counter('archive', 'corrupt_files')
 
   def setup(self):
-    self._reg = load_registry(self._schema_dir)
+    self._reg = _registry_for(self._schema_dir)
 
   def process(self, metadata):
     path = metadata.path
