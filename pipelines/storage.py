@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from typing import List, Optional, Sequence
 
 S3_ENDPOINT_ENV = 'SOURCEBEAM_S3_ENDPOINT'
@@ -212,3 +213,35 @@ def _preflight_gcs(bucket: str) -> None:
     raise UsageError(f'cannot reach the GCS emulator at {base} (STORAGE_EMULATOR_HOST): '
                      f'{getattr(e, "reason", e)}') from None
   _PREFLIGHT_OK.add(key)
+
+
+# ---------------------------------------------------------------------------
+# A shared S3 client for reads
+
+_S3_CLIENTS = {}
+_S3_LOCK = threading.Lock()
+
+
+def s3_client(options):
+  """A boto3 S3 client for ``options``' S3Options, created once per process and shared.
+
+  Beam's S3 filesystem builds a new boto3 session and client for every
+  operation (about 0.2 s each, mostly loading botocore's service model), which
+  dominates reading an archive of many small files. boto3 clients are
+  thread-safe, so one per configuration serves every read.
+  """
+  from apache_beam.options.pipeline_options import S3Options
+  o = options.view_as(S3Options)
+  key = (o.s3_endpoint_url, o.s3_region_name, o.s3_access_key_id, o.s3_secret_access_key,
+         o.s3_session_token, o.s3_verify, o.s3_disable_ssl, o.s3_api_version)
+  with _S3_LOCK:
+    client = _S3_CLIENTS.get(key)
+    if client is None:
+      import boto3
+      client = boto3.session.Session().client(
+          's3', endpoint_url=o.s3_endpoint_url, region_name=o.s3_region_name,
+          api_version=o.s3_api_version, use_ssl=not o.s3_disable_ssl, verify=o.s3_verify,
+          aws_access_key_id=o.s3_access_key_id, aws_secret_access_key=o.s3_secret_access_key,
+          aws_session_token=o.s3_session_token)
+      _S3_CLIENTS[key] = client
+  return client

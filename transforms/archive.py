@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import heapq
+import io
 import json
 import logging
 import re
@@ -173,11 +174,24 @@ def read_archive_file(path: str, registry: RegistryArg = None) -> List[Envelope]
   fmt = 'parquet' if path.endswith('.parquet') else 'avro'
   ensure_storage_options()
   try:
-    fo = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    fo = _open_for_read(path)
   except Exception as e:
     raise CorruptArchiveFile(path, f'cannot open ({_one_line(e)})') from None
   with fo:
     return read_events(fo, fmt, reg, path)
+
+
+def _open_for_read(path: str):
+  """A readable file: through FileSystems, except S3 objects, read with a shared client.
+
+  See :func:`pipelines.storage.s3_client`: Beam's S3 filesystem pays for a new
+  boto3 client on each open, several times the cost of reading a small file.
+  """
+  if FileSystems.get_scheme(path) != 's3':
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+  bucket, _, key = path[len('s3://'):].partition('/')
+  client = storage.s3_client(FileSystems._pipeline_options)  # pylint: disable=protected-access
+  return io.BytesIO(client.get_object(Bucket=bucket, Key=key)['Body'].read())
 
 
 def iter_archive(path: str, registry: RegistryArg = None) -> Iterator[Envelope]:
