@@ -26,10 +26,12 @@ Formats:
 
 * **Avro** (default): object container files written by fastavro with the
   envelope schema (``Registry.parsed_envelope``), ``data`` being the union of
-  all event types. Readers pass the *current* envelope schema as reader schema,
-  so Avro schema resolution reads files written with an older, compatible
-  schema version. The file's header metadata repeats hour, bucket, sort order
-  and layout version.
+  all event types. A file written with an older, compatible schema version is
+  read with the *current* envelope schema as reader schema (Avro schema
+  resolution); a file written with the current schema is decoded directly,
+  since fastavro's resolution costs about 3x in decode speed. The file's header
+  metadata repeats hour, bucket, sort order, run id and layout version. Codec:
+  ``deflate`` by default (5x smaller, ~20% slower to decode), ``null`` on request.
 * **Parquet** (pyarrow): the envelope's scalar fields as columns
   (``event_time`` stays int64 epoch millis, exactly as in the envelope) and
   ``data`` as a struct with one child struct per event type (named by type,
