@@ -119,7 +119,13 @@ def hour_of(event_time_millis: int) -> str:
 
 
 def partition_of(env: Mapping[str, Any], buckets: int) -> Tuple[str, int]:
-  return hour_of(env['event_time']), bucket_of(env['partition_key'], buckets)
+  """(hour, bucket) of an envelope; ValueError naming the event if it has neither."""
+  try:
+    return hour_of(env['event_time']), bucket_of(env['partition_key'], buckets)
+  except (KeyError, TypeError, ValueError, OverflowError, OSError, AttributeError) as e:
+    eid = env.get('event_id') if isinstance(env, Mapping) else None
+    raise ValueError(f'cannot archive event {eid!r}: no usable event_time and partition_key '
+                     f'({type(e).__name__}: {e})') from None
 
 
 def partition_dir(hour: str, bucket: int) -> str:
