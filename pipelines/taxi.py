@@ -30,8 +30,9 @@ from pipelines.cli import UsageError
 from pipelines.options import pipeline_options
 from transforms import taxi as taxi_tf
 from transforms import taxi_logic as logic
+from transforms.counting import WriteCounts, read_counts
 
-COUNTS_PREFIX = '.counts'
+COUNTS_FILE = '.counts.json'
 
 
 # --- shared plumbing ------------------------------------------------------------------
@@ -70,25 +71,13 @@ def _write_jsonl(pcoll, out: str, name: str, to_json=None):
               shard_name_template='', num_shards=1))
 
 
-def _count(pcoll, name: str):
-  return (pcoll
-          | f'Global {name}' >> beam.WindowInto(beam.window.GlobalWindows())
-          | f'Count {name}' >> beam.combiners.Count.Globally()
-          | f'Name {name}' >> beam.Map(lambda n, name=name: (name, n)))
-
-
 def _write_counts(p, counted: Dict[str, beam.PCollection], out: str) -> None:
-  (tuple(_count(pc, name) for name, pc in counted.items())
-   | 'AllCounts' >> beam.Flatten()
-   | 'CountsJson' >> beam.Map(lambda kv: json.dumps(list(kv)))
-   | 'WriteCounts' >> beam.io.WriteToText(FileSystems.join(out, COUNTS_PREFIX),
-                                          shard_name_template='', num_shards=1))
+  counted | 'Counts' >> WriteCounts(FileSystems.join(out, COUNTS_FILE))
 
 
 def _read_counts(out: str) -> Dict[str, int]:
-  path = FileSystems.join(out, COUNTS_PREFIX)
-  with FileSystems.open(path) as f:
-    counts = dict(json.loads(line) for line in f.read().decode('utf-8').splitlines() if line)
+  path = FileSystems.join(out, COUNTS_FILE)
+  counts = read_counts(path)
   FileSystems.delete([path])
   return counts
 
