@@ -45,7 +45,7 @@ def build_replay(p: beam.Pipeline, archive: str, out: str) -> Dict[str, beam.PCo
 def run(archive: str, out: str, beam_args: List[str]) -> Dict[str, Any]:
   options = pipeline_options(beam_args)
   FileSystems.set_options(options)
-  check_archive_path(archive)
+  check_archive_path(archive, beam_args)
   outputs.prepare(out)
   started = time.monotonic()
   with beam.Pipeline(options=options) as p:

@@ -363,7 +363,7 @@ class LocateRiders(beam.PTransform):
     by_taxi = (envelopes
                | 'JoinEvents' >> beam.Filter(
                    lambda e: e['event_type'] in RIDER_EVENTS or e['event_type'] == LOCATION_EVENT)
-               | 'KeyByTaxi' >> beam.Map(lambda e: (taxi_of(e), e))
+               | 'KeyByTaxi' >> beam.Map(lambda e: (taxi_of(e), e)).with_output_types(Tuple[int, Any])
                | 'Global' >> beam.WindowInto(window.GlobalWindows()))
     batch = (self.expansion == 'batch' or
              (self.expansion == 'auto' and envelopes.is_bounded))

@@ -49,6 +49,9 @@ IGNORED = 'ignored'
 TIMER_OUTPUT_LATENESS = Duration(seconds=7 * 24 * 3600)
 
 
+# Rides are keyed by their integer rideId: a deterministic key coder for the stateful DoFns.
+RideKeyed = Tuple[int, Any]
+
 def _ts(millis: int) -> Timestamp:
   return Timestamp(micros=millis * 1000)
 
@@ -177,8 +180,8 @@ class JoinRidesAndFares(beam.PTransform):
     rides, fares = rides_and_fares
     keyed_rides = (rides
                    | 'StartsOnly' >> beam.Filter(lambda r: r['isStart'])
-                   | 'KeyRide' >> beam.Map(lambda r: (r['rideId'], ('ride', r))))
-    keyed_fares = fares | 'KeyFare' >> beam.Map(lambda f: (f['rideId'], ('fare', f)))
+                   | 'KeyRide' >> beam.Map(lambda r: (r['rideId'], ('ride', r))).with_output_types(RideKeyed))
+    keyed_fares = fares | 'KeyFare' >> beam.Map(lambda f: (f['rideId'], ('fare', f))).with_output_types(RideKeyed)
     out = ((keyed_rides, keyed_fares)
            | 'Both' >> beam.Flatten()
            | 'Global' >> beam.WindowInto(window.GlobalWindows())
@@ -249,7 +252,7 @@ class LongRideAlerts(beam.PTransform):
 
   def expand(self, rides):
     out = (rides
-           | 'KeyByRide' >> beam.Map(lambda r: (r['rideId'], r))
+           | 'KeyByRide' >> beam.Map(lambda r: (r['rideId'], r)).with_output_types(RideKeyed)
            | 'Global' >> beam.WindowInto(window.GlobalWindows())
            | 'Detect' >> beam.ParDo(_LongRideFn(self.settle_after_ms)).with_outputs(
                IGNORED, main='alerts'))
