@@ -1,0 +1,177 @@
+"""The view store on SQLite and on a real PostgreSQL server (started by scripts/postgres.sh).
+
+The view records come from the real retail handlers, so the store is tested on
+what the streaming pipeline will give it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Tuple
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from schemas.envelope import make_envelope
+from tests.db_fixtures import pg_dsn, postgres  # noqa: F401  (pytest fixtures)
+from transforms.projections import (CartHandler, CatalogHandler, CombinedHandler,
+                                    FrequentlyViewedHandler, RecentlyViewedHandler)
+from transforms.view_store import StoreError, ViewStore, WriteViewsToStore, redact
+
+TOPIC = 'retail'
+T0 = 1_790_000_000_000
+
+
+@pytest.fixture(params=['sqlite', pytest.param('postgres', marks=pytest.mark.integration)])
+def dsn(request, tmp_path) -> str:
+  if request.param == 'sqlite':
+    return str(tmp_path / 'views.db')
+  return request.getfixturevalue('pg_dsn')
+
+
+def changelog(events: List[Tuple[str, Dict[str, Any]]], partition: int = 0,
+              first_offset: int = 0) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
+  """(record, source) pairs: each event at the next offset, through the real handlers."""
+  user = CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])
+  catalog = CatalogHandler()
+  states: Dict[str, Any] = {}
+  seqs: Dict[str, int] = {}
+  out = []
+  for i, (event_type, data) in enumerate(events):
+    handler = catalog if event_type.startswith('Product') and 'user_id' not in data else user
+    key = data.get('user_id') or data['product_id']
+    seqs[key] = seqs.get(key, 0) + 1
+    env = make_envelope(event_type, data, event_id=f'e{first_offset + i}', sequence=seqs[key],
+                        event_time=T0 + i, origin='test')
+    state = states.get(key, handler.initial_state(key))
+    states[key], records = handler.apply(state, env)
+    source = {'topic': TOPIC, 'partition': partition, 'offset': first_offset + i}
+    out.extend((r, source) for r in records)
+  return out
+
+
+EVENTS = [
+    ('ProductCreated', {'product_id': 'p1', 'brand': 'B', 'name': 'Boot', 'description': 'd',
+                        'category': 'shoes'}),
+    ('ProductCreated', {'product_id': 'p2', 'brand': 'B', 'name': 'Hat', 'description': 'd',
+                        'category': 'hats'}),
+    ('ProductCreated', {'product_id': 'p0', 'brand': 'C', 'name': 'Sandal', 'description': 'd',
+                        'category': 'shoes'}),
+    ('ProductViewed', {'user_id': 'u1', 'product_id': 'p1'}),
+    ('ProductViewed', {'user_id': 'u1', 'product_id': 'p2'}),
+    ('ProductViewed', {'user_id': 'u1', 'product_id': 'p1'}),
+    ('CartItemAdded', {'user_id': 'u1', 'product_id': 'p1', 'quantity': 2}),
+    ('CartItemAdded', {'user_id': 'u1', 'product_id': 'p2', 'quantity': 1}),
+]
+
+
+def snapshot(store: ViewStore) -> Dict[str, Any]:
+  return {'cart': store.cart('u1'), 'recent': store.recently_viewed('u1'),
+          'frequent': store.frequently_viewed('u1'),
+          'shoes': store.products_by_category('shoes'), 'positions': store.positions()}
+
+
+def test_apply_and_query(dsn):
+  with ViewStore(dsn) as store:
+    counts = store.apply(changelog(EVENTS))
+    assert counts == {'applied': 11, 'skipped': 0}  # 3 catalog + 3x2 viewed + 2 cart
+    cart = store.cart('u1')
+    assert cart['items'] == [{'product_id': 'p1', 'quantity': 2}, {'product_id': 'p2', 'quantity': 1}]
+    assert cart['as_of_sequence'] == 5
+    assert store.recently_viewed('u1')['products'] == ['p1', 'p2']
+    assert store.frequently_viewed('u1')['products'] == [
+        {'product_id': 'p1', 'views': 2}, {'product_id': 'p2', 'views': 1}]
+    assert [p['product_id'] for p in store.products_by_category('shoes')] == ['p0', 'p1']
+    assert store.products_by_category('socks') == []
+    assert store.cart('nobody') is None
+    assert store.positions() == [
+        {'view': 'cart', 'topic': TOPIC, 'partition': 0, 'offset': 7},
+        {'view': 'catalog', 'topic': TOPIC, 'partition': 0, 'offset': 2},
+        {'view': 'frequently_viewed', 'topic': TOPIC, 'partition': 0, 'offset': 5},
+        {'view': 'recently_viewed', 'topic': TOPIC, 'partition': 0, 'offset': 5}]
+    assert store.position('cart', TOPIC, 0) == 7
+    assert store.position('cart', TOPIC, 1) is None
+
+
+def test_redelivered_events_change_views_once(dsn):
+  records = changelog(EVENTS)
+  with ViewStore(dsn) as store:
+    store.apply(records[:6])
+    store.apply(records)  # a restart re-delivers the first six
+    before = snapshot(store)
+    assert store.apply(records) == {'applied': 0, 'skipped': len(records)}
+    assert store.apply(list(reversed(records))) == {'applied': 0, 'skipped': len(records)}
+    assert snapshot(store) == before
+  # A second connection (a restarted pipeline) sees the same and skips the same.
+  with ViewStore(dsn) as store:
+    assert store.apply(records[3:]) == {'applied': 0, 'skipped': len(records) - 3}
+    assert snapshot(store) == before
+
+
+def test_older_record_never_rolls_a_view_back(dsn):
+  records = [r for r in changelog(EVENTS) if r[0]['view'] == 'cart']
+  with ViewStore(dsn) as store:
+    store.apply(records[1:])  # the newer cart first
+    assert store.apply(records[:1]) == {'applied': 0, 'skipped': 1}
+    assert len(store.cart('u1')['items']) == 2
+    # Within one batch the newest offset of a key wins whatever the batch order.
+  with ViewStore(dsn) as store:
+    store.apply(list(reversed(changelog(EVENTS, partition=3))))
+    assert store.position('cart', TOPIC, 3) == 7
+
+
+def test_a_failing_batch_changes_neither_views_nor_positions(dsn):
+  records = changelog(EVENTS)
+  with ViewStore(dsn) as store:
+    store.apply(records[:3])
+    before = snapshot(store)
+    later = changelog(EVENTS, first_offset=100)
+    bad = ({'view': 'wishlist', 'key': 'u1', 'as_of_sequence': 1, 'event_time': T0},
+           {'topic': TOPIC, 'partition': 0, 'offset': 999})  # sorts last: after real writes
+    with pytest.raises(StoreError, match='unknown view'):
+      store.apply(later + [bad])
+    assert snapshot(store) == before
+    with pytest.raises(StoreError, match='offset'):
+      store.apply(later + [(later[0][0], {'topic': TOPIC, 'partition': 0, 'offset': -1})])
+    assert snapshot(store) == before
+    # The store is still usable after a rollback.
+    assert store.apply(later)['applied'] == len(later)
+    assert store.position('cart', TOPIC, 0) == 107
+
+
+def test_positions_per_partition_and_topic(dsn):
+  with ViewStore(dsn) as store:
+    store.apply(changelog(EVENTS[:3], partition=0) + changelog(EVENTS[3:], partition=1,
+                                                               first_offset=40))
+    assert {(p['view'], p['partition']): p['offset'] for p in store.positions()} == {
+        ('catalog', 0): 2, ('cart', 1): 44, ('recently_viewed', 1): 42,
+        ('frequently_viewed', 1): 42}
+    assert [p['view'] for p in store.positions('cart')] == ['cart']
+
+
+def test_sink_in_a_beam_pipeline(dsn):
+  records = changelog(EVENTS)
+  # Each element twice, as a runner retrying bundles would deliver them.
+  with TestPipeline() as p:
+    _ = (p | beam.Create(records + records) | WriteViewsToStore(dsn, batch_size=4))
+  with ViewStore(dsn) as store:
+    assert store.cart('u1')['items'] == [{'product_id': 'p1', 'quantity': 2},
+                                         {'product_id': 'p2', 'quantity': 1}]
+    assert store.position('cart', TOPIC, 0) == 7
+    assert [p['product_id'] for p in store.products_by_category('shoes')] == ['p0', 'p1']
+    assert store.frequently_viewed('u1')['products'][0] == {'product_id': 'p1', 'views': 2}
+
+
+def test_redact_hides_the_password():
+  assert redact('postgresql://sb:s3cret@127.0.0.1:5433/db') == 'postgresql://sb:***@127.0.0.1:5433/db'
+  assert redact('/tmp/views.db') == '/tmp/views.db'
+
+
+def test_sqlite_dsn_forms(tmp_path):
+  path = str(tmp_path / 'v.db')
+  with ViewStore('sqlite:///' + path) as store:
+    store.apply(changelog(EVENTS[:1]))
+  assert os.path.exists(path)
+  with ViewStore(path) as store:
+    assert store.position('catalog', TOPIC, 0) == 0
