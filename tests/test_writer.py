@@ -1,0 +1,294 @@
+"""The event writer against a real Kafka broker (scripts/kafka.sh), over real HTTP on loopback.
+
+Receipts are checked against what independent consumers read: confluent-kafka's
+consumer at the receipt's partition and offset, and Kafka's own console consumer.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+
+from pipelines import writer_service
+from pipelines.serve import make_server
+from schemas.envelope import from_json, make_envelope, to_json
+from tests.service_fixtures import consume, create_topic, free_port, kafka, produce  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+TOKEN = 'test-token-' + uuid.uuid4().hex
+HEADERS = {'Authorization': f'Bearer {TOKEN}', 'Content-Type': 'application/json'}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Running:
+  """A writer serving on a free loopback port in this process."""
+
+  def __init__(self, bootstrap: str, topic: str, state: str, **kw):
+    self.writer = writer_service.build(bootstrap, topic, state, {TOKEN}, partitions=3, **kw)
+    self.server = make_server(self.writer, '127.0.0.1', 0)
+    self.port = self.server.server_address[1]
+    self.thread = threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.1},
+                                   daemon=True)
+    self.thread.start()
+
+  def request(self, method: str, path: str, body: Any = None, headers: Optional[Dict] = None,
+              raw: Optional[bytes] = None) -> Tuple[int, Dict[str, Any], Dict[str, str]]:
+    conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=60)
+    try:
+      data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+      conn.request(method, path, body=data, headers=HEADERS if headers is None else headers)
+      resp = conn.getresponse()
+      return resp.status, json.loads(resp.read()), dict(resp.getheaders())
+    finally:
+      conn.close()
+
+  def post(self, body: Any, **kw):
+    return self.request('POST', '/events', body, **kw)
+
+  def stop(self) -> None:
+    self.server.shutdown()
+    self.server.server_close()
+    self.writer.close()
+
+
+@pytest.fixture
+def topic(kafka) -> str:
+  name = f'writer-{uuid.uuid4().hex[:8]}'
+  create_topic(kafka, name, partitions=3)
+  return name
+
+
+@pytest.fixture
+def writer(kafka, topic, tmp_path):
+  w = Running(kafka, topic, str(tmp_path / 'writer.db'), max_body_bytes=64 * 1024)
+  yield w
+  w.stop()
+
+
+def event(user: str, product: str = 'p1', quantity: int = 1, **extra) -> Dict[str, Any]:
+  e = {'event_type': 'CartItemAdded', 'event_time': '2026-11-26T10:00:00Z', 'origin': 'web-cart',
+       'data': {'user_id': user, 'product_id': product, 'quantity': quantity}}
+  e.update(extra)
+  return e
+
+
+def read_at(bootstrap: str, topic: str, partition: int, offset: int):
+  """The message at (partition, offset), read by a fresh consumer."""
+  from confluent_kafka import Consumer, TopicPartition
+  c = Consumer({'bootstrap.servers': bootstrap, 'group.id': f't-{uuid.uuid4()}',
+                'enable.auto.commit': False})
+  try:
+    c.assign([TopicPartition(topic, partition, offset)])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+      m = c.poll(1.0)
+      if m is not None and m.error() is None:
+        return m
+    raise AssertionError(f'nothing at {topic}:{partition}:{offset}')
+  finally:
+    c.close()
+
+
+def end_offsets(bootstrap: str, topic: str) -> List[int]:
+  from confluent_kafka import Consumer, TopicPartition
+  c = Consumer({'bootstrap.servers': bootstrap, 'group.id': f't-{uuid.uuid4()}'})
+  try:
+    return [c.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1] for p in range(3)]
+  finally:
+    c.close()
+
+
+def test_receipts_name_the_partition_and_offset_consumers_read(writer, kafka, topic):
+  batch = [event('u1', 'p1'), event('u2', 'p2'), event('u1', 'p3', 2), event('u3', 'p4'),
+           event('u1', 'p5')]
+  status, body, _ = writer.post(batch)
+  assert status == 201, body
+  receipts = body['receipts']
+  assert len(receipts) == 5
+  for sent, r in zip(batch, receipts):
+    assert r['after'] == f'{topic}:{r["partition"]}:{r["offset"]}'
+    m = read_at(kafka, topic, r['partition'], r['offset'])
+    env = from_json(m.value().decode())
+    assert m.key().decode() == env['partition_key'] == sent['data']['user_id']
+    assert env['event_id'] == r['event_id'] and env['sequence'] == r['sequence']
+    assert env['data'] == sent['data']
+  # Per key: one partition, sequences 1, 2, 3 in offset order.
+  u1 = [r for r in receipts if r['partition_key'] == 'u1']
+  assert len({r['partition'] for r in u1}) == 1
+  assert [r['sequence'] for r in u1] == [1, 2, 3]
+  assert [r['offset'] for r in u1] == sorted(r['offset'] for r in u1)
+  assert [r['sequence'] for r in receipts if r['partition_key'] != 'u1'] == [1, 1]
+  # Kafka's own console consumer sees exactly these five events.
+  seen = consume(kafka, topic, 5, timeout_ms=15000)
+  assert sorted(json.loads(v)['event_id'] for _, v in seen) == sorted(r['event_id'] for r in receipts)
+  # A single event answers with one receipt, and the key's sequence goes on.
+  status, r, _ = writer.post(event('u1', 'p6'))
+  assert status == 201 and r['sequence'] == 4 and r['partition'] == u1[0]['partition']
+  assert r['offset'] > u1[-1]['offset'] and r['duplicate'] is False
+
+
+def test_same_partition_as_kafkas_own_producer(writer, kafka, topic):
+  """The writer partitions keys like Java clients (murmur2), so other producers agree."""
+  for user in ('alice', 'bob', 'carol', 'dave'):
+    _, r, _ = writer.post(event(user))
+    before = end_offsets(kafka, topic)
+    produce(kafka, topic, [(user, '{"probe":true}')])
+    after = end_offsets(kafka, topic)
+    grew = [p for p in range(3) if after[p] > before[p]]
+    assert grew == [r['partition']], (user, before, after, r)
+
+
+def test_retrying_an_event_id_returns_the_first_receipt_and_appends_once(writer, kafka, topic):
+  e = event('u7', event_id='order-42-add')
+  s1, r1, _ = writer.post(e)
+  s2, r2, _ = writer.post(e)
+  s3, r3, _ = writer.post(dict(e, data=dict(e['data'], quantity=9)))  # first write wins
+  assert (s1, s2, s3) == (201, 200, 200)
+  assert r1['duplicate'] is False and r2['duplicate'] is True and r3['duplicate'] is True
+  for r in (r2, r3):
+    assert {k: r[k] for k in ('topic', 'partition', 'offset', 'event_id', 'sequence')} == \
+           {k: r1[k] for k in ('topic', 'partition', 'offset', 'event_id', 'sequence')}
+  # A batch mixing the retried event with a new one appends only the new one.
+  s4, b4, _ = writer.post([e, event('u7', 'p2')])
+  assert s4 == 201
+  assert b4['receipts'][0]['offset'] == r1['offset'] and b4['receipts'][0]['duplicate']
+  assert b4['receipts'][1]['sequence'] == 2
+  assert sum(end_offsets(kafka, topic)) == 2
+
+
+def test_tokens_are_required(writer, kafka, topic):
+  status, body, headers = writer.post(event('u1'), headers={'Content-Type': 'application/json'})
+  assert status == 401 and 'bearer token is required' in body['error']
+  assert headers['WWW-Authenticate'].startswith('Bearer')
+  status, body, _ = writer.post(event('u1'), headers={'Authorization': 'Bearer not-the-token'})
+  assert status == 401 and body['error'] == 'the bearer token is not valid'
+  status, body, _ = writer.post(event('u1'), headers={'Authorization': f'Basic {TOKEN}'})
+  assert status == 401
+  assert sum(end_offsets(kafka, topic)) == 0
+
+
+def test_bad_input_gets_clear_4xx_and_writes_nothing(writer, kafka, topic):
+  bad_batch = [event('u1'), {'event_type': 'CartItemAdded', 'origin': 'x',
+                             'event_time': '2026-11-26T10:00:00Z',
+                             'data': {'user_id': 'u1', 'product_id': 'p1'}},
+               event('u2', quantity='lots'), {'event_type': 'CartExploded', 'data': {}}]
+  status, body, _ = writer.post(bad_batch)
+  assert status == 400
+  assert 'nothing was written' in body['error']
+  assert [e['index'] for e in body['events']] == [1, 2, 3]
+  assert "missing field 'quantity'" in body['events'][0]['reason']
+  assert 'whole number' in body['events'][1]['reason']
+  assert 'unknown event type' in body['events'][2]['reason']
+  status, body, _ = writer.post(None, raw=b'{"event_type": ')
+  assert status == 400 and body['error'].startswith('malformed JSON')
+  status, body, _ = writer.post(None, raw=b'[]')
+  assert status == 400 and 'empty batch' in body['error']
+  status, body, _ = writer.post(None, raw=b'"just a string"')
+  assert status == 400
+  status, body, _ = writer.post([event('u1', event_id='x1'), event('u2', event_id='x1')])
+  assert status == 400 and 'repeated' in body['error']
+  status, body, _ = writer.post(event('u1', partition_key='u2'))
+  assert status == 400 and 'disagrees with the key rule' in body['events'][0]['reason']
+  # Oversized body: refused (413) before it is parsed.
+  status, body, _ = writer.post([event('u1', origin='x' * 1000)] * 100)
+  assert status == 413 and body['limit_bytes'] == 64 * 1024
+  status, body, _ = writer.request('GET', '/nowhere')
+  assert status == 404 and '/events' in body['routes']
+  status, body, headers = writer.request('GET', '/events')
+  assert status == 405 and headers['Allow'] == 'POST'
+  status, body, _ = writer.request('DELETE', '/health')
+  assert status == 405
+  status, body, _ = writer.request('GET', '/health')
+  assert status == 200 and body['status'] == 'ok' and body['partitions'] == [0, 1, 2]
+  assert sum(end_offsets(kafka, topic)) == 0
+
+
+def test_restart_keeps_sequences_and_receipts(kafka, topic, tmp_path):
+  state = str(tmp_path / 'writer.db')
+  w = Running(kafka, topic, state)
+  try:
+    _, b, _ = w.post([event('u1', event_id='a1'), event('u1'), event('u2')])
+  finally:
+    w.stop()
+  w = Running(kafka, topic, state)
+  try:
+    s, r, _ = w.post(event('u1', event_id='a1'))
+    assert s == 200 and r['duplicate'] and r['offset'] == b['receipts'][0]['offset']
+    s, r, _ = w.post(event('u1'))
+    assert s == 201 and r['sequence'] == 3
+    s, r, _ = w.post(event('u2'))
+    assert r['sequence'] == 2
+  finally:
+    w.stop()
+  assert sum(end_offsets(kafka, topic)) == 5
+
+
+def test_events_acknowledged_but_not_recorded_are_recovered_at_start(kafka, topic, tmp_path):
+  """The crash window: Kafka acked, the writer died before recording the receipt."""
+  state = str(tmp_path / 'writer.db')
+  w = Running(kafka, topic, state)
+  try:
+    _, first, _ = w.post(event('u9'))
+  finally:
+    w.stop()
+  # What the dead writer had appended: u9's next event, straight into Kafka.
+  lost = make_envelope('CartItemAdded', {'user_id': 'u9', 'product_id': 'p2', 'quantity': 1},
+                       event_id='lost-1', sequence=2, event_time=1_790_000_000_000, origin='web')
+  produce(kafka, topic, [('u9', to_json(lost))])
+  w = Running(kafka, topic, state)
+  try:
+    s, r, _ = w.post(event('u9', event_id='lost-1'))  # the client's retry
+    assert s == 200 and r['duplicate'] and r['sequence'] == 2
+    assert r['partition'] == first['partition'] and r['offset'] == first['offset'] + 1
+    s, r, _ = w.post(event('u9'))
+    assert s == 201 and r['sequence'] == 3
+  finally:
+    w.stop()
+  assert sum(end_offsets(kafka, topic)) == 3
+
+
+def _serve_cmd(*args: str) -> List[str]:
+  code = ('import sys; from pipelines.cli import run_command; import pipelines.serve as s, argparse; '
+          'p = argparse.ArgumentParser(); s.add_arguments(p); a, b = p.parse_known_args(sys.argv[1:]); '
+          'sys.exit(run_command(s, a, b))')
+  return [sys.executable, '-c', code, *args]
+
+
+def test_cli_needs_tokens_and_serves_until_sigterm(kafka, topic, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != writer_service.TOKENS_ENV}
+  cmd = _serve_cmd('writer', '--bootstrap', kafka, '--topic', topic, '--port', '0',
+                   '--state', str(tmp_path / 'w.db'))
+  no_tokens = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert no_tokens.returncode == 2
+  assert no_tokens.stderr.strip().startswith('error: no bearer tokens configured')
+  assert 'Traceback' not in no_tokens.stderr
+  tokens = tmp_path / 'tokens'
+  tokens.write_text(f'# writer tokens\n{TOKEN}\n')
+  port = free_port()
+  cmd = _serve_cmd('writer', '--bootstrap', kafka, '--topic', topic, '--port', str(port),
+                   '--state', str(tmp_path / 'w.db'), '--tokens-file', str(tokens))
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stderr.readline()
+    assert f'listening on http://127.0.0.1:{port}' in line, line
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+    conn.request('POST', '/events', body=json.dumps(event('cli-user')), headers=HEADERS)
+    resp = conn.getresponse()
+    receipt = json.loads(resp.read())
+    assert resp.status == 201 and receipt['topic'] == topic and receipt['sequence'] == 1
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=30)[1]
+  assert proc.returncode == 0, rest
+  assert TOKEN not in line + rest
