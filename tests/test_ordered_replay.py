@@ -1,0 +1,280 @@
+"""The ordered archive replay: same results as ReadArchive | RetailProjections, without a shuffle."""
+
+import copy
+import gc
+import json
+import random
+import shutil
+import weakref
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from generators import retail, taxi
+from pipelines.options import pipeline_options
+from schemas.envelope import iso_to_millis
+from transforms.archive import ReadArchive, WriteArchive, list_archive_files
+from schemas.registry import registry
+from transforms.archive_format import CorruptArchiveFile, encode_avro
+from transforms.ordered_replay import (CORRUPT, OUTPUTS, STATS, UNCLAIMED, UNPROCESSED,
+                                       BucketReplay, KeySpace, OrderedArchiveReplay,
+                                       ReplayRetailProjections, check_placement,
+                                       read_checked_file, replay_bucket, retail_key_spaces)
+from transforms.ordering_core import Orderer, batch_order, process_key
+from transforms.projections import VIEWS, RetailProjections, latest
+
+HOUR = 3_600_000
+
+
+def envelopes(n, seed=3, rate=0.1):
+  """Generated retail envelopes at ``rate`` events/s (so a few hours), event_time in millis."""
+  out = []
+  for t, env in retail.timed_retail_events(n, seed, phases=[retail.phases_mod.constant(rate, n / rate)]):
+    env['event_time'] = t
+    out.append(env)
+  return out
+
+
+def messy_archive_input(n=1500, seed=3):
+  """What real archives hold: re-delivered copies, lost events (gaps), an event below
+  the first sequence, sequences whose event time runs backwards across an hour,
+  and events no retail view uses (taxi rides and fares)."""
+  rng = random.Random(seed)
+  events = envelopes(n, seed)
+  kept = [e for i, e in enumerate(events) if i < 50 or rng.random() > 0.01]   # ~1% lost: gaps
+  dups = [copy.deepcopy(e) for e in rng.sample(kept, 25)]                       # re-delivered
+  # A late writer: some events stamped an hour earlier than their key's previous event,
+  # so a key's sequence order and the archive's hour order disagree.
+  for e in rng.sample(kept[100:], 15):
+    e['event_time'] = max(e['event_time'] - HOUR, events[0]['event_time'])
+  zero = copy.deepcopy(kept[200])
+  zero['event_id'] = 'seq-zero'
+  zero['sequence'] = 0
+  rides = []
+  for env in taxi.taxi_envelopes(15, seed):
+    if isinstance(env['event_time'], str):
+      env['event_time'] = iso_to_millis(env['event_time'])
+    env['event_time'] = events[0]['event_time'] + (env['event_time'] % (2 * HOUR))
+    rides.append(env)
+  everything = kept + dups + [zero] + rides
+  rng.shuffle(everything)
+  return everything
+
+
+def write_archive(path, events, fmt='avro', buckets=4, runs=2, max_events_per_file=150):
+  """Written by ``runs`` separate runs (so partitions hold several files to merge)."""
+  per_run = [events[i::runs] for i in range(runs)]
+  for part in per_run:
+    with TestPipeline(options=pipeline_options([])) as p:
+      _ = p | beam.Create(part) | WriteArchive(path, format=fmt, buckets=buckets,
+                                               max_events_per_file=max_events_per_file)
+
+
+@pytest.fixture(scope='module', params=['avro', 'parquet'])
+def archive(request, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp(f'archive-{request.param}') / 'a')
+  events = messy_archive_input()
+  write_archive(path, events, fmt=request.param)
+  return path, events
+
+
+def _canon(records):
+  return sorted(json.dumps(r, sort_keys=True, default=str) for r in records)
+
+
+def test_matches_read_archive_and_retail_projections(archive):
+  """The equivalence: final view records and unprocessed records are identical."""
+  path, events = archive
+  reference, fast = {}, {}
+  with TestPipeline(options=pipeline_options([])) as p:
+    ref = p | 'Read' >> ReadArchive(path)
+    ref_views = ref['events'] | RetailProjections()
+    got = p | 'Replay' >> ReplayRetailProjections(path)
+    for view in VIEWS:
+      want = getattr(ref_views, view) | f'Ref {view}' >> beam.combiners.ToList()
+      have = getattr(got.views, view) | f'Got {view}' >> beam.combiners.ToList()
+      reference[view], fast[view] = want, have
+    reference['unprocessed'] = ref_views.unprocessed | 'RefU' >> beam.combiners.ToList()
+    fast['unprocessed'] = got.views.unprocessed | 'GotU' >> beam.combiners.ToList()
+    for name in reference:
+      both = ((reference[name] | f'Canon ref {name}' >> beam.Map(_canon)),
+              (fast[name] | f'Canon got {name}' >> beam.Map(_canon)))
+      pairs = (both | f'Flat {name}' >> beam.Flatten()
+               | f'Key {name}' >> beam.Map(lambda c: ('k', c)) | f'G {name}' >> beam.GroupByKey()
+               | f'Pair {name}' >> beam.Map(lambda kv: len(kv[1]) == 2 and kv[1][0] == kv[1][1]))
+      assert_that(pairs, equal_to([True]), label=f'Same {name}')
+    stats = got.stats | beam.combiners.ToList()
+    assert_that(stats, lambda s: _check_stats(s[0], len(events)), label='Stats')
+
+
+def _check_stats(stats, n):
+  assert sum(s['events'] for s in stats) == n
+  assert sum(s['unclaimed'] for s in stats) == sum(
+      v for s in stats for t, v in s['by_type'].items() if t.startswith(('Ride', 'Fare')))
+  assert all(s['corrupt_files'] == 0 for s in stats)
+  assert sum(s['keys_waiting_on_gap'] for s in stats) > 0  # the lost events leave gaps
+
+
+def test_plain_python_replay_equals_the_ordering_core_per_key(archive):
+  """Without Beam: each key's outputs and reports equal process_key over its sorted events,
+  the batch ProcessInOrder path, although the replay feeds events hour by hour."""
+  path, events = archive
+  files = list_archive_files(path)
+  got_out, got_unp = [], []
+  for bucket in sorted({f.bucket for f in files}):
+    replay = BucketReplay(retail_key_spaces())
+    for tag, value in replay_bucket([f for f in files if f.bucket == bucket], replay,
+                                    lambda f: read_checked_file(f, None, 4)):
+      assert tag != CORRUPT
+      if tag == OUTPUTS:
+        got_out.append(value)
+      elif tag == UNPROCESSED:
+        got_unp.append(value)
+  want_out, want_unp = [], []
+  for ks in retail_key_spaces():
+    orderer = Orderer(ks.handler)
+    per_key = {}
+    for e in events:
+      if e['event_type'] in ks.event_types:
+        per_key.setdefault(e['partition_key'], []).append((e['sequence'], e))
+    for key, evs in per_key.items():
+      _, _, act = process_key(orderer, key, batch_order(evs, 1))
+      want_out.extend(act.outputs)
+      want_unp.extend(act.unprocessed)
+  # Without latest_by every output is kept, in sequence order per key: the last per
+  # (view, key) is the view.
+  assert len(got_out) == len(want_out)
+  assert {(r['view'], k): r for k, r in got_out} == latest(r for _, r in want_out)
+  assert _canon(got_unp) == _canon(want_unp)
+  assert {u['reason'] for u in got_unp} == {'duplicate', 'before_initial'}
+
+
+def test_every_output_in_sequence_order_without_latest_by(archive):
+  path, events = archive
+  files = list_archive_files(path)
+  replay = BucketReplay(retail_key_spaces())
+  outs = [v for t, v in replay_bucket([f for f in files if f.bucket == 1], replay,
+                                      lambda f: read_checked_file(f, None, 4)) if t == OUTPUTS]
+  assert outs
+  last = {}
+  for key, rec in outs:
+    assert rec['as_of_sequence'] >= last.get((rec['view'], key), 0)
+    last[(rec['view'], key)] = rec['as_of_sequence']
+
+
+def test_a_bucket_is_streamed_hour_by_hour_never_whole(archive):
+  """At most one hour's files of the bucket are decoded and alive at any moment."""
+  path, _ = archive
+  files = [f for f in list_archive_files(path) if f.bucket == 2]
+  hours = {f.hour for f in files}
+  assert len(hours) >= 3
+  refs = []
+  max_alive_hours = []
+
+  class Events(list):
+    __hash__ = object.__hash__
+
+  def reader(f):
+    gc.collect()
+    alive = [r() for r in refs if r() is not None]
+    max_alive_hours.append(len({ev.hour for ev in alive if ev.hour != f.hour}))
+    evs = Events(read_checked_file(f, None, 4))
+    evs.hour = f.hour
+    refs.append(weakref.ref(evs))
+    return evs
+
+  replay = BucketReplay(retail_key_spaces())
+  for _ in replay_bucket(files, replay, reader):
+    pass
+  assert len(max_alive_hours) == len(files)
+  # When a file is opened, no file of another hour is still alive.
+  assert max(max_alive_hours) == 0
+
+
+def test_a_file_breaking_the_layout_is_reported_and_not_applied(tmp_path, archive):
+  path, _ = archive
+  files = list_archive_files(path)
+  f = files[0]
+  events = read_checked_file(f, None, 4)
+  wrong_bucket = [dict(e) for e in events]
+  wrong_bucket[0]['partition_key'] = next(
+      k for k in (f'u-{i:07d}' for i in range(1000))
+      if __import__('zlib').crc32(k.encode()) % 4 != f.bucket)
+  assert 'bucket' in check_placement(wrong_bucket, f, 4)
+  unsorted = list(reversed(events))
+  if len({e['partition_key'] for e in events}) > 1:
+    assert 'out of order' in check_placement(unsorted, f, 4)
+  late = [dict(e) for e in events]
+  late[-1]['event_time'] += 2 * HOUR
+  assert 'outside hour' in check_placement(late, f, 4)
+
+  copy_path = tmp_path / 'copy'
+  shutil.copytree(path, copy_path)
+  victim = [g for g in list_archive_files(str(copy_path)) if g.format == 'avro']
+  if victim:  # rewrite one Avro file with an event moved to another hour
+    v = victim[0]
+    evs = read_checked_file(v, None, 4)
+    evs[0] = dict(evs[0], event_time=evs[0]['event_time'] + 5 * HOUR)
+    with open(v.path, 'wb') as out:
+      out.write(encode_avro(evs, registry()))
+    with pytest.raises(CorruptArchiveFile, match='outside hour'):
+      read_checked_file(v, None, 4)
+    replay = BucketReplay(retail_key_spaces())
+    tags = [(t, x) for t, x in replay_bucket([g for g in list_archive_files(str(copy_path))
+                                              if g.bucket == v.bucket], replay,
+                                             lambda g: read_checked_file(g, None, 4))]
+    corrupt = [x for t, x in tags if t == CORRUPT]
+    assert [c['path'] for c in corrupt] == [v.path]
+    stats = [x for t, x in tags if t == STATS][0]
+    assert stats['corrupt_files'] == 1
+    assert stats['events'] == sum(len(read_checked_file(g, None, 4))
+                                  for g in list_archive_files(str(copy_path))
+                                  if g.bucket == v.bucket and g.path != v.path)
+
+
+def test_unclaimed_events_are_passed_on_for_other_consumers(archive):
+  path, events = archive
+  rides = sorted(e['event_id'] for e in events if e['event_type'] in ('RideStarted', 'RideEnded', 'FarePaid'))
+  assert rides
+  with TestPipeline(options=pipeline_options([])) as p:
+    got = p | ReplayRetailProjections(path, with_unclaimed=True)
+    assert_that(got.unclaimed | beam.Map(lambda e: e['event_id']), equal_to(rides))
+
+
+def test_general_key_spaces_with_every_output_and_final_status(archive):
+  """OrderedArchiveReplay with a handler of one's own, every output kept."""
+  path, events = archive
+
+  class CountPerKey:
+    def initial_state(self, key):
+      return 0
+
+    def apply(self, state, event):
+      return state + 1, [(state + 1, event['sequence'])]
+
+  with TestPipeline(options=pipeline_options([])) as p:
+    result = p | OrderedArchiveReplay(
+        path, [KeySpace('products', frozenset({'ProductCreated', 'ProductImageAdded'}), CountPerKey())],
+        final_status=True)
+    # The n-th applied event of a key is its sequence n: order kept, no gaps in products here.
+    assert_that(result.outputs | beam.Map(lambda kv: kv[1][0] == kv[1][1]) | beam.Distinct(),
+                equal_to([True]), label='InOrder')
+    n_products = len({e['partition_key'] for e in events
+                      if e['event_type'] in ('ProductCreated', 'ProductImageAdded')})
+    assert_that(result.status | beam.combiners.Count.Globally(), equal_to([n_products]),
+                label='Status')
+
+
+def test_an_event_type_in_two_key_spaces_is_refused():
+  class H:
+    def initial_state(self, key):
+      return None
+
+    def apply(self, state, event):
+      return state, []
+
+  with pytest.raises(ValueError, match='one key space'):
+    BucketReplay([KeySpace('a', frozenset({'ProductViewed'}), H()),
+                  KeySpace('b', frozenset({'ProductViewed'}), H())])
