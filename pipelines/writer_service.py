@@ -210,6 +210,7 @@ class KafkaLog:
         'linger.ms': 2,
         'message.timeout.ms': int(ack_timeout * 1000),
         'socket.timeout.ms': 10000,
+        'logger': log,  # librdkafka's messages through Python logging, not raw stderr
     })
     self.partitions = self._ensure_topic(partitions)
 
@@ -218,7 +219,7 @@ class KafkaLog:
     md = self.producer.list_topics(timeout=15)
     t = md.topics.get(self.topic)
     if t is None or t.error is not None:
-      admin = AdminClient({'bootstrap.servers': self.bootstrap})
+      admin = AdminClient({'bootstrap.servers': self.bootstrap, 'logger': log})
       futures = admin.create_topics([NewTopic(self.topic, partitions, 1)], request_timeout=15)
       try:
         futures[self.topic].result(timeout=30)
@@ -262,7 +263,8 @@ class KafkaLog:
     from confluent_kafka import Consumer, KafkaError, TopicPartition
     consumer = Consumer({'bootstrap.servers': self.bootstrap, 'group.id': f'sourcebeam-writer-{uuid.uuid4()}',
                          'enable.auto.commit': False, 'auto.offset.reset': 'earliest',
-                         'isolation.level': 'read_uncommitted', 'enable.partition.eof': True})
+                         'isolation.level': 'read_uncommitted', 'enable.partition.eof': True,
+                         'logger': log})
     try:
       low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15)
       start = max(start, low)
@@ -296,7 +298,9 @@ class KafkaLog:
       return False
 
   def close(self) -> None:
-    self.producer.flush(5)
+    if self.producer is not None:
+      self.producer.flush(5)
+      self.producer = None  # librdkafka's client is destroyed with its last reference
 
 
 # --- the writer -----------------------------------------------------------------------------------

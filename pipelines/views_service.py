@@ -1,0 +1,227 @@
+"""The view API: the retail views, each read able to wait for write receipts.
+
+Routes (all GET)::
+
+    /carts/{user_id}
+    /products?category=...
+    /users/{user_id}/recently-viewed
+    /users/{user_id}/frequently-viewed
+    /positions            how far every view has applied every partition
+    /health
+
+Effect after cause: each view read takes ``after=<receipt>``, one or more, as the
+writer's compact receipt ``topic:partition:offset`` (repeat the parameter or
+separate receipts with commas: ``after=retail:0:41,retail:2:7``). The read answers
+only once the view's stored position for each receipt's partition is at or past
+the receipt's offset, checking every ``--poll-ms`` for at most ``--max-wait-ms``
+(a request may ask for less with ``wait_ms``); past that, 504 with the positions
+the view has reached. Without ``after`` it answers at once with what it has and
+its positions. The value is read *after* the positions are seen, and the store
+moves a view and its positions in one transaction, so a satisfied receipt's
+write is in the answer.
+
+A position is a per-partition high-water mark; it proves that a write is
+included when the sink applies each partition's records in offset order (see
+:mod:`transforms.view_store`). Answer shape::
+
+    {"view": "cart", "key": "u1", "found": true, "value": {...the view record...},
+     "positions": [{"topic", "partition", "offset"}...], "waited_ms": 12}
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import re
+import time
+import urllib.parse
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from pipelines.cli import UsageError
+from pipelines.serve import (Answer, HttpError, make_server, method_not_allowed, not_found,
+                             serve_until_stopped)
+from transforms.view_store import ViewStore, redact
+
+log = logging.getLogger('sourcebeam.views')
+
+MAX_RECEIPTS = 100
+MAX_KEY_CHARS = 256
+TOPIC_RE = re.compile(r'^[A-Za-z0-9._-]{1,249}$')  # Kafka's legal topic names
+ROUTE_HELP = ['/carts/{user_id}', '/products?category=...', '/users/{user_id}/recently-viewed',
+              '/users/{user_id}/frequently-viewed', '/positions', '/health']
+
+Receipts = Dict[Tuple[str, int], int]  # (topic, partition) -> offset the view must reach
+
+
+def parse_receipts(values: List[str]) -> Receipts:
+  """``after`` values (repeated, each possibly comma-separated) -> {(topic, partition): offset}.
+
+  Several receipts for one partition need only the highest. HttpError 400 on a bad one.
+  """
+  out: Receipts = {}
+  items = [item.strip() for v in values for item in v.split(',')]
+  if len(items) > MAX_RECEIPTS:
+    raise HttpError(400, f'{len(items)} receipts; at most {MAX_RECEIPTS} per request')
+  for item in items:
+    parts = item.rsplit(':', 2)
+    if len(parts) != 3:
+      raise HttpError(400, f'bad receipt {item!r}: expected topic:partition:offset',
+                      example='retail:0:42')
+    topic, partition, offset = parts
+    if not TOPIC_RE.match(topic):
+      raise HttpError(400, f'bad receipt {item!r}: {topic!r} is not a Kafka topic name')
+    if not (partition.isdigit() and offset.isdigit()) or len(partition) > 9 or len(offset) > 18:
+      raise HttpError(400, f'bad receipt {item!r}: partition and offset must be whole numbers >= 0')
+    k = (topic, int(partition))
+    out[k] = max(out.get(k, -1), int(offset))
+  return out
+
+
+def _key(segment: str, what: str) -> str:
+  key = urllib.parse.unquote(segment)
+  if not key or len(key) > MAX_KEY_CHARS:
+    raise HttpError(400, f'{what} must be 1 to {MAX_KEY_CHARS} characters')
+  return key
+
+
+class ViewsApi:
+  """Plain-Python request handling; ``handle`` gives ``(status, body, headers)``.
+
+  Store connections are pooled (one per concurrent request): sqlite3 and pg8000
+  connections must not be shared between threads.
+  """
+
+  max_body_bytes = 0  # GET only: any body is refused
+
+  def __init__(self, dsn: str, max_wait_ms: int = 5000, poll_ms: int = 20):
+    self.dsn, self.max_wait_ms, self.poll_ms = dsn, max_wait_ms, poll_ms
+    self.pool: 'queue.LifoQueue[ViewStore]' = queue.LifoQueue()
+    self._put(ViewStore(dsn))  # fail at start-up, not at the first request, on a bad DSN
+
+  def _get(self) -> ViewStore:
+    try:
+      return self.pool.get_nowait()
+    except queue.Empty:
+      return ViewStore(self.dsn)
+
+  def _put(self, store: ViewStore) -> None:
+    self.pool.put(store)
+
+  def close(self) -> None:
+    while True:
+      try:
+        self.pool.get_nowait().close()
+      except queue.Empty:
+        return
+
+  def _route(self, path: str) -> Tuple[str, Optional[str]]:
+    """(view or special route, key) for a path; 404 for anything else."""
+    parts = path.split('/')
+    if len(parts) == 3 and parts[1] == 'carts' and parts[2]:
+      return 'cart', _key(parts[2], 'user_id')
+    if path == '/products':
+      return 'catalog', None
+    if len(parts) == 4 and parts[1] == 'users' and parts[2]:
+      if parts[3] == 'recently-viewed':
+        return 'recently_viewed', _key(parts[2], 'user_id')
+      if parts[3] == 'frequently-viewed':
+        return 'frequently_viewed', _key(parts[2], 'user_id')
+    if path in ('/positions', '/health'):
+      return path[1:], None
+    raise not_found(path, ROUTE_HELP)
+
+  def check(self, method: str, path: str, headers: Mapping[str, str]) -> None:
+    self._route(urllib.parse.urlsplit(path).path)
+    if method != 'GET':
+      raise method_not_allowed(method, 'GET')
+
+  def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
+    self.check(method, path, headers)
+    url = urllib.parse.urlsplit(path)
+    view, key = self._route(url.path)
+    try:
+      params = urllib.parse.parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query),
+                                     max_num_fields=MAX_RECEIPTS + 10)
+    except ValueError as e:
+      raise HttpError(400, f'bad query string: {e}') from None
+    allowed = {'after', 'wait_ms'} | ({'category'} if view == 'catalog' else set())
+    unknown = sorted(set(params) - allowed)
+    if unknown or view in ('positions', 'health') and params:
+      raise HttpError(400, f'unknown query parameter(s) {unknown or sorted(params)}',
+                      allowed=sorted(allowed) if view not in ('positions', 'health') else [])
+    store = self._get()
+    try:
+      if view == 'health':
+        store.positions()  # a round trip to the database
+        return 200, {'status': 'ok', 'db': redact(self.dsn)}, {}
+      if view == 'positions':
+        return 200, {'positions': store.positions()}, {}
+      if view == 'catalog':
+        cats = params.get('category', [])
+        if len(cats) != 1 or not cats[0]:
+          raise HttpError(400, 'give exactly one category: /products?category=...')
+        key = cats[0]
+      receipts = parse_receipts(params.get('after', []))
+      wait_ms = self.max_wait_ms
+      if 'wait_ms' in params:
+        w = params['wait_ms'][-1]
+        if not w.isdigit():
+          raise HttpError(400, f'wait_ms must be a whole number of milliseconds, got {w!r}')
+        wait_ms = min(int(w), self.max_wait_ms)
+      return self._read(store, view, key, receipts, wait_ms)
+    finally:
+      self._put(store)
+
+  def _read(self, store: ViewStore, view: str, key: str, receipts: Receipts,
+            wait_ms: int) -> Answer:
+    start = time.monotonic()
+    deadline = start + wait_ms / 1000
+    while True:
+      positions = store.positions(view)
+      reached = {(p['topic'], p['partition']): p['offset'] for p in positions}
+      pending = [(t, p, o) for (t, p), o in sorted(receipts.items())
+                 if reached.get((t, p), -1) < o]
+      if not pending:
+        break
+      if time.monotonic() >= deadline:
+        waited = int((time.monotonic() - start) * 1000)
+        raise HttpError(
+            504, f'the {view} view has not applied {len(pending)} receipt(s) after {waited} ms',
+            view=view, waited_ms=waited,
+            pending=[{'after': f'{t}:{p}:{o}', 'position': reached.get((t, p))}
+                     for t, p, o in pending],
+            positions=_positions(positions))
+      time.sleep(min(self.poll_ms / 1000, max(0.0, deadline - time.monotonic())))
+    # Read the value after the positions: the write the receipt names is in it.
+    if view == 'catalog':
+      value: Any = store.products_by_category(key)
+      body = {'view': view, 'category': key, 'products': value}
+    else:
+      value = store.get(view, key)
+      body = {'view': view, 'key': key, 'found': value is not None, 'value': value}
+    body['positions'] = _positions(positions)
+    body['waited_ms'] = int((time.monotonic() - start) * 1000)
+    return 200, body, {}
+
+
+def _positions(positions: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  return [{'topic': p['topic'], 'partition': p['partition'], 'offset': p['offset']}
+          for p in positions]
+
+
+def run(args: argparse.Namespace) -> int:
+  """``serve views``: open the store, serve until stopped."""
+  if args.max_wait_ms < 0 or args.poll_ms < 1:
+    raise UsageError('--max-wait-ms must be >= 0 and --poll-ms >= 1')
+  try:
+    api = ViewsApi(args.db, args.max_wait_ms, args.poll_ms)
+  except Exception as e:  # the password never appears: the message names the redacted DSN
+    raise UsageError(f'cannot open the view store {redact(args.db)}: '
+                     f'{type(e).__name__}: {str(e).replace(args.db, redact(args.db))}') from None
+  try:
+    server = make_server(api, args.host, args.port)
+  except OSError as e:
+    api.close()
+    raise UsageError(f'cannot listen on {args.host}:{args.port}: {e.strerror}') from None
+  return serve_until_stopped(server, api.close, f'view API ({redact(args.db)})')

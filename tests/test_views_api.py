@@ -1,0 +1,213 @@
+"""The view API over real HTTP on loopback, on SQLite and on a real PostgreSQL server.
+
+The store is fed by the real retail handlers' records (tests/test_view_store.py's
+``changelog``) through a second connection, as the streaming pipeline's sink would.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from typing import Any, Dict, Optional, Tuple
+
+import pytest
+
+from pipelines.serve import make_server
+from pipelines.views_service import ViewsApi
+from tests.db_fixtures import pg_dsn, postgres  # noqa: F401  (pytest fixtures)
+from tests.service_fixtures import free_port
+from tests.test_view_store import EVENTS, TOPIC, changelog
+from transforms.view_store import ViewStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=['sqlite', pytest.param('postgres', marks=pytest.mark.integration)])
+def dsn(request, tmp_path) -> str:
+  if request.param == 'sqlite':
+    return str(tmp_path / 'views.db')
+  return request.getfixturevalue('pg_dsn')
+
+
+class Api:
+  def __init__(self, dsn: str, max_wait_ms: int = 3000):
+    self.api = ViewsApi(dsn, max_wait_ms=max_wait_ms, poll_ms=10)
+    self.server = make_server(self.api, '127.0.0.1', 0)
+    self.port = self.server.server_address[1]
+    threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.1},
+                     daemon=True).start()
+
+  def get(self, path: str, method: str = 'GET', body: Optional[bytes] = None
+          ) -> Tuple[int, Dict[str, Any], Dict[str, str]]:
+    conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=30)
+    try:
+      conn.request(method, path, body=body)
+      resp = conn.getresponse()
+      return resp.status, json.loads(resp.read()), dict(resp.getheaders())
+    finally:
+      conn.close()
+
+  def stop(self):
+    self.server.shutdown()
+    self.server.server_close()
+    self.api.close()
+
+
+@pytest.fixture
+def api(dsn):
+  a = Api(dsn)
+  yield a
+  a.stop()
+
+
+RECORDS = changelog(EVENTS)  # offsets 0..7 on partition 0; cart changes at 6 and 7
+
+
+def apply(dsn: str, upto_offset: int, partition_records=RECORDS) -> None:
+  with ViewStore(dsn) as store:
+    store.apply([r for r in partition_records if r[1]['offset'] <= upto_offset])
+
+
+def test_without_after_answers_at_once_with_positions(api, dsn):
+  status, body, _ = api.get('/carts/u1')
+  assert status == 200 and body['found'] is False and body['value'] is None
+  assert body['positions'] == []
+  apply(dsn, 6)
+  status, body, _ = api.get('/carts/u1')
+  assert status == 200 and body['found']
+  assert body['value']['items'] == [{'product_id': 'p1', 'quantity': 2}]
+  assert body['positions'] == [{'topic': TOPIC, 'partition': 0, 'offset': 6}]
+  assert body['waited_ms'] < 1000
+  status, body, _ = api.get('/products?category=shoes')
+  assert [p['product_id'] for p in body['products']] == ['p0', 'p1']
+  assert body['positions'] == [{'topic': TOPIC, 'partition': 0, 'offset': 2}]
+  status, body, _ = api.get('/users/u1/recently-viewed')
+  assert body['value']['products'] == ['p1', 'p2']
+  status, body, _ = api.get('/users/u1/frequently-viewed')
+  assert body['value']['products'][0] == {'product_id': 'p1', 'views': 2}
+  status, body, _ = api.get('/positions')
+  assert {(p['view'], p['offset']) for p in body['positions']} == {
+      ('cart', 6), ('catalog', 2), ('recently_viewed', 5), ('frequently_viewed', 5)}
+  status, body, _ = api.get('/health')
+  assert status == 200 and body['status'] == 'ok'
+  password = urllib.parse.urlsplit(dsn).password
+  if password:  # PostgreSQL: the DSN is shown redacted
+    assert password not in json.dumps(body) and '***' in body['db']
+
+
+def test_after_waits_until_the_view_includes_the_write(api, dsn):
+  apply(dsn, 6)
+  # Already applied: answers at once.
+  status, body, _ = api.get(f'/carts/u1?after={TOPIC}:0:6')
+  assert status == 200 and body['waited_ms'] < 1000
+  # Not yet applied: the read waits; the "pipeline" applies offset 7 after 400 ms.
+  timer = threading.Timer(0.4, apply, (dsn, 7))
+  timer.start()
+  t0 = time.monotonic()
+  status, body, _ = api.get(f'/carts/u1?after={TOPIC}:0:7&after={TOPIC}:0:3')
+  elapsed = time.monotonic() - t0
+  timer.join()
+  assert status == 200, body
+  assert body['value']['items'] == [{'product_id': 'p1', 'quantity': 2},
+                                    {'product_id': 'p2', 'quantity': 1}]
+  assert body['positions'] == [{'topic': TOPIC, 'partition': 0, 'offset': 7}]
+  assert 0.35 <= elapsed < 3 and body['waited_ms'] >= 350
+
+
+def test_past_the_limit_504_says_how_far_the_view_got(dsn):
+  a = Api(dsn, max_wait_ms=300)
+  try:
+    apply(dsn, 7)
+    t0 = time.monotonic()
+    status, body, _ = a.get(f'/carts/u1?after={TOPIC}:0:99,{TOPIC}:1:0,{TOPIC}:0:5')
+    assert status == 504 and 0.3 <= time.monotonic() - t0 < 2
+    assert 'has not applied 2 receipt(s)' in body['error']
+    assert body['pending'] == [{'after': f'{TOPIC}:0:99', 'position': 7},
+                               {'after': f'{TOPIC}:1:0', 'position': None}]
+    assert body['positions'] == [{'topic': TOPIC, 'partition': 0, 'offset': 7}]
+    # A request may wait less than the limit, never more.
+    t0 = time.monotonic()
+    status, body, _ = a.get(f'/users/u1/recently-viewed?after={TOPIC}:0:99&wait_ms=0')
+    assert status == 504 and time.monotonic() - t0 < 0.3
+    assert body['pending'] == [{'after': f'{TOPIC}:0:99', 'position': 5}]
+  finally:
+    a.stop()
+
+
+def test_bad_requests_get_clear_4xx(api):
+  for after in ('nonsense', 'retail:0', 'retail:x:1', 'retail:0:-1', 're tail:0:1', ':0:1',
+                'retail:0:1,', 'retail:0:99999999999999999999'):
+    status, body, _ = api.get('/carts/u1?after=' + urllib.parse.quote(after))
+    assert status == 400, (after, body)
+    assert 'receipt' in body['error'], body
+  status, body, _ = api.get('/carts/u1?after=' + ','.join(['t:0:1'] * 101))
+  assert status == 400 and 'at most 100' in body['error']
+  status, body, _ = api.get('/carts/u1?colour=red')
+  assert status == 400 and 'unknown query parameter' in body['error']
+  status, body, _ = api.get('/products')
+  assert status == 400 and 'category' in body['error']
+  status, body, _ = api.get('/products?category=a&category=b')
+  assert status == 400
+  status, body, _ = api.get('/carts/u1?after=t:0:1&wait_ms=soon')
+  assert status == 400 and 'wait_ms' in body['error']
+  for path in ('/carts', '/carts/', '/users/u1', '/users/u1/wishlist', '/nope', '/'):
+    status, body, _ = api.get(path)
+    assert status == 404, path
+    assert '/carts/{user_id}' in body['routes']
+  status, body, headers = api.get('/carts/u1', method='POST', body=b'{"x": 1}')
+  assert status == 405 and headers['Allow'] == 'GET'
+  status, body, _ = api.get('/carts/' + 'u' * 300)
+  assert status == 400
+  # Keys are data, never SQL: a hostile key is just a key that has no cart.
+  status, body, _ = api.get('/carts/' + urllib.parse.quote("u1' OR '1'='1"))
+  assert status == 200 and body['found'] is False
+
+
+def _serve_cmd(*args: str):
+  code = ('import sys; from pipelines.cli import run_command; import pipelines.serve as s, argparse; '
+          'p = argparse.ArgumentParser(); s.add_arguments(p); a, b = p.parse_known_args(sys.argv[1:]); '
+          'sys.exit(run_command(s, a, b))')
+  return [sys.executable, '-c', code, *args]
+
+
+def test_cli_serves_views_until_sigterm(tmp_path):
+  db = str(tmp_path / 'views.db')
+  apply(db, 7)
+  bad = subprocess.run(_serve_cmd('views', '--db', str(tmp_path / 'no' / 'such' / 'dir.db')),
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and bad.stderr.startswith('error: cannot open the view store')
+  assert 'Traceback' not in bad.stderr
+  port = free_port()
+  proc = subprocess.Popen(_serve_cmd('views', '--db', db, '--port', str(port), '--max-wait-ms', '200'),
+                          cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stderr.readline()
+    assert f'listening on http://127.0.0.1:{port}' in line, line
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+    conn.request('GET', f'/carts/u1?after={TOPIC}:0:7')
+    resp = conn.getresponse()
+    assert resp.status == 200 and len(json.loads(resp.read())['value']['items']) == 2
+    conn.request('GET', f'/carts/u1?after={TOPIC}:0:8')  # the same keep-alive connection
+    resp = conn.getresponse()
+    assert resp.status == 504 and json.loads(resp.read())['pending'][0]['position'] == 7
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+  assert proc.returncode == 0
+
+
+@pytest.mark.integration
+def test_postgres_password_is_never_shown(postgres):
+  bad = postgres.replace('@', 'x@', 1)  # a wrong password
+  password = urllib.parse.urlsplit(bad).password
+  result = subprocess.run(_serve_cmd('views', '--db', bad, '--port', '0'), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert password not in result.stderr and '***' in result.stderr
