@@ -20,8 +20,10 @@ its positions. The value is read *after* the positions are seen, and the store
 moves a view and its positions in one transaction, so a satisfied receipt's
 write is in the answer.
 
-A position is a per-partition high-water mark; it proves that a write is
-included when the sink applies each partition's records in offset order (see
+With the store fed in per-event mode (``ViewChanges`` -> ``WriteViewsToStore``) a
+position is the partition's contiguous watermark, so a satisfied receipt proves
+inclusion under any parallelism; in records mode it is a high-water mark, which
+proves it only when each partition reaches the sink in offset order (see
 :mod:`transforms.view_store`). Answer shape::
 
     {"view": "cart", "key": "u1", "found": true, "value": {...the view record...},

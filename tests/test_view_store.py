@@ -175,3 +175,81 @@ def test_sqlite_dsn_forms(tmp_path):
   assert os.path.exists(path)
   with ViewStore(path) as store:
     assert store.position('catalog', TOPIC, 0) == 0
+
+
+# --- per-event mode: (source, [records]) per Kafka message, contiguous watermarks ----------------
+
+def outcomes(events, partition: int = 0, first_offset: int = 0):
+  """(source, [records]) per event, from the same real handlers as ``changelog``."""
+  pairs = changelog(events, partition, first_offset)
+  out = []
+  for i in range(len(events)):
+    source = {'topic': TOPIC, 'partition': partition, 'offset': first_offset + i}
+    out.append((source, [r for r, s in pairs if s == source]))
+  return out
+
+
+def test_per_event_positions_are_contiguous_watermarks(dsn):
+  done = outcomes(EVENTS)  # offsets 0..7; offsets 0..2 change only the catalog
+  with ViewStore(dsn) as store:
+    # A parallel pipeline finished offsets 0, 1, 6 and 7 first: the watermark stops at 1.
+    store.apply_events([done[i] for i in (0, 1, 6, 7)])
+    assert {p['view']: p['offset'] for p in store.positions()} == {v: 1 for v in
+                                                                   ('cart', 'catalog', 'recently_viewed', 'frequently_viewed')}
+    assert store.cart('u1')['as_of_sequence'] == 5  # the records themselves are in
+    # The rest arrives (one event twice): every view is at 7, even those 2..5 did not touch.
+    counts = store.apply_events([done[i] for i in (5, 2, 3, 4, 4)])
+    assert counts['events'] == 5
+    assert {p['view']: p['offset'] for p in store.positions()} == {v: 7 for v in
+                                                                   ('cart', 'catalog', 'recently_viewed', 'frequently_viewed')}
+    before = snapshot(store)
+    assert store.apply_events(done)['applied'] == 0  # a replay changes nothing
+    assert snapshot(store) == before
+    # An event that changed no view still moves the watermark: (source, []).
+    store.apply_events([({'topic': TOPIC, 'partition': 0, 'offset': 8}, [])])
+    assert store.position('cart', TOPIC, 0) == 8
+    # A bad record rolls back the batch, watermark included.
+    bad = ({'topic': TOPIC, 'partition': 0, 'offset': 9}, [{'view': 'cart', 'key': ''}])
+    with pytest.raises(StoreError):
+      store.apply_events([({'topic': TOPIC, 'partition': 0, 'offset': 10}, []), bad])
+    assert store.position('cart', TOPIC, 0) == 8
+    # A partition read from a later start offset.
+    store.apply_events([({'topic': TOPIC, 'partition': 5, 'offset': 1000}, [])],
+                       start_offsets={(TOPIC, 5): 1000})
+    assert store.position('catalog', TOPIC, 5) == 1000
+
+
+def test_view_changes_and_sink_in_a_beam_pipeline(dsn):
+  """Kafka messages (envelope or None, source) -> ViewChanges -> WriteViewsToStore."""
+  user = {}
+  messages = []
+  for i, (event_type, data) in enumerate(EVENTS):
+    key = data.get('user_id') or data['product_id']
+    user[key] = user.get(key, 0) + 1
+    env = make_envelope(event_type, data, event_id=f'e{i}', sequence=user[key],
+                        event_time=T0 + i, origin='test')
+    messages.append((env, {'topic': TOPIC, 'partition': 0, 'offset': i}))
+  n = len(messages)
+  ride = make_envelope('RideStarted', _ride_data(), event_id='r1', sequence=1,
+                       event_time=T0, origin='test')
+  messages += [
+      (None, {'topic': TOPIC, 'partition': 0, 'offset': n}),          # dead-lettered at publish
+      (ride, {'topic': TOPIC, 'partition': 0, 'offset': n + 1}),      # not a retail view's business
+      (messages[6][0], {'topic': TOPIC, 'partition': 0, 'offset': n + 2}),  # a duplicate write
+  ]
+  with TestPipeline() as p:
+    from transforms.view_store import ViewChanges
+    _ = p | beam.Create(messages) | ViewChanges() | WriteViewsToStore(dsn, batch_size=3)
+  with ViewStore(dsn) as store:
+    assert store.cart('u1')['items'] == [{'product_id': 'p1', 'quantity': 2},
+                                         {'product_id': 'p2', 'quantity': 1}]
+    assert {p['view']: p['offset'] for p in store.positions()} == {
+        v: n + 2 for v in ('cart', 'catalog', 'recently_viewed', 'frequently_viewed')}
+    assert [p['product_id'] for p in store.products_by_category('shoes')] == ['p0', 'p1']
+
+
+def _ride_data():
+  from schemas.registry import registry
+  et = registry().get('RideStarted')
+  sample = {'string': 'x', 'int': 1, 'long': T0, 'double': 1.0, 'float': 1.0, 'boolean': True}
+  return {f.name: sample[f.type] for f in et.fields}

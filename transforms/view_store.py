@@ -18,30 +18,37 @@ Tables::
         (key PRIMARY KEY, value JSON text, as_of_sequence, event_time,
          source_topic, source_partition, source_offset [, category for the catalog])
     positions (view, topic, kafka_partition) -> applied_offset
+    partition_progress, pending_offsets   (per-event mode: the watermark and offsets done past it)
 
-Input of :meth:`ViewStore.apply` and of the Beam sink :class:`WriteViewsToStore`:
-pairs ``(record, source)``, where ``record`` is a view record of
-:class:`transforms.projections.RetailProjections` (``final=False``: each record is
-the new full value of one view key; ``{view, key, ..., as_of_sequence,
-event_time}``) and ``source`` is the Kafka position of the event that produced it,
-``{'topic': str, 'partition': int, 'offset': int}`` (a ``(topic, partition,
-offset)`` tuple is accepted too).
+Two input shapes, one per store (both applied in one transaction per batch):
+
+* **per-event mode** (recommended for a live pipeline): ``(source, [records])``,
+  one element per Kafka message consumed, with the view records that message
+  produced (possibly none). :meth:`ViewStore.apply_events`; :class:`ViewChanges`
+  turns ``(envelope or None, source)`` messages into this shape with the retail
+  handlers. The store then knows which offsets are done, so a view's position is
+  the partition's *contiguous* watermark: ``position >= offset`` proves the write
+  at ``offset`` is in the view however a parallel runner interleaves a
+  partition's keys, and also after an event that changed no view.
+* **records mode**: ``(record, source)``, one element per view record, e.g.
+  ``RetailProjections(final=False)``'s records tagged with their event's source.
+  :meth:`ViewStore.apply`. The position is the highest offset applied (a
+  high-water mark): it proves inclusion only if each partition's records reach
+  the sink in offset order, and it does not move for events that changed no view.
+
+``record`` is a view record of :mod:`transforms.projections` (each the new full
+value of one view key: ``{view, key, ..., as_of_sequence, event_time}``) and
+``source`` the Kafka position of the message that produced it, ``{'topic': str,
+'partition': int, 'offset': int}`` (a ``(topic, partition, offset)`` tuple is
+accepted too).
 
 Idempotency: every record is a full value, and a key's events all live in one
 partition, in order. A record is skipped when its key's row already holds a
 record from the same partition at the same or a later offset, so an event
-delivered twice (a restarted pipeline, a retried write) changes a view once, and
-an old record replayed after a newer one never rolls a view back. This per-key
-rule equals the per-partition rule "skip offset <= position" when a partition's
-records arrive in offset order, and stays right when a parallel pipeline
-interleaves different keys of one partition. ``positions`` records the highest
-offset applied per (view, partition); a record skipped as a duplicate still
-counts as applied for it.
-
-What the position promises: ``position >= offset`` means the view has applied
-every record of that partition up to ``offset`` *if* the sink receives each
-partition's records in offset order (see the module docstring of
-``pipelines/views_service.py`` and the report to the pipeline's author).
+delivered twice (a restarted pipeline, a retried bundle) changes a view once,
+and an old record replayed after a newer one never rolls a view back. This
+per-key rule equals "skip offset <= position" when a partition arrives in offset
+order, and stays right when a parallel pipeline interleaves a partition's keys.
 """
 
 from __future__ import annotations
@@ -203,6 +210,13 @@ class ViewStore:
       cur.execute('CREATE TABLE IF NOT EXISTS positions ('
                   'view TEXT NOT NULL, topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, '
                   'applied_offset BIGINT NOT NULL, PRIMARY KEY (view, topic, kafka_partition))')
+      # Per-event mode: the contiguous watermark of each partition, and the offsets done past it.
+      cur.execute('CREATE TABLE IF NOT EXISTS partition_progress ('
+                  'topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, '
+                  'watermark BIGINT NOT NULL, PRIMARY KEY (topic, kafka_partition))')
+      cur.execute('CREATE TABLE IF NOT EXISTS pending_offsets ('
+                  'topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, '
+                  'kafka_offset BIGINT NOT NULL, PRIMARY KEY (topic, kafka_partition, kafka_offset))')
       self._commit()
     except Exception:
       self._rollback()
@@ -223,51 +237,123 @@ class ViewStore:
         raise StoreError(f'element {i} must be a (record, source) pair')
       items.append((normalise_source(item[1]), i, item[0]))
     items.sort(key=lambda t: (t[0], t[1]))
-    applied = skipped = 0
+    counts = {'applied': 0, 'skipped': 0}
     highest: Dict[Tuple[str, str, int], int] = {}
-    greatest = 'GREATEST' if self.postgres else 'MAX'
     cur = self.conn.cursor()
     try:
       self._begin(cur)
       for (topic, partition, offset), _, record in items:
-        view, key = _check_record(record)  # checked inside: a bad record rolls back the batch
-        table = TABLES[view]
-        cols = ['key', 'value', 'as_of_sequence', 'event_time',
-                'source_topic', 'source_partition', 'source_offset']
-        values = [key, json.dumps(record, sort_keys=True, separators=(',', ':')),
-                  record['as_of_sequence'], record['event_time'], topic, partition, offset]
-        if view == 'catalog':
-          cols.append('category')
-          values.append(record.get('category'))
-        updates = ', '.join(f'{c} = excluded.{c}' for c in cols[1:])
-        cur.execute(self._sql(
-            f'INSERT INTO {table} ({", ".join(cols)}) VALUES ({", ".join("?" * len(cols))}) '
-            f'ON CONFLICT (key) DO UPDATE SET {updates} WHERE '
-            # Same partition: the offset decides (a redelivered or older event is skipped).
-            f'({table}.source_topic = excluded.source_topic AND '
-            f'{table}.source_partition = excluded.source_partition AND '
-            f'{table}.source_offset < excluded.source_offset) OR '
-            # The key moved partition (a re-partitioned topic): the sequence decides.
-            f'(({table}.source_topic <> excluded.source_topic OR '
-            f'{table}.source_partition <> excluded.source_partition) AND '
-            f'{table}.as_of_sequence < excluded.as_of_sequence)'), values)
-        if cur.rowcount and cur.rowcount > 0:
-          applied += 1
-        else:
-          skipped += 1
+        view = self._upsert(cur, record, topic, partition, offset, counts)
         pos_key = (view, topic, partition)
         highest[pos_key] = max(offset, highest.get(pos_key, -1))
       for (view, topic, partition), offset in sorted(highest.items()):
-        cur.execute(self._sql(
-            'INSERT INTO positions (view, topic, kafka_partition, applied_offset) VALUES (?, ?, ?, ?) '
-            'ON CONFLICT (view, topic, kafka_partition) DO UPDATE SET '
-            f'applied_offset = {greatest}(positions.applied_offset, excluded.applied_offset)'),
-            (view, topic, partition, offset))
+        self._raise_position(cur, view, topic, partition, offset)
       self._commit()
     except BaseException:
       self._rollback()
       raise
-    return {'applied': applied, 'skipped': skipped}
+    return counts
+
+  def apply_events(self, events: Iterable[Tuple[Any, Sequence[Record]]],
+                   start_offsets: Optional[Mapping[Tuple[str, int], int]] = None) -> Dict[str, int]:
+    """Applies a batch of per-event outcomes ``(source, [records])`` in one transaction.
+
+    The per-event mode: the pipeline hands over one element per Kafka message it
+    consumed, with the view records that message produced (none for a message
+    that changed no view, was not a retail event, or was dead-lettered). The
+    store then knows which offsets are done, and every view's position for a
+    partition is its *contiguous* watermark: the highest offset such that every
+    offset from the partition's start up to it is done. So ``position >= offset``
+    proves a write is included even when a parallel pipeline finishes a
+    partition's events out of order, and a read after an event that changed no
+    view is not kept waiting. ``start_offsets`` gives the first offset of a
+    partition the pipeline reads (default 0, i.e. from the earliest offset of a
+    topic never truncated); it matters only before the first batch of that partition.
+    Returns ``{'applied', 'skipped', 'events'}``.
+    """
+    items = []
+    for i, item in enumerate(events):
+      if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[1], (list, tuple)):
+        raise StoreError(f'event {i} must be a (source, [records]) pair')
+      items.append((normalise_source(item[0]), i, item[1]))
+    items.sort(key=lambda t: (t[0], t[1]))
+    counts = {'applied': 0, 'skipped': 0, 'events': len(items)}
+    partitions = sorted({(t, p) for (t, p, _), _, _ in items})
+    cur = self.conn.cursor()
+    try:
+      self._begin(cur)
+      # Lock each partition's progress row, in a fixed order (no deadlocks between sinks).
+      watermark = {}
+      for topic, partition in partitions:
+        start = (start_offsets or {}).get((topic, partition), 0)
+        cur.execute(self._sql('INSERT INTO partition_progress (topic, kafka_partition, watermark) '
+                              'VALUES (?, ?, ?) ON CONFLICT (topic, kafka_partition) DO NOTHING'),
+                    (topic, partition, start - 1))
+        cur.execute(self._sql('SELECT watermark FROM partition_progress WHERE topic = ? AND '
+                              'kafka_partition = ?' + (' FOR UPDATE' if self.postgres else '')),
+                    (topic, partition))
+        watermark[(topic, partition)] = cur.fetchone()[0]
+      for (topic, partition, offset), _, records in items:
+        for record in records:
+          self._upsert(cur, record, topic, partition, offset, counts)
+        if offset > watermark[(topic, partition)]:
+          cur.execute(self._sql('INSERT INTO pending_offsets (topic, kafka_partition, kafka_offset) '
+                                'VALUES (?, ?, ?) ON CONFLICT DO NOTHING'), (topic, partition, offset))
+      for topic, partition in partitions:
+        w = watermark[(topic, partition)]
+        cur.execute(self._sql('SELECT kafka_offset FROM pending_offsets WHERE topic = ? AND '
+                              'kafka_partition = ? ORDER BY kafka_offset'), (topic, partition))
+        for (offset,) in cur.fetchall():
+          if offset != w + 1:
+            break
+          w = offset
+        if w > watermark[(topic, partition)]:
+          cur.execute(self._sql('DELETE FROM pending_offsets WHERE topic = ? AND kafka_partition = ? '
+                                'AND kafka_offset <= ?'), (topic, partition, w))
+          cur.execute(self._sql('UPDATE partition_progress SET watermark = ? WHERE topic = ? AND '
+                                'kafka_partition = ?'), (w, topic, partition))
+          for view in VIEWS:
+            self._raise_position(cur, view, topic, partition, w)
+      self._commit()
+    except BaseException:
+      self._rollback()
+      raise
+    return counts
+
+  def _upsert(self, cur, record: Any, topic: str, partition: int, offset: int,
+              counts: Dict[str, int]) -> str:
+    """Writes one record unless its key already holds this offset or a later one."""
+    view, key = _check_record(record)  # checked inside the transaction: a bad record rolls back
+    table = TABLES[view]
+    cols = ['key', 'value', 'as_of_sequence', 'event_time',
+            'source_topic', 'source_partition', 'source_offset']
+    values = [key, json.dumps(record, sort_keys=True, separators=(',', ':')),
+              record['as_of_sequence'], record['event_time'], topic, partition, offset]
+    if view == 'catalog':
+      cols.append('category')
+      values.append(record.get('category'))
+    updates = ', '.join(f'{c} = excluded.{c}' for c in cols[1:])
+    cur.execute(self._sql(
+        f'INSERT INTO {table} ({", ".join(cols)}) VALUES ({", ".join("?" * len(cols))}) '
+        f'ON CONFLICT (key) DO UPDATE SET {updates} WHERE '
+        # Same partition: the offset decides (a redelivered or older event is skipped).
+        f'({table}.source_topic = excluded.source_topic AND '
+        f'{table}.source_partition = excluded.source_partition AND '
+        f'{table}.source_offset < excluded.source_offset) OR '
+        # The key moved partition (a re-partitioned topic): the sequence decides.
+        f'(({table}.source_topic <> excluded.source_topic OR '
+        f'{table}.source_partition <> excluded.source_partition) AND '
+        f'{table}.as_of_sequence < excluded.as_of_sequence)'), values)
+    counts['applied' if cur.rowcount and cur.rowcount > 0 else 'skipped'] += 1
+    return view
+
+  def _raise_position(self, cur, view: str, topic: str, partition: int, offset: int) -> None:
+    greatest = 'GREATEST' if self.postgres else 'MAX'
+    cur.execute(self._sql(
+        'INSERT INTO positions (view, topic, kafka_partition, applied_offset) VALUES (?, ?, ?, ?) '
+        'ON CONFLICT (view, topic, kafka_partition) DO UPDATE SET '
+        f'applied_offset = {greatest}(positions.applied_offset, excluded.applied_offset)'),
+        (view, topic, partition, offset))
 
   # --- reading -----------------------------------------------------------------------
 
@@ -322,35 +408,49 @@ class ViewStore:
 
 # --- Beam: the sink ----------------------------------------------------------------------------
 
-class _WriteViewsFn(beam.DoFn):
-  """Batches ``(record, source)`` pairs per bundle and applies each batch in one transaction."""
+def is_record_pair(element: Any) -> bool:
+  """``(record, source)`` (records mode) rather than ``(source, [records])`` (per-event mode)."""
+  return isinstance(element[0], Mapping) and 'view' in element[0]
 
-  def __init__(self, dsn: str, batch_size: int):
+
+class _WriteViewsFn(beam.DoFn):
+  """Batches elements per bundle and applies each batch in one transaction: ``(record,
+  source)`` pairs with :meth:`ViewStore.apply`, ``(source, [records])`` with
+  :meth:`ViewStore.apply_events`."""
+
+  def __init__(self, dsn: str, batch_size: int,
+               start_offsets: Optional[Mapping[Tuple[str, int], int]] = None):
     self.dsn = dsn
     self.batch_size = batch_size
+    self.start_offsets = dict(start_offsets or {})
     self.applied = beam.metrics.Metrics.counter('view_store', 'applied')
     self.skipped = beam.metrics.Metrics.counter('view_store', 'skipped')
+    self.events = beam.metrics.Metrics.counter('view_store', 'events')
 
   def setup(self):
     self.store = ViewStore(self.dsn)
 
   def start_bundle(self):
-    self.batch: List[Tuple[Record, Any]] = []
+    self.records: List[Tuple[Record, Any]] = []
+    self.outcomes: List[Tuple[Any, Sequence[Record]]] = []
 
   def process(self, element):
-    self.batch.append(element)
-    if len(self.batch) >= self.batch_size:
+    (self.records if is_record_pair(element) else self.outcomes).append(element)
+    if len(self.records) + len(self.outcomes) >= self.batch_size:
       self._flush()
 
   def finish_bundle(self):
     self._flush()
 
   def _flush(self):
-    if self.batch:
-      counts = self.store.apply(self.batch)
-      self.applied.inc(counts['applied'])
-      self.skipped.inc(counts['skipped'])
-      self.batch = []
+    for batch, apply in ((self.records, self.store.apply),
+                         (self.outcomes, lambda b: self.store.apply_events(b, self.start_offsets))):
+      if batch:
+        counts = apply(batch)
+        self.applied.inc(counts['applied'])
+        self.skipped.inc(counts['skipped'])
+        self.events.inc(counts.get('events', 0))
+        batch.clear()
 
   def teardown(self):
     store = getattr(self, 'store', None)
@@ -361,18 +461,119 @@ class _WriteViewsFn(beam.DoFn):
 class WriteViewsToStore(beam.PTransform):
   """Writes view records to the view store; the sink of a live projections pipeline.
 
-  Input: a PCollection of ``(record, source)`` pairs (see the module docstring):
-  ``record`` a RetailProjections view record, ``source`` ``{'topic', 'partition',
-  'offset'}`` of the Kafka event that produced it. Each bundle is applied in
-  batches of at most ``batch_size``, each in one transaction with its positions;
-  a bundle retried by the runner is harmless (idempotent by offset). Output: none
-  (counters ``view_store/applied`` and ``view_store/skipped``).
+  Input, either shape (one per store; see the module docstring):
+
+  * per-event mode (recommended): ``(source, [records])``, one per Kafka message
+    consumed, as :class:`ViewChanges` gives them; positions are contiguous
+    watermarks, right under any parallelism;
+  * records mode: ``(record, source)``, one per view record; positions are
+    high-water marks, right when each partition arrives in offset order.
+
+  ``source`` is ``{'topic', 'partition', 'offset'}`` of the Kafka message. Each
+  bundle is applied in batches of at most ``batch_size``, each in one
+  transaction with its positions; a bundle retried by the runner is harmless
+  (idempotent by offset). Output: none (counters ``view_store/applied``,
+  ``view_store/skipped``, ``view_store/events``).
   """
 
-  def __init__(self, dsn: str, batch_size: int = 500):
+  def __init__(self, dsn: str, batch_size: int = 500,
+               start_offsets: Optional[Mapping[Tuple[str, int], int]] = None):
     super().__init__()
     self.dsn = dsn
     self.batch_size = batch_size
+    self.start_offsets = start_offsets
 
   def expand(self, pairs):
-    return pairs | 'ApplyToViewStore' >> beam.ParDo(_WriteViewsFn(self.dsn, self.batch_size))
+    return pairs | 'ApplyToViewStore' >> beam.ParDo(
+        _WriteViewsFn(self.dsn, self.batch_size, self.start_offsets))
+
+
+# --- Beam: from Kafka messages to per-event outcomes ----------------------------------------------
+
+SOURCE_FIELD = '_source'  # where ViewChanges carries a message's source inside its envelope
+
+
+class PerEventRecords:
+  """A handler wrapper: each applied event gives exactly one output, ``(source, records)``.
+
+  The source rides in the event under :data:`SOURCE_FIELD` (an extra key that the
+  retail handlers never read), so the records a message produced stay together
+  with its offset through ``ProcessInOrder``.
+  """
+
+  def __init__(self, handler: Any):
+    self.handler = handler
+
+  def initial_state(self, key: str) -> Any:
+    return self.handler.initial_state(key)
+
+  def apply(self, state: Any, event: Mapping[str, Any]) -> Tuple[Any, List[Any]]:
+    new, outputs = self.handler.apply(state, event)
+    return new, [(event[SOURCE_FIELD], list(outputs))]
+
+
+class _RouteMessages(beam.DoFn):
+  """``(envelope or None, source)`` -> user / product events tagged with their source, or
+  ``(source, [])`` at once for a message no view projects (dead letter, other domain)."""
+
+  def __init__(self, user_types: Iterable[str], product_types: Iterable[str]):
+    self.user_types, self.product_types = frozenset(user_types), frozenset(product_types)
+
+  def process(self, pair):
+    envelope, source = pair
+    topic, partition, offset = normalise_source(source)
+    source = {'topic': topic, 'partition': partition, 'offset': offset}
+    kind = envelope.get('event_type') if isinstance(envelope, Mapping) else None
+    if kind in self.user_types:
+      yield beam.pvalue.TaggedOutput('user', dict(envelope, **{SOURCE_FIELD: source}))
+    elif kind in self.product_types:
+      yield beam.pvalue.TaggedOutput('product', dict(envelope, **{SOURCE_FIELD: source}))
+    else:
+      yield source, []
+
+
+def _unprocessed_outcome(rec: Mapping[str, Any]):
+  """An event ordering did not apply (duplicate, handler error...) is done, with no records."""
+  event = rec.get('event')
+  if isinstance(event, Mapping) and SOURCE_FIELD in event:
+    yield event[SOURCE_FIELD], []
+
+
+class ViewChanges(beam.PTransform):
+  """Kafka messages -> one ``(source, [view records])`` per message: WriteViewsToStore's input.
+
+  Input: ``(envelope, source)`` per consumed Kafka message, ``envelope`` the
+  published envelope (``None`` for a message the publishing boundary refused),
+  ``source`` its ``{'topic', 'partition', 'offset'}``. The retail handlers of
+  :mod:`transforms.projections` run under ``ProcessInOrder`` (user events and
+  product events, as in ``RetailProjections``), wrapped in
+  :class:`PerEventRecords`. Every message comes out exactly once: with the
+  records it produced, or with none (not a retail event, refused, a duplicate, a
+  handler error); a message whose key waits on a sequence gap comes out when the
+  gap fills or times out, so the partition's watermark waits for it too.
+  ``ordering`` passes options to ``ProcessInOrder`` (default
+  ``continue_on_handler_error=True``: one bad event must not stop a partition).
+  """
+
+  def __init__(self, **ordering):
+    super().__init__()
+    self.ordering = dict({'continue_on_handler_error': True}, **ordering)
+
+  def expand(self, messages):
+    from transforms.ordering import ProcessInOrder
+    from transforms.projections import (PRODUCT_EVENT_TYPES, USER_EVENT_TYPES, CartHandler,
+                                        CatalogHandler, CombinedHandler, FrequentlyViewedHandler,
+                                        RecentlyViewedHandler)
+    routed = messages | 'Route' >> beam.ParDo(
+        _RouteMessages(USER_EVENT_TYPES, PRODUCT_EVENT_TYPES)).with_outputs(
+            'user', 'product', main='none')
+    users = routed.user | 'OrderPerUser' >> ProcessInOrder(PerEventRecords(CombinedHandler(
+        [CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])), **self.ordering)
+    products = routed.product | 'OrderPerProduct' >> ProcessInOrder(
+        PerEventRecords(CatalogHandler()), **self.ordering)
+    return ((routed.none,
+             users.outputs | 'UserOutcomes' >> beam.Values(),
+             products.outputs | 'ProductOutcomes' >> beam.Values(),
+             users.unprocessed | 'UserLeftovers' >> beam.FlatMap(_unprocessed_outcome),
+             products.unprocessed | 'ProductLeftovers' >> beam.FlatMap(_unprocessed_outcome))
+            | 'AllOutcomes' >> beam.Flatten())
