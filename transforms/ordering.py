@@ -214,6 +214,12 @@ class _Cell:
   next_status_et: Optional[int] = None
   next_status_pt: Optional[int] = None
   finished: bool = False
+  status_mark_et: Optional[tuple] = None   # _progress_mark at the last interval status
+  status_mark_pt: Optional[tuple] = None
+
+
+def _progress_mark(st: KeyState) -> tuple:
+  return (st.received, st.next_expected, st.buffered, st.gap_timed_out, st.blocked_at)
 
 
 class _OrderedListBuffer:
@@ -295,6 +301,17 @@ class _OrderKeyStreamingBase(beam.DoFn):
       return None
     return Timestamp.now().micros
 
+  def _arm_status(self, cell: _Cell, now_et: Optional[int], now_pt: Optional[int]) -> None:
+    """Start the next status interval if the key changed since its last status."""
+    mark = _progress_mark(cell.st)
+    if (self._status_interval is not None and cell.next_status_et is None and
+        now_et is not None and mark != cell.status_mark_et and
+        now_et + self._status_interval < _END_MICROS):
+      cell.next_status_et = now_et + self._status_interval
+    if (self._status_interval_pt is not None and cell.next_status_pt is None and
+        now_pt is not None and mark != cell.status_mark_pt):
+      cell.next_status_pt = now_pt + self._status_interval_pt
+
   def _schedule(self, cell: _Cell, now_et: int, now_pt: Optional[int], tick, tick_pt) -> None:
     """Set the key's timers to the earliest thing it waits for."""
     st = cell.st
@@ -335,10 +352,7 @@ class _OrderKeyStreamingBase(beam.DoFn):
       act = Activation(status=[self._orderer.status(cell.st, buf, 'request')])
     else:
       act = self._orderer.receive(cell.st, buf, seq, event, event_time=now_et, processing_time=now_pt)
-    if cell.next_status_et is None and self._status_interval is not None:
-      cell.next_status_et = now_et + self._status_interval
-    if cell.next_status_pt is None and self._status_interval_pt is not None:
-      cell.next_status_pt = now_pt + self._status_interval_pt
+    self._arm_status(cell, now_et, now_pt)
     self._schedule(cell, now_et, now_pt, tick, tick_pt)
     meta.write(cell)
     return _emit(act)
@@ -351,16 +365,21 @@ class _OrderKeyStreamingBase(beam.DoFn):
     act = orderer.drain(st, buf, event_time=now_et)
     act.extend(orderer.on_time(st, buf, event_time=now_et))
     if cell.next_status_et is not None and now_et >= cell.next_status_et:
-      act.status.append(orderer.status(st, buf, 'interval'))
-      cell.next_status_et = (now_et + self._status_interval
-                             if now_et + self._status_interval < _END_MICROS else None)
+      # One status per interval, and only for a key that changed since the last
+      # one (else a watermark jumping to infinity would fire intervals forever).
+      cell.next_status_et = None
+      if _progress_mark(st) != cell.status_mark_et:
+        act.status.append(orderer.status(st, buf, 'interval'))
+        cell.status_mark_et = _progress_mark(st)
     if now_et >= _END_MICROS and not cell.finished:
       # Bounded input ended: what the batch expansion does at the end, too.
       act.extend(orderer.finish(st, buf))
       if self._final_status:
         act.status.append(orderer.status(st, buf, 'final'))
       cell.finished = True
-    self._schedule(cell, now_et, self._now_pt(), tick, tick_pt)
+    now_pt = self._now_pt()
+    self._arm_status(cell, now_et, now_pt)
+    self._schedule(cell, now_et, now_pt, tick, tick_pt)
     meta.write(cell)
     return _emit(act)
 
@@ -372,9 +391,12 @@ class _OrderKeyStreamingBase(beam.DoFn):
     act = orderer.drain(st, buf, processing_time=now_pt)
     act.extend(orderer.on_time(st, buf, processing_time=now_pt))
     if cell.next_status_pt is not None and now_pt >= cell.next_status_pt:
-      act.status.append(orderer.status(st, buf, 'interval_processing'))
-      cell.next_status_pt = now_pt + self._status_interval_pt
+      cell.next_status_pt = None
+      if _progress_mark(st) != cell.status_mark_pt:
+        act.status.append(orderer.status(st, buf, 'interval_processing'))
+        cell.status_mark_pt = _progress_mark(st)
     now_et = st.last_event_time if st.last_event_time is not None else 0
+    self._arm_status(cell, None, now_pt)
     self._schedule(cell, now_et, now_pt, tick, tick_pt)
     meta.write(cell)
     return _emit(act, Timestamp(micros=now_et) if st.last_event_time is not None else None)
