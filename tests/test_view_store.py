@@ -253,3 +253,29 @@ def _ride_data():
   et = registry().get('RideStarted')
   sample = {'string': 'x', 'int': 1, 'long': T0, 'double': 1.0, 'float': 1.0, 'boolean': True}
   return {f.name: sample[f.type] for f in et.fields}
+
+
+def test_concurrent_sinks_on_one_partition_leave_no_hole(dsn):
+  """Two sink workers finishing one partition's events in parallel: the watermark reaches
+  the end (each transaction locks the partition's progress row)."""
+  import threading
+  n = 60
+  done = [({'topic': TOPIC, 'partition': 0, 'offset': i}, []) for i in range(n)]
+  errors = []
+
+  def worker(offsets):
+    try:
+      with ViewStore(dsn) as store:
+        for i in offsets:
+          store.apply_events([done[i]])
+    except Exception as e:  # surfaced below
+      errors.append(e)
+
+  threads = [threading.Thread(target=worker, args=(range(k, n, 2),)) for k in (1, 0)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors
+  with ViewStore(dsn) as store:
+    assert store.position('cart', TOPIC, 0) == n - 1

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import urllib.parse
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -155,7 +156,14 @@ class ViewStore:
       # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one transaction.
       self.conn = sqlite3.connect(_sqlite_path(dsn), timeout=30, isolation_level=None,
                                   check_same_thread=False)
-      self.conn.execute('PRAGMA journal_mode=WAL')
+      for attempt in range(50):  # switching a new file to WAL can race another connection's
+        try:
+          self.conn.execute('PRAGMA journal_mode=WAL')
+          break
+        except sqlite3.OperationalError as e:
+          if 'locked' not in str(e) or attempt == 49:
+            raise
+          time.sleep(0.1)
       self.conn.execute('PRAGMA synchronous=NORMAL')
       self._ph = '?'
     self.create_tables()
@@ -199,6 +207,10 @@ class ViewStore:
     cur = self.conn.cursor()
     try:
       self._begin(cur)
+      if self.postgres:
+        # Concurrent CREATE TABLE IF NOT EXISTS can collide in PostgreSQL's catalog: serialise
+        # schema creation between connections (sink workers start together).
+        cur.execute('SELECT pg_advisory_xact_lock(7261001)')
       for view, table in TABLES.items():
         extra = ', category TEXT' if view == 'catalog' else ''
         cur.execute(f'CREATE TABLE IF NOT EXISTS {table} ('
