@@ -4,7 +4,8 @@ Everything here points Beam at binaries that ``scripts/install_tools.sh`` put
 under ``.cache/``, because Beam's own downloads (Prism from GitHub, shaded jars
 from Maven Central) are unreachable or not served here:
 
-* PrismRunner gets ``--prism_location=.cache/bin/prism`` (built with ``go install``).
+* PrismRunner gets ``--prism_location=.cache/bin/prism`` (built with ``go install``)
+  and ``--experiments=prism_disable_sdf_split`` (so streaming KafkaIO works).
 * FlinkRunner gets ``--flink_job_server_jar`` (Beam's Flink job server, shaded by
   ``scripts/maven/flink-job-server`` from ``beam-runners-flink-1.19:2.70.0``, the
   newest unshaded Flink runner served here), ``--flink_version=1.19`` (the Flink
@@ -44,6 +45,7 @@ IO_EXPANSION_TARGET = 'sdks:java:io:expansion-service:shadowJar'
 FLINK_RUNNERS = ('FlinkRunner', )
 LOOPBACK = 'LOOPBACK'
 JOB_SERVER_HEAP = '-Xmx1536m'
+PRISM_NO_SDF_SPLIT = 'prism_disable_sdf_split'
 
 
 class ToolMissing(RuntimeError):
@@ -80,6 +82,16 @@ def io_expansion_jar() -> Optional[str]:
   return IO_EXPANSION_JAR if os.path.isfile(IO_EXPANSION_JAR) else None
 
 
+def _experiments(args: List[str]) -> List[str]:
+  found = []
+  for i, a in enumerate(args):
+    if a.startswith('--experiments=') or a.startswith('--experiment='):
+      found.extend(a.split('=', 1)[1].split(','))
+    elif a in ('--experiments', '--experiment') and i + 1 < len(args):
+      found.extend(args[i + 1].split(','))
+  return found
+
+
 def runner_of(args: List[str]) -> str:
   return (option_value(args, '--runner') or 'DirectRunner').split('.')[-1]
 
@@ -94,10 +106,16 @@ def runner_args(args: List[str]) -> List[str]:
   """``args`` plus what the chosen runner needs here."""
   args = list(args)
   runner = runner_of(args)
-  if runner == 'PrismRunner' and not has_option(args, '--prism_location'):
-    prism = prism_binary()
-    if prism:
-      args.append(f'--prism_location={prism}')
+  if runner == 'PrismRunner':
+    if not has_option(args, '--prism_location'):
+      prism = prism_binary()
+      if prism:
+        args.append(f'--prism_location={prism}')
+    if PRISM_NO_SDF_SPLIT not in _experiments(args):
+      # Prism splits a waiting SDF bundle and starts another on the same Kafka
+      # partition: KafkaIO then fails with "KafkaConsumer is not safe for
+      # multi-threaded access" (apache/beam#35185). Prism's own switch turns it off.
+      args.append(f'--experiments={PRISM_NO_SDF_SPLIT}')
   if runner in FLINK_RUNNERS:
     if not has_option(args, '--flink_job_server_jar'):
       args.append('--flink_job_server_jar=' +
@@ -137,3 +155,16 @@ def kafka_expansion_service():
   from apache_beam.transforms.external import JavaJarExpansionService
   jar = _require(io_expansion_jar(), 'the Beam Java IO expansion service jar')
   return JavaJarExpansionService(jar, append_args=['--defaultEnvironmentType=EMBEDDED'])
+
+
+def java_services():
+  """Context that keeps Java expansion services (and their loopback workers) alive.
+
+  ``with beam.Pipeline(...) as p`` does this itself. A pipeline started with
+  ``p.run()`` and left running (a streaming run polled, then cancelled) must be
+  built and run inside ``with java_services():``: otherwise the expansion service
+  stops right after expansion, and on Prism the Java half of ``ReadFromKafka``
+  has no worker left (and no loopback environment is offered at all).
+  """
+  from apache_beam.utils.subprocess_server import SubprocessServer
+  return SubprocessServer.cache_subprocesses()

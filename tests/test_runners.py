@@ -117,6 +117,13 @@ def test_prism_and_default_io_expansion_service_are_local():
     assert beam_kafka.default_io_expansion_service().path_to_jar == runners.IO_EXPANSION_JAR
 
 
+def test_prism_does_not_split_kafka_reads():
+  args = runners.runner_args(['--runner=PrismRunner', '--experiments=other'])
+  assert '--experiments=prism_disable_sdf_split' in args and '--experiments=other' in args
+  again = runners.runner_args(args)
+  assert again.count('--experiments=prism_disable_sdf_split') == 1
+
+
 def test_kafka_expansion_service_uses_local_jar_with_embedded_java():
   service = runners.kafka_expansion_service()
   assert isinstance(service, JavaJarExpansionService)
@@ -192,6 +199,37 @@ def test_kafka_in_and_out_on_prism(tmp_path, kafka):
 @pytest.mark.integration
 def test_kafka_in_and_out_on_standalone_flink_cluster(tmp_path, kafka, flink_cluster):
   _kafka_round_trip(['--runner=FlinkRunner', f'--flink_master={flink_cluster}'], kafka, tmp_path)
+
+
+@pytest.mark.integration
+def test_streaming_kafka_on_prism_sees_events_produced_while_it_runs(kafka):
+  """A live (unbounded, --streaming) read: records produced after the pipeline started
+  come out on the output topic; the run is then cancelled."""
+  from apache_beam.runners.runner import PipelineState
+  source, sink = f'live-{uuid.uuid4().hex[:8]}', f'live-out-{uuid.uuid4().hex[:8]}'
+  create_topic(kafka, source)
+  create_topic(kafka, sink)
+  with runners.java_services():
+    expansion = runners.kafka_expansion_service()
+    p = beam.Pipeline(options=pipeline_options(['--runner=PrismRunner'], streaming=True))
+    (p
+     | 'ReadLive' >> ReadFromKafka(
+         consumer_config={'bootstrap.servers': kafka, 'auto.offset.reset': 'earliest'},
+         topics=[source], expansion_service=expansion)
+     | 'Shout' >> beam.Map(lambda kv: (kv[0], kv[1].upper())).with_output_types(Tuple[bytes, bytes])
+     | 'WriteLive' >> WriteToKafka(producer_config={'bootstrap.servers': kafka}, topic=sink,
+                                   expansion_service=expansion))
+    result = p.run()
+    try:
+      produce(kafka, source, [('a', 'one'), ('b', 'two')])
+      assert sorted(consume(kafka, sink, 2, timeout_ms=120000)) == [('a', 'ONE'), ('b', 'TWO')]
+      produce(kafka, source, [('c', 'three')])
+      assert sorted(consume(kafka, sink, 3, timeout_ms=120000)) == [
+          ('a', 'ONE'), ('b', 'TWO'), ('c', 'THREE')]
+      assert result.state == PipelineState.RUNNING
+    finally:
+      result.cancel()
+  assert result.state == PipelineState.CANCELLED
 
 
 # --- Dataflow: the job it would submit, built without contacting Google ------------
