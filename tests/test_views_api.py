@@ -22,7 +22,7 @@ import pytest
 from pipelines.serve import make_server
 from pipelines.views_service import ViewsApi
 from tests.db_fixtures import pg_dsn, postgres  # noqa: F401  (pytest fixtures)
-from tests.service_fixtures import free_port
+from tests.service_fixtures import free_port, kafka  # noqa: F401  (pytest fixture)
 from tests.test_view_store import EVENTS, TOPIC, changelog
 from transforms.view_store import ViewStore
 
@@ -211,3 +211,74 @@ def test_postgres_password_is_never_shown(postgres):
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 2 and 'Traceback' not in result.stderr
   assert password not in result.stderr and '***' in result.stderr
+
+
+@pytest.mark.integration
+def test_writer_receipts_are_honoured_by_views_built_from_the_topic(kafka, tmp_path):
+  """The pieces joined on real data: receipts from the writer (real Kafka), views built by
+  ViewChanges + WriteViewsToStore from the messages at those offsets, reads that wait for
+  the receipts. Not the issue's acceptance test: the pipeline here is a bounded Beam run
+  over what the topic holds, not the live streaming pipeline."""
+  import apache_beam as beam
+  from apache_beam.testing.test_pipeline import TestPipeline
+  from confluent_kafka import Consumer, TopicPartition
+  from schemas.envelope import from_json
+  from tests.service_fixtures import create_topic
+  from tests.test_writer import Running, event
+  from transforms.view_store import ViewChanges, WriteViewsToStore
+
+  topic = f'views-{os.getpid()}-{int(time.time() * 1000) % 100000}'
+  create_topic(kafka, topic, partitions=3)
+  writer = Running(kafka, topic, str(tmp_path / 'writer.db'))
+  try:
+    _, product, _ = writer.post({'event_type': 'ProductCreated', 'event_time': '2026-11-26T10:00:00Z',
+                                 'origin': 'catalog-admin',
+                                 'data': {'product_id': 'p1', 'brand': 'B', 'name': 'Boot',
+                                          'description': 'd', 'category': 'shoes'}})
+    _, batch, _ = writer.post([event('u1', 'p9'), event('u2', 'p9'), event('u1', 'p1', 3)])
+  finally:
+    writer.stop()
+  added = batch['receipts'][2]
+  db = str(tmp_path / 'views.db')
+  api = Api(db, max_wait_ms=20000)
+  try:
+    answers = {}
+    reader = threading.Thread(target=lambda: answers.update(
+        cart=api.get(f'/carts/u1?after={added["after"]}'),
+        shoes=api.get(f'/products?category=shoes&after={product["after"]}')))
+    reader.start()
+    time.sleep(0.3)
+    assert reader.is_alive()  # waiting: nothing has built the views yet
+    # Every message of the topic with its Kafka coordinates.
+    c = Consumer({'bootstrap.servers': kafka, 'group.id': f'test-{topic}', 'enable.auto.commit': False})
+    messages = []
+    try:
+      for p in range(3):
+        high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1]
+        if high == 0:
+          continue
+        c.assign([TopicPartition(topic, p, 0)])
+        while not messages or messages[-1][1]['partition'] != p or messages[-1][1]['offset'] < high - 1:
+          m = c.poll(5.0)
+          assert m is not None and m.error() is None
+          messages.append((from_json(m.value().decode()),
+                           {'topic': topic, 'partition': m.partition(), 'offset': m.offset()}))
+    finally:
+      c.close()
+    assert len(messages) == 4
+    with TestPipeline() as p:
+      _ = p | beam.Create(messages) | ViewChanges() | WriteViewsToStore(db)
+    reader.join(30)
+    status, cart, _ = answers['cart']
+    assert status == 200, cart
+    assert cart['value']['items'] == [{'product_id': 'p1', 'quantity': 3},
+                                      {'product_id': 'p9', 'quantity': 1}]
+    assert {'topic': topic, 'partition': added['partition'], 'offset': added['offset']} in cart['positions']
+    status, shoes, _ = answers['shoes']
+    assert status == 200 and [x['product_id'] for x in shoes['products']] == ['p1']
+    # One past the last write of u1's partition: the view has not got there.
+    status, body, _ = api.get(f'/carts/u1?after={topic}:{added["partition"]}:{added["offset"] + 1}'
+                              '&wait_ms=100')
+    assert status == 504 and body['pending'][0]['position'] == added['offset']
+  finally:
+    api.stop()
