@@ -6,6 +6,14 @@ them to :func:`pipelines.consumers.apply_consumers`, the function the live
 pipeline uses too. Only the source differs. A corrupt archive file does not stop
 the replay: it is listed with its path and reason in ``DIR/corrupt_files.jsonl``
 and ``summary.json``, and the command exits 1.
+
+The retail projections take the archive's fast path,
+:class:`transforms.ordered_replay.ReplayRetailProjections`: one work item per
+key bucket, each key's events through the same handlers and ordering core,
+without shuffling events (same views and unprocessed records as
+``RetailProjections`` on ``ReadArchive``; tested). The one read also hands the
+events the retail views do not use (rides, fares, riders) to the taxi and
+rider consumers, the same functions the live pipeline calls.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines import consumers, outputs
 from pipelines.cli import DataError
 from pipelines.options import pipeline_options
-from transforms.archive import ReadArchive, check_archive_path
+from transforms.archive import check_archive_path
 from transforms.counting import WriteCounts, read_counts
+from transforms.ordered_replay import ReplayRetailProjections
+from transforms.projections import WriteProjections
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,12 +43,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='where the pipelines\' outputs and summary.json go')
 
 
+STATS_FILE = '_replay_stats.jsonl'
+
+
 def build_replay(p: beam.Pipeline, archive: str, out: str) -> Dict[str, beam.PCollection]:
-  read = p | 'ReadArchive' >> ReadArchive(archive)
-  read['corrupt'] | 'CorruptJson' >> beam.Map(json.dumps) | 'WriteCorrupt' >> outputs.write_lines(
+  """Every consumer fed from one read of the archive; returns ``{output: PCollection}``
+  to count, and writes the read's per-bucket stats (events decoded per type) to
+  ``DIR/_replay_stats.jsonl``."""
+  replay = p | 'ReplayArchive' >> ReplayRetailProjections(archive, with_unclaimed=True)
+  replay.corrupt | 'CorruptJson' >> beam.Map(json.dumps) | 'WriteCorrupt' >> outputs.write_lines(
       out, 'corrupt_files.jsonl')
-  counts = consumers.apply_consumers(read['events'], out)
-  counts['corrupt_files'] = read['corrupt']
+  replay.stats | 'StatsJson' >> beam.Map(json.dumps) | 'WriteStats' >> outputs.write_lines(
+      out, STATS_FILE)
+  views = replay.views
+  views | 'WriteProjections' >> WriteProjections(outputs.join(out, 'retail'))
+  consumers._write(views.unprocessed, out, 'retail/unprocessed.jsonl')  # pylint: disable=protected-access
+  counts: Dict[str, beam.PCollection] = {f'retail/{name}': pc for name, pc in views.views().items()}
+  counts['retail/unprocessed'] = views.unprocessed
+  others = replay.unclaimed | 'AtEventTime' >> beam.Map(consumers._at_event_time)  # pylint: disable=protected-access
+  counts.update(consumers.taxi_consumers(others, out))
+  counts.update(consumers.rider_consumers(others, out))
+  counts['corrupt_files'] = replay.corrupt
   return counts
 
 
@@ -52,9 +77,10 @@ def run(archive: str, out: str, beam_args: List[str]) -> Dict[str, Any]:
     build_replay(p, archive, out) | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
   seconds = time.monotonic() - started
   counts = read_counts(outputs.join(out, '_counts.json'))
+  stats = [json.loads(l) for l in outputs.read_lines(outputs.join(out, STATS_FILE))]
   summary: Dict[str, Any] = {
       'archive': archive,
-      'events': counts.pop('events'),
+      'events': sum(s['events'] for s in stats),
       'corrupt_files': [json.loads(l) for l in outputs.read_lines(outputs.join(out, 'corrupt_files.jsonl'))],
       'outputs': counts,
       'seconds': round(seconds, 3),

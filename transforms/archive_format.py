@@ -403,6 +403,33 @@ def _own_writer_schema(reg: Registry) -> str:
   return text
 
 
+_SAME_AS_OWN: Dict[Tuple[str, str], bool] = {}
+
+
+def _is_own_writer_schema(writer_json: str, reg: Registry) -> bool:
+  """Whether a file's writer schema is this registry's envelope schema.
+
+  Compared as JSON values, not text: fastavro writes the schema's keys in the
+  order of the dict it was given, which depends on what the writing process
+  did first (``doc`` before ``default`` or after), so two byte-different
+  headers are often the same schema. Cached per header text.
+  """
+  own = _own_writer_schema(reg)
+  if writer_json == own:
+    return True
+  key = (own, writer_json)
+  same = _SAME_AS_OWN.get(key)
+  if same is None:
+    try:
+      same = json.loads(writer_json) == json.loads(own)
+    except ValueError:
+      same = False
+    if len(_SAME_AS_OWN) > 1000:
+      _SAME_AS_OWN.clear()
+    _SAME_AS_OWN[key] = same
+  return same
+
+
 def decode_avro(blob: bytes, reg: Registry, path: str) -> List[Envelope]:
   """Every event of an Avro archive file, resolved to ``reg``'s envelope schema.
 
@@ -419,7 +446,7 @@ def decode_avro(blob: bytes, reg: Registry, path: str) -> List[Envelope]:
   try:
     reader = fastavro.reader(io.BytesIO(blob))
     writer_json = reader.metadata.get('avro.schema', '')
-    if writer_json != _own_writer_schema(reg):
+    if not _is_own_writer_schema(writer_json, reg):
       try:
         _COMPAT.check(writer_json, reg)
       except IncompatibleSchema as e:

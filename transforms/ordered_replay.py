@@ -44,6 +44,7 @@ from __future__ import annotations
 import calendar
 import dataclasses
 import datetime
+import gc
 import heapq
 import itertools
 from typing import (Any, Callable, Dict, FrozenSet, Hashable, Iterable, Iterator, List,
@@ -200,7 +201,23 @@ class BucketReplay:
 
   def feed(self, events: Iterable[Envelope], unclaimed: Optional[List[Envelope]] = None) -> None:
     """Route each event to its key space's orderer; events of no key space are
-    counted (and appended to ``unclaimed`` when given)."""
+    counted (and appended to ``unclaimed`` when given).
+
+    The cyclic garbage collector is paused for the call (one hour's files):
+    with a bucket's key states alive, its full collections cost ~15% of the
+    replay and find nothing (envelopes, states and records hold no cycles);
+    reference counting still frees everything as usual.
+    """
+    paused = gc.isenabled()
+    if paused:
+      gc.disable()
+    try:
+      self._feed(events, unclaimed)
+    finally:
+      if paused:
+        gc.enable()
+
+  def _feed(self, events: Iterable[Envelope], unclaimed: Optional[List[Envelope]]) -> None:
     route, orderers, keys = self._route, self._orderers, self._keys
     latest_by, latest, outputs = self._latest_by, self.latest, self.outputs
     unprocessed, by_type = self.unprocessed, self.by_type
