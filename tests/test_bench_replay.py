@@ -1,0 +1,89 @@
+"""`run.py bench replay` end to end on a small archive: the JSON line's fields and their consistency.
+
+Speed is not asserted here (the benchmark reports it); counts are.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.replay import archive_path, build_archive, workers_args
+from transforms.archive import iter_archive, list_archive_files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = ('events', 'raw_decode_eps', 'naive_beam_eps', 'replay_eps', 'speedup_vs_realtime',
+          'peak_rss_mb')
+
+
+def run_bench(*args, timeout=600):
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'bench', 'replay', *args],
+                        capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+@pytest.mark.integration
+def test_bench_replay_json_line_is_complete_and_consistent(tmp_path):
+  plot = tmp_path / 'replay.png'
+  proc = run_bench('--sizes', '1000,2000', '--cache-dir', str(tmp_path / 'cache'),
+                   '--plot', str(plot))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  last = proc.stdout.strip().splitlines()[-1]
+  result = json.loads(last)
+  for field in FIELDS:
+    assert field in result, field
+    assert result[field] > 0, field
+  assert result['events'] == 2000
+  assert sum(result['by_type'].values()) == 2000
+  # A clean generated archive: nothing corrupt, nothing unprocessed, no key left waiting.
+  outputs = result['outputs']
+  assert outputs['corrupt'] == 0 and outputs['unprocessed'] == 0
+  assert result['keys_waiting_on_gap'] == 0
+  # One final record per key and view: every product is in the catalog (it was created),
+  # every user who viewed has both viewed views.
+  assert outputs['catalog'] == len({e['partition_key'] for e in _archive(tmp_path, 2000)
+                                    if e['event_type'] == 'ProductCreated'})
+  viewers = {e['partition_key'] for e in _archive(tmp_path, 2000) if e['event_type'] == 'ProductViewed'}
+  assert outputs['recently_viewed'] == outputs['frequently_viewed'] == len(viewers)
+  assert result['keys'] == len({e['partition_key'] for e in _archive(tmp_path, 2000)})
+  # speedup = event-time span / replay wall time; rates = events / seconds.
+  assert result['speedup_vs_realtime'] == pytest.approx(
+      result['span_hours'] * 3600 / result['replay_seconds'], rel=0.01, abs=1)
+  assert result['replay_eps'] == pytest.approx(2000 / result['replay_seconds'], rel=0.01)
+  assert [r['events'] for r in result['by_size']] == [1000, 2000]
+  assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # The table comes before the JSON line.
+  assert 'raw decode/s' in proc.stdout.split(last)[0]
+
+
+def _archive(tmp_path, n):
+  from generators.phases import HELLO_RETAIL_RATE
+  return list(iter_archive(archive_path(str(tmp_path / 'cache'), n, 'avro', HELLO_RETAIL_RATE, 1, 16)))
+
+
+def test_archive_is_built_once_and_holds_the_generated_events(tmp_path):
+  path = archive_path(str(tmp_path), 500, 'parquet', 50.0, 3, 4)
+  facts = build_archive(path, 500, 'parquet', 50.0, 3, 4)
+  events = list(iter_archive(path))
+  assert facts['events'] == len(events) == 500
+  assert facts['span_ms'] == max(e['event_time'] for e in events) - min(e['event_time'] for e in events)
+  assert facts['span_ms'] == pytest.approx(500 / 50.0 * 1000, rel=0.01)
+  files = list_archive_files(path)
+  assert facts['files'] == len(files) and {f.bucket for f in files} <= set(range(4))
+  stamp = {f.path: os.stat(f.path).st_mtime_ns for f in files}
+  assert build_archive(path, 500, 'parquet', 50.0, 3, 4) == facts
+  assert {f.path: os.stat(f.path).st_mtime_ns for f in list_archive_files(path)} == stamp
+
+
+def test_workers_map_to_each_runners_parallelism():
+  assert workers_args(['--runner=FlinkRunner', '--parallelism=4'], 2) == [
+      '--runner=FlinkRunner', '--parallelism=2']
+  assert workers_args([], 2) == ['--direct_num_workers=2', '--direct_running_mode=multi_processing']
+  assert workers_args([], 1) == ['--direct_num_workers=1', '--direct_running_mode=in_memory']
+
+
+def test_bad_sizes_are_a_usage_error(tmp_path):
+  proc = run_bench('--sizes', '0', '--cache-dir', str(tmp_path))
+  assert proc.returncode == 2
+  assert 'Traceback' not in proc.stderr
