@@ -12,7 +12,8 @@ A request (one event, or a JSON array of events: a batch) goes through:
 2. the publishing boundary (:func:`schemas.validation.validate_envelope`, the same
    rules as the publish pipeline): any invalid event refuses the whole batch, 400
    with the reason of each; ``event_id`` is assigned (a UUID) where missing;
-3. under one lock, so sequences and Kafka order agree: events whose ``event_id``
+3. in one append thread, so sequences and Kafka order agree (concurrent requests
+   are appended together: one producer flush, one SQLite commit): events whose ``event_id``
    already has a receipt are answered with that first receipt and not appended
    again; the others get the key's next ``sequence`` where missing, and are
    produced with the partition key as the Kafka message key (so a key's events
@@ -46,6 +47,7 @@ import hmac
 import json
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -107,7 +109,7 @@ def check_token(headers: Mapping[str, str], tokens: Iterable[str]) -> None:
 
 class WriterState:
   """Receipts by event_id, the last sequence of each key, and how far each partition was
-  reconciled with Kafka. One SQLite file; used under the writer's lock."""
+  reconciled with Kafka. One SQLite file; used under the writer's ``state_lock``."""
 
   def __init__(self, path: str):
     d = os.path.dirname(os.path.abspath(path))
@@ -305,20 +307,42 @@ class KafkaLog:
 
 # --- the writer -----------------------------------------------------------------------------------
 
+class _Request:
+  """One POST waiting for the append thread: its envelopes, and its answer when done."""
+
+  def __init__(self, envelopes: List[Tuple[Dict[str, Any], bool, List[str]]], single: bool):
+    self.envelopes, self.single = envelopes, single
+    self.done = threading.Event()
+    self.answer: Optional[Answer] = None
+    self.error: Optional[BaseException] = None
+
+
 class Writer:
-  """The plain-Python writer behind ``POST /events``; :meth:`handle` gives ``(status, body, headers)``."""
+  """The plain-Python writer behind ``POST /events``; :meth:`handle` gives ``(status, body, headers)``.
+
+  Request threads validate; one append thread does everything that must be in
+  order (receipt look-ups, sequence assignment, produce, record). It takes every
+  request waiting when it starts a round (group commit: one producer flush and
+  one SQLite transaction for all of them), so concurrent clients share flushes
+  instead of queueing behind each other's.
+  """
 
   def __init__(self, kafka_log: KafkaLog, state: WriterState, tokens: Set[str],
                max_body_bytes: int = 1 << 20, max_batch: int = 1000,
-               max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES):
+               max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, max_group_events: int = 5000):
     self.log, self.state, self.tokens = kafka_log, state, tokens
     self.max_body_bytes, self.max_batch, self.max_event_bytes = max_body_bytes, max_batch, max_event_bytes
-    self.lock = threading.Lock()
+    self.max_group_events = max_group_events
+    self.state_lock = threading.Lock()  # the SQLite connection: append thread and /health
     self.needs_reconcile = True
-    with self.lock:
-      self._reconcile()
+    self._reconcile()
+    self.requests: 'queue.Queue[Optional[_Request]]' = queue.Queue()
+    self.thread = threading.Thread(target=self._append_loop, name='writer-append', daemon=True)
+    self.thread.start()
 
   def close(self) -> None:
+    self.requests.put(None)
+    self.thread.join(timeout=60)
     self.log.close()
     self.state.close()
 
@@ -335,9 +359,9 @@ class Writer:
   def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
     self.check(method, path, headers)
     if urllib.parse.urlsplit(path).path == '/health':
-      with self.lock:
+      with self.state_lock:
         count = self.state.count()
-      ok = self.log.healthy()
+      ok = self.log.healthy() and self.thread.is_alive()
       return (200 if ok else 503), {'status': 'ok' if ok else 'kafka unreachable',
                                     'topic': self.log.topic, 'partitions': self.log.partitions,
                                     'receipts': count}, {}
@@ -358,15 +382,14 @@ class Writer:
     dup = sorted({e for e in ids if ids.count(e) > 1})
     if dup:
       raise HttpError(400, f'event_id(s) repeated within one batch: {dup}; nothing was written')
-    with self.lock:
-      if self.needs_reconcile:
-        try:
-          self._reconcile()
-        except Exception as e:
-          log.warning('reconciling with Kafka failed: %s', e)
-          raise HttpError(503, 'the writer cannot reach Kafka to reconcile its receipts; '
-                               'retry later (safe: no duplicates)') from None
-      return self._append(envelopes, single)
+    if not self.thread.is_alive():
+      raise HttpError(503, 'the writer is shutting down')
+    request = _Request(envelopes, single)
+    self.requests.put(request)
+    request.done.wait()
+    if request.error is not None:
+      raise request.error
+    return request.answer
 
   def _validate(self, obj: Any) -> Tuple[Dict[str, Any], bool, List[str]]:
     """(envelope, sequence_given, repairs) or Invalid; assigns a UUID event_id where missing."""
@@ -388,48 +411,109 @@ class Writer:
       repairs.append('sequence assigned')
     return env, seq_given, [r for r in repairs if r != 'schema_version set to the current version']
 
-  def _append(self, envelopes, single: bool) -> Answer:
-    receipts: List[Optional[Dict[str, Any]]] = []
-    todo = []  # indexes to append
+  # --- the append thread ----------------------------------------------------------------
+
+  def _append_loop(self) -> None:
+    while True:
+      first = self.requests.get()
+      if first is None:
+        return
+      group, n, stop = [first], len(first.envelopes), False
+      while n < self.max_group_events:
+        try:
+          more = self.requests.get_nowait()
+        except queue.Empty:
+          break
+        if more is None:
+          stop = True
+          break
+        group.append(more)
+        n += len(more.envelopes)
+      try:
+        self._append_group(group)
+      except BaseException as e:  # answer every waiting request, whatever happened
+        log.exception('appending a group of %d request(s) failed', len(group))
+        for r in group:
+          if not r.done.is_set():
+            r.error = e if isinstance(e, HttpError) else HttpError(
+                500, 'internal error while appending; retry with the same event_id (safe)')
+            r.done.set()
+      if stop:
+        return
+
+  def _append_group(self, group: List[_Request]) -> None:
+    if self.needs_reconcile:
+      try:
+        self._reconcile()
+      except Exception as e:
+        log.warning('reconciling with Kafka failed: %s', e)
+        raise HttpError(503, 'the writer cannot reach Kafka to reconcile its receipts; '
+                             'retry later (safe: no duplicates)') from None
+    # Per request and event: a receipt already recorded, or the index of a message to append.
+    plan: List[List[Tuple[str, Any]]] = []
+    messages: List[Tuple[bytes, bytes]] = []
+    pending: List[Tuple[Dict[str, Any], List[str]]] = []
+    in_group: Dict[str, int] = {}
     next_seq: Dict[str, int] = {}
-    for i, (env, seq_given, _) in enumerate(envelopes):
-      first = self.state.receipt(env['event_id'])
-      if first is not None:
-        receipts.append(dict(first, duplicate=True))
-        continue
-      key = env['partition_key']
-      last = next_seq.get(key, self.state.last_sequence(key))
-      if not seq_given:
-        env['sequence'] = last + 1
-      next_seq[key] = max(last, env['sequence'])
-      receipts.append(None)
-      todo.append(i)
-    messages = [(envelopes[i][0]['partition_key'].encode('utf-8'),
-                 to_json(envelopes[i][0]).encode('utf-8')) for i in todo]
+    with self.state_lock:
+      for request in group:
+        steps = []
+        for env, seq_given, repairs in request.envelopes:
+          event_id = env['event_id']
+          first = self.state.receipt(event_id)
+          if first is not None:
+            steps.append(('recorded', first))
+            continue
+          if event_id in in_group:  # the same event sent concurrently: appended once
+            steps.append(('again', in_group[event_id]))
+            continue
+          key = env['partition_key']
+          last = next_seq.get(key, self.state.last_sequence(key))
+          if not seq_given:
+            env['sequence'] = last + 1
+          next_seq[key] = max(last, env['sequence'])
+          in_group[event_id] = len(messages)
+          steps.append(('new', len(messages)))
+          messages.append((key.encode('utf-8'), to_json(env).encode('utf-8')))
+          pending.append((env, repairs))
+        plan.append(steps)
     results = self.log.append(messages) if messages else []
-    acked, failed = [], []
-    for i, (where, err) in zip(todo, results):
-      env = envelopes[i][0]
-      if where is None:
-        failed.append({'index': i, 'event_id': env['event_id'], 'reason': err})
-        continue
-      r = make_receipt(self.log.topic, where[0], where[1], env['event_id'], env['partition_key'],
-                       env['sequence'])
-      acked.append(r)
-      receipts[i] = dict(r, duplicate=False)
-      if envelopes[i][2]:
-        receipts[i]['repairs'] = envelopes[i][2]
+    receipts: List[Optional[Dict[str, Any]]] = []
+    for (env, _), (where, _) in zip(pending, results):
+      receipts.append(None if where is None else make_receipt(
+          self.log.topic, where[0], where[1], env['event_id'], env['partition_key'], env['sequence']))
+    acked = [r for r in receipts if r is not None]
     if acked:
-      self.state.record(acked)
-    if failed:
+      with self.state_lock:
+        self.state.record(acked)
+    if len(acked) < len(messages):
       self.needs_reconcile = True  # a failed produce may still have reached the log
-      raise HttpError(503, f'the broker did not acknowledge {len(failed)} of {len(envelopes)} '
-                           'event(s); retry with the same event_id (safe: no duplicates)',
-                      receipts=[r for r in receipts if r is not None], failed=failed)
-    status = 201 if acked else 200
-    if single:
-      return status, receipts[0], {}
-    return status, {'receipts': receipts}, {}
+    for request, steps in zip(group, plan):
+      request.answer, request.error = self._answer(request, steps, pending, results, receipts)
+      request.done.set()
+
+  def _answer(self, request: _Request, steps, pending, results, receipts):
+    out, failed, appended = [], [], False
+    for i, (kind, ref) in enumerate(steps):
+      if kind == 'recorded':
+        out.append(dict(ref, duplicate=True))
+      elif receipts[ref] is None:
+        failed.append({'index': i, 'event_id': pending[ref][0]['event_id'],
+                       'reason': results[ref][1]})
+      elif kind == 'again':
+        out.append(dict(receipts[ref], duplicate=True))
+      else:
+        r = dict(receipts[ref], duplicate=False)
+        if pending[ref][1]:
+          r['repairs'] = pending[ref][1]
+        out.append(r)
+        appended = True
+    if failed:
+      return None, HttpError(
+          503, f'the broker did not acknowledge {len(failed)} of {len(steps)} event(s); '
+               'retry with the same event_id (safe: no duplicates)', receipts=out, failed=failed)
+    status = 201 if appended else 200
+    return (status, out[0] if request.single else {'receipts': out}, {}), None
 
   def _reconcile(self) -> None:
     """Records receipts and sequences of events in Kafka past what the state file knows:
@@ -437,7 +521,8 @@ class Writer:
     from schemas.envelope import from_json
     found, ends = [], {}
     for p in self.log.partitions:
-      start = self.state.resume_offset(self.log.topic, p)
+      with self.state_lock:
+        start = self.state.resume_offset(self.log.topic, p)
       messages, end = self.log.read_tail(p, start)
       ends[(self.log.topic, p)] = end
       for m in messages:
@@ -447,7 +532,8 @@ class Writer:
                                     env['partition_key'], int(env['sequence'])))
         except (ValueError, KeyError, TypeError, AttributeError):
           log.warning('partition %d offset %d is not an envelope; passed over', p, m.offset())
-    new = self.state.record(found, ends)
+    with self.state_lock:
+      new = self.state.record(found, ends)
     if new:
       log.warning('recovered %d receipt(s) of events in Kafka that were not recorded', new)
     self.needs_reconcile = False

@@ -167,6 +167,40 @@ def test_retrying_an_event_id_returns_the_first_receipt_and_appends_once(writer,
   assert sum(end_offsets(kafka, topic)) == 2
 
 
+def test_concurrent_clients_share_flushes_and_keep_per_key_order(writer, kafka, topic):
+  """8 clients posting at once: every key's sequences are 1..n in offset order, no gaps,
+  and an event_id sent by two clients at once is appended once."""
+  results, errors = [], []
+
+  def client(c):
+    try:
+      for i in range(15):
+        status, r, _ = writer.post(event(f'k{i % 3}', f'p{c}'))
+        assert status == 201, r
+        results.append(r)
+      status, r, _ = writer.post(event('k0', event_id='shared-event'))
+      assert status in (200, 201), r
+      results.append(r)
+    except Exception as e:  # surfaced below
+      errors.append(e)
+
+  threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  shared = [r for r in results if r['event_id'] == 'shared-event']
+  assert len({(r['partition'], r['offset']) for r in shared}) == 1
+  assert sum(not r['duplicate'] for r in shared) == 1
+  unique = {r['event_id']: r for r in results}.values()
+  for key in ('k0', 'k1', 'k2'):
+    mine = sorted((r for r in unique if r['partition_key'] == key), key=lambda r: r['offset'])
+    assert [r['sequence'] for r in mine] == list(range(1, len(mine) + 1))
+    assert len({r['partition'] for r in mine}) == 1
+  assert sum(end_offsets(kafka, topic)) == 8 * 15 + 1
+
+
 def test_tokens_are_required(writer, kafka, topic):
   status, body, headers = writer.post(event('u1'), headers={'Content-Type': 'application/json'})
   assert status == 401 and 'bearer token is required' in body['error']
