@@ -583,8 +583,10 @@ class ProcessInOrder(beam.PTransform):
     return 'ordered_list' if runner_name.split('.')[-1] in _ORDERED_LIST_RUNNERS else 'value'
 
   def expand(self, pcoll: beam.PCollection) -> OrderedResult:
+    if not isinstance(pcoll.windowing.windowfn, window.GlobalWindows):
+      # One key's order spans windows: its state must not restart per window.
+      pcoll = pcoll | 'GlobalWindow' >> beam.WindowInto(window.GlobalWindows())
     keyed = (pcoll
-             | 'GlobalWindow' >> beam.WindowInto(window.GlobalWindows())
              | 'KeyBySequence' >> beam.ParDo(_KeyBySequence(self._key_fn, self._sequence_fn))
              .with_output_types(Tuple[Any, Tuple[Any, Any]])
              .with_outputs(UNPROCESSED, main='keyed'))

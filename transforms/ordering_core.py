@@ -266,10 +266,12 @@ class Orderer:
 
   def receive(self, st: KeyState, buf: Buffer, seq: Any, event: Any,
               event_time: Optional[int] = None,
-              processing_time: Optional[int] = None) -> Activation:
+              processing_time: Optional[int] = None,
+              into: Optional[Activation] = None) -> Activation:
     """One event of the key arrived: apply it (and what it unblocks), buffer it,
-    or report it."""
-    act = Activation()
+    or report it. Results go to ``into`` (a new Activation if None), which is
+    returned: passing one saves an allocation per event on the batch path."""
+    act = Activation() if into is None else into
     st.received += 1
     if event_time is not None and (st.last_event_time is None or event_time > st.last_event_time):
       st.last_event_time = event_time
@@ -283,7 +285,10 @@ class Orderer:
       return act
     if seq == st.next_expected and st.blocked_at is None and not st.backlog:
       self._apply(st, act, seq, event)
-      self._release(st, buf, act, self._cap(already=1), event_time, processing_time)
+      if st.buffered or st.gap_since_event_time is not None or st.gap_since_processing_time is not None:
+        self._release(st, buf, act, self._cap(already=1), event_time, processing_time)
+      else:
+        st.gap_timed_out = False  # what _release concludes for an empty buffer
       return act
     # Early (or the key is stopped / draining): it has to wait.
     if buf.contains(seq):
@@ -303,9 +308,10 @@ class Orderer:
     return act
 
   def drain(self, st: KeyState, buf: Buffer, event_time: Optional[int] = None,
-            processing_time: Optional[int] = None) -> Activation:
+            processing_time: Optional[int] = None,
+            into: Optional[Activation] = None) -> Activation:
     """Continue a backlog cut short by ``max_events_per_activation``."""
-    act = Activation()
+    act = Activation() if into is None else into
     if st.backlog:
       st.backlog = False
       self._release(st, buf, act, self._cap(), event_time, processing_time)
@@ -406,8 +412,9 @@ class Orderer:
     st.handler_state = new_state
     st.processed += 1
     st.next_expected = seq + 1
-    key = st.key
-    act.outputs.extend((key, o) for o in outs)
+    if outs:
+      key = st.key
+      act.outputs.extend((key, o) for o in outs)
 
   def _release(self, st: KeyState, buf: Buffer, act: Activation, limit: Optional[int],
                event_time: Optional[int], processing_time: Optional[int]) -> None:
@@ -460,10 +467,11 @@ def process_key(orderer: Orderer, key: Any, events: Iterable[Tuple[Any, Any]],
   st = orderer.new_state(key)
   buf = DictBuffer()
   act = Activation()
+  receive = orderer.receive
   for seq, event in events:
-    act.extend(orderer.receive(st, buf, seq, event, event_time=event_time))
+    receive(st, buf, seq, event, event_time, None, act)
     while st.backlog:
-      act.extend(orderer.drain(st, buf, event_time=event_time))
+      orderer.drain(st, buf, event_time, None, act)
   act.extend(orderer.finish(st, buf))
   return st, buf, act
 
