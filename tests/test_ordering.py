@@ -346,3 +346,21 @@ def test_timer_output_is_kept_with_allowed_lateness_downstream():
   assert_that(grouped | beam.FlatMapTuple(lambda k, vs: vs),
               equal_to([(1, 1), (3, 2), (4, 3)]))
   p.run().wait_until_finish()
+
+
+@pytest.mark.parametrize('runner, state', [
+    ('FnApiRunner', 'ordered_list'), ('DirectRunner', 'value'), ('PrismRunner', 'value'),
+    ('FlinkRunner', 'value')])
+def test_auto_state_follows_the_runner(runner, state):
+  p = beam.Pipeline(options=PipelineOptions([f'--runner={runner}']))
+  pcoll = p | beam.Create([ev('k', 1)])
+  assert ProcessInOrder(Positions()).chosen_state(pcoll) == state
+  assert ProcessInOrder(Positions(), state='value').chosen_state(pcoll) == 'value'
+  assert ProcessInOrder(Positions()).chosen_expansion(pcoll) == 'batch'
+
+
+def test_fn_api_runner_streaming_expansion_uses_ordered_list_state():
+  events = [ev('k', s) for s in (4, 2, 3, 1)]
+  with beam.Pipeline(options=PipelineOptions(['--runner=FnApiRunner'])) as p:
+    result = p | beam.Create(events) | ProcessInOrder(Positions(), expansion='streaming')
+    assert_that(result.outputs, equal_to([('k', (s, s)) for s in range(1, 5)]))

@@ -49,9 +49,14 @@ Two expansions, one algorithm:
   ReadModifyWriteState; the buffer is an ``OrderedListState`` keyed by sequence
   (``state='ordered_list'``) or, as the fallback, a dict pickled with the key's
   state (``state='value'``). ``state='auto'`` picks ``ordered_list`` only on
-  the PrismRunner: Beam 2.77's bundle-based direct runner (used for TestStream
-  and processing-time timers) and Flink (apache/beam#21358) lack it, and on the
-  FnApiRunner bounded input takes the batch expansion anyway.
+  ``--runner=FnApiRunner``, the one runner here where it works: Beam 2.77's
+  bundle-based direct runner (TestStream, processing-time timers) and Flink
+  (apache/beam#21358) lack it, and Prism 2.77 crashes on its first
+  ``clear_range`` of a bundle (``panic: assignment to entry in nil map`` in
+  ``engine.(*TentativeData).ClearOrderedListState``, seen here), so Prism, the
+  DirectRunner (which tries Prism first) and every other runner get ``value``.
+  ``value`` re-pickles a key's buffer on each event, which only costs while
+  the key has a gap; ``ordered_list`` reads just the run it releases.
 
 On bounded input both expansions give identical outputs, unprocessed records and
 final status (tested), except where arrival order is the point: which of two
@@ -488,8 +493,8 @@ _STREAMING_FNS = {
     ('ordered_list', True): _StreamOrderedListPt,
 }
 
-# Runners whose state API has OrderedListState (Beam 2.77, checked here).
-_ORDERED_LIST_RUNNERS = ('PrismRunner',)
+# Runners on which OrderedListState works (Beam 2.77, checked here; see the module docstring).
+_ORDERED_LIST_RUNNERS = ('FnApiRunner',)
 
 
 class ProcessInOrder(beam.PTransform):
