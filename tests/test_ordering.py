@@ -364,3 +364,17 @@ def test_fn_api_runner_streaming_expansion_uses_ordered_list_state():
   with beam.Pipeline(options=PipelineOptions(['--runner=FnApiRunner'])) as p:
     result = p | beam.Create(events) | ProcessInOrder(Positions(), expansion='streaming')
     assert_that(result.outputs, equal_to([('k', (s, s)) for s in range(1, 5)]))
+
+
+def test_batch_outputs_carry_the_timestamp_of_the_event_that_released_them():
+  events = [at(ev('a', 2), 20), at(ev('a', 1), 10), at(ev('a', 4), 40), at(ev('a', 1), 50)]
+  with beam.Pipeline(options=pipeline_options([])) as p:
+    result = (p | beam.Create(events)
+              | ProcessInOrder(Positions(), gap_timeout=5, gap_policy='skip'))
+    # Sorted, 1 (t=10) then 2 (t=20) arrive in order; 4 waits and is released by
+    # the gap timeout at the end of the input, stamped with the key's latest time.
+    assert_that(result.outputs | with_timestamp('ts'), equal_to([
+        (('a', (1, 1)), 10), (('a', (2, 2)), 20), (('a', (4, 3)), 50)]), label='outputs')
+    assert_that(result.unprocessed | beam.Map(lambda r: (r['sequence'], r['reason']))
+                | with_timestamp('uts'),
+                equal_to([((1, 'duplicate'), 50), ((3, 'gap_timeout'), 50)]), label='unprocessed')

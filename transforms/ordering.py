@@ -89,7 +89,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, Duration, Timestamp
 
 from transforms.ordering_core import (HOLD, INT64_MAX, INVALID_KEY, SKIP, Activation,
                                       DictBuffer, Handler, KeyState, Orderer, OrderingConfig,
-                                      batch_order, process_key)
+                                      batch_order)
 
 __all__ = ['ProcessInOrder', 'OrderedResult', 'StatusRequest', 'Handler', 'OrderingConfig',
            'HOLD', 'SKIP']
@@ -135,15 +135,23 @@ def _seconds_to_micros(seconds: Optional[float]) -> Optional[int]:
 
 
 class _KeyBySequence(beam.DoFn):
-  """event -> (key, (sequence, event)); events without a usable key -> unprocessed."""
+  """event -> (key, (sequence, event)); events without a usable key -> unprocessed.
 
-  def __init__(self, key_fn: Callable[[Any], Any], sequence_fn: Callable[[Any], Any]):
+  With ``with_timestamps`` (the batch expansion) the value is
+  ``(sequence, (event, timestamp micros))``: a GroupByKey in the global window
+  stamps its output at the end of time, so the batch path carries each event's
+  own timestamp through it and gives it back to the outputs the event releases.
+  """
+
+  def __init__(self, key_fn: Callable[[Any], Any], sequence_fn: Callable[[Any], Any],
+               with_timestamps: bool = False):
     self._key_fn = key_fn
     self._sequence_fn = sequence_fn
+    self._with_timestamps = with_timestamps
 
-  def process(self, event):
+  def process(self, event, ts=beam.DoFn.TimestampParam):
     if isinstance(event, StatusRequest):
-      yield (event.key, (None, event))
+      yield (event.key, (None, (event, ts.micros) if self._with_timestamps else event))
       return
     try:
       key = self._key_fn(event)
@@ -159,7 +167,7 @@ class _KeyBySequence(beam.DoFn):
       seq = self._sequence_fn(event)
     except Exception:
       seq = None  # the core reports it as invalid_sequence, counted for its key
-    yield (key, (seq, event))
+    yield (key, (seq, (event, ts.micros) if self._with_timestamps else event))
 
 
 def _emit(act: Activation, timestamp: Optional[Timestamp] = None):
@@ -192,21 +200,37 @@ class _OrderKeyBatch(beam.DoFn):
     self._orderer = Orderer(self._handler, self._config)
 
   def process(self, kv):
+    """Like the streaming expansion with events arriving in sequence order:
+    what an event releases carries that event's timestamp; what the end of the
+    input releases (gap timeouts) and status carry the key's latest timestamp."""
     key, values = kv
     requests = 0
     events = []
-    for seq, event in values:
+    latest = None
+    for seq, (event, ts) in values:
+      if latest is None or ts > latest:
+        latest = ts
       if isinstance(event, StatusRequest):
         requests += 1
       else:
-        events.append((seq, event))
-    st, buf, act = process_key(self._orderer, key,
-                               batch_order(events, self._config.initial_sequence))
+        events.append((seq, (event, ts)))
+    orderer = self._orderer
+    st, buf, act = orderer.new_state(key), DictBuffer(), Activation()
+    for seq, (event, ts) in batch_order(events, self._config.initial_sequence):
+      orderer.receive(st, buf, seq, event, None, None, act)
+      while st.backlog:
+        orderer.drain(st, buf, None, None, act)
+      if act.outputs or act.unprocessed:
+        yield from _emit(act, Timestamp(micros=ts))
+        act.outputs.clear()
+        act.unprocessed.clear()
+    end = orderer.finish(st, buf)
     for _ in range(requests):
-      act.status.append(self._orderer.status(st, buf, 'request'))
+      end.status.append(orderer.status(st, buf, 'request'))
     if self._final_status:
-      act.status.append(self._orderer.status(st, buf, 'final'))
-    yield from _emit(act)
+      end.status.append(orderer.status(st, buf, 'final'))
+    end.status[:0] = act.status
+    yield from _emit(end, Timestamp(micros=latest))
 
 
 @dataclasses.dataclass
@@ -591,11 +615,13 @@ class ProcessInOrder(beam.PTransform):
     if not isinstance(pcoll.windowing.windowfn, window.GlobalWindows):
       # One key's order spans windows: its state must not restart per window.
       pcoll = pcoll | 'GlobalWindow' >> beam.WindowInto(window.GlobalWindows())
+    batch = self.chosen_expansion(pcoll) == 'batch'
     keyed = (pcoll
-             | 'KeyBySequence' >> beam.ParDo(_KeyBySequence(self._key_fn, self._sequence_fn))
+             | 'KeyBySequence' >> beam.ParDo(_KeyBySequence(self._key_fn, self._sequence_fn,
+                                                            with_timestamps=batch))
              .with_output_types(Tuple[Any, Tuple[Any, Any]])
              .with_outputs(UNPROCESSED, main='keyed'))
-    if self.chosen_expansion(pcoll) == 'batch':
+    if batch:
       ordered = (keyed.keyed
                  | 'GroupByKey' >> beam.GroupByKey()
                  | 'OrderEachKey' >> beam.ParDo(
