@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 import run
 from generators import retail
 from pipelines.cli import UsageError
-from pipelines.keys import analyse, format_report, key_stats, key_under, parse_key_rule
+from pipelines.keys import analyse, key_stats, key_under, parse_key_rule
 from pipelines.options import pipeline_options
 from schemas.envelope import iso_to_millis, make_envelope
 from schemas.registry import partition_key_rules

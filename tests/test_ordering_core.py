@@ -1,8 +1,7 @@
 """The per-key ordering algorithm in plain Python: every scenario of issue 3 and
 property tests, without Beam (transforms/ordering_core.py)."""
 
-import random
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import pytest
 from hypothesis import given, settings, strategies as st

@@ -14,7 +14,11 @@ from transforms.ordering import ProcessInOrder
 def test_streaming_expansion_on_prism():
   assert prism_binary(), 'no Prism binary: run scripts/install_tools.sh'
   events = [ev(k, s) for k in 'ab' for s in (3, 1, 2, 5, 5)]
-  with beam.Pipeline(options=pipeline_options(['--runner=PrismRunner'])) as p:
+  # Beam keeps one Prism job server per process, created with the first options that asked
+  # for one; a DirectRunner pipeline earlier in this process (which tries Prism without
+  # --prism_location, fails, and falls back) would leave a server that downloads from GitHub.
+  options = pipeline_options(['--runner=PrismRunner', '--experiments=disable_prism_server_singleton'])
+  with beam.Pipeline(options=options) as p:
     result = (p | beam.Create(events)
               | ProcessInOrder(Positions(), expansion='streaming', gap_timeout=5, gap_policy='skip'))
     assert_that(result.outputs, equal_to(

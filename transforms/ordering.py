@@ -65,18 +65,27 @@ copies of one sequence is kept, and which early events overflow the buffer.
 Timers (streaming): one event-time timer per key, set to the earliest of the
 gap deadline, the next status interval, a backlog drain, and the end of the
 global window (final status on bounded input); with processing-time options one
-processing-time timer too. Output emitted from an event-time timer carries the
-timer's timestamp, which the timer holds the watermark at, so it is on time for
-a downstream window that has not closed before the deadline; see the tests for
-the lateness case and use ``allowed_lateness`` downstream when you rewindow
-released events into windows shorter than the gap timeout. Output from a
-processing-time timer carries the key's latest event timestamp.
+processing-time timer too (declared only then: a processing-time timer sends a
+whole DirectRunner pipeline to the bundle-based runner).
+
+Timestamps and lateness: what an arriving event releases carries that event's
+timestamp (in both expansions). What an event-time timer releases (a gap
+timeout, a drained backlog) carries the timer's time, e.g. the first waiting
+event's timestamp + ``gap_timeout``; a processing-time timer's output carries
+the key's latest event timestamp. Those can be behind the watermark
+downstream: Beam 2.77's bundle-based direct runner does not hold the watermark
+for pending timers, so a windowed GroupByKey after ProcessInOrder drops them as
+late unless its window allows lateness (both cases tested). ProcessInOrder
+itself works in the global window, where nothing is late; when you window its
+outputs, set ``allowed_lateness`` to at least ``gap_timeout`` plus how far your
+watermark may jump. The final status at the end of bounded input comes from a
+timer at the end of the global window and has the same caveat on that runner.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -85,7 +94,7 @@ from apache_beam.transforms import window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (OrderedListStateSpec, ReadModifyWriteStateSpec,
                                               TimerSpec, on_timer)
-from apache_beam.utils.timestamp import MAX_TIMESTAMP, Duration, Timestamp
+from apache_beam.utils.timestamp import Timestamp
 
 from transforms.ordering_core import (HOLD, INT64_MAX, INVALID_KEY, SKIP, Activation,
                                       DictBuffer, Handler, KeyState, Orderer, OrderingConfig,

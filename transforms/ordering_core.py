@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
+from typing import (Any, Dict, Iterable, List, Optional,
                     Protocol, Tuple)
 
 INT64_MIN = -(1 << 63)
