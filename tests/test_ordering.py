@@ -378,3 +378,13 @@ def test_batch_outputs_carry_the_timestamp_of_the_event_that_released_them():
     assert_that(result.unprocessed | beam.Map(lambda r: (r['sequence'], r['reason']))
                 | with_timestamp('uts'),
                 equal_to([((1, 'duplicate'), 50), ((3, 'gap_timeout'), 50)]), label='unprocessed')
+
+
+def test_events_without_a_usable_key_are_reported():
+  events = [ev(None, 1), ev({'not': 'a key'}, 1), ev(True, 1), {'sequence': 1}, 'not a dict',
+            ev('fine', 1)]
+  with beam.Pipeline(options=pipeline_options([])) as p:
+    result = p | beam.Create(events) | ProcessInOrder(Positions())
+    assert_that(result.outputs, equal_to([('fine', (1, 1))]), label='outputs')
+    assert_that(result.unprocessed | beam.Map(lambda r: (r['key'], r['reason'], r['detail'].split(':')[0])),
+                equal_to([(None, 'invalid_key', 'cannot take the key')] * 5), label='unprocessed')

@@ -341,3 +341,16 @@ def test_property_overflow_never_loses_an_event(streams, cap):
     applied = [o for _, o in act.outputs]
     assert applied == sorted(applied) and applied == list(range(1, len(applied) + 1))
     check_accounting(st_, act)
+
+
+def test_initial_state_that_raises_is_a_handler_error():
+  class BadStart(Recorder):
+    def initial_state(self, key):
+      raise KeyError(key)
+
+  orderer = Orderer(BadStart())
+  st, buf, act = process_key(orderer, 'k', [(1, ev(1)), (2, ev(2))])
+  assert reasons(act) == [(1, 'handler_error')]
+  assert act.unprocessed[0]['detail'] == "KeyError: 'k'"
+  assert st.blocked_at == 1 and st.buffered == 1
+  check_accounting(st, act)

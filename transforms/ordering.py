@@ -30,7 +30,8 @@ decisions) is :mod:`transforms.ordering_core`; this module only wraps it.
 Unprocessed reasons: ``duplicate`` (a sequence already applied or already
 buffered: the first copy wins), ``before_initial`` (below ``initial_sequence``),
 ``invalid_sequence`` (not an integer in the signed 64-bit range),
-``invalid_key`` (``key_fn`` failed or gave None), ``handler_error`` (``detail``
+``invalid_key`` (``key_fn`` failed or gave something other than a str, int or
+bytes), ``handler_error`` (``detail``
 holds the error text), ``buffer_overflow`` (an early event arrived while its key
 already buffered ``max_buffered_per_key`` events: the newcomer is reported, the
 buffer is kept), ``gap_timeout`` (under ``gap_policy='skip'``: one record with
@@ -143,6 +144,10 @@ def _seconds_to_micros(seconds: Optional[float]) -> Optional[int]:
   return None if seconds is None else int(round(seconds * 1_000_000))
 
 
+# Keys Beam can encode deterministically (a stateful DoFn and a GroupByKey need that).
+_KEY_TYPES = (str, int, bytes)
+
+
 class _KeyBySequence(beam.DoFn):
   """event -> (key, (sequence, event)); events without a usable key -> unprocessed.
 
@@ -164,7 +169,8 @@ class _KeyBySequence(beam.DoFn):
       return
     try:
       key = self._key_fn(event)
-      problem = None if key is not None else 'key is None'
+      problem = (None if isinstance(key, _KEY_TYPES) and not isinstance(key, bool) else
+                 f'key must be str, int or bytes, got {type(key).__name__}')
     except Exception as e:  # bad input is reported, never a traceback
       key, problem = None, f'{type(e).__name__}: {e}'
     if problem is not None:

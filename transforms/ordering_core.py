@@ -397,10 +397,10 @@ class Orderer:
     act.unprocessed.append(rec)
 
   def _apply(self, st: KeyState, act: Activation, seq: int, event: Any) -> None:
-    if not st.handler_started:
-      st.handler_state = self.handler.initial_state(st.key)
-      st.handler_started = True
     try:
+      if not st.handler_started:
+        st.handler_state = self.handler.initial_state(st.key)
+        st.handler_started = True
       new_state, outs = self.handler.apply(st.handler_state, event)
       outs = list(outs) if outs is not None else []
     except Exception as e:  # the handler is user code: report, never crash the pipeline
