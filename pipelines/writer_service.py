@@ -149,12 +149,11 @@ class WriterState:
     return self.conn.execute('SELECT COUNT(*) FROM receipts').fetchone()[0]
 
   def resume_offset(self, topic: str, partition: int) -> int:
-    """Where reconciliation of a partition starts: past everything recorded or reconciled."""
-    a = self.conn.execute('SELECT MAX(kafka_offset) FROM receipts WHERE topic = ? AND '
-                          'kafka_partition = ?', (topic, partition)).fetchone()[0]
-    b = self.conn.execute('SELECT next_offset FROM reconciled WHERE topic = ? AND '
-                          'kafka_partition = ?', (topic, partition)).fetchone()
-    return max(-1 if a is None else a, -1 if b is None else b[0] - 1) + 1
+    """Where reconciliation of a partition starts: the end of the last fully acknowledged
+    group (everything before it has its receipt), or 0 for a partition never seen."""
+    row = self.conn.execute('SELECT next_offset FROM reconciled WHERE topic = ? AND '
+                            'kafka_partition = ?', (topic, partition)).fetchone()
+    return row[0] if row else 0
 
   def record(self, receipts: List[Dict[str, Any]],
              reconciled: Optional[Dict[Tuple[str, int], int]] = None) -> int:
@@ -483,10 +482,19 @@ class Writer:
       receipts.append(None if where is None else make_receipt(
           self.log.topic, where[0], where[1], env['event_id'], env['partition_key'], env['sequence']))
     acked = [r for r in receipts if r is not None]
+    # Everything below a fully acknowledged group's offsets has its receipt: reconciliation
+    # may start there. After a failure it must not: a message whose ack was lost may sit
+    # below an acknowledged one, so the next round re-reads from the last known-good point.
+    complete = len(acked) == len(messages)
+    known: Dict[Tuple[str, int], int] = {}
+    if complete:
+      for r in acked:
+        k = (r['topic'], r['partition'])
+        known[k] = max(known.get(k, 0), r['offset'] + 1)
     if acked:
       with self.state_lock:
-        self.state.record(acked)
-    if len(acked) < len(messages):
+        self.state.record(acked, known)
+    if not complete:
       self.needs_reconcile = True  # a failed produce may still have reached the log
     for request, steps in zip(group, plan):
       request.answer, request.error = self._answer(request, steps, pending, results, receipts)
