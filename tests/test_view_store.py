@@ -279,3 +279,15 @@ def test_concurrent_sinks_on_one_partition_leave_no_hole(dsn):
   assert not errors
   with ViewStore(dsn) as store:
     assert store.position('cart', TOPIC, 0) == n - 1
+
+
+def test_kafka_message_shapes_and_dead_letters():
+  from schemas.envelope import to_json
+  from transforms.view_store import kafka_message
+  env = make_envelope('CartItemAdded', {'user_id': 'u1', 'product_id': 'p1', 'quantity': 1},
+                      event_id='e1', sequence=1, event_time=T0, origin='test')
+  row = beam.Row(topic=TOPIC, partition=2, offset=41, key=b'u1', value=to_json(env).encode())
+  assert kafka_message(row) == (env, {'topic': TOPIC, 'partition': 2, 'offset': 41})
+  bad = {'topic': TOPIC, 'partition': 2, 'offset': 42, 'value': b'{"not": "an envelope"}'}
+  assert kafka_message(bad) == (None, {'topic': TOPIC, 'partition': 2, 'offset': 42})
+  assert kafka_message(dict(bad, value=None))[0] is None  # a tombstone

@@ -222,10 +222,9 @@ def test_writer_receipts_are_honoured_by_views_built_from_the_topic(kafka, tmp_p
   import apache_beam as beam
   from apache_beam.testing.test_pipeline import TestPipeline
   from confluent_kafka import Consumer, TopicPartition
-  from schemas.envelope import from_json
   from tests.service_fixtures import create_topic
   from tests.test_writer import Running, event
-  from transforms.view_store import ViewChanges, WriteViewsToStore
+  from transforms.view_store import ViewChanges, WriteViewsToStore, kafka_message
 
   topic = f'views-{os.getpid()}-{int(time.time() * 1000) % 100000}'
   create_topic(kafka, topic, partitions=3)
@@ -258,16 +257,18 @@ def test_writer_receipts_are_honoured_by_views_built_from_the_topic(kafka, tmp_p
         if high == 0:
           continue
         c.assign([TopicPartition(topic, p, 0)])
-        while not messages or messages[-1][1]['partition'] != p or messages[-1][1]['offset'] < high - 1:
+        while not messages or messages[-1].partition != p or messages[-1].offset < high - 1:
           m = c.poll(5.0)
           assert m is not None and m.error() is None
-          messages.append((from_json(m.value().decode()),
-                           {'topic': topic, 'partition': m.partition(), 'offset': m.offset()}))
+          # What ReadFromKafka(with_metadata=True) gives a pipeline: a Row per message.
+          messages.append(beam.Row(topic=topic, partition=m.partition(), offset=m.offset(),
+                                   key=m.key(), value=m.value()))
     finally:
       c.close()
     assert len(messages) == 4
     with TestPipeline() as p:
-      _ = p | beam.Create(messages) | ViewChanges() | WriteViewsToStore(db)
+      _ = (p | beam.Create(messages) | beam.Map(kafka_message) | ViewChanges()
+           | WriteViewsToStore(db))
     reader.join(30)
     status, cart, _ = answers['cart']
     assert status == 200, cart

@@ -505,6 +505,27 @@ class WriteViewsToStore(beam.PTransform):
 SOURCE_FIELD = '_source'  # where ViewChanges carries a message's source inside its envelope
 
 
+def kafka_message(message: Any) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any]]:
+  """One consumed Kafka message -> ``(envelope or None, source)``: :class:`ViewChanges`' input.
+
+  ``message`` is what ``ReadFromKafka(..., with_metadata=True)`` yields (a Beam
+  Row with ``topic``, ``partition``, ``offset``, ``value``...) or a dict with
+  those keys. The value (the envelope's JSON form, as the event writer and the
+  publish pipeline write it) goes through the publishing boundary again
+  (:func:`schemas.validation.publish_raw`): a message that is not a valid
+  envelope gives ``None``, so its offset still counts as done.
+  """
+  from schemas.validation import publish_raw
+  get = message.get if isinstance(message, Mapping) else (lambda k: getattr(message, k))
+  topic, partition, offset = normalise_source(
+      (get('topic'), int(get('partition')), int(get('offset'))))
+  value = get('value')
+  envelope = None
+  if value is not None:
+    envelope, _, _ = publish_raw(bytes(value) if not isinstance(value, str) else value)
+  return envelope, {'topic': topic, 'partition': partition, 'offset': offset}
+
+
 class PerEventRecords:
   """A handler wrapper: each applied event gives exactly one output, ``(source, records)``.
 
