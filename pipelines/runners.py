@@ -13,10 +13,11 @@ from Maven Central) are unreachable or not served here:
   ``--environment_type=LOOPBACK`` (the Python workers run in the submitting
   process: there is no Docker engine for Beam's SDK containers), and a capped
   job server heap.
-* Every runner gets ``--beam_services`` pointing Beam's default IO expansion
-  service at the local jar, so a plain ``ReadFromKafka(...)`` never downloads.
-  On Flink, pass :func:`kafka_expansion_service` as ``expansion_service=`` (see
-  its docstring for why).
+* Every local runner gets ``--beam_services`` pointing Beam's default IO
+  expansion service at the local jar (whose launcher makes EMBEDDED the default
+  Java environment), so a plain ``ReadFromKafka(...)`` never downloads and runs on
+  Prism and Flink alike; :func:`kafka_expansion_service` gives the same service
+  explicitly.
 * Remote runners that install Sourcebeam on their own workers get ``--setup_file``.
 
 Options given explicitly on the command line always win.
@@ -129,7 +130,8 @@ def runner_args(args: List[str]) -> List[str]:
       # Beam keeps each pipeline's job server JVM until the Python process exits;
       # without a cap each may grow to a quarter of the machine's memory.
       args.append(f'--job_server_jvm_properties={JOB_SERVER_HEAP}')
-  if not has_option(args, '--beam_services') and io_expansion_jar():
+  if runner != 'DataflowRunner' and not has_option(args, '--beam_services') and io_expansion_jar():
+    # (Dataflow runs Java in Beam's Docker containers: it keeps Beam's own default.)
     args.append('--beam_services=' + json.dumps({IO_EXPANSION_TARGET: IO_EXPANSION_JAR}))
   # Workers that are not this process need Sourcebeam installed; LOOPBACK workers are us.
   remote_workers = runner == 'DataflowRunner' or (
@@ -143,14 +145,17 @@ def runner_args(args: List[str]) -> List[str]:
 def kafka_expansion_service():
   """The expansion service for ``ReadFromKafka`` / ``WriteToKafka``: the local jar.
 
-  Use it as ``ReadFromKafka(..., expansion_service=kafka_expansion_service())``.
-  Why not Beam's default: the default downloads a jar that is not served here,
-  and its Java environment is Docker (no engine here) or, inside a pipeline, an
-  ``anyOf`` that Prism resolves to the expansion service's loopback worker but
-  the Flink job server resolves to Docker. Adding ``EMBEDDED`` as the default
-  environment makes the ``anyOf`` (embedded, loopback worker): Flink runs the
-  Java half inside its TaskManagers (the job server jar carries KafkaIO and ships
-  itself to the cluster) and Prism keeps using the loopback worker.
+  Use it as ``ReadFromKafka(..., expansion_service=kafka_expansion_service())``
+  (a plain ``ReadFromKafka(...)`` gets the same jar through ``--beam_services``
+  when its options come from :func:`runner_args`).
+  Why not Beam's stock service: its jar is not served here, and its Java
+  environment is Docker (no engine here) or, inside a pipeline, an ``anyOf`` that
+  Prism resolves to the expansion service's loopback worker but the Flink job
+  server resolves to Docker. With ``EMBEDDED`` as the default environment the
+  ``anyOf`` is (embedded, loopback worker): Flink runs the Java half inside its
+  TaskManagers (the job server jar carries KafkaIO and ships itself to the
+  cluster) and Prism keeps using the loopback worker. Not for Dataflow, which
+  needs Beam's Docker default.
   """
   from apache_beam.transforms.external import JavaJarExpansionService
   jar = _require(io_expansion_jar(), 'the Beam Java IO expansion service jar')

@@ -50,12 +50,12 @@ install_prism() {
 }
 
 # --- Java artifacts from Maven Central ----------------------------------------
-# mvn_part NAME OUTPUT: build scripts/maven/NAME/pom.xml unless OUTPUT exists and the
-# pom is unchanged since the last successful build.
+# mvn_part NAME OUTPUT: build scripts/maven/NAME (pom.xml and any sources) unless OUTPUT
+# exists and the module is unchanged since the last successful build.
 mvn_part() {
-  local name="$1" output="$2" pom="$ROOT/scripts/maven/$1/pom.xml"
-  local stamp="$CACHE/stamps/maven-$name" sum
-  sum="$(sha256sum "$pom" | cut -d' ' -f1)"
+  local name="$1" output="$2" dir="$ROOT/scripts/maven/$1"
+  local pom="$dir/pom.xml" stamp="$CACHE/stamps/maven-$name" sum
+  sum="$(cd "$dir" && find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)"
   if [[ -e "$output" && "$(cat "$stamp" 2>/dev/null)" == "$sum" ]]; then
     log "maven $name: present"; return 0
   fi

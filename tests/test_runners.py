@@ -131,9 +131,10 @@ def test_kafka_expansion_service_uses_local_jar_with_embedded_java():
   assert '--defaultEnvironmentType=EMBEDDED' in service._append_args
 
 
-def test_dataflow_gets_setup_file():
+def test_dataflow_gets_setup_file_and_keeps_beams_expansion_service():
   args = runners.runner_args(['--runner=DataflowRunner'])
   assert runners.option_value(args, '--setup_file').endswith('setup.py')
+  assert not runners.has_option(args, '--beam_services')
 
 
 # --- real runs ---------------------------------------------------------------------
@@ -161,16 +162,16 @@ def test_totals_on_standalone_flink_cluster(tmp_path, flink_cluster):
   assert jobs[0]['tasks']['finished'] == jobs[0]['tasks']['total'] > 0
 
 
-def _kafka_round_trip(beam_args: List[str], bootstrap: str, tmp_path) -> None:
+def _kafka_round_trip(beam_args: List[str], bootstrap: str, tmp_path, expansion=None) -> None:
   """Events produced with Kafka's own tools -> ReadFromKafka -> totals -> WriteToKafka
-  and files; the output topic is read back with Kafka's own tools."""
+  and files; the output topic is read back with Kafka's own tools. ``expansion``
+  None: Beam's default expansion service, i.e. what ``--beam_services`` points at."""
   source, sink = f'events-{uuid.uuid4().hex[:8]}', f'totals-{uuid.uuid4().hex[:8]}'
   create_topic(bootstrap, source, partitions=2)
   create_topic(bootstrap, sink)
   records = [(key, f'{amount}') for key, amount, _ in EVENTS]
   produce(bootstrap, source, records)
   out = str(tmp_path / 'kafka-totals')
-  expansion = runners.kafka_expansion_service()
   with beam.Pipeline(options=pipeline_options(beam_args)) as p:
     totals = (
         p
@@ -193,11 +194,12 @@ def _kafka_round_trip(beam_args: List[str], bootstrap: str, tmp_path) -> None:
 
 @pytest.mark.integration
 def test_kafka_in_and_out_on_prism(tmp_path, kafka):
-  _kafka_round_trip(['--runner=PrismRunner'], kafka, tmp_path)
+  _kafka_round_trip(['--runner=PrismRunner'], kafka, tmp_path, runners.kafka_expansion_service())
 
 
 @pytest.mark.integration
 def test_kafka_in_and_out_on_standalone_flink_cluster(tmp_path, kafka, flink_cluster):
+  # Plain ReadFromKafka / WriteToKafka: the local jar comes from --beam_services.
   _kafka_round_trip(['--runner=FlinkRunner', f'--flink_master={flink_cluster}'], kafka, tmp_path)
 
 
