@@ -84,8 +84,9 @@ def run_totals(beam_args: List[str], tmp_path) -> List[str]:
   return read_lines(out)
 
 
-# --- what each runner gets (fast) ------------------------------------------------
+# --- what each runner gets (fast; some need the installed binaries) -------------
 
+@pytest.mark.integration  # needs scripts/install_tools.sh's binaries
 def test_flink_gets_local_job_server_version_and_loopback():
   args = runners.runner_args(['--runner=FlinkRunner', '--flink_master=[local]'])
   assert runners.option_value(args, '--flink_job_server_jar') == runners.FLINK_JOB_SERVER_JAR
@@ -105,6 +106,7 @@ def test_explicit_options_win():
   assert runners.has_option(args, '--setup_file')  # PROCESS workers need the package
 
 
+@pytest.mark.integration  # needs scripts/install_tools.sh's binaries
 def test_prism_and_default_io_expansion_service_are_local():
   args = runners.runner_args(['--runner=PrismRunner'])
   assert runners.option_value(args, '--prism_location') == runners.PRISM_BIN
@@ -124,6 +126,7 @@ def test_prism_does_not_split_kafka_reads():
   assert again.count('--experiments=prism_disable_sdf_split') == 1
 
 
+@pytest.mark.integration  # needs scripts/install_tools.sh's binaries
 def test_kafka_expansion_service_uses_local_jar_with_embedded_java():
   service = runners.kafka_expansion_service()
   assert isinstance(service, JavaJarExpansionService)

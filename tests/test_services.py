@@ -47,6 +47,7 @@ def port_open(port: int) -> bool:
     return s.connect_ex(('127.0.0.1', port)) == 0
 
 
+@pytest.mark.integration  # needs scripts/install_tools.sh's binaries
 def test_install_tools_is_idempotent():
   result = subprocess.run([os.path.join(runners.ROOT, 'scripts', 'install_tools.sh')],
                           capture_output=True, text=True, timeout=900)
@@ -59,6 +60,7 @@ def test_install_tools_is_idempotent():
   assert runners.flink_job_server_jar() and runners.io_expansion_jar()
 
 
+@pytest.mark.integration  # needs scripts/install_tools.sh's binaries
 def test_kafka_refuses_a_busy_port_with_a_clear_message(tmp_path):
   with socket.socket() as busy:
     busy.bind(('127.0.0.1', 0))
