@@ -30,6 +30,8 @@ import os
 import shutil
 from typing import List, Optional
 
+from pipelines.cli import UsageError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS_DIR = os.path.join(ROOT, '.cache')
 PRISM_BIN = os.path.join(TOOLS_DIR, 'bin', 'prism')
@@ -49,8 +51,8 @@ JOB_SERVER_HEAP = '-Xmx1536m'
 PRISM_NO_SDF_SPLIT = 'prism_disable_sdf_split'
 
 
-class ToolMissing(RuntimeError):
-  """A binary from scripts/install_tools.sh is not there: say how to get it."""
+class ToolMissing(UsageError):
+  """A binary from scripts/install_tools.sh is not there: one line saying how to get it."""
 
 
 def has_option(args: List[str], name: str) -> bool:
