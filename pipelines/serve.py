@@ -223,6 +223,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help='longest a read waits for its after= receipts before a 504 (default 5000)')
   v.add_argument('--poll-ms', type=int, default=20,
                  help='how often a waiting read checks the view positions (default 20)')
+  v.add_argument('--max-connections', type=int, default=16,
+                 help='most database connections in use at once (default 16)')
 
 
 def main(args: argparse.Namespace, beam_args) -> int:

@@ -33,12 +33,14 @@ proves it only when each partition reaches the sink in offset order (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import queue
 import re
+import threading
 import time
 import urllib.parse
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from pipelines.cli import UsageError
 from pipelines.serve import (Answer, HttpError, make_server, method_not_allowed, not_found,
@@ -90,25 +92,38 @@ def _key(segment: str, what: str) -> str:
 class ViewsApi:
   """Plain-Python request handling; ``handle`` gives ``(status, body, headers)``.
 
-  Store connections are pooled (one per concurrent request): sqlite3 and pg8000
-  connections must not be shared between threads.
+  Store connections are pooled (at most ``max_connections`` in use): sqlite3 and
+  pg8000 connections must not be shared between threads at once.
   """
 
   max_body_bytes = 0  # GET only: any body is refused
 
-  def __init__(self, dsn: str, max_wait_ms: int = 5000, poll_ms: int = 20):
+  def __init__(self, dsn: str, max_wait_ms: int = 5000, poll_ms: int = 20,
+               max_connections: int = 16):
     self.dsn, self.max_wait_ms, self.poll_ms = dsn, max_wait_ms, poll_ms
     self.pool: 'queue.LifoQueue[ViewStore]' = queue.LifoQueue()
-    self._put(ViewStore(dsn))  # fail at start-up, not at the first request, on a bad DSN
+    # At most this many connections at once (a PostgreSQL server has few to give); a waiting
+    # read holds one only while it looks, never while it sleeps.
+    self.slots = threading.BoundedSemaphore(max_connections)
+    self.pool.put(ViewStore(dsn))  # fail at start-up, not at the first request, on a bad DSN
 
-  def _get(self) -> ViewStore:
-    try:
-      return self.pool.get_nowait()
-    except queue.Empty:
-      return ViewStore(self.dsn)
-
-  def _put(self, store: ViewStore) -> None:
-    self.pool.put(store)
+  @contextlib.contextmanager
+  def store(self) -> Iterator[ViewStore]:
+    with self.slots:
+      try:
+        store = self.pool.get_nowait()
+      except queue.Empty:
+        store = ViewStore(self.dsn)
+      try:
+        yield store
+      except HttpError:
+        self.pool.put(store)
+        raise
+      except Exception:
+        store.close()  # a broken connection is not put back
+        raise
+      else:
+        self.pool.put(store)
 
   def close(self) -> None:
     while True:
@@ -152,35 +167,33 @@ class ViewsApi:
     if unknown or view in ('positions', 'health') and params:
       raise HttpError(400, f'unknown query parameter(s) {unknown or sorted(params)}',
                       allowed=sorted(allowed) if view not in ('positions', 'health') else [])
-    store = self._get()
-    try:
-      if view == 'health':
+    if view == 'health':
+      with self.store() as store:
         store.positions()  # a round trip to the database
-        return 200, {'status': 'ok', 'db': redact(self.dsn)}, {}
-      if view == 'positions':
+      return 200, {'status': 'ok', 'db': redact(self.dsn)}, {}
+    if view == 'positions':
+      with self.store() as store:
         return 200, {'positions': store.positions()}, {}
-      if view == 'catalog':
-        cats = params.get('category', [])
-        if len(cats) != 1 or not cats[0]:
-          raise HttpError(400, 'give exactly one category: /products?category=...')
-        key = cats[0]
-      receipts = parse_receipts(params.get('after', []))
-      wait_ms = self.max_wait_ms
-      if 'wait_ms' in params:
-        w = params['wait_ms'][-1]
-        if not w.isdigit():
-          raise HttpError(400, f'wait_ms must be a whole number of milliseconds, got {w!r}')
-        wait_ms = min(int(w), self.max_wait_ms)
-      return self._read(store, view, key, receipts, wait_ms)
-    finally:
-      self._put(store)
+    if view == 'catalog':
+      cats = params.get('category', [])
+      if len(cats) != 1 or not cats[0]:
+        raise HttpError(400, 'give exactly one category: /products?category=...')
+      key = cats[0]
+    receipts = parse_receipts(params.get('after', []))
+    wait_ms = self.max_wait_ms
+    if 'wait_ms' in params:
+      w = params['wait_ms'][-1]
+      if not w.isdigit():
+        raise HttpError(400, f'wait_ms must be a whole number of milliseconds, got {w!r}')
+      wait_ms = min(int(w), self.max_wait_ms)
+    return self._read(view, key, receipts, wait_ms)
 
-  def _read(self, store: ViewStore, view: str, key: str, receipts: Receipts,
-            wait_ms: int) -> Answer:
+  def _read(self, view: str, key: str, receipts: Receipts, wait_ms: int) -> Answer:
     start = time.monotonic()
     deadline = start + wait_ms / 1000
     while True:
-      positions = store.positions(view)
+      with self.store() as store:
+        positions = store.positions(view)
       reached = {(p['topic'], p['partition']): p['offset'] for p in positions}
       pending = [(t, p, o) for (t, p), o in sorted(receipts.items())
                  if reached.get((t, p), -1) < o]
@@ -196,12 +209,13 @@ class ViewsApi:
             positions=_positions(positions))
       time.sleep(min(self.poll_ms / 1000, max(0.0, deadline - time.monotonic())))
     # Read the value after the positions: the write the receipt names is in it.
-    if view == 'catalog':
-      value: Any = store.products_by_category(key)
-      body = {'view': view, 'category': key, 'products': value}
-    else:
-      value = store.get(view, key)
-      body = {'view': view, 'key': key, 'found': value is not None, 'value': value}
+    with self.store() as store:
+      if view == 'catalog':
+        value: Any = store.products_by_category(key)
+        body = {'view': view, 'category': key, 'products': value}
+      else:
+        value = store.get(view, key)
+        body = {'view': view, 'key': key, 'found': value is not None, 'value': value}
     body['positions'] = _positions(positions)
     body['waited_ms'] = int((time.monotonic() - start) * 1000)
     return 200, body, {}
@@ -214,10 +228,10 @@ def _positions(positions: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
   """``serve views``: open the store, serve until stopped."""
-  if args.max_wait_ms < 0 or args.poll_ms < 1:
-    raise UsageError('--max-wait-ms must be >= 0 and --poll-ms >= 1')
+  if args.max_wait_ms < 0 or args.poll_ms < 1 or args.max_connections < 1:
+    raise UsageError('--max-wait-ms must be >= 0, --poll-ms and --max-connections >= 1')
   try:
-    api = ViewsApi(args.db, args.max_wait_ms, args.poll_ms)
+    api = ViewsApi(args.db, args.max_wait_ms, args.poll_ms, args.max_connections)
   except Exception as e:  # the password never appears: the message names the redacted DSN
     raise UsageError(f'cannot open the view store {redact(args.db)}: '
                      f'{type(e).__name__}: {str(e).replace(args.db, redact(args.db))}') from None

@@ -37,8 +37,8 @@ def dsn(request, tmp_path) -> str:
 
 
 class Api:
-  def __init__(self, dsn: str, max_wait_ms: int = 3000):
-    self.api = ViewsApi(dsn, max_wait_ms=max_wait_ms, poll_ms=10)
+  def __init__(self, dsn: str, max_wait_ms: int = 3000, **kw):
+    self.api = ViewsApi(dsn, max_wait_ms=max_wait_ms, poll_ms=10, **kw)
     self.server = make_server(self.api, '127.0.0.1', 0)
     self.port = self.server.server_address[1]
     threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.1},
@@ -119,6 +119,25 @@ def test_after_waits_until_the_view_includes_the_write(api, dsn):
                                     {'product_id': 'p2', 'quantity': 1}]
   assert body['positions'] == [{'topic': TOPIC, 'partition': 0, 'offset': 7}]
   assert 0.35 <= elapsed < 3 and body['waited_ms'] >= 350
+
+
+def test_many_waiting_reads_share_few_connections(dsn):
+  a = Api(dsn, max_connections=3)  # fewer connections than waiting readers
+  try:
+    apply(dsn, 6)
+    results = []
+    readers = [threading.Thread(target=lambda: results.append(a.get(f'/carts/u1?after={TOPIC}:0:7')))
+               for _ in range(24)]
+    for t in readers:
+      t.start()
+    time.sleep(0.3)
+    apply(dsn, 7)
+    for t in readers:
+      t.join(30)
+    assert len(results) == 24
+    assert all(s == 200 and len(b['value']['items']) == 2 for s, b, _ in results), results[:2]
+  finally:
+    a.stop()
 
 
 def test_past_the_limit_504_says_how_far_the_view_got(dsn):
