@@ -37,6 +37,11 @@ report also counts current keys split over several new keys and new keys that
 merge several current keys. Events whose type or data lacks the alternative
 field cannot be keyed by it: they are counted as ``unkeyable`` (and keep
 neither an alternative key nor a predecessor), never dropped silently.
+
+The report reads the archive in plain Python (``transforms.archive.iter_archive``)
+and keeps one small tuple per event (key, sequence, position, event time) to
+sort the chains: fine for days of Hello, Retail!'s 10 million events a day on
+one machine; a month would want the same statistics as a Beam pipeline.
 """
 
 from __future__ import annotations
