@@ -4,6 +4,7 @@ TestStream scenarios on the bundle-based direct runner (gap timeouts in event
 and processing time, status on a timer and on demand, lateness downstream), and
 a property test that both expansions agree."""
 
+import collections
 import json
 import random
 import time
@@ -388,3 +389,25 @@ def test_events_without_a_usable_key_are_reported():
     assert_that(result.outputs, equal_to([('fine', (1, 1))]), label='outputs')
     assert_that(result.unprocessed | beam.Map(lambda r: (r['key'], r['reason'], r['detail'].split(':')[0])),
                 equal_to([(None, 'invalid_key', 'cannot take the key')] * 5), label='unprocessed')
+
+
+def test_backlog_drains_on_event_time_timers_in_streaming():
+  n = 200
+  stream = (TestStream()
+            .advance_watermark_to(0)
+            .add_elements([at(ev('a', s), 0) for s in range(2, n + 1)])
+            .add_elements([at(ev('a', 1), 1)])     # releases 10 now, the rest on drain timers
+            .advance_watermark_to(5)
+            .add_elements([at(ev('a', n + 1), 6)])
+            .advance_watermark_to_infinity())
+  with beam.Pipeline(options=streaming_options()) as p:
+    result = (p | stream
+              | ProcessInOrder(Positions(), max_events_per_activation=10, final_status=False))
+
+    def check(actual):
+      # (sequence == position) proves order; the first 10 carry the releasing event's
+      # time (1 s), the drained rest the drain timer's (also 1 s), the last event its own.
+      got = collections.Counter((kv[1][0] == kv[1][1], t) for kv, t in actual)
+      if got != {(True, 1): n, (True, 6): 1}:
+        raise BeamAssertException(f'unexpected outputs: {got}')
+    assert_that(result.outputs | with_timestamp('ts'), check)
