@@ -53,7 +53,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 from pipelines.cli import UsageError
 from pipelines.serve import (Answer, HttpError, make_server, method_not_allowed, not_found,
@@ -259,8 +259,9 @@ class KafkaLog:
             (None, f'no acknowledgement within {self.ack_timeout}s ({remaining} pending)')
             for r in results]
 
-  def read_tail(self, partition: int, start: int) -> Tuple[List[Any], int]:
-    """Messages of a partition from ``start`` to its end now; and the end offset."""
+  def read_tail(self, partition: int, start: int) -> Tuple[Iterator[Any], int]:
+    """The messages of a partition from ``start`` to its end now (a lazy iterator: a long
+    tail is never held in memory), and that end offset."""
     from confluent_kafka import Consumer, KafkaError, TopicPartition
     consumer = Consumer({'bootstrap.servers': self.bootstrap, 'group.id': f'sourcebeam-writer-{uuid.uuid4()}',
                          'enable.auto.commit': False, 'auto.offset.reset': 'earliest',
@@ -268,28 +269,35 @@ class KafkaLog:
                          'logger': log})
     try:
       low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15)
-      start = max(start, low)
-      out = []
-      if start >= high:
-        return out, high
-      consumer.assign([TopicPartition(self.topic, partition, start)])
-      deadline = time.monotonic() + 60
-      while True:
-        msg = consumer.poll(1.0)
-        if time.monotonic() > deadline:
-          raise RuntimeError(f'reading partition {partition} from {start} to {high} timed out')
-        if msg is None:
-          continue
-        if msg.error() is not None:
-          if msg.error().code() == KafkaError._PARTITION_EOF:
-            break  # the end: everything up to the high watermark was read
-          raise RuntimeError(f'reading partition {partition}: {msg.error()}')
-        out.append(msg)
-        if msg.offset() >= high - 1:
-          break
-      return out, high
-    finally:
+    except BaseException:
       consumer.close()
+      raise
+    start = max(start, low)
+
+    def messages() -> Iterator[Any]:
+      try:
+        if start >= high:
+          return
+        consumer.assign([TopicPartition(self.topic, partition, start)])
+        stalled = time.monotonic() + 30  # no message for this long: the broker is not answering
+        while True:
+          msg = consumer.poll(1.0)
+          if msg is None:
+            if time.monotonic() > stalled:
+              raise RuntimeError(f'reading partition {partition} towards offset {high} stalled')
+            continue
+          if msg.error() is not None:
+            if msg.error().code() == KafkaError._PARTITION_EOF:
+              return  # the end: everything up to the high watermark was read
+            raise RuntimeError(f'reading partition {partition}: {msg.error()}')
+          stalled = time.monotonic() + 30
+          yield msg
+          if msg.offset() >= high - 1:
+            return
+      finally:
+        consumer.close()
+
+    return messages(), high
 
   def healthy(self) -> bool:
     try:
@@ -523,16 +531,16 @@ class Writer:
     status = 201 if appended else 200
     return (status, out[0] if request.single else {'receipts': out}, {}), None
 
-  def _reconcile(self) -> None:
+  def _reconcile(self, chunk: int = 5000) -> None:
     """Records receipts and sequences of events in Kafka past what the state file knows:
     closes the window between a broker ack and our commit (see the module docstring)."""
     from schemas.envelope import from_json
-    found, ends = [], {}
+    new = 0
     for p in self.log.partitions:
       with self.state_lock:
         start = self.state.resume_offset(self.log.topic, p)
       messages, end = self.log.read_tail(p, start)
-      ends[(self.log.topic, p)] = end
+      found = []
       for m in messages:
         try:
           env = from_json(m.value().decode('utf-8'))
@@ -540,8 +548,12 @@ class Writer:
                                     env['partition_key'], int(env['sequence'])))
         except (ValueError, KeyError, TypeError, AttributeError):
           log.warning('partition %d offset %d is not an envelope; passed over', p, m.offset())
-    with self.state_lock:
-      new = self.state.record(found, ends)
+        if len(found) >= chunk:
+          with self.state_lock:
+            new += self.state.record(found)
+          found = []
+      with self.state_lock:  # the partition's end is recorded only once all before it is
+        new += self.state.record(found, {(self.log.topic, p): end})
     if new:
       log.warning('recovered %d receipt(s) of events in Kafka that were not recorded', new)
     self.needs_reconcile = False
