@@ -411,3 +411,30 @@ def test_backlog_drains_on_event_time_timers_in_streaming():
       if got != {(True, 1): n, (True, 6): 1}:
         raise BeamAssertException(f'unexpected outputs: {got}')
     assert_that(result.outputs | with_timestamp('ts'), check)
+
+
+@settings(max_examples=3, deadline=None)
+@given(shuffled_keys(), st.integers(1, 4))
+def test_property_streaming_outputs_are_each_keys_contiguous_prefix(events, batches):
+  """Random arrival in several TestStream batches: every key's output is its
+  contiguous prefix, in order, and every copy is reported as a duplicate."""
+  stream = TestStream().advance_watermark_to(0)
+  size = max(1, -(-len(events) // batches))
+  for i in range(0, len(events), size):
+    stream = stream.add_elements([at(e, i) for e in events[i:i + size]]).advance_watermark_to(i + 1)
+  stream = stream.advance_watermark_to_infinity()
+  want, unprocessed = [], 0
+  by_key: Dict[str, list] = {}
+  for e in events:
+    by_key.setdefault(e['partition_key'], []).append(e['sequence'])
+  for key, seqs in by_key.items():
+    m = 0
+    while m + 1 in set(seqs):
+      m += 1
+    want += [(key, (s, s)) for s in range(1, m + 1)]
+    unprocessed += len(seqs) - len(set(seqs))
+  with beam.Pipeline(options=streaming_options()) as p:
+    result = p | stream | ProcessInOrder(Positions(), final_status=False)
+    assert_that(result.outputs, equal_to(want), label='outputs')
+    assert_that(result.unprocessed | beam.Map(lambda r: r['reason']),
+                equal_to(['duplicate'] * unprocessed), label='unprocessed')
