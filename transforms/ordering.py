@@ -31,12 +31,20 @@ Unprocessed reasons: ``duplicate`` (a sequence already applied or already
 buffered: the first copy wins), ``before_initial`` (below ``initial_sequence``),
 ``invalid_sequence`` (not an integer in the signed 64-bit range),
 ``invalid_key`` (``key_fn`` failed or gave something other than a str, int or
-bytes), ``handler_error`` (``detail``
-holds the error text), ``buffer_overflow`` (an early event arrived while its key
-already buffered ``max_buffered_per_key`` events: the newcomer is reported, the
-buffer is kept), ``gap_timeout`` (under ``gap_policy='skip'``: one record with
-``event=None`` and ``missing_from``/``missing_to`` when the key moves past a gap,
-and any skipped sequence that arrives later).
+bytes), ``handler_error`` (``detail`` holds the error text), ``buffer_overflow``
+(an early event arrived while its key already buffered ``max_buffered_per_key``
+events: the newcomer is reported, the buffer is kept), ``gap_timeout`` (under
+``gap_policy='skip'``: one record with ``event=None`` and
+``missing_from``/``missing_to`` when the key moves past a gap, and any skipped
+sequence that arrives later). Per key, always:
+``received == processed + buffered + unprocessed`` (the gap records carry no
+event and are not counted).
+
+Status records (see ``Orderer.status``) say why they were emitted in
+``trigger``: ``final`` (end of bounded input), ``request`` (a
+:class:`StatusRequest` in the input), ``interval`` / ``interval_processing``
+(``status_interval*``: at most one per interval, only for keys that changed),
+``gap_timeout`` (``gap_policy='hold'``: the key waits past its timeout).
 
 Two expansions, one algorithm:
 
