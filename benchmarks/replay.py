@@ -184,6 +184,52 @@ def measure_raw_decode(path: str) -> Dict[str, Any]:
   return out
 
 
+def _write_json(obj: Any, path: str) -> None:
+  from apache_beam.io.filesystems import FileSystems
+  with FileSystems.create(path) as f:
+    f.write(json.dumps(obj, sort_keys=True).encode('utf-8'))
+
+
+def _count_in_one_combine(named: Dict[str, Any], path: str) -> None:
+  """``{name: PCollection}`` -> ``path`` holding ``{'counts': {name: n}, 'stats': [...]}``;
+  the ``stats`` PCollection's records are kept whole.
+
+  One shuffle for every output (not one per output, as WriteCounts has), so
+  the benchmark pipeline fits a small Flink TaskManager's network buffers.
+  """
+  import apache_beam as beam
+
+  class CountByName(beam.CombineFn):
+    def create_accumulator(self):
+      return ({}, [])
+
+    def add_input(self, acc, item):
+      name, value = item
+      if name == 'stats':
+        acc[1].append(value)
+      else:
+        acc[0][name] = acc[0].get(name, 0) + 1
+      return acc
+
+    def merge_accumulators(self, accs):
+      counts, stats = {}, []
+      for c, s in accs:
+        for k, v in c.items():
+          counts[k] = counts.get(k, 0) + v
+        stats.extend(s)
+      return counts, stats
+
+    def extract_output(self, acc):
+      return {'counts': acc[0], 'stats': acc[1]}
+
+  tagged = [pc | f'Tag {name}' >> beam.Map(lambda v, name=name: (name, v if name == 'stats' else None))
+            for name, pc in sorted(named.items())]
+  _ = (tagged
+       | 'AllOutputs' >> beam.Flatten()
+       | 'CountByName' >> beam.CombineGlobally(CountByName())
+       | 'WriteCounts' >> beam.Map(_write_json, path))
+
+
 def measure_naive(path: str, beam_args: List[str]) -> Dict[str, Any]:
   """ReadArchive, key, a stateful DoFn keeping the last sequence per key."""
   import apache_beam as beam
@@ -203,20 +249,20 @@ def measure_naive(path: str, beam_args: List[str]) -> Dict[str, Any]:
       yield 1
 
   out_dir = tempfile.mkdtemp(prefix='bench-naive-')
+  result = os.path.join(out_dir, 'counts.json')
   try:
     options = pipeline_options(beam_args)
     started = time.perf_counter()
     with beam.Pipeline(options=options) as p:
-      events = (p
-           | 'Read' >> ReadArchive(path, with_timestamps=False)).__getitem__('events')
-      _ = (events
-           | 'Key' >> beam.Map(lambda e: (e['partition_key'], e))
-           | 'LastSequence' >> beam.ParDo(LastSequence())
-           | 'Count' >> beam.CombineGlobally(sum)
-           | 'Write' >> beam.io.WriteToText(os.path.join(out_dir, 'n'), shard_name_template=''))
+      events = (p | 'Read' >> ReadArchive(path, with_timestamps=False))['events']
+      seen = (events
+              | 'Key' >> beam.Map(lambda e: (e['partition_key'], e)).with_output_types(
+                  beam.typehints.Tuple[str, Any])
+              | 'LastSequence' >> beam.ParDo(LastSequence()))
+      _count_in_one_combine({'events': seen}, result)
     seconds = time.perf_counter() - started
-    with open(os.path.join(out_dir, 'n')) as f:
-      n = int(f.read().strip() or 0)
+    with open(result) as f:
+      n = json.load(f)['counts'].get('events', 0)
   finally:
     shutil.rmtree(out_dir, ignore_errors=True)
   return {'events': n, 'seconds': seconds, 'peak_rss_mb': _peak_rss_mb()}
@@ -226,28 +272,27 @@ def measure_replay(path: str, beam_args: List[str]) -> Dict[str, Any]:
   """ReplayRetailProjections with every output counted in the pipeline."""
   import apache_beam as beam
   from pipelines.options import pipeline_options
-  from transforms.counting import WriteCounts, read_counts
   from transforms.ordered_replay import ReplayRetailProjections
 
   out_dir = tempfile.mkdtemp(prefix='bench-replay-')
+  result = os.path.join(out_dir, 'counts.json')
   try:
     options = pipeline_options(beam_args)
     started = time.perf_counter()
     with beam.Pipeline(options=options) as p:
       replay = p | ReplayRetailProjections(path)
-      counts = dict(replay.views.views())
-      counts.update(unprocessed=replay.views.unprocessed, corrupt=replay.corrupt)
-      _ = counts | WriteCounts(os.path.join(out_dir, 'counts.json'))
-      _ = (replay.stats
-           | 'StatsJson' >> beam.Map(json.dumps)
-           | 'WriteStats' >> beam.io.WriteToText(os.path.join(out_dir, 'stats.jsonl'),
-                                                 shard_name_template=''))
+      named = dict(replay.views.views())
+      named.update(unprocessed=replay.views.unprocessed, corrupt=replay.corrupt,
+                   stats=replay.stats)
+      _count_in_one_combine(named, result)
     seconds = time.perf_counter() - started
-    counts = read_counts(os.path.join(out_dir, 'counts.json'))
-    with open(os.path.join(out_dir, 'stats.jsonl')) as f:
-      stats = [json.loads(line) for line in f if line.strip()]
+    with open(result) as f:
+      got = json.load(f)
   finally:
     shutil.rmtree(out_dir, ignore_errors=True)
+  counts = {name: got['counts'].get(name, 0) for name in
+            ('cart', 'catalog', 'recently_viewed', 'frequently_viewed', 'unprocessed', 'corrupt')}
+  stats = got['stats']
   by_type: Dict[str, int] = collections.Counter()
   for s in stats:
     by_type.update(s['by_type'])
@@ -289,10 +334,12 @@ def _in_child(fn, *args) -> Dict[str, Any]:
 def workers_args(beam_args: List[str], workers: int) -> List[str]:
   """The Beam options that give the replay ``workers`` parallel workers on its runner."""
   from pipelines.runners import has_option, runner_of
-  args = [a for a in beam_args if not a.startswith(('--parallelism', '--direct_num_workers',
-                                                     '--direct_running_mode'))]
+  args = [a for a in beam_args if not a.startswith((
+      '--parallelism', '--sdk_worker_parallelism', '--direct_num_workers', '--direct_running_mode'))]
   if runner_of(args) in ('FlinkRunner', 'PortableRunner'):
-    return args + [f'--parallelism={workers}']
+    # Flink runs the Python stages in SDK worker processes, one per TaskManager by
+    # default, shared by its slots: one per slot, or parallelism 2 is one core.
+    return args + [f'--parallelism={workers}', f'--sdk_worker_parallelism={workers}']
   if runner_of(args) == 'DirectRunner' and not has_option(args, '--direct_running_mode'):
     mode = 'in_memory' if workers == 1 else 'multi_processing'
     return args + [f'--direct_num_workers={workers}', f'--direct_running_mode={mode}']

@@ -78,7 +78,7 @@ def test_archive_is_built_once_and_holds_the_generated_events(tmp_path):
 
 def test_workers_map_to_each_runners_parallelism():
   assert workers_args(['--runner=FlinkRunner', '--parallelism=4'], 2) == [
-      '--runner=FlinkRunner', '--parallelism=2']
+      '--runner=FlinkRunner', '--parallelism=2', '--sdk_worker_parallelism=2']
   assert workers_args([], 2) == ['--direct_num_workers=2', '--direct_running_mode=multi_processing']
   assert workers_args([], 1) == ['--direct_num_workers=1', '--direct_running_mode=in_memory']
 
