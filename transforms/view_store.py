@@ -254,8 +254,8 @@ class ViewStore:
     cur = self.conn.cursor()
     try:
       self._begin(cur)
-      for (topic, partition, offset), _, record in items:
-        view = self._upsert(cur, record, topic, partition, offset, counts)
+      entries = [(record, topic, partition, offset) for (topic, partition, offset), _, record in items]
+      for view, (_, topic, partition, offset) in zip(self._upsert_many(cur, entries, counts), entries):
         pos_key = (view, topic, partition)
         highest[pos_key] = max(offset, highest.get(pos_key, -1))
       for (view, topic, partition), offset in sorted(highest.items()):
@@ -305,23 +305,30 @@ class ViewStore:
                               'kafka_partition = ?' + (' FOR UPDATE' if self.postgres else '')),
                     (topic, partition))
         watermark[(topic, partition)] = cur.fetchone()[0]
+      done: Dict[Tuple[str, int], set] = {k: set() for k in partitions}
+      entries = []
       for (topic, partition, offset), _, records in items:
-        for record in records:
-          self._upsert(cur, record, topic, partition, offset, counts)
+        entries.extend((record, topic, partition, offset) for record in records)
         if offset > watermark[(topic, partition)]:
-          cur.execute(self._sql('INSERT INTO pending_offsets (topic, kafka_partition, kafka_offset) '
-                                'VALUES (?, ?, ?) ON CONFLICT DO NOTHING'), (topic, partition, offset))
+          done[(topic, partition)].add(offset)
+      self._upsert_many(cur, entries, counts)
       for topic, partition in partitions:
-        w = watermark[(topic, partition)]
+        # The offsets done past the watermark: this batch's and those left pending before.
+        # Only what stays past the new watermark is (or remains) stored as pending.
+        w0 = w = watermark[(topic, partition)]
         cur.execute(self._sql('SELECT kafka_offset FROM pending_offsets WHERE topic = ? AND '
-                              'kafka_partition = ? ORDER BY kafka_offset'), (topic, partition))
-        for (offset,) in cur.fetchall():
-          if offset != w + 1:
-            break
-          w = offset
-        if w > watermark[(topic, partition)]:
-          cur.execute(self._sql('DELETE FROM pending_offsets WHERE topic = ? AND kafka_partition = ? '
-                                'AND kafka_offset <= ?'), (topic, partition, w))
+                              'kafka_partition = ?'), (topic, partition))
+        stored = {r[0] for r in cur.fetchall()}
+        offsets = stored | done[(topic, partition)]
+        while w + 1 in offsets:
+          w += 1
+        for offset in sorted(o for o in done[(topic, partition)] - stored if o > w):
+          cur.execute(self._sql('INSERT INTO pending_offsets (topic, kafka_partition, kafka_offset) '
+                                'VALUES (?, ?, ?)'), (topic, partition, offset))
+        if w > w0:
+          if any(o <= w for o in stored):
+            cur.execute(self._sql('DELETE FROM pending_offsets WHERE topic = ? AND '
+                                  'kafka_partition = ? AND kafka_offset <= ?'), (topic, partition, w))
           cur.execute(self._sql('UPDATE partition_progress SET watermark = ? WHERE topic = ? AND '
                                 'kafka_partition = ?'), (w, topic, partition))
           for view in VIEWS:
@@ -332,32 +339,64 @@ class ViewStore:
       raise
     return counts
 
-  def _upsert(self, cur, record: Any, topic: str, partition: int, offset: int,
-              counts: Dict[str, int]) -> str:
-    """Writes one record unless its key already holds this offset or a later one."""
-    view, key = _check_record(record)  # checked inside the transaction: a bad record rolls back
-    table = TABLES[view]
-    cols = ['key', 'value', 'as_of_sequence', 'event_time',
-            'source_topic', 'source_partition', 'source_offset']
-    values = [key, json.dumps(record, sort_keys=True, separators=(',', ':')),
-              record['as_of_sequence'], record['event_time'], topic, partition, offset]
-    if view == 'catalog':
-      cols.append('category')
-      values.append(record.get('category'))
-    updates = ', '.join(f'{c} = excluded.{c}' for c in cols[1:])
-    cur.execute(self._sql(
-        f'INSERT INTO {table} ({", ".join(cols)}) VALUES ({", ".join("?" * len(cols))}) '
-        f'ON CONFLICT (key) DO UPDATE SET {updates} WHERE '
-        # Same partition: the offset decides (a redelivered or older event is skipped).
-        f'({table}.source_topic = excluded.source_topic AND '
-        f'{table}.source_partition = excluded.source_partition AND '
-        f'{table}.source_offset < excluded.source_offset) OR '
-        # The key moved partition (a re-partitioned topic): the sequence decides.
-        f'(({table}.source_topic <> excluded.source_topic OR '
-        f'{table}.source_partition <> excluded.source_partition) AND '
-        f'{table}.as_of_sequence < excluded.as_of_sequence)'), values)
-    counts['applied' if cur.rowcount and cur.rowcount > 0 else 'skipped'] += 1
-    return view
+  def _upsert_many(self, cur, entries: List[Tuple[Any, str, int, int]],
+                   counts: Dict[str, int], rows_per_statement: int = 100) -> List[str]:
+    """Writes ``(record, topic, partition, offset)`` entries (in source order), each key only
+    if the store does not already hold that offset or a later one; returns each entry's view.
+
+    Only the newest entry of a key in the batch is written (records are full values), in
+    multi-row statements: a round trip per hundred rows, not per record. Counts: records of
+    keys whose newest record was written are ``applied``, the others ``skipped``.
+    """
+    views = []
+    newest: Dict[Tuple[str, str], Tuple[Any, str, int, int]] = {}
+    group: Dict[Tuple[str, str], int] = {}
+    for entry in entries:
+      view, key = _check_record(entry[0])  # inside the transaction: a bad record rolls back
+      views.append(view)
+      k = (view, key)
+      group[k] = group.get(k, 0) + 1
+      old = newest.get(k)
+      if old is None or ((old[1], old[2]) == (entry[1], entry[2]) and entry[3] > old[3]) or (
+          (old[1], old[2]) != (entry[1], entry[2]) and
+          entry[0]['as_of_sequence'] > old[0]['as_of_sequence']):
+        newest[k] = entry
+    by_view: Dict[str, List[Tuple[Any, str, int, int]]] = {}
+    for (view, _), entry in newest.items():
+      by_view.setdefault(view, []).append(entry)
+    written = set()
+    for view, rows in sorted(by_view.items()):
+      table = TABLES[view]
+      cols = ['key', 'value', 'as_of_sequence', 'event_time',
+              'source_topic', 'source_partition', 'source_offset']
+      if view == 'catalog':
+        cols.append('category')
+      updates = ', '.join(f'{c} = excluded.{c}' for c in cols[1:])
+      for i in range(0, len(rows), rows_per_statement):
+        chunk = rows[i:i + rows_per_statement]
+        params: List[Any] = []
+        for record, topic, partition, offset in chunk:
+          params += [record['key'], json.dumps(record, sort_keys=True, separators=(',', ':')),
+                     record['as_of_sequence'], record['event_time'], topic, partition, offset]
+          if view == 'catalog':
+            params.append(record.get('category'))
+        one = '(' + ', '.join('?' * len(cols)) + ')'
+        cur.execute(self._sql(
+            f'INSERT INTO {table} ({", ".join(cols)}) VALUES {", ".join([one] * len(chunk))} '
+            f'ON CONFLICT (key) DO UPDATE SET {updates} WHERE '
+            # Same partition: the offset decides (a redelivered or older event is skipped).
+            f'({table}.source_topic = excluded.source_topic AND '
+            f'{table}.source_partition = excluded.source_partition AND '
+            f'{table}.source_offset < excluded.source_offset) OR '
+            # The key moved partition (a re-partitioned topic): the sequence decides.
+            f'(({table}.source_topic <> excluded.source_topic OR '
+            f'{table}.source_partition <> excluded.source_partition) AND '
+            f'{table}.as_of_sequence < excluded.as_of_sequence) '
+            'RETURNING key'), params)
+        written.update((view, r[0]) for r in cur.fetchall())
+    for k, n in group.items():
+      counts['applied' if k in written else 'skipped'] += n
+    return views
 
   def _raise_position(self, cur, view: str, topic: str, partition: int, offset: int) -> None:
     greatest = 'GREATEST' if self.postgres else 'MAX'
