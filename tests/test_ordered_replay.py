@@ -278,3 +278,23 @@ def test_an_event_type_in_two_key_spaces_is_refused():
   with pytest.raises(ValueError, match='one key space'):
     BucketReplay([KeySpace('a', frozenset({'ProductViewed'}), H()),
                   KeySpace('b', frozenset({'ProductViewed'}), H())])
+
+
+def test_the_replay_shuffles_file_names_not_events_and_builds_for_dataflow(archive, tmp_path):
+  """`run.py replay`'s pipeline, built for Dataflow without contacting Google
+  (``--dry_run``): the retail views' only GroupByKey is the one over file names."""
+  from apache_beam.portability import common_urns
+  from pipelines.replay import build_replay
+  path, _ = archive
+  args = ['--runner=DataflowRunner', '--project=sourcebeam-dry-run', '--region=us-central1',
+          '--temp_location=gs://sourcebeam-dry-run/tmp', '--job_name=sourcebeam-replay',
+          '--sdk_location=container', '--dry_run=True']
+  p = beam.Pipeline(options=pipeline_options(args))
+  build_replay(p, path, 'gs://sourcebeam-dry-run/out')
+  job = p.run().job
+  transforms = job.proto_pipeline.components.transforms.values()
+  gbks = {t.unique_name for t in transforms
+          if t.spec.urn == common_urns.primitives.GROUP_BY_KEY.urn}
+  retail_gbks = {n for n in gbks if n.startswith('ReplayArchive/')}
+  assert retail_gbks == {'ReplayArchive/OrderedReplay/GroupBucketFiles'}
+  assert any(t.unique_name == 'ReplayArchive/OrderedReplay/ReplayBucket' for t in transforms)

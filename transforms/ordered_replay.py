@@ -30,6 +30,29 @@ events are applied, like a file that does not decode. Per-bucket stats count
 files, events decoded per event type, events claimed by no key space, and keys
 still waiting on a gap at the end.
 
+Parallelism is one work item per bucket, so the archive's bucket count (16 by
+default, fixed when the archive is first written) caps how many workers a
+replay can use; archives meant for big replays want more buckets.
+
+Scale-out (``run.py replay`` uses this transform for the retail views)::
+
+    # A bigger Flink cluster, archive on S3 (credentials from the environment, as
+    # boto3 reads them on every worker; SOURCEBEAM_S3_ENDPOINT only for non-AWS S3).
+    # Python workers: a Beam worker pool beside each TaskManager
+    # (python -m apache_beam.runners.worker.worker_pool_main --service_port=50000),
+    # or --environment_type=DOCKER with Beam's SDK image; not LOOPBACK (the default
+    # here, which runs every worker inside the submitting process).
+    python run.py replay --archive s3://BUCKET/archive --out s3://BUCKET/replay \
+        --runner=FlinkRunner --flink_master=JOBMANAGER:8081 --parallelism=16 \
+        --sdk_worker_parallelism=NUM_SLOTS_PER_TASKMANAGER \
+        --environment_type=EXTERNAL --environment_config=localhost:50000
+
+    # Dataflow, archive on GCS (Sourcebeam is installed on the workers through
+    # --setup_file, which run.py adds; add --dry_run=True to build the job only).
+    python run.py replay --archive gs://BUCKET/archive --out gs://BUCKET/replay \
+        --runner=DataflowRunner --project=PROJECT --region=REGION \
+        --temp_location=gs://BUCKET/tmp --max_num_workers=16 --machine_type=n2-standard-2
+
 Usage::
 
     replay = p | ReplayRetailProjections('s3://bucket/archive')
