@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     'taxi': ('pipelines.taxi', 'taxi pipelines: join, long-rides, hourly-tips, cleanse'),
     'stream': ('pipelines.stream', 'run the pipelines live from Kafka (optionally after an archive replay)'),
     'services': ('pipelines.services', 'bring the local stack (Kafka, Flink) up, down, or show its status'),
+    'serve': ('pipelines.serve', 'the event writer (POST /events, receipts) and the view API (reads that wait for receipts)'),
     'bench': ('benchmarks.cli', 'benchmarks: ordering, replay, fanout, causal'),
 }
 

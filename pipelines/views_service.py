@@ -191,6 +191,7 @@ class ViewsApi:
   def _read(self, view: str, key: str, receipts: Receipts, wait_ms: int) -> Answer:
     start = time.monotonic()
     deadline = start + wait_ms / 1000
+    slept = False
     while True:
       with self.store() as store:
         positions = store.positions(view)
@@ -208,6 +209,8 @@ class ViewsApi:
                      for t, p, o in pending],
             positions=_positions(positions))
       time.sleep(min(self.poll_ms / 1000, max(0.0, deadline - time.monotonic())))
+      slept = True
+    waited_ms = int((time.monotonic() - start) * 1000) if slept else 0
     # Read the value after the positions: the write the receipt names is in it.
     with self.store() as store:
       if view == 'catalog':
@@ -217,7 +220,7 @@ class ViewsApi:
         value = store.get(view, key)
         body = {'view': view, 'key': key, 'found': value is not None, 'value': value}
     body['positions'] = _positions(positions)
-    body['waited_ms'] = int((time.monotonic() - start) * 1000)
+    body['waited_ms'] = waited_ms  # time spent waiting for receipts; 0 when none had to wait
     return 200, body, {}
 
 
