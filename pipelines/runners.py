@@ -16,8 +16,9 @@ from Maven Central) are unreachable or not served here:
 * Every local runner gets ``--beam_services`` pointing Beam's default IO
   expansion service at the local jar (whose launcher makes EMBEDDED the default
   Java environment), so a plain ``ReadFromKafka(...)`` never downloads and runs on
-  Prism and Flink alike; :func:`kafka_expansion_service` gives the same service
-  explicitly.
+  Prism and Flink alike (for Flink, a launcher that also expands KafkaIO to the
+  legacy unbounded read, the only one Beam 2.70's portable Flink runner can stream);
+  :func:`kafka_expansion_service` gives the same service explicitly.
 * Remote runners that install Sourcebeam on their own workers get ``--setup_file``.
 
 Options given explicitly on the command line always win.
@@ -43,6 +44,10 @@ FLINK_JOB_SERVER_JAR = os.path.join(
     JARS_DIR, f'beam-runners-flink-{FLINK_VERSION}-job-server-{BEAM_JAVA_VERSION}.jar')
 IO_EXPANSION_JAR = os.path.join(
     JARS_DIR, f'beam-sdks-java-io-expansion-service-{BEAM_JAVA_VERSION}.jar')
+# The same service started with --experiments=use_deprecated_read, for Flink (see
+# scripts/maven/io-expansion-service/src/.../FlinkExpansionServiceMain.java).
+IO_EXPANSION_FLINK_JAR = os.path.join(
+    JARS_DIR, f'beam-sdks-java-io-expansion-service-{BEAM_JAVA_VERSION}-flink.jar')
 # The Gradle target Beam's Python SDK resolves for ReadFromKafka's default expansion service.
 IO_EXPANSION_TARGET = 'sdks:java:io:expansion-service:shadowJar'
 FLINK_RUNNERS = ('FlinkRunner', )
@@ -80,9 +85,10 @@ def flink_job_server_jar() -> Optional[str]:
   return FLINK_JOB_SERVER_JAR if os.path.isfile(FLINK_JOB_SERVER_JAR) else None
 
 
-def io_expansion_jar() -> Optional[str]:
-  """The Beam Java IO expansion service jar built by scripts/install_tools.sh, if present."""
-  return IO_EXPANSION_JAR if os.path.isfile(IO_EXPANSION_JAR) else None
+def io_expansion_jar(runner: Optional[str] = None) -> Optional[str]:
+  """The Beam Java IO expansion service jar for ``runner``, if scripts/install_tools.sh built it."""
+  jar = IO_EXPANSION_FLINK_JAR if runner in FLINK_RUNNERS else IO_EXPANSION_JAR
+  return jar if os.path.isfile(jar) and os.path.isfile(IO_EXPANSION_JAR) else None
 
 
 def _experiments(args: List[str]) -> List[str]:
@@ -132,9 +138,10 @@ def runner_args(args: List[str]) -> List[str]:
       # Beam keeps each pipeline's job server JVM until the Python process exits;
       # without a cap each may grow to a quarter of the machine's memory.
       args.append(f'--job_server_jvm_properties={JOB_SERVER_HEAP}')
-  if runner != 'DataflowRunner' and not has_option(args, '--beam_services') and io_expansion_jar():
+  if (runner != 'DataflowRunner' and not has_option(args, '--beam_services') and
+      io_expansion_jar(runner)):
     # (Dataflow runs Java in Beam's Docker containers: it keeps Beam's own default.)
-    args.append('--beam_services=' + json.dumps({IO_EXPANSION_TARGET: IO_EXPANSION_JAR}))
+    args.append('--beam_services=' + json.dumps({IO_EXPANSION_TARGET: io_expansion_jar(runner)}))
   # Workers that are not this process need Sourcebeam installed; LOOPBACK workers are us.
   remote_workers = runner == 'DataflowRunner' or (
       runner in FLINK_RUNNERS + ('PortableRunner', ) and
@@ -144,10 +151,10 @@ def runner_args(args: List[str]) -> List[str]:
   return args
 
 
-def kafka_expansion_service():
+def kafka_expansion_service(beam_args: Optional[List[str]] = None):
   """The expansion service for ``ReadFromKafka`` / ``WriteToKafka``: the local jar.
 
-  Use it as ``ReadFromKafka(..., expansion_service=kafka_expansion_service())``
+  Use it as ``ReadFromKafka(..., expansion_service=kafka_expansion_service(beam_args))``
   (a plain ``ReadFromKafka(...)`` gets the same jar through ``--beam_services``
   when its options come from :func:`runner_args`).
   Why not Beam's stock service: its jar is not served here, and its Java
@@ -158,20 +165,34 @@ def kafka_expansion_service():
   TaskManagers (the job server jar carries KafkaIO and ships itself to the
   cluster) and Prism keeps using the loopback worker. Not for Dataflow, which
   needs Beam's Docker default.
+
+  For FlinkRunner (from ``beam_args``) the service also expands KafkaIO to the
+  legacy unbounded-source read: Beam 2.70's portable Flink runner cannot
+  checkpoint KafkaIO's splittable read, so a streaming job would never emit.
+  Prism cannot run the legacy read, so it gets the plain service.
   """
   from apache_beam.transforms.external import JavaJarExpansionService
-  jar = _require(io_expansion_jar(), 'the Beam Java IO expansion service jar')
+  runner = runner_of(beam_args or [])
+  jar = _require(io_expansion_jar(runner), 'the Beam Java IO expansion service jar')
   return JavaJarExpansionService(jar, append_args=['--defaultEnvironmentType=EMBEDDED'])
 
 
-def java_services():
-  """Context that keeps Java expansion services (and their loopback workers) alive.
+def java_services(beam_args: Optional[List[str]] = None):
+  """Context that keeps Java expansion services (and their loopback workers) alive,
+  with Beam's default IO expansion service pointed at the local jar for the runner.
 
-  ``with beam.Pipeline(...) as p`` does this itself. A pipeline started with
-  ``p.run()`` and left running (a streaming run polled, then cancelled) must be
-  built and run inside ``with java_services():``: otherwise the expansion service
-  stops right after expansion, and on Prism the Java half of ``ReadFromKafka``
-  has no worker left (and no loopback environment is offered at all).
+  ``with beam.Pipeline(options=pipeline_options(args)) as p`` does both itself. A
+  pipeline started with ``p.run()`` and left running (a streaming run polled, then
+  cancelled) must be built and run inside ``with java_services(args):``: otherwise
+  a plain ``ReadFromKafka`` looks for Beam's stock jar (not served here), and the
+  expansion service stops right after expansion, so on Prism the Java half of
+  ``ReadFromKafka`` has no worker left.
   """
-  from apache_beam.utils.subprocess_server import SubprocessServer
-  return SubprocessServer.cache_subprocesses()
+  import contextlib
+  from apache_beam.utils.subprocess_server import JavaJarServer, SubprocessServer
+  stack = contextlib.ExitStack()
+  jar = io_expansion_jar(runner_of(beam_args or []))
+  if jar:
+    stack.enter_context(JavaJarServer.beam_services({IO_EXPANSION_TARGET: jar}))
+  stack.enter_context(SubprocessServer.cache_subprocesses())
+  return stack

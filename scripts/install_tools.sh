@@ -3,6 +3,7 @@
 #   .cache/bin/prism                      Beam's Prism runner, built from the Go module proxy
 #   .cache/jars/beam-runners-flink-1.19-job-server-2.70.0.jar   Beam's Flink job server (shaded here)
 #   .cache/jars/beam-sdks-java-io-expansion-service-2.70.0.jar  Beam's Java IO expansion service (Kafka)
+#   .cache/jars/beam-sdks-java-io-expansion-service-2.70.0-flink.jar  its launcher for Flink pipelines
 #   .cache/jars/kafka/*.jar               the Apache Kafka 4.1.1 broker (KRaft) and its tools
 #   .cache/flink-1.19.0/pyflink/{lib,bin} the Flink 1.19.0 distribution jars (PyPI apache-flink-libraries)
 #
@@ -88,9 +89,30 @@ install_flink() {
   log "flink: installed in $((SECONDS - t))s -> $dest/pyflink"
 }
 
+# flink_launcher: a manifest-only jar that starts the IO expansion service with the
+# Flink-specific main class (see FlinkExpansionServiceMain.java) and the shaded jar beside
+# it on its Class-Path; pipelines/runners.py hands it to FlinkRunner pipelines.
+flink_launcher() {
+  local main="$CACHE/jars/beam-sdks-java-io-expansion-service-2.70.0.jar"
+  local out="$CACHE/jars/beam-sdks-java-io-expansion-service-2.70.0-flink.jar"
+  if [[ -f "$out" && "$out" -nt "$main" ]]; then log "flink expansion launcher: present"; return 0; fi
+  "$PYTHON" - "$out" "$(basename "$main")" <<'PY' || die "could not write the Flink expansion launcher jar"
+import sys, zipfile
+out, class_path = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(out + '.tmp', 'w') as z:
+  z.writestr('META-INF/MANIFEST.MF', 'Manifest-Version: 1.0\n'
+             'Main-Class: sourcebeam.tools.FlinkExpansionServiceMain\n'
+             f'Class-Path: {class_path}\n')
+import os
+os.replace(out + '.tmp', out)
+PY
+  log "flink expansion launcher: written -> $out"
+}
+
 install_prism
 install_flink
 mvn_part kafka-broker "$CACHE/jars/kafka/kafka_2.13-4.1.1.jar"
 mvn_part io-expansion-service "$CACHE/jars/beam-sdks-java-io-expansion-service-2.70.0.jar"
+flink_launcher
 mvn_part flink-job-server "$CACHE/jars/beam-runners-flink-1.19-job-server-2.70.0.jar"
 log "all tools ready in $((SECONDS - t_all))s"

@@ -129,3 +129,17 @@ def flink_rest(flink_master: str, path: str) -> dict:
 def flink_jobs(flink_master: str) -> List[dict]:
   """The cluster's jobs (``jid``, ``name``, ``state``...) from ``/jobs/overview``."""
   return flink_rest(flink_master, '/jobs/overview')['jobs']
+
+
+def flink_cancel(flink_master: str, job_name_prefix: str) -> List[str]:
+  """Cancels the cluster's running jobs whose name starts with ``job_name_prefix``.
+
+  Why: cancelling a streaming Beam job from Python ends the job server's invocation
+  but leaves the job running on a standalone cluster (Beam 2.70 job server)."""
+  cancelled = []
+  for job in flink_jobs(flink_master):
+    if job['name'].startswith(job_name_prefix) and job['state'] not in ('FINISHED', 'FAILED', 'CANCELED'):
+      req = urllib.request.Request(f'http://{flink_master}/jobs/{job["jid"]}?mode=cancel', method='PATCH')
+      urllib.request.urlopen(req, timeout=10).close()
+      cancelled.append(job['jid'])
+  return cancelled

@@ -28,7 +28,8 @@ from apache_beam.utils.subprocess_server import JavaJarServer
 
 from pipelines import runners
 from pipelines.options import pipeline_options
-from tests.service_fixtures import consume, create_topic, flink_cluster, flink_jobs, kafka, produce  # noqa: F401
+from tests.service_fixtures import (  # noqa: F401  (fixtures)
+    consume, create_topic, flink_cancel, flink_cluster, flink_jobs, kafka, produce)
 
 # (key, amount, event time in seconds)
 EVENTS: List[Tuple[str, int, int]] = [
@@ -128,10 +129,16 @@ def test_prism_does_not_split_kafka_reads():
 
 @pytest.mark.integration  # needs scripts/install_tools.sh's binaries
 def test_kafka_expansion_service_uses_local_jar_with_embedded_java():
-  service = runners.kafka_expansion_service()
+  service = runners.kafka_expansion_service(['--runner=PrismRunner'])
   assert isinstance(service, JavaJarExpansionService)
   assert service.path_to_jar == runners.IO_EXPANSION_JAR
   assert '--defaultEnvironmentType=EMBEDDED' in service._append_args
+  # Flink gets the launcher that expands KafkaIO to the legacy read (see runners.py).
+  flink = runners.kafka_expansion_service(['--runner=FlinkRunner'])
+  assert flink.path_to_jar == runners.IO_EXPANSION_FLINK_JAR
+  flink_args = runners.runner_args(['--runner=FlinkRunner'])
+  assert json.loads(runners.option_value(flink_args, '--beam_services')) == {
+      runners.IO_EXPANSION_TARGET: runners.IO_EXPANSION_FLINK_JAR}
 
 
 def test_dataflow_gets_setup_file_and_keeps_beams_expansion_service():
@@ -206,35 +213,49 @@ def test_kafka_in_and_out_on_standalone_flink_cluster(tmp_path, kafka, flink_clu
   _kafka_round_trip(['--runner=FlinkRunner', f'--flink_master={flink_cluster}'], kafka, tmp_path)
 
 
-@pytest.mark.integration
-def test_streaming_kafka_on_prism_sees_events_produced_while_it_runs(kafka):
+def _live_kafka(beam_args: List[str], bootstrap: str) -> None:
   """A live (unbounded, --streaming) read: records produced after the pipeline started
-  come out on the output topic; the run is then cancelled."""
+  come out on the output topic; then the run is cancelled."""
   from apache_beam.runners.runner import PipelineState
   source, sink = f'live-{uuid.uuid4().hex[:8]}', f'live-out-{uuid.uuid4().hex[:8]}'
-  create_topic(kafka, source)
-  create_topic(kafka, sink)
-  with runners.java_services():
-    expansion = runners.kafka_expansion_service()
-    p = beam.Pipeline(options=pipeline_options(['--runner=PrismRunner'], streaming=True))
+  create_topic(bootstrap, source)
+  create_topic(bootstrap, sink)
+  with runners.java_services(beam_args):
+    p = beam.Pipeline(options=pipeline_options(beam_args, streaming=True))
     (p
      | 'ReadLive' >> ReadFromKafka(
-         consumer_config={'bootstrap.servers': kafka, 'auto.offset.reset': 'earliest'},
-         topics=[source], expansion_service=expansion)
+         consumer_config={'bootstrap.servers': bootstrap, 'auto.offset.reset': 'earliest'},
+         topics=[source])
      | 'Shout' >> beam.Map(lambda kv: (kv[0], kv[1].upper())).with_output_types(Tuple[bytes, bytes])
-     | 'WriteLive' >> WriteToKafka(producer_config={'bootstrap.servers': kafka}, topic=sink,
-                                   expansion_service=expansion))
+     | 'WriteLive' >> WriteToKafka(producer_config={'bootstrap.servers': bootstrap}, topic=sink))
     result = p.run()
     try:
-      produce(kafka, source, [('a', 'one'), ('b', 'two')])
-      assert sorted(consume(kafka, sink, 2, timeout_ms=120000)) == [('a', 'ONE'), ('b', 'TWO')]
-      produce(kafka, source, [('c', 'three')])
-      assert sorted(consume(kafka, sink, 3, timeout_ms=120000)) == [
+      produce(bootstrap, source, [('a', 'one'), ('b', 'two')])
+      assert sorted(consume(bootstrap, sink, 2, timeout_ms=150000)) == [('a', 'ONE'), ('b', 'TWO')]
+      produce(bootstrap, source, [('c', 'three')])
+      assert sorted(consume(bootstrap, sink, 3, timeout_ms=120000)) == [
           ('a', 'ONE'), ('b', 'TWO'), ('c', 'THREE')]
       assert result.state == PipelineState.RUNNING
     finally:
       result.cancel()
   assert result.state == PipelineState.CANCELLED
+
+
+@pytest.mark.integration
+def test_streaming_kafka_on_prism_sees_events_produced_while_it_runs(kafka):
+  _live_kafka(['--runner=PrismRunner'], kafka)
+
+
+@pytest.mark.integration
+def test_streaming_kafka_on_standalone_flink_cluster_sees_events_produced_while_it_runs(
+    kafka, flink_cluster):
+  job_name = f'sourcebeam-live-{uuid.uuid4().hex[:8]}'
+  try:
+    _live_kafka(['--runner=FlinkRunner', f'--flink_master={flink_cluster}', f'--job_name={job_name}'],
+                kafka)
+    assert [j['name'] for j in flink_jobs(flink_cluster) if j['name'].startswith(job_name)]
+  finally:
+    flink_cancel(flink_cluster, job_name)
 
 
 # --- Dataflow: the job it would submit, built without contacting Google ------------
