@@ -54,7 +54,7 @@ def test_install_tools_is_idempotent():
   assert result.returncode == 0, result.stderr[-3000:]
   # Everything was installed by `make tools` before the tests: this run only checks.
   for part in ('prism v2.77.0', 'flink 1.19.0 distribution', 'maven kafka-broker',
-               'maven io-expansion-service', 'maven flink-job-server'):
+               'maven io-expansion-service', 'flink expansion launcher', 'maven flink-job-server'):
     assert f'{part}: present' in result.stderr, result.stderr
   assert os.access(runners.PRISM_BIN, os.X_OK)
   assert runners.flink_job_server_jar() and runners.io_expansion_jar()
