@@ -298,3 +298,28 @@ def test_the_replay_shuffles_file_names_not_events_and_builds_for_dataflow(archi
   retail_gbks = {n for n in gbks if n.startswith('ReplayArchive/')}
   assert retail_gbks == {'ReplayArchive/OrderedReplay/GroupBucketFiles'}
   assert any(t.unique_name == 'ReplayArchive/OrderedReplay/ReplayBucket' for t in transforms)
+
+
+def test_run_py_replay_writes_what_the_consumers_write_over_read_archive(archive, tmp_path):
+  """`run.py replay` (fast retail path, one read shared with the taxi and rider
+  consumers) writes the same files, line for line, as every consumer applied to
+  ReadArchive's events."""
+  import glob
+  import os
+  from pipelines import consumers, outputs
+  from pipelines import replay as replay_cmd
+  path, events = archive
+  old = str(tmp_path / 'old')
+  outputs.prepare(old)
+  with TestPipeline(options=pipeline_options([])) as p:
+    read = p | ReadArchive(path)
+    consumers.apply_consumers(read['events'], old)
+  new = str(tmp_path / 'new')
+  summary = replay_cmd.run(path, new, [])
+  assert summary['events'] == len(events)
+  names = sorted(os.path.relpath(f, old) for f in glob.glob(f'{old}/**/*.jsonl', recursive=True))
+  assert len(names) >= 10
+  for name in names:
+    with open(os.path.join(old, name)) as a, open(os.path.join(new, name)) as b:
+      assert sorted(a.read().splitlines()) == sorted(b.read().splitlines()), name
+  assert summary['outputs']['retail/unprocessed'] > 0
