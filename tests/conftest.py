@@ -34,3 +34,10 @@ def gcs_service():
   service = _start(server)
   yield service
   server.stop()
+
+
+# Service fixtures are registered here, once, so a session-scoped service starts once per
+# run whichever modules use it (a fixture imported into several modules is one fixture
+# per module to pytest, and would start its service again).
+from tests.db_fixtures import pg_dsn, postgres  # noqa: E402,F401
+from tests.service_fixtures import flink_cluster, kafka  # noqa: E402,F401

@@ -14,7 +14,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from schemas.envelope import make_envelope
-from tests.db_fixtures import pg_dsn, postgres  # noqa: F401  (pytest fixtures)
+
 from transforms.projections import (CartHandler, CatalogHandler, CombinedHandler,
                                     FrequentlyViewedHandler, RecentlyViewedHandler)
 from transforms.view_store import StoreError, ViewStore, WriteViewsToStore, redact

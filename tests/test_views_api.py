@@ -21,8 +21,8 @@ import pytest
 
 from pipelines.serve import make_server
 from pipelines.views_service import ViewsApi
-from tests.db_fixtures import pg_dsn, postgres  # noqa: F401  (pytest fixtures)
-from tests.service_fixtures import free_port, kafka  # noqa: F401  (pytest fixture)
+
+from tests.service_fixtures import free_port
 from tests.test_view_store import EVENTS, TOPIC, changelog
 from transforms.view_store import ViewStore
 

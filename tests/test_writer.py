@@ -22,7 +22,7 @@ import pytest
 from pipelines import writer_service
 from pipelines.serve import make_server
 from schemas.envelope import from_json, make_envelope, to_json
-from tests.service_fixtures import consume, create_topic, free_port, kafka, produce  # noqa: F401
+from tests.service_fixtures import consume, create_topic, free_port, produce
 
 pytestmark = pytest.mark.integration
 
