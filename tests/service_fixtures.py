@@ -1,8 +1,8 @@
 """Session-wide Kafka and Flink for integration tests: ``kafka`` and ``flink_cluster``.
 
-Use them from a test module with ``from tests.service_fixtures import kafka, flink_cluster``
-(pytest registers fixtures imported into a module) and mark the tests
-``@pytest.mark.integration``.
+``tests/conftest.py`` registers them for every test module: ask for them by name and
+mark the tests ``@pytest.mark.integration``. (Do not import them into a test module as
+well: that would make a second fixture, and a second broker or cluster, per session.)
 
 Each fixture starts its service through the project's own scripts
 (``scripts/kafka.sh``, ``scripts/flink.sh``, via :mod:`pipelines.services`) once

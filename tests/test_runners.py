@@ -28,8 +28,8 @@ from apache_beam.utils.subprocess_server import JavaJarServer
 
 from pipelines import runners
 from pipelines.options import pipeline_options
-from tests.service_fixtures import (  # noqa: F401  (fixtures)
-    consume, create_topic, flink_cancel, flink_cluster, flink_jobs, kafka, produce)
+# The kafka and flink_cluster fixtures come from tests/conftest.py (one instance per session).
+from tests.service_fixtures import consume, create_topic, flink_cancel, flink_jobs, produce
 
 # (key, amount, event time in seconds)
 EVENTS: List[Tuple[str, int, int]] = [
