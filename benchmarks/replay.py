@@ -421,13 +421,19 @@ def plot(results: Sequence[Dict[str, Any]], path: str, title: str) -> None:
     ys = [r.get(key) for r in results]
     if any(y is not None for y in ys):
       ax.plot(sizes, ys, marker='o', label=label)
-  ax.axhline(1_157_407 / 10, color='grey', linestyle=':', linewidth=1)
+  rate = results[-1].get('rate')
+  if rate:  # what the archive's own event rate, sped up, would need
+    for factor, style in ((1_000, ':'), (10_000, '--')):
+      ax.axhline(rate * factor, color='grey', linestyle=style, linewidth=1)
+      ax.annotate(f'{factor:,}x real time ({rate * factor:,.0f}/s)', (sizes[0], rate * factor),
+                  textcoords='offset points', xytext=(2, 3), fontsize=8, color='grey')
   ax.set_xscale('log')
+  ax.set_yscale('log')
   ax.set_xlabel('archive size (events)')
   ax.set_ylabel('events per second')
   ax.set_title(title)
   ax.grid(True, which='both', alpha=0.3)
-  ax.legend()
+  ax.legend(loc='center right', fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
