@@ -1,12 +1,15 @@
 """What every subcommand shares: one-line errors, exit codes and progress lines.
 
 Bad arguments end with one line on stderr and exit code 2, never a traceback;
-a run that finished but found bad data (a corrupt archive file, say) exits 1.
+a run that finished but found bad data (a corrupt archive file, say) exits 1, and
+so does a pipeline that failed while running (one line with the cause; set
+``SOURCEBEAM_DEBUG=1`` to see the traceback).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any, List
@@ -33,6 +36,17 @@ def run_command(module: Any, args: Any, beam_args: List[str]) -> int:
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr)
     return 130
+  except Exception as e:  # a pipeline that failed while running: say why in one line
+    if os.environ.get('SOURCEBEAM_DEBUG'):
+      raise
+    print(f'error: {type(e).__name__}: {_first_line(e)} '
+          f'(set SOURCEBEAM_DEBUG=1 for the traceback)', file=sys.stderr)
+    return 1
+
+
+def _first_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[0][:500] if lines else 'no message'
 
 
 class Progress:
