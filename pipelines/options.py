@@ -24,3 +24,12 @@ def pipeline_args(beam_args: List[str], *, streaming: bool = False) -> List[str]
 def pipeline_options(beam_args: List[str], *, streaming: bool = False,
                      **overrides) -> PipelineOptions:
   return PipelineOptions(pipeline_args(beam_args, streaming=streaming), **overrides)
+
+
+def is_dry_run(beam_args: List[str]) -> bool:
+  """True when the runner only builds the job (``--dry_run=True`` on the DataflowRunner)."""
+  value = runners.option_value(beam_args, '--dry_run')
+  return value is not None and value.lower() in ('true', '1', 'yes')
+
+
+DRY_RUN_MESSAGE = 'dry run: the job was built and validated, not run; nothing was written'
