@@ -104,7 +104,7 @@ def build_stream(p: beam.Pipeline, source: KafkaSource, out: str, *, max_records
     (result.published
      | 'KeyedJson' >> beam.Map(lambda e: (e['partition_key'].encode(), to_json(e).encode()))
      .with_output_types(Tuple[bytes, bytes])
-     | 'WritePublished' >> WriteToKafka(producer_config={'bootstrap.servers': source.bootstrap},
+     | 'PublishToKafka' >> WriteToKafka(producer_config={'bootstrap.servers': source.bootstrap},
                                         topic=publish_topic))
   if max_records is not None:
     result.published | 'PublishedJson' >> beam.Map(to_json) | 'WritePublished' >> outputs.write_lines(

@@ -86,10 +86,18 @@ def check_same(replayed, stream_out, n_raw):
 
 @pytest.mark.integration
 def test_kafka_on_prism_equals_the_replay(replayed, topic, kafka, raw_events, tmp_path):
+  from tests.service_fixtures import consume, create_topic
   out = tmp_path / 'stream'
+  published_topic = f'published-{uuid.uuid4().hex[:8]}'
+  create_topic(kafka, published_topic, partitions=2)
   run_cli('stream', '--source', f'kafka://{kafka}/{topic}', '--max-records', str(len(raw_events)),
-          '--out', str(out), '--runner=PrismRunner')
+          '--out', str(out), '--publish-topic', published_topic, '--runner=PrismRunner')
   check_same(replayed, out, len(raw_events))
+  # The published stream also went back to Kafka, keyed by partition key.
+  published = lines(replayed / 'published' / 'published.jsonl')
+  back = consume(kafka, published_topic, len(published))
+  assert sorted(v for _, v in back) == published
+  assert all(json.loads(v)['partition_key'] == k for k, v in back)
 
 
 @pytest.mark.integration
