@@ -399,6 +399,7 @@ def run_size(n: int, args: argparse.Namespace, beam_args: List[str], log) -> Dic
       'rate': round(rate, 3),
       'files': facts['files'],
       'span_hours': round(facts['span_ms'] / 3_600_000, 3),
+      'span_seconds': round(facts['span_ms'] / 1000, 3),
       'raw_decode_eps': round(raw['events'] / raw['seconds']),
       'naive_beam_eps': round(naive['events'] / naive['seconds']) if naive else None,
       'replay_eps': round(rep['events'] / rep['seconds']),
