@@ -42,19 +42,19 @@ def _json(record) -> str:
   return json.dumps(record, sort_keys=True, separators=(',', ':'), ensure_ascii=False)
 
 
-def _write(pcoll: beam.PCollection, out: str, name: str, fmt=_json) -> None:
+def write_jsonl(pcoll: beam.PCollection, out: str, name: str, fmt=_json) -> None:
   label = name.replace('/', ' ')
   pcoll | f'Format {label}' >> beam.Map(fmt) | f'Write {label}' >> outputs.write_lines(out, name)
 
 
-def _at_event_time(env):
+def at_event_time(env):
   return window.TimestampedValue(env, env['event_time'] / 1000.0)
 
 
 def retail_consumers(events: beam.PCollection, out: str) -> Dict[str, beam.PCollection]:
   views = events | 'RetailProjections' >> RetailProjections()
   views | 'WriteProjections' >> WriteProjections(outputs.join(out, 'retail'))
-  _write(views.unprocessed, out, 'retail/unprocessed.jsonl')
+  write_jsonl(views.unprocessed, out, 'retail/unprocessed.jsonl')
   counts = {f'retail/{name}': pc for name, pc in views.views().items()}
   counts['retail/unprocessed'] = views.unprocessed
   return counts
@@ -72,11 +72,11 @@ def taxi_consumers(events: beam.PCollection, out: str) -> Dict[str, beam.PCollec
   alerts = rides | 'LongRides' >> LongRideAlerts()
   tips = fares | 'HourlyTips' >> HourlyTips()
   cleansed = rides | 'Cleanse' >> CleanseRides()
-  _write(joined.joined, out, 'taxi/joined.jsonl', lambda j: _json(taxi_logic.joined_to_json_dict(j)))
-  _write(joined.unmatched, out, 'taxi/unmatched.jsonl')
-  _write(alerts.alerts, out, 'taxi/alerts.jsonl')
-  _write(tips, out, 'taxi/hourly_tips.jsonl')
-  _write(cleansed, out, 'taxi/rides_in_nyc.jsonl', lambda r: _json(taxi_logic.to_output('ride', r)))
+  write_jsonl(joined.joined, out, 'taxi/joined.jsonl', lambda j: _json(taxi_logic.joined_to_json_dict(j)))
+  write_jsonl(joined.unmatched, out, 'taxi/unmatched.jsonl')
+  write_jsonl(alerts.alerts, out, 'taxi/alerts.jsonl')
+  write_jsonl(tips, out, 'taxi/hourly_tips.jsonl')
+  write_jsonl(cleansed, out, 'taxi/rides_in_nyc.jsonl', lambda r: _json(taxi_logic.to_output('ride', r)))
   return {'taxi/joined': joined.joined, 'taxi/unmatched': joined.unmatched,
           'taxi/alerts': alerts.alerts, 'taxi/hourly_tips': tips, 'taxi/rides_in_nyc': cleansed}
 
@@ -85,11 +85,11 @@ def rider_consumers(events: beam.PCollection, out: str) -> Dict[str, beam.PColle
   located = events | 'LocateRiders' >> LocateRiders()
   occupancy = events | 'TaxiOccupancy' >> TaxiOccupancy()
   waiting = events | 'ZoneRiderCounts' >> ZoneRiderCounts()
-  _write(located.located, out, 'riders/rider_located.jsonl', to_json)
-  _write(located.unmatched, out, 'riders/unmatched.jsonl')
-  _write(occupancy, out, 'riders/occupancy.jsonl',
+  write_jsonl(located.located, out, 'riders/rider_located.jsonl', to_json)
+  write_jsonl(located.unmatched, out, 'riders/unmatched.jsonl')
+  write_jsonl(occupancy, out, 'riders/occupancy.jsonl',
          lambda kv: _json({'taxi_id': kv[0], 'riders': sorted(kv[1].value())}))
-  _write(waiting, out, 'riders/zone_waiting.jsonl',
+  write_jsonl(waiting, out, 'riders/zone_waiting.jsonl',
          lambda kv: _json({'zone': kv[0], 'waiting': kv[1].value()}))
   return {'riders/rider_located': located.located, 'riders/unmatched': located.unmatched,
           'riders/occupancy': occupancy, 'riders/zone_waiting': waiting}
@@ -97,7 +97,7 @@ def rider_consumers(events: beam.PCollection, out: str) -> Dict[str, beam.PColle
 
 def apply_consumers(events: beam.PCollection, out: str) -> Dict[str, beam.PCollection]:
   """Feed published envelopes to every consumer; returns ``{output: PCollection}`` to count."""
-  timed = events | 'AtEventTime' >> beam.Map(_at_event_time)
+  timed = events | 'AtEventTime' >> beam.Map(at_event_time)
   counts: Dict[str, beam.PCollection] = {'events': timed}
   counts.update(retail_consumers(timed, out))
   counts.update(taxi_consumers(timed, out))

@@ -57,10 +57,10 @@ def build_replay(p: beam.Pipeline, archive: str, out: str) -> Dict[str, beam.PCo
       out, STATS_FILE)
   views = replay.views
   views | 'WriteProjections' >> WriteProjections(outputs.join(out, 'retail'))
-  consumers._write(views.unprocessed, out, 'retail/unprocessed.jsonl')  # pylint: disable=protected-access
+  consumers.write_jsonl(views.unprocessed, out, 'retail/unprocessed.jsonl')
   counts: Dict[str, beam.PCollection] = {f'retail/{name}': pc for name, pc in views.views().items()}
   counts['retail/unprocessed'] = views.unprocessed
-  others = replay.unclaimed | 'AtEventTime' >> beam.Map(consumers._at_event_time)  # pylint: disable=protected-access
+  others = replay.unclaimed | 'AtEventTime' >> beam.Map(consumers.at_event_time)
   counts.update(consumers.taxi_consumers(others, out))
   counts.update(consumers.rider_consumers(others, out))
   counts['corrupt_files'] = replay.corrupt

@@ -59,8 +59,14 @@ taskmanager.bind-host: 127.0.0.1
 taskmanager.host: localhost
 taskmanager.rpc.port: 0
 taskmanager.data.port: 0
-taskmanager.memory.process.size: 1280m
+taskmanager.memory.process.size: 1600m
 taskmanager.memory.managed.fraction: 0.1
+# Beam's pipelines shuffle once per grouping; the default network share left 90 buffers and a
+# replay needs 512 (Insufficient number of network buffers).
+taskmanager.memory.network.min: 256m
+taskmanager.memory.network.max: 256m
+# A TaskManager busy on a loaded 2-core machine can take longer than the 10 s default to answer.
+pekko.ask.timeout: 60 s
 taskmanager.numberOfTaskSlots: $FLINK_SLOTS
 parallelism.default: 1
 rest.address: localhost
