@@ -44,6 +44,7 @@ FLINK_JOB_SERVER_JAR = os.path.join(
     JARS_DIR, f'beam-runners-flink-{FLINK_VERSION}-job-server-{BEAM_JAVA_VERSION}.jar')
 IO_EXPANSION_JAR = os.path.join(
     JARS_DIR, f'beam-sdks-java-io-expansion-service-{BEAM_JAVA_VERSION}.jar')
+PRISM_OWN_SERVER = 'disable_prism_server_singleton'
 # The same service started with --experiments=use_deprecated_read, for Flink (see
 # scripts/maven/io-expansion-service/src/.../FlinkExpansionServiceMain.java).
 IO_EXPANSION_FLINK_JAR = os.path.join(
@@ -125,6 +126,12 @@ def runner_args(args: List[str]) -> List[str]:
       # partition: KafkaIO then fails with "KafkaConsumer is not safe for
       # multi-threaded access" (apache/beam#35185). Prism's own switch turns it off.
       args.append(f'--experiments={PRISM_NO_SDF_SPLIT}')
+    if PRISM_OWN_SERVER not in _experiments(args):
+      # Beam shares one Prism job server per process, made with the options of the first
+      # pipeline that asked for one. A DirectRunner pipeline asks first (without
+      # --prism_location, so its server can only try GitHub) and poisons it for every
+      # later PrismRunner pipeline in the process: give each its own server.
+      args.append(f'--experiments={PRISM_OWN_SERVER}')
   if runner in FLINK_RUNNERS:
     if not has_option(args, '--flink_job_server_jar'):
       args.append('--flink_job_server_jar=' +
