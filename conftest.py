@@ -14,3 +14,14 @@ def pytest_runtest_makereport(item, call):
   if report.skipped and not hasattr(report, 'wasxfail'):
     report.outcome = 'failed'
     report.longrepr = f'skipped tests are not allowed in Sourcebeam\'s suite: {report.longrepr}'
+
+
+# Property tests explore new random cases on developers' machines; in CI they run a fixed
+# derandomized set, so a submission's result does not depend on the draw.
+import os  # noqa: E402
+
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile('ci', derandomize=True, print_blob=True)
+if os.environ.get('CI'):
+  settings.load_profile('ci')

@@ -25,7 +25,9 @@ what the aggregate means, and mutators that return a new value:
 type), and :class:`MergeCRDTs` is the ``CombineFn`` that merges them.
 Elements, replicas, tags and register values must be JSON scalars (str, int,
 float, bool, None) or tuples of them: that is what makes the encoding
-canonical.
+canonical. Values that Python holds equal (``1``, ``1.0``, ``True``) are one
+element of a set: do not mix them in one ORSet, or replicas may converge to the
+same set spelled differently.
 """
 
 from __future__ import annotations
