@@ -127,6 +127,12 @@ def read_manifest(path: str) -> Optional[Dict[str, Any]]:
     return parse_manifest(f.read(), mpath)
 
 
+def match_data_files(path: str, manifest: Dict[str, Any]) -> beam.PTransform:
+  """Every data file of the archive at ``path``; an empty archive matches nothing, not an error."""
+  return fileio.MatchFiles(data_file_pattern(path, manifest['format']),
+                           empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+
+
 def check_archive_path(path: str, beam_args: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   """The manifest of the archive at ``path``, or UsageError saying why there is none.
 
@@ -400,9 +406,7 @@ class ReadArchive(beam.PTransform):
     manifest = check_archive_path(self._path)
     results = (
         pbegin
-        | 'MatchFiles' >> fileio.MatchFiles(
-            data_file_pattern(self._path, manifest['format']),
-            empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+        | 'MatchFiles' >> match_data_files(self._path, manifest)
         | 'SpreadFiles' >> beam.Reshuffle()
         | 'Decode' >> beam.ParDo(_DecodeArchiveFile(self._schema_dir, self._with_timestamps))
         .with_outputs(CORRUPT, main=EVENTS))

@@ -75,14 +75,13 @@ from typing import (Any, Callable, Dict, FrozenSet, Hashable, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
 from schemas.envelope import Envelope
 from schemas.registry import Registry
 from transforms.archive import (CorruptArchiveFile, IncompatibleSchema, check_archive_path,
-                                read_archive_file, _registry_for, _schema_dir)
-from transforms.archive_format import (ArchiveFile, bucket_of, data_file_pattern,
+                                match_data_files, read_archive_file, _registry_for, _schema_dir)
+from transforms.archive_format import (ArchiveFile, bucket_of,
                                        parse_file_path, sort_key)
 from transforms.ordering_core import DictBuffer, Handler, KeyState, Orderer, OrderingConfig
 from transforms.projections import (VIEWS, CartHandler, CatalogHandler, CombinedHandler,
@@ -458,9 +457,7 @@ class OrderedArchiveReplay(beam.PTransform):
     manifest = check_archive_path(self._path)
     results = (
         pbegin
-        | 'MatchFiles' >> fileio.MatchFiles(
-            data_file_pattern(self._path, manifest['format']),
-            empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+        | 'MatchFiles' >> match_data_files(self._path, manifest)
         | 'ByBucket' >> beam.Map(lambda m: (parse_file_path(m.path).bucket, m.path))
         | 'GroupBucketFiles' >> beam.GroupByKey()
         | 'ReplayBucket' >> beam.ParDo(_ReplayBucket(
