@@ -237,9 +237,13 @@ class KafkaLog:
         time.sleep(0.2)
     return sorted(t.partitions)
 
-  def append(self, messages: List[Tuple[bytes, bytes]]) -> List[Tuple[Optional[Tuple[int, int]], Optional[str]]]:
-    """Produces ``(key, value)`` messages in order; per message ``((partition, offset), None)``
-    once acknowledged, or ``(None, reason)``."""
+  def append(self, messages: List[Tuple[bytes, bytes, int]]) -> List[Tuple[Optional[Tuple[int, int]], Optional[str]]]:
+    """Produces ``(key, value, timestamp_ms)`` messages in order; per message
+    ``((partition, offset), None)`` once acknowledged, or ``(None, reason)``.
+
+    The Kafka timestamp is the event's ``event_time``: a streaming pipeline reads it
+    as the element's event time (``run.py stream``), so windows and watermarks follow
+    when things happened, not when the writer was reached."""
     results: List[Any] = [None] * len(messages)
 
     def done(i):
@@ -247,10 +251,11 @@ class KafkaLog:
         results[i] = (None, str(err)) if err is not None else ((msg.partition(), msg.offset()), None)
       return cb
 
-    for i, (key, value) in enumerate(messages):
+    for i, (key, value, timestamp) in enumerate(messages):
       while True:
         try:
-          self.producer.produce(self.topic, key=key, value=value, on_delivery=done(i))
+          self.producer.produce(self.topic, key=key, value=value, timestamp=timestamp,
+                                on_delivery=done(i))
           break
         except BufferError:  # the local queue is full: let deliveries drain
           self.producer.poll(0.05)
@@ -458,7 +463,7 @@ class Writer:
                              'retry later (safe: no duplicates)') from None
     # Per request and event: a receipt already recorded, or the index of a message to append.
     plan: List[List[Tuple[str, Any]]] = []
-    messages: List[Tuple[bytes, bytes]] = []
+    messages: List[Tuple[bytes, bytes, int]] = []
     pending: List[Tuple[Dict[str, Any], List[str]]] = []
     in_group: Dict[str, int] = {}
     next_seq: Dict[str, int] = {}
@@ -481,7 +486,7 @@ class Writer:
           next_seq[key] = max(last, env['sequence'])
           in_group[event_id] = len(messages)
           steps.append(('new', len(messages)))
-          messages.append((key.encode('utf-8'), to_json(env).encode('utf-8')))
+          messages.append((key.encode('utf-8'), to_json(env).encode('utf-8'), env['event_time']))
           pending.append((env, repairs))
         plan.append(steps)
     results = self.log.append(messages) if messages else []

@@ -123,6 +123,8 @@ def test_receipts_name_the_partition_and_offset_consumers_read(writer, kafka, to
     assert m.key().decode() == env['partition_key'] == sent['data']['user_id']
     assert env['event_id'] == r['event_id'] and env['sequence'] == r['sequence']
     assert env['data'] == sent['data']
+    # The Kafka timestamp is the event time: a streaming read takes it as event time.
+    assert m.timestamp()[1] == env['event_time']
   # Per key: one partition, sequences 1, 2, 3 in offset order.
   u1 = [r for r in receipts if r['partition_key'] == 'u1']
   assert len({r['partition'] for r in u1}) == 1
