@@ -81,9 +81,13 @@ def _message_value(message) -> Tuple[str, bytes]:
 
 def read_kafka(p: beam.Pipeline, source: KafkaSource, group_id: str,
                max_records: Optional[int]) -> beam.PCollection:
+  # No auto-commit: a run's handler state (carts, orderings) lives in the runner, so a
+  # restarted run without a runner checkpoint must read from the start to rebuild it; a
+  # group offset committed by the last run would resume it with empty state, and the view
+  # store would take wrong values at later offsets. (Flink resumes from its own checkpoints.)
   return p | 'ReadKafka' >> ReadFromKafka(
       consumer_config={'bootstrap.servers': source.bootstrap, 'auto.offset.reset': 'earliest',
-                       'group.id': group_id},
+                       'group.id': group_id, 'enable.auto.commit': 'false'},
       topics=[source.topic], with_metadata=True, max_num_records=max_records,
       timestamp_policy=ReadFromKafka.create_time_policy)
 
