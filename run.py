@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     'stream': ('pipelines.stream', 'run the pipelines live from Kafka (optionally after an archive replay)'),
     'services': ('pipelines.services', 'bring the local stack (Kafka, Flink) up, down, or show its status'),
     'serve': ('pipelines.serve', 'the event writer (POST /events, receipts) and the view API (reads that wait for receipts)'),
+    'fanout': ('pipelines.fanout', 'deliver the published stream to many declared subscribers (filters, own sinks, backfill)'),
     'bench': ('benchmarks.cli', 'benchmarks: ordering, replay, fanout, causal'),
 }
 

@@ -1,0 +1,227 @@
+"""`run.py fanout`: one read of the published stream, delivered to every declared subscriber.
+
+``run.py fanout --subscribers FILE --source SOURCE --out DIR [--max-records N]
+[--archive PATH] [beam options]``
+
+* ``FILE`` declares the subscribers (JSON, or TOML for ``.toml``): name,
+  optional ``event_types`` and ``keys`` filters, and a ``sink`` that is
+  ``kafka://HOST:PORT/TOPIC`` or an archive path (see
+  :mod:`transforms.fanout_core`).
+* ``SOURCE`` is the published stream, ``kafka://HOST:PORT/TOPIC`` (JSON
+  envelopes as ``run.py stream --publish-topic`` writes them), or an archive
+  path (a bounded replay through the same fan-out).
+* ``--archive PATH`` backfills: the archive's events and then the live topic,
+  read from its earliest offset, go through one per-key ordering step, so each
+  subscriber receives a key's history and then its live events in sequence
+  order, each sequence once. Why no gap and no duplicate, without depending on
+  where the archive ended in the topic: the ordering step applies sequence
+  ``n + 1`` of a key only after ``n`` and drops any sequence already applied
+  (counted in the summary as ``duplicate``), and the topic is read from a point
+  at or before the archive's end (its earliest offset). If Kafka's retention
+  has already dropped events the archive does not hold, the key waits on the
+  gap instead of skipping it (``held_on_gap`` in the summary, or
+  ``--gap-timeout`` to move on and report the gap).
+
+With ``--max-records N`` (Kafka) or an archive source the run is bounded and
+writes ``DIR/summary.json``: events in, deliveries out per subscriber, events
+that matched nobody, and every event not delivered with its reason
+(``DIR/unprocessed.jsonl``, ``DIR/dead_letters.jsonl`` for messages that were
+not envelopes). Without ``--max-records`` a Kafka source runs live until stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines import outputs
+from pipelines.cli import UsageError
+from pipelines.options import pipeline_options
+from transforms.fanout import MATCHED, UNMATCHED, FanOut, ParseEnvelopes, prepare_archive_sinks
+from transforms.fanout_core import Subscriber, load_subscribers, parse_sink
+
+COUNTS_FILE = '_fanout_counts.json'
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.formatter_class = argparse.RawDescriptionHelpFormatter
+  parser.epilog = (
+      'Subscriber file (JSON; TOML if it ends in .toml):\n'
+      '  {"subscribers": [\n'
+      '    {"name": "carts", "event_types": ["CartItemAdded", "CartItemRemoved"],\n'
+      '     "keys": ["u-00001*"], "sink": "kafka://127.0.0.1:9092/carts"},\n'
+      '    {"name": "catalog", "event_types": ["ProductCreated"], "sink": "/data/catalog"}]}\n'
+      'event_types and keys are optional (default: all); keys are exact keys or globs.\n'
+      'Each subscriber receives every matching event once, in sequence order per partition key.\n'
+      'Unknown --options go to Beam (Kafka sources need --runner=PrismRunner or Flink).')
+  parser.add_argument('--subscribers', required=True, metavar='FILE',
+                      help='the subscriber file (see below)')
+  parser.add_argument('--source', required=True, metavar='kafka://HOST:PORT/TOPIC | ARCHIVE',
+                      help='the published stream (a Kafka topic of JSON envelopes, read from its '
+                           'earliest offset) or an archive path to fan out')
+  parser.add_argument('--out', required=True, metavar='DIR',
+                      help='where summary.json, unprocessed.jsonl and dead_letters.jsonl go')
+  parser.add_argument('--max-records', type=int, metavar='N',
+                      help='read the first N Kafka messages and stop (a bounded run)')
+  parser.add_argument('--archive', metavar='PATH',
+                      help='backfill: deliver this archive\'s events first, then attach to the '
+                           'live topic without a gap or a duplicate per key')
+  parser.add_argument('--gap-timeout', type=float, metavar='SECONDS',
+                      help='event-time seconds a key waits for a missing sequence before skipping '
+                           'it (reported); default: wait')
+  parser.add_argument('--group-id', default='sourcebeam-fanout',
+                      help='Kafka consumer group (default: sourcebeam-fanout)')
+
+
+def _is_kafka(source: str) -> bool:
+  return source.startswith('kafka://')
+
+
+def read_events(p: beam.Pipeline, source: str, *, archive: Optional[str], max_records: Optional[int],
+                group_id: str) -> Dict[str, beam.PCollection]:
+  """``{'events', 'dead', 'in'}`` from the source, with the backfill archive's events first."""
+  from transforms.archive import ReadArchive
+  if not _is_kafka(source):
+    read = p | 'ReadSource' >> ReadArchive(source)
+    return {'events': read['events'], 'dead': read['corrupt'], 'in': read['events']}
+  from pipelines.stream import _message_value, parse_source, read_kafka
+  messages = read_kafka(p, parse_source(source), group_id, max_records)
+  parsed = (messages
+            | 'Values' >> beam.Map(_message_value)
+            | 'Parse' >> beam.ParDo(ParseEnvelopes()).with_outputs(ParseEnvelopes.DEAD, main='events'))
+  if archive is None:
+    return {'events': parsed.events, 'dead': parsed[ParseEnvelopes.DEAD], 'in': messages}
+  backfill = p | 'ReadBackfill' >> ReadArchive(archive)
+  events = (backfill['events'], parsed.events) | 'BackfillThenLive' >> beam.Flatten()
+  dead = (backfill['corrupt'], parsed[ParseEnvelopes.DEAD]) | 'AllDead' >> beam.Flatten()
+  ins = (backfill['events'], messages) | 'AllIn' >> beam.Flatten()
+  return {'events': events, 'dead': dead, 'in': ins, 'backfill': backfill['events']}
+
+
+def _count(pcoll: beam.PCollection, name: str, label: str) -> beam.PCollection:
+  return pcoll | label >> beam.Map(lambda _: (name, 1))
+
+
+def _unprocessed_json(rec: Dict[str, Any]) -> str:
+  from schemas.envelope import to_json
+  rec = dict(rec)
+  ev = rec.get('event')
+  if isinstance(ev, dict):
+    try:
+      rec['event'] = json.loads(to_json(ev))
+    except Exception:  # pylint: disable=broad-except
+      rec['event'] = repr(ev)[:2000]
+  return json.dumps(rec, default=repr, sort_keys=True)
+
+
+def build(p: beam.Pipeline, subscribers: Sequence[Subscriber], source: str, out: str, *,
+          archive: Optional[str], max_records: Optional[int], gap_timeout: Optional[float],
+          group_id: str, bounded: bool) -> None:
+  read = read_events(p, source, archive=archive, max_records=max_records, group_id=group_id)
+  result = read['events'] | 'FanOut' >> FanOut(subscribers, gap_timeout=gap_timeout)
+  if not bounded:
+    return
+  result.unprocessed | 'UnprocessedJson' >> beam.Map(_unprocessed_json) | 'WriteUnprocessed' >> (
+      outputs.write_lines(out, 'unprocessed.jsonl'))
+  read['dead'] | 'DeadJson' >> beam.Map(json.dumps, sort_keys=True) | 'WriteDead' >> (
+      outputs.write_lines(out, 'dead_letters.jsonl'))
+  parts = [
+      _count(read['in'], 'in', 'CountIn'),
+      _count(read['events'], 'events', 'CountEvents'),
+      _count(read['dead'], 'dead_lettered', 'CountDead'),
+      result.counts,
+      result.unprocessed | 'ByReason' >> beam.Map(lambda r: (f'unprocessed:{r["reason"]}', 1)),
+      result.status | 'Held' >> beam.Map(lambda s: ('held_on_gap', s.get('buffered', 0))),
+  ]
+  if 'backfill' in read:
+    parts.append(_count(read['backfill'], 'backfill_events', 'CountBackfill'))
+  (parts
+   | 'AllCounts' >> beam.Flatten()
+   | 'Sum' >> beam.CombinePerKey(sum)
+   | 'ToDict' >> beam.combiners.ToDict()
+   | 'ToJson' >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
+   | 'WriteCounts' >> outputs.write_lines(out, COUNTS_FILE))
+
+
+def summarize(counted: Dict[str, int], subscribers: Sequence[Subscriber]) -> Dict[str, Any]:
+  """The run's summary from its counts; AssertionError if an event is unaccounted for."""
+  unprocessed = {k.split(':', 1)[1]: v for k, v in counted.items() if k.startswith('unprocessed:')}
+  summary = {
+      'in': counted.get('in', 0), 'events': counted.get('events', 0),
+      'dead_lettered': counted.get('dead_lettered', 0),
+      'delivered_events': counted.get(MATCHED, 0), 'unmatched': counted.get(UNMATCHED, 0),
+      'unprocessed': unprocessed, 'held_on_gap': counted.get('held_on_gap', 0),
+      'deliveries': {s.name: counted.get(s.name, 0) for s in subscribers},
+  }
+  if 'backfill_events' in counted:
+    summary['backfill_events'] = counted['backfill_events']
+  summary['total_deliveries'] = sum(summary['deliveries'].values())
+  accounted = (summary['delivered_events'] + summary['unmatched'] + sum(unprocessed.values())
+               + summary['held_on_gap'])
+  if summary['events'] != accounted:
+    raise AssertionError(f'fan-out lost track of events: {summary}')
+  return summary
+
+
+def run(subscribers: Sequence[Subscriber], source: str, out: str, beam_args: List[str], *,
+        archive: Optional[str] = None, max_records: Optional[int] = None,
+        gap_timeout: Optional[float] = None, group_id: str = 'sourcebeam-fanout') -> Optional[Dict[str, Any]]:
+  """Run the fan-out; the summary for a bounded run, None for a live one (after it stops)."""
+  bounded = not _is_kafka(source) or max_records is not None
+  options = pipeline_options(beam_args, streaming=not bounded)
+  FileSystems.set_options(options)
+  outputs.prepare(out)
+  prepare_archive_sinks(subscribers)
+  started = time.monotonic()
+  with beam.Pipeline(options=options) as p:
+    build(p, subscribers, source, out, archive=archive, max_records=max_records,
+          gap_timeout=gap_timeout, group_id=group_id, bounded=bounded)
+  if not bounded:
+    return None
+  with FileSystems.open(outputs.join(out, COUNTS_FILE)) as f:
+    counted = json.loads(f.read().decode('utf-8'))
+  summary = summarize(counted, subscribers)
+  summary.update(source=source, archive=archive, seconds=round(time.monotonic() - started, 3))
+  outputs.write_json(out, 'summary.json', summary)
+  return summary
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+  if args.max_records is not None and args.max_records <= 0:
+    raise UsageError('--max-records must be positive')
+  if args.gap_timeout is not None and args.gap_timeout <= 0:
+    raise UsageError('--gap-timeout must be positive')
+  if _is_kafka(args.source):
+    if parse_sink(args.source, '--source').kind != 'kafka':
+      raise UsageError(f'--source must be kafka://HOST:PORT/TOPIC or an archive path, got {args.source!r}')
+  else:
+    from transforms.archive import check_archive_path
+    if args.max_records is not None:
+      raise UsageError('--max-records applies to a Kafka source; an archive source is bounded')
+    if args.archive:
+      raise UsageError('--archive backfills before a live Kafka source; the source is an archive')
+    check_archive_path(args.source)
+  if args.archive:
+    from transforms.archive import check_archive_path
+    check_archive_path(args.archive)
+
+
+def main(args: argparse.Namespace, beam_args: List[str]) -> int:
+  subscribers = load_subscribers(args.subscribers)
+  check_arguments(args)
+  summary = run(subscribers, args.source, args.out, beam_args, archive=args.archive,
+                max_records=args.max_records, gap_timeout=args.gap_timeout, group_id=args.group_id)
+  if summary:
+    print(f'fan-out of {summary["events"]} events to {len(subscribers)} subscribers: '
+          f'{summary["total_deliveries"]} deliveries, {summary["unmatched"]} matched nobody, '
+          f'{sum(summary["unprocessed"].values())} not delivered (see unprocessed.jsonl), '
+          f'{summary["dead_lettered"]} dead-lettered; summary in {args.out}/summary.json',
+          file=sys.stderr)
+    print(json.dumps({'deliveries': summary['deliveries']}))
+  return 0
