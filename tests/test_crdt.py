@@ -220,3 +220,59 @@ def test_registered_coder_is_deterministic_for_grouping():
            | beam.GroupByKey()
            | beam.MapTuple(lambda k, vs: (sorted(k.value()), sorted(vs))))
     assert_that(out, equal_to([(['a', 'b'], [1, 2])]))
+
+
+# --- QuantityORSet's incremental internals (carts change one add at a time) ----
+
+def _reference_value(s):
+  """The definition of value(): live quantities summed per element, positive sums only."""
+  totals = {}
+  for e, t, q in s.adds:
+    if t not in s.removes:
+      totals[e] = totals.get(e, 0) + q
+  return {e: q for e, q in totals.items() if q > 0}
+
+
+QOPS = st.lists(st.one_of(
+    st.tuples(st.just('add'), ELEMENTS, st.integers(0, 12), st.integers(-3, 5)),
+    st.tuples(st.just('remove'), ELEMENTS),
+    st.tuples(st.just('merge'), st.lists(st.tuples(ELEMENTS, st.integers(0, 12),
+                                                   st.integers(-3, 5)), max_size=3),
+              st.lists(st.integers(0, 12).map(lambda i: ('tag', i)), max_size=2))),
+    max_size=25)
+
+
+@settings(max_examples=200, deadline=None)
+@given(QOPS, st.booleans())
+def test_quantity_orset_derived_values_equal_values_built_from_scratch(ops, read_early):
+  """add/remove/merge carry tags and totals over; the result must equal the same adds
+  and removes given to the constructor, with the same value, quantity, hash and encoding,
+  whether or not value() was read (and cached) on the way."""
+  s = QuantityORSet()
+  for op in ops:
+    if read_early:
+      s.value()
+    if op[0] == 'add':
+      s = s.add(op[1], ('tag', op[2]), op[3])
+    elif op[0] == 'remove':
+      s = s.remove(op[1])
+    else:
+      s = s.merge(QuantityORSet([(e, ('tag', t), q) for e, t, q in op[1]], op[2]))
+    fresh = QuantityORSet(s.adds, s.removes)
+    assert s == fresh and hash(s) == hash(fresh)
+    assert s.value() == fresh.value() == _reference_value(fresh)
+    assert list(s.value()) == list(fresh.value())  # same (canonical) order
+    for e in ('a', 'b', 1, None):
+      assert s.quantity(e) == fresh.value().get(e, 0)
+    assert CRDTCoder().encode(s) == CRDTCoder().encode(fresh)
+    assert pickle.loads(pickle.dumps(s)) == s
+
+
+def test_quantity_orset_value_is_a_copy_and_duplicates_are_free():
+  s = QuantityORSet().add('shoe', 'e1', 2)
+  v = s.value()
+  v['shoe'] = 99
+  assert s.value() == {'shoe': 2}
+  assert s.add('shoe', 'e1', 5) is s  # a replayed add: the same value, not a copy
+  with pytest.raises(AttributeError):
+    s._totals = {}

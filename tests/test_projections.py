@@ -4,6 +4,8 @@ WriteProjections on a real runner with real JSON-lines and Parquet files."""
 import json
 import random
 
+import pytest
+
 from hypothesis import given, settings, strategies as st
 
 from schemas.envelope import make_envelope
@@ -275,3 +277,109 @@ def test_retail_projections_streaming_changelog_applies_events_in_sequence_order
     assert_that(views.recently_viewed, equal_to(recent), label='recent')
     assert_that(views.frequently_viewed, equal_to(frequent), label='frequent')
     assert_that(views.catalog, equal_to(catalog), label='catalog')
+
+
+# --- the step/record split, incremental top-k, deferred records ------------------------------
+
+from transforms.projections import (DeferredRecords, PendingRecord, ViewCounts, built,  # noqa: E402
+                                    bump_top, defers_records)
+
+RETAIL_USER_EVENTS = st.lists(st.tuples(
+    st.sampled_from(['ProductViewed'] * 4 + ['CartItemAdded', 'CartItemRemoved',
+                                             'ProductPurchased', 'UserLoggedIn']),
+    st.sampled_from('abcdefghijklmno'), st.integers(0, 4)), max_size=60)
+
+
+def user_events(spec):
+  ev = Stream()
+  out = []
+  for kind, p, q in spec:
+    if kind == 'ProductViewed':
+      out.append(ev(kind, user_id='u1', product_id=p))
+    elif kind == 'UserLoggedIn':
+      out.append(ev(kind, user_id='u1', name='x'))
+    elif kind == 'ProductPurchased':
+      out.append(ev(kind, user_id='u1', product_id=p, quantity=q, price=1.0))
+    else:
+      out.append(ev(kind, user_id='u1', product_id=p, quantity=q))
+  return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from('abcdefghijklmnopqrstuvwxyz'[:15]), max_size=80),
+       st.integers(1, 12))
+def test_bump_top_keeps_top_viewed_after_every_view(products, limit):
+  counts, top = {}, ()
+  for p in products:
+    counts[p] = counts.get(p, 0) + 1
+    top = bump_top(top, p, counts[p], limit)
+    assert [{'product_id': q, 'views': -n} for n, q in top] == top_viewed(counts, limit)
+
+
+def test_frequently_viewed_takes_a_state_kept_as_a_plain_dict():
+  """States written before the ranking was kept incrementally were {product: views}."""
+  h = FrequentlyViewedHandler(limit=2)
+  new, out = h.apply({'a': 3, 'b': 1, 'c': 2}, views(['b'])[0])
+  assert isinstance(new, ViewCounts) and new.counts == {'a': 3, 'b': 2, 'c': 2}
+  assert out[0]['products'] == [{'product_id': 'a', 'views': 3}, {'product_id': 'b', 'views': 2}]
+
+
+@settings(max_examples=150, deadline=None)
+@given(RETAIL_USER_EVENTS)
+def test_deferred_records_build_what_apply_gives(spec):
+  """DeferredRecords changes state with the same steps, and each pending record, built
+  whenever, equals the record apply gave for that event; states are never changed in place."""
+  events = user_events(spec)
+  live = CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])
+  deferred = DeferredRecords(
+      CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()]))
+  s_live, s_def = live.initial_state('u1'), deferred.initial_state('u1')
+  want, pending = [], []
+  for e in events:
+    s_live, out = live.apply(s_live, e)
+    want.extend(out)
+    snapshot = repr(s_def)
+    s2, outs = deferred.apply(s_def, e)
+    assert repr(s_def) == snapshot  # the input state is untouched
+    s_def = s2
+    assert all(isinstance(o, PendingRecord) for o in outs)
+    pending.extend(outs)
+  assert s_def == s_live
+  assert [p['view'] for p in pending] == [r['view'] for r in want]
+  assert [built(p) for p in pending] == want  # built late, from the states they hold
+
+
+def test_deferred_records_for_one_handler_and_what_cannot_defer():
+  ev = Stream()
+  image = ev('ProductImageAdded', product_id='p1', image_url='http://i')
+  h = DeferredRecords(CatalogHandler())
+  s, out = h.apply(h.initial_state('p1'), image)
+  assert built(out[0]) == CatalogHandler().apply(CatalogHandler().initial_state('p1'), image)[1][0]
+  assert h.apply(s, ev('ProductViewed', user_id='u', product_id='p1')) == (s, [])
+  assert built({'plain': 1}) == {'plain': 1}
+
+  class Custom:
+    def initial_state(self, key):
+      return 0
+
+    def apply(self, state, event):
+      return state + 1, [state]
+
+  assert not defers_records(Custom()) and not defers_records(CombinedHandler([Custom()]))
+  with pytest.raises(TypeError, match='no step/record'):
+    DeferredRecords(CombinedHandler([CartHandler(), Custom()]))
+
+
+def test_combined_handler_still_calls_handlers_without_event_types():
+  class Counter:
+    def initial_state(self, key):
+      return 0
+
+    def apply(self, state, event):
+      return state + 1, []
+
+  h = CombinedHandler([CartHandler(), Counter()])
+  ev = Stream()
+  state, _ = fold(h, [ev('UserLoggedIn', user_id='u1', name='x'),
+                      ev('CartItemAdded', user_id='u1', product_id='p', quantity=1)])
+  assert state[1] == 2 and state[0].items.value() == {'p': 1}

@@ -32,6 +32,7 @@ same set spelled differently.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import (Any, Dict, FrozenSet, Iterable, Mapping, Optional, Tuple,
                     Type, TypeVar, Union)
@@ -61,7 +62,19 @@ def _uncanon(x: Any) -> Any:
 
 def _sort_key(x: Any) -> str:
   """A total order over mixed elements: their canonical JSON text."""
+  if type(x) is str:  # the usual element (product ids): cached, the same text
+    return _str_sort_key(x)
   return json.dumps(_canon(x), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _str_sort_key(x: str) -> str:
+  """``_sort_key`` of a str, cached: carts sort the same product ids over and over.
+
+  Keyed by str only, so values Python holds equal but spells differently
+  (``1``, ``True``) never share an entry.
+  """
+  return json.dumps(x, sort_keys=True)
 
 
 class CRDT:
@@ -212,47 +225,103 @@ class QuantityORSet(CRDT):
   each element to the sum of its live quantities, keeping only positive sums.
   Two regions that each add to the same cart and then merge see both adds; a
   remove in one region does not cancel an add it never saw.
+
+  A cart changes one add at a time, so ``add`` and ``remove`` derive the new
+  value from this one instead of rebuilding it: only the new add is validated
+  (the rest already was), the set of tags and the per-element totals are
+  carried over and updated, and ``value()`` is computed at most once per
+  value. Values stay immutable; the carried-over parts are private caches that
+  never change once set, so equality, hashing and encoding are as before.
   """
 
-  __slots__ = ('adds', 'removes')
+  __slots__ = ('adds', 'removes', '_tags', '_totals', '_value')
 
   def __init__(self, adds: Iterable[Tuple[Scalar, Scalar, int]] = (),
                removes: Iterable[Scalar] = ()):
     adds, removes = frozenset(adds), frozenset(removes)
     for e, t, q in adds:
-      _canon(e), _canon(t)
-      if not isinstance(q, int) or isinstance(q, bool):
-        raise ValueError(f'quantity of {e!r} must be an int, not {q!r}')
+      _check_quantity_add(e, t, q)
     for t in removes:
       _canon(t)
-    self._init(adds=adds, removes=removes)
+    self._init(adds=adds, removes=removes, _tags=None, _totals=None, _value=None)
+
+  @classmethod
+  def _derived(cls, adds: FrozenSet[Tuple[Scalar, Scalar, int]], removes: FrozenSet[Scalar],
+               tags: Optional[FrozenSet[Scalar]],
+               totals: Optional[Dict[Scalar, int]]) -> 'QuantityORSet':
+    """A value built from validated parts (no re-validation), with its caches."""
+    out = object.__new__(cls)
+    out._init(adds=adds, removes=removes, _tags=tags, _totals=totals, _value=None)
+    return out
 
   def _state(self) -> tuple:
     return (tuple(sorted(self.adds, key=_sort_key)),
             tuple(sorted(self.removes, key=_sort_key)))
 
+  def _tag_set(self) -> FrozenSet[Scalar]:
+    if self._tags is None:
+      object.__setattr__(self, '_tags', frozenset(t for _, t, _ in self.adds))
+    return self._tags
+
+  def _live_totals(self) -> Dict[Scalar, int]:
+    """Sum of live quantities per element, non-positive sums included (a cache: never mutate)."""
+    if self._totals is None:
+      totals: Dict[Scalar, int] = {}
+      for e, t, q in self.adds:
+        if t not in self.removes:
+          totals[e] = totals.get(e, 0) + q
+      object.__setattr__(self, '_totals', totals)
+    return self._totals
+
   def add(self, element: Scalar, tag: Scalar, quantity: int = 1) -> 'QuantityORSet':
-    if any(t == tag for _, t, _ in self.adds):
+    if tag in self._tag_set():
       return self  # a tag names one add: a replayed duplicate changes nothing
-    return QuantityORSet(self.adds | {(element, tag, quantity)}, self.removes)
+    _check_quantity_add(element, tag, quantity)
+    totals = None
+    if self._totals is not None:
+      totals = dict(self._totals)
+      if tag not in self.removes:
+        totals[element] = totals.get(element, 0) + quantity
+    return QuantityORSet._derived(self.adds | {(element, tag, quantity)}, self.removes,
+                                  self._tag_set() | {tag}, totals)
 
   def remove(self, element: Scalar) -> 'QuantityORSet':
     observed = {t for e, t, _ in self.adds if e == element}
-    return QuantityORSet(self.adds, self.removes | observed)
+    totals = None
+    if self._totals is not None:
+      # Tombstoning a tag kills every add carrying it (after a merge one tag may
+      # name adds of several elements), so take each newly dead add away.
+      dead = observed - self.removes
+      totals = dict(self._totals)
+      for e, t, q in self.adds:
+        if t in dead:
+          totals[e] -= q
+    return QuantityORSet._derived(self.adds, self.removes | observed, self._tags, totals)
 
   def merge(self, other: 'QuantityORSet') -> 'QuantityORSet':
-    return QuantityORSet(self.adds | other.adds, self.removes | other.removes)
+    return QuantityORSet._derived(self.adds | other.adds, self.removes | other.removes,
+                                  None, None)
+
+  def quantity(self, element: Scalar) -> int:
+    """``value().get(element, 0)`` without building the whole value."""
+    q = self._live_totals().get(element, 0)
+    return q if q > 0 else 0
 
   def value(self) -> Dict[Scalar, int]:
-    totals: Dict[Scalar, int] = {}
-    for e, t, q in self.adds:
-      if t not in self.removes:
-        totals[e] = totals.get(e, 0) + q
-    return {e: q for e, q in sorted(totals.items(), key=lambda eq: _sort_key(eq[0]))
-            if q > 0}
+    if self._value is None:
+      object.__setattr__(self, '_value', {
+          e: q for e, q in sorted(self._live_totals().items(), key=lambda eq: _sort_key(eq[0]))
+          if q > 0})
+    return dict(self._value)
 
   def __repr__(self) -> str:
     return f'QuantityORSet({self.value()!r})'
+
+
+def _check_quantity_add(element: Scalar, tag: Scalar, quantity: int) -> None:
+  _canon(element), _canon(tag)
+  if not isinstance(quantity, int) or isinstance(quantity, bool):
+    raise ValueError(f'quantity of {element!r} must be an int, not {quantity!r}')
 
 
 class LWWRegister(CRDT):

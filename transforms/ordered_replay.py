@@ -85,8 +85,8 @@ from transforms.archive_format import (ArchiveFile, bucket_of,
                                        parse_file_path, sort_key)
 from transforms.ordering_core import DictBuffer, Handler, KeyState, Orderer, OrderingConfig
 from transforms.projections import (VIEWS, CartHandler, CatalogHandler, CombinedHandler,
-                                    FrequentlyViewedHandler, PRODUCT_EVENT_TYPES,
-                                    ProjectionViews, RecentlyViewedHandler, USER_EVENT_TYPES)
+                                    DeferredRecords, FrequentlyViewedHandler, PRODUCT_EVENT_TYPES,
+                                    ProjectionViews, RecentlyViewedHandler, USER_EVENT_TYPES, built)
 
 __all__ = ['KeySpace', 'BucketReplay', 'replay_bucket', 'read_checked_file', 'retail_key_spaces',
            'OrderedArchiveReplay', 'ReplayRetailProjections', 'ReplayResult', 'RetailReplay',
@@ -115,13 +115,18 @@ class KeySpace:
   handler: Handler
 
 
-def retail_key_spaces() -> Tuple[KeySpace, ...]:
-  """The key spaces of :class:`transforms.projections.RetailProjections`, same handlers."""
-  return (
-      KeySpace('user', USER_EVENT_TYPES,
-               CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])),
-      KeySpace('product', PRODUCT_EVENT_TYPES, CatalogHandler()),
-  )
+def retail_key_spaces(deferred: bool = False) -> Tuple[KeySpace, ...]:
+  """The key spaces of :class:`transforms.projections.RetailProjections`, same handlers.
+
+  ``deferred=True`` wraps them in :class:`DeferredRecords`: the same state
+  changes, but a record is built only for the output a final view keeps (use
+  it with ``latest_by``; :class:`BucketReplay` builds what it hands out).
+  """
+  user = CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])
+  product = CatalogHandler()
+  if deferred:
+    user, product = DeferredRecords(user), DeferredRecords(product)
+  return (KeySpace('user', USER_EVENT_TYPES, user), KeySpace('product', PRODUCT_EVENT_TYPES, product))
 
 
 def latest_view_record(key: Any, record: Dict[str, Any]) -> Tuple[str, Any]:
@@ -296,9 +301,14 @@ class BucketReplay:
     return {'keys': keys, 'keys_waiting_on_gap': waiting, 'events_left_buffered': buffered}
 
   def take(self) -> Tuple[List[Tuple[Any, Any]], List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """What has been produced since the last take (final outputs only after finish)."""
+    """What has been produced since the last take (final outputs only after finish).
+
+    Outputs are handed out built (:func:`transforms.projections.built`), as the
+    handler's ``apply`` would have given them.
+    """
     if self._latest_by is None:
-      outs, self.outputs = self.outputs, []
+      outs = [(k, built(v)) for k, v in self.outputs]
+      self.outputs = []
     else:
       outs = []
     unp, self.unprocessed = self.unprocessed, []
@@ -306,7 +316,9 @@ class BucketReplay:
     return outs, unp, status
 
   def take_latest(self) -> List[Tuple[Any, Any]]:
-    outs = list(self.latest.values())
+    """The last output per ``latest_by``, built (only these records are ever built
+    when the key spaces' handlers defer them)."""
+    outs = [(k, built(v)) for k, v in self.latest.values()]
     self.latest = {}
     return outs
 
@@ -487,7 +499,8 @@ class ReplayRetailProjections(beam.PTransform):
 
   def __init__(self, path: str, *, with_unclaimed: bool = False, registry: Any = None, **ordering):
     super().__init__()
-    self._replay = OrderedArchiveReplay(path, retail_key_spaces(), latest_by=latest_view_record,
+    self._replay = OrderedArchiveReplay(path, retail_key_spaces(deferred=True),
+                                        latest_by=latest_view_record,
                                         with_unclaimed=with_unclaimed, registry=registry,
                                         **ordering)
 

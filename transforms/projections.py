@@ -27,12 +27,24 @@ Each output is a projection record, a flat dict with a fixed shape per view
 ``key`` is the partition key (user_id, or product_id for the catalog),
 ``as_of_sequence`` the sequence of the last event applied and ``event_time``
 its time (epoch millis). The latest record per key is the view.
+
+Each retail handler is split in two, and ``apply`` is just the two together:
+``step(state, event) -> new_state`` for the event types in ``event_types``
+(the state change) and ``record(event, state)`` (the view record after it).
+The split lets a bounded replay, which keeps only the last record per key,
+build that one record at the end (:class:`DeferredRecords`) with the same
+``step`` and ``record`` code the live pipeline runs, and lets
+:class:`CombinedHandler` skip the handlers an event type does not concern.
+States are immutable values: ``step`` returns a new state and never changes
+its input (the ordering core keeps the old state when a handler raises, and a
+deferred record holds the state it was made from).
 :class:`RetailProjections` wires the handlers to the stream;
 :class:`WriteProjections` writes each view as JSON lines and Parquet.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -78,24 +90,28 @@ class CartHandler:
   """
 
   view = 'cart'
+  event_types = frozenset({'CartItemAdded', 'CartItemRemoved', 'ProductPurchased'})
 
   def initial_state(self, key: str) -> CartState:
     return CartState()
 
   def apply(self, state: CartState, event: Envelope) -> Tuple[CartState, List[Record]]:
+    return _apply(self, state, event)
+
+  def step(self, state: CartState, event: Envelope) -> CartState:
     kind, data = event['event_type'], event['data']
     items = state.items
     if kind == 'CartItemAdded':
       items = items.add(data['product_id'], event['event_id'], max(0, data['quantity']))
     elif kind == 'CartItemRemoved':
-      have = items.value().get(data['product_id'], 0)
+      have = items.quantity(data['product_id'])
       items = items.add(data['product_id'], event['event_id'], -min(have, max(0, data['quantity'])))
-    elif kind == 'ProductPurchased':
+    else:  # ProductPurchased
       items = items.remove(data['product_id'])
-    else:
-      return state, []
-    new = CartState(items)
-    return new, [cart_record(event, new)]
+    return CartState(items)
+
+  def record(self, event: Envelope, state: CartState) -> Record:
+    return cart_record(event, state)
 
 
 def cart_record(event: Envelope, state: CartState) -> Record:
@@ -122,19 +138,22 @@ class CatalogHandler:
   """
 
   view = 'catalog'
+  event_types = frozenset({'ProductCreated', 'ProductImageAdded'})
 
   def initial_state(self, key: str) -> Dict[str, Any]:
     return {'product_id': key, **{f: None for f in PRODUCT_FIELDS}, 'image_url': None}
 
   def apply(self, state: Dict[str, Any], event: Envelope) -> Tuple[Dict[str, Any], List[Record]]:
-    kind, data = event['event_type'], event['data']
-    if kind == 'ProductCreated':
-      new = dict(state, **{f: data[f] for f in PRODUCT_FIELDS})
-    elif kind == 'ProductImageAdded':
-      new = dict(state, image_url=data['image_url'])
-    else:
-      return state, []
-    return new, [_record('catalog', event, **new)]
+    return _apply(self, state, event)
+
+  def step(self, state: Dict[str, Any], event: Envelope) -> Dict[str, Any]:
+    data = event['data']
+    if event['event_type'] == 'ProductCreated':
+      return dict(state, **{f: data[f] for f in PRODUCT_FIELDS})
+    return dict(state, image_url=data['image_url'])  # ProductImageAdded
+
+  def record(self, event: Envelope, state: Dict[str, Any]) -> Record:
+    return _record('catalog', event, **state)
 
 
 def catalog_by_category(records: Iterable[Record]) -> Dict[Optional[str], List[Record]]:
@@ -151,6 +170,7 @@ class RecentlyViewedHandler:
   """The last 10 distinct products a user viewed, newest first."""
 
   view = 'recently_viewed'
+  event_types = frozenset({'ProductViewed'})
 
   def __init__(self, limit: int = RECENT_LIMIT):
     self.limit = limit
@@ -159,57 +179,198 @@ class RecentlyViewedHandler:
     return ()
 
   def apply(self, state: Tuple[str, ...], event: Envelope) -> Tuple[Tuple[str, ...], List[Record]]:
-    if event['event_type'] != 'ProductViewed':
-      return state, []
+    return _apply(self, state, event)
+
+  def step(self, state: Tuple[str, ...], event: Envelope) -> Tuple[str, ...]:
     product = event['data']['product_id']
-    new = ((product,) + tuple(p for p in state if p != product))[:self.limit]
-    return new, [_record('recently_viewed', event, products=list(new))]
+    if state and state[0] == product:  # viewed again: nothing moves
+      return state
+    # The state's products are distinct: moving one to the front is two slices.
+    i = state.index(product) if product in state else len(state)
+    return ((product,) + state[:i] + state[i + 1:])[:self.limit]
+
+  def record(self, event: Envelope, state: Tuple[str, ...]) -> Record:
+    return _record('recently_viewed', event, products=list(state))
+
+
+class ViewCounts(NamedTuple):
+  """Frequently viewed state: views per product, and the ranking's head kept up to date.
+
+  ``top`` is ``(-views, product_id)`` of the ``limit`` best products, best
+  first: :func:`top_viewed` of ``counts``, maintained per view instead of
+  re-sorting every product the user ever viewed. ``counts`` is never changed
+  in place (a new dict per view).
+  """
+  counts: Mapping[str, int] = {}
+  top: Tuple[Tuple[int, str], ...] = ()
 
 
 class FrequentlyViewedHandler:
   """A user's 10 most viewed products: most views first, ties by product_id."""
 
   view = 'frequently_viewed'
+  event_types = frozenset({'ProductViewed'})
 
   def __init__(self, limit: int = FREQUENT_LIMIT):
     self.limit = limit
 
-  def initial_state(self, key: str) -> Dict[str, int]:
-    return {}
+  def initial_state(self, key: str) -> ViewCounts:
+    return ViewCounts()
 
-  def apply(self, state: Dict[str, int], event: Envelope) -> Tuple[Dict[str, int], List[Record]]:
-    if event['event_type'] != 'ProductViewed':
-      return state, []
+  def apply(self, state: ViewCounts, event: Envelope) -> Tuple[ViewCounts, List[Record]]:
+    return _apply(self, state, event)
+
+  def step(self, state: ViewCounts, event: Envelope) -> ViewCounts:
+    if not isinstance(state, ViewCounts):  # a plain {product: views} (state kept before 2026-11)
+      state = ViewCounts(state, tuple((-n, p) for p, n in sorted(
+          state.items(), key=lambda pc: (-pc[1], pc[0]))[:self.limit]))
     product = event['data']['product_id']
-    new = dict(state)
-    new[product] = new.get(product, 0) + 1
-    return new, [_record('frequently_viewed', event, products=top_viewed(new, self.limit))]
+    counts = dict(state.counts)
+    views = counts[product] = counts.get(product, 0) + 1
+    return ViewCounts(counts, bump_top(state.top, product, views, self.limit))
+
+  def record(self, event: Envelope, state: ViewCounts) -> Record:
+    return _record('frequently_viewed', event,
+                   products=[{'product_id': p, 'views': -n} for n, p in state.top])
+
+
+def bump_top(top: Tuple[Tuple[int, str], ...], product: str, views: int,
+             limit: int) -> Tuple[Tuple[int, str], ...]:
+  """The top ``limit`` after ``product`` got its ``views``-th view, from the top before.
+
+  Exact because counts only grow: a product outside the top can only enter it
+  by its own view, and then only by displacing the last entry. Costs
+  O(limit) per view, not a sort of every product viewed.
+  """
+  entry = (-views, product)
+  rest = [e for e in top if e[1] != product]
+  if len(rest) == len(top) and len(top) >= limit and not entry < top[-1]:
+    return top  # not in the top before, and not enough views to enter it
+  bisect.insort(rest, entry)
+  return tuple(rest[:limit])
 
 
 def top_viewed(counts: Mapping[str, int], limit: int) -> List[Dict[str, Any]]:
+  """The definition :func:`bump_top` keeps: most views first, ties by product_id."""
   ranked = sorted(counts.items(), key=lambda pc: (-pc[1], pc[0]))[:limit]
   return [{'product_id': p, 'views': n} for p, n in ranked]
 
 
 # --- several handlers on one stream ------------------------------------------------------------
 
+def _apply(handler: Any, state: Any, event: Envelope) -> Tuple[Any, List[Record]]:
+  """A retail handler's ``apply``: its ``step`` and ``record`` for its event types;
+  other types pass over (the state unchanged, no output)."""
+  if event['event_type'] not in handler.event_types:
+    return state, []
+  new = handler.step(state, event)
+  return new, [handler.record(event, new)]
+
+
 class CombinedHandler:
   """Several handlers over one key space, ordered once: the state is a tuple of
-  their states and the outputs are all of theirs, in handler order."""
+  their states and the outputs are all of theirs, in handler order.
+
+  A handler that declares ``event_types`` (the types it projects; every other
+  type passes it over unchanged) is only called for those types: most events
+  concern one of the handlers, not all of them.
+  """
 
   def __init__(self, handlers: Sequence[Any]):
     self.handlers = tuple(handlers)
+    self._types = tuple(getattr(h, 'event_types', None) for h in self.handlers)
+    self._typed = any(t is not None for t in self._types)
 
   def initial_state(self, key: str) -> tuple:
     return tuple(h.initial_state(key) for h in self.handlers)
 
   def apply(self, state: tuple, event: Envelope) -> Tuple[tuple, List[Any]]:
+    kind = event['event_type'] if self._typed else None
     new_states, outputs = [], []
-    for h, s in zip(self.handlers, state):
+    for h, s, types in zip(self.handlers, state, self._types):
+      if types is not None and kind not in types:
+        new_states.append(s)
+        continue
       s2, out = h.apply(s, event)
       new_states.append(s2)
       outputs.extend(out)
     return tuple(new_states), outputs
+
+
+class PendingRecord:
+  """A view record not built yet: ``handler.record(event, state)`` when needed.
+
+  ``record['view']`` answers without building (what picks the latest record per
+  view and key); any other field, or :meth:`build`, builds the record.
+  """
+
+  __slots__ = ('view', 'handler', 'event', 'state')
+
+  def __init__(self, handler: Any, event: Envelope, state: Any):
+    self.view, self.handler, self.event, self.state = handler.view, handler, event, state
+
+  def build(self) -> Record:
+    return self.handler.record(self.event, self.state)
+
+  def __getitem__(self, name: str) -> Any:
+    return self.view if name == 'view' else self.build()[name]
+
+  def __repr__(self) -> str:
+    return f'PendingRecord({self.view!r}, sequence={self.event["sequence"]!r})'
+
+
+def built(output: Any) -> Any:
+  """An output as the handler's ``apply`` gives it: a PendingRecord is built."""
+  return output.build() if type(output) is PendingRecord else output
+
+
+def defers_records(handler: Any) -> bool:
+  """Whether ``handler`` (or every handler a CombinedHandler holds) has ``step``/``record``."""
+  if isinstance(handler, CombinedHandler):
+    return all(defers_records(h) for h in handler.handlers)
+  return all(hasattr(handler, a) for a in ('step', 'record', 'event_types', 'view'))
+
+
+class DeferredRecords:
+  """A retail handler (or CombinedHandler of them) whose outputs are PendingRecords.
+
+  For a bounded replay that keeps only the last record per view and key: the
+  state changes per event exactly as ``handler.apply`` changes it (the same
+  ``step``), but the record, the costlier half for most events, is built by
+  the same ``record`` only for the output that is kept (:func:`built`). Each
+  pending record holds the immutable state it was made from, so building it
+  late gives the record ``apply`` would have given then.
+  """
+
+  def __init__(self, handler: Any):
+    if not defers_records(handler):
+      raise TypeError(f'{type(handler).__name__} has no step/record to defer')
+    self.handler = handler
+    self._combined = isinstance(handler, CombinedHandler)
+    parts = handler.handlers if self._combined else (handler,)
+    # Event type -> the (position, handler) pairs it concerns, in handler order.
+    by_type: Dict[str, List[Tuple[int, Any]]] = {}
+    for i, h in enumerate(parts):
+      for t in h.event_types:
+        by_type.setdefault(t, []).append((i, h))
+    self._by_type = {t: tuple(hs) for t, hs in by_type.items()}
+
+  def initial_state(self, key: str) -> Any:
+    return self.handler.initial_state(key)
+
+  def apply(self, state: Any, event: Envelope) -> Tuple[Any, List[PendingRecord]]:
+    concerned = self._by_type.get(event['event_type'])
+    if not concerned:
+      return state, []
+    if not self._combined:
+      h = concerned[0][1]
+      new = h.step(state, event)
+      return new, [PendingRecord(h, event, new)]
+    states, outputs = list(state), []
+    for i, h in concerned:
+      s = states[i] = h.step(states[i], event)
+      outputs.append(PendingRecord(h, event, s))
+    return tuple(states), outputs
 
 
 def latest(records: Iterable[Record]) -> Dict[Tuple[str, str], Record]:
