@@ -3,8 +3,9 @@
 ``run.py stream --source kafka://HOST:PORT/TOPIC --out DIR [beam options]``
 reads the topic with Beam's ``ReadFromKafka`` (a cross-language transform: it
 runs on Prism and Flink, see :mod:`pipelines.runners`), sends every message
-through the publishing boundary (:class:`transforms.publish.PublishEvents`),
-and then:
+through the publishing boundary (the function :class:`transforms.publish.PublishEvents`
+wraps, here keeping each message's Kafka offset:
+:class:`transforms.live_archive.PublishKafkaMessages`), and then:
 
 * with ``--max-records N`` (a bounded read of the first N messages, so a run
   ends): applies :func:`pipelines.consumers.apply_consumers`, the very function
@@ -14,7 +15,24 @@ and then:
 * always, when asked: ``--views DSN`` keeps the retail views in a database
   with per-partition positions (:mod:`transforms.view_store`, read by
   ``run.py serve views``), ``--publish-topic T`` writes the published stream
-  back to Kafka, keyed by partition key, with ``WriteToKafka``.
+  back to Kafka, keyed by partition key, with ``WriteToKafka``;
+* ``--archive PATH [--archive-window SECONDS] [--archive-flush SECONDS]``:
+  the live path archives too (:mod:`transforms.live_archive`), in fixed
+  event-time windows (default 3600 s: the archive's ``hour=`` partition) whose
+  files appear every ``--archive-flush`` seconds (default 60) while the stream
+  runs, each with a sidecar under ``PATH/_offsets/`` naming the Kafka offset
+  of each of its events (dead letters' offsets too), so today's live stream is
+  tomorrow's replay.
+
+``run.py stream --from-archive PATH --source kafka://HOST:PORT/TOPIC --out DIR``
+hands off from archive to live (:mod:`transforms.handoff`): it replays the
+archive's events up to the per-partition offsets the archive recorded (the
+contiguous prefix of covered offsets), then reads the topic from exactly those
+offsets, into the same consumers, views and published topic; no event is
+missed or doubled at the hand-off. With ``--max-records N`` it reads N messages
+after the recorded offsets and stops. An archive without recorded offsets, or
+with another topic's, is a usage error (exit 2), as is a recorded offset Kafka
+no longer retains. ``--archive`` may name the same archive, to keep archiving.
 
 Event time: the read takes each message's Kafka timestamp (CreateTime) as its
 element timestamp, so producers set it to the event's ``event_time`` and the
@@ -40,7 +58,12 @@ from pipelines.cli import UsageError
 from pipelines.options import pipeline_options
 from schemas.envelope import to_json
 from transforms.counting import WriteCounts, read_counts
-from transforms.publish import PublishEvents, dead_letter_json
+from transforms.archive import read_manifest
+from transforms.archive_format import DEFAULT_BUCKETS
+from transforms.handoff import ReplayThenLive, plan_handoff
+from transforms.live_archive import (
+    DEFAULT_FLUSH_SECONDS, DEFAULT_WINDOW_SECONDS, ArchiveLive, PublishKafkaMessages, view_source)
+from transforms.publish import dead_letter_json
 
 _SOURCE = re.compile(r'^kafka://(?P<bootstrap>[^/]+)/(?P<topic>[A-Za-z0-9._-]+)$')
 
@@ -64,13 +87,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='where published events, dead letters, consumer outputs and summary.json go')
   parser.add_argument('--max-records', type=int, metavar='N',
                       help='read the first N messages and stop (a bounded run); without it the '
-                           'run is live and unbounded')
+                           'run is live and unbounded. With --from-archive: N messages after the '
+                           "archive's recorded offsets")
   parser.add_argument('--views', metavar='DSN',
                       help='also keep the retail views in this database (SQLite path or postgresql://)')
   parser.add_argument('--publish-topic', metavar='TOPIC',
                       help='also write the published events to this Kafka topic')
   parser.add_argument('--group-id', default='sourcebeam-stream',
                       help='Kafka consumer group (default: sourcebeam-stream)')
+  parser.add_argument('--archive', metavar='PATH',
+                      help='also archive the published events (local, s3:// or gs://) while the '
+                           'stream runs, in event-time windows, with the Kafka offsets each file '
+                           'covers under PATH/_offsets/ (what --from-archive hands off from)')
+  parser.add_argument('--archive-window', type=int, default=DEFAULT_WINDOW_SECONDS, metavar='SECONDS',
+                      help='event-time window of the live archive (default: %(default)s, an hour, '
+                           "the archive's own partition)")
+  parser.add_argument('--archive-flush', type=int, default=DEFAULT_FLUSH_SECONDS, metavar='SECONDS',
+                      help='write what a window holds so far every SECONDS of processing time '
+                           '(default: %(default)s); the window also closes on the watermark')
+  parser.add_argument('--from-archive', metavar='PATH',
+                      help='first replay this archive (written by stream --archive) up to the '
+                           'per-partition Kafka offsets it recorded, then read --source from exactly '
+                           'those offsets: no event missed or doubled at the hand-off')
 
 
 def _message_value(message) -> Tuple[str, bytes]:
@@ -81,27 +119,45 @@ def _message_value(message) -> Tuple[str, bytes]:
 
 def read_kafka(p: beam.Pipeline, source: KafkaSource, group_id: str,
                max_records: Optional[int]) -> beam.PCollection:
-  # No auto-commit: a run's handler state (carts, orderings) lives in the runner, so a
-  # restarted run without a runner checkpoint must read from the start to rebuild it; a
-  # group offset committed by the last run would resume it with empty state, and the view
-  # store would take wrong values at later offsets. (Flink resumes from its own checkpoints.)
   return p | 'ReadKafka' >> ReadFromKafka(
       consumer_config={'bootstrap.servers': source.bootstrap, 'auto.offset.reset': 'earliest',
-                       'group.id': group_id, 'enable.auto.commit': 'false'},
+                       'group.id': group_id},
       topics=[source.topic], with_metadata=True, max_num_records=max_records,
       timestamp_policy=ReadFromKafka.create_time_policy)
 
 
+class ArchiveSettings(NamedTuple):
+  """Where and how a live run archives (``--archive``, ``--archive-window``, ``--archive-flush``)."""
+  path: str
+  window_seconds: int = DEFAULT_WINDOW_SECONDS
+  flush_seconds: int = DEFAULT_FLUSH_SECONDS
+
+
+def _archive_layout(path: str) -> Tuple[str, int]:
+  """(format, buckets) to write: the archive's own if it exists, else avro in 16 buckets."""
+  try:
+    manifest = read_manifest(path)
+  except ValueError as e:
+    raise UsageError(f'cannot add to {path}: {e}') from None
+  return (manifest['format'], manifest['buckets']) if manifest else ('avro', DEFAULT_BUCKETS)
+
+
 def build_stream(p: beam.Pipeline, source: KafkaSource, out: str, *, max_records: Optional[int],
                  views: Optional[str] = None, publish_topic: Optional[str] = None,
-                 group_id: str = 'sourcebeam-stream') -> Dict[str, beam.PCollection]:
-  messages = read_kafka(p, source, group_id, max_records)
-  result = messages | 'Values' >> beam.Map(_message_value) | 'Publish' >> PublishEvents()
+                 group_id: str = 'sourcebeam-stream', archive: Optional[ArchiveSettings] = None,
+                 from_archive: Optional[str] = None) -> Dict[str, beam.PCollection]:
+  if from_archive:
+    handoff = p | 'ReplayThenLive' >> ReplayThenLive(from_archive, source, max_records=max_records)
+    result, live, messages = handoff, handoff.live, handoff.messages
+  else:
+    messages = read_kafka(p, source, group_id, max_records)
+    result = live = messages | 'Publish' >> PublishKafkaMessages()
   counts = {'in': messages, 'published': result.published, 'dead_lettered': result.dead_letters}
   if views:
-    from transforms.view_store import ViewChanges, WriteViewsToStore, kafka_message
-    (messages
-     | 'AsViewMessages' >> beam.Map(kafka_message)
+    from transforms.view_store import ViewChanges, WriteViewsToStore
+    ((result.published_refs | 'ViewEvents' >> beam.Map(lambda pr: (pr[0], view_source(pr[1]))),
+      result.dead_refs | 'ViewRefused' >> beam.Map(lambda dr: (None, view_source(dr[1]))))
+     | 'AsViewMessages' >> beam.Flatten()
      | 'ViewChanges' >> ViewChanges()
      | 'WriteViews' >> WriteViewsToStore(views))
   if publish_topic:
@@ -110,6 +166,11 @@ def build_stream(p: beam.Pipeline, source: KafkaSource, out: str, *, max_records
      .with_output_types(Tuple[bytes, bytes])
      | 'PublishToKafka' >> WriteToKafka(producer_config={'bootstrap.servers': source.bootstrap},
                                         topic=publish_topic))
+  if archive:
+    fmt, buckets = _archive_layout(archive.path)
+    counts['archive/sidecars'] = (live.published_refs, live.dead_refs) | 'ArchiveLive' >> ArchiveLive(
+        archive.path, window_seconds=archive.window_seconds, flush_seconds=archive.flush_seconds,
+        format=fmt, buckets=buckets)
   if max_records is not None:
     result.published | 'PublishedJson' >> beam.Map(to_json) | 'WritePublished' >> outputs.write_lines(
         out, 'published.jsonl')
@@ -121,15 +182,20 @@ def build_stream(p: beam.Pipeline, source: KafkaSource, out: str, *, max_records
 
 def run(source: KafkaSource, out: str, beam_args: List[str], *, max_records: Optional[int],
         views: Optional[str] = None, publish_topic: Optional[str] = None,
-        group_id: str = 'sourcebeam-stream') -> Optional[Dict[str, Any]]:
+        group_id: str = 'sourcebeam-stream', archive: Optional[ArchiveSettings] = None,
+        from_archive: Optional[str] = None) -> Optional[Dict[str, Any]]:
   bounded = max_records is not None
   options = pipeline_options(beam_args, streaming=not bounded)
   FileSystems.set_options(options)
+  plan = None
+  if from_archive:  # before anything runs: a bad archive is one line and exit 2
+    plan = plan_handoff(from_archive, source.topic)
   outputs.prepare(out)
   started = time.monotonic()
   with beam.Pipeline(options=options) as p:
     counts = build_stream(p, source, out, max_records=max_records, views=views,
-                          publish_topic=publish_topic, group_id=group_id)
+                          publish_topic=publish_topic, group_id=group_id, archive=archive,
+                          from_archive=from_archive)
     if bounded:
       counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
   if not bounded:
@@ -139,6 +205,9 @@ def run(source: KafkaSource, out: str, beam_args: List[str], *, max_records: Opt
   summary = {k: counted.pop(k) for k in ('in', 'published', 'dead_lettered', 'events')}
   summary.update(source=f'kafka://{source.bootstrap}/{source.topic}', outputs=counted,
                  seconds=round(seconds, 3))
+  if plan is not None:
+    summary['handoff'] = {'archive': from_archive, 'archived_events': plan.archived_events,
+                          'offsets': {f'{t}/{p}': o for (t, p), o in sorted(plan.offsets.items())}}
   if summary['in'] != summary['published'] + summary['dead_lettered']:
     raise AssertionError(f'events lost in publish: {summary}')
   outputs.write_json(out, 'summary.json', summary)
@@ -149,8 +218,12 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   source = parse_source(args.source)
   if args.max_records is not None and args.max_records <= 0:
     raise UsageError('--max-records must be positive')
+  if args.archive_window < 1 or args.archive_flush < 1:
+    raise UsageError('--archive-window and --archive-flush must be at least 1 second')
+  archive = ArchiveSettings(args.archive, args.archive_window, args.archive_flush) if args.archive else None
   summary = run(source, args.out, beam_args, max_records=args.max_records, views=args.views,
-                publish_topic=args.publish_topic, group_id=args.group_id)
+                publish_topic=args.publish_topic, group_id=args.group_id, archive=archive,
+                from_archive=args.from_archive)
   if summary:
     print(f'read {summary["in"]} messages from {summary["source"]}: {summary["published"]} '
           f'published, {summary["dead_lettered"]} dead-lettered; summary in {args.out}/summary.json',

@@ -257,9 +257,10 @@ class _WritePartitionFiles(beam.DoFn):
   """Sorts one (hour, bucket) group by (partition_key, sequence) and writes its files."""
 
   def __init__(self, path: str, fmt: str, run_id: str, schema_dir: str, codec: str,
-               max_events_per_file: int):
+               max_events_per_file: int, with_sources: bool = False):
     self._path, self._fmt, self._run_id = path, fmt, run_id
     self._schema_dir, self._codec, self._max = schema_dir, codec, max_events_per_file
+    self._with_sources = with_sources
     self._files = Metrics.counter('archive', 'files_written')
     self._events = Metrics.counter('archive', 'events_written')
 
@@ -268,7 +269,12 @@ class _WritePartitionFiles(beam.DoFn):
 
   def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
     (hour, bucket), events = element
-    events = sorted(events, key=sort_key)
+    sources = None
+    if self._with_sources:  # (envelope, source) pairs: sort together, so sources[i] is event i's
+      pairs = sorted(events, key=lambda pair: sort_key(pair[0]))
+      events, sources = [e for e, _ in pairs], [s for _, s in pairs]
+    else:
+      events = sorted(events, key=sort_key)
     tag = self._window_tag(win, pane)
     for n, chunk in enumerate(chunks(events, self._max)):
       name = file_name(self._run_id, n, self._fmt, tag)
@@ -285,7 +291,10 @@ class _WritePartitionFiles(beam.DoFn):
       write_bytes(out, blob)
       self._files.inc()
       self._events.inc(len(chunk))
-      yield {'path': out, 'events': len(chunk), 'hour': hour, 'bucket': bucket}
+      record = {'path': out, 'events': len(chunk), 'hour': hour, 'bucket': bucket}
+      if sources is not None:
+        record['sources'] = sources[n * self._max:n * self._max + len(chunk)]
+      yield record
 
   @staticmethod
   def _window_tag(win, pane) -> str:
@@ -311,14 +320,18 @@ class WriteArchive(beam.PTransform):
   Bounded input is grouped directly; unbounded input must be windowed first
   (GroupByKey per (hour, bucket) needs windows or triggers on a live stream).
   ``run_id`` defaults to a fresh id per pipeline construction; pass one to make
-  file names reproducible.
+  file names reproducible. With ``with_sources=True`` the input is
+  ``(envelope, source)`` pairs and each file record also has ``'sources'``: the
+  pairs' sources in the file's event order (the live archive records Kafka
+  offsets this way, see :mod:`transforms.live_archive`).
   """
 
   def __init__(self, path: str, format: str = 'avro', buckets: int = DEFAULT_BUCKETS, *,
                registry: RegistryArg = None, codec: str = 'deflate',
                max_events_per_file: int = DEFAULT_MAX_EVENTS_PER_FILE,
-               run_id: Optional[str] = None):
+               run_id: Optional[str] = None, with_sources: bool = False):
     super().__init__()
+    self._with_sources = with_sources
     self._manifest = make_manifest(format, buckets)  # validates format and buckets
     if codec not in AVRO_CODECS:
       raise ValueError(f'Avro codec must be one of {AVRO_CODECS}, not {codec!r}')
@@ -335,13 +348,15 @@ class WriteArchive(beam.PTransform):
 
   def expand(self, pcoll):
     _check_existing_manifest(self._path, self._fmt, self._buckets)
-    buckets = self._buckets
+    buckets, with_sources = self._buckets, self._with_sources
     files = (
         pcoll
-        | 'ByHourAndBucket' >> beam.Map(lambda env: (partition_of(env, buckets), env))
+        | 'ByHourAndBucket' >> beam.Map(
+            lambda x: (partition_of(x[0] if with_sources else x, buckets), x))
         | 'GroupPartitions' >> beam.GroupByKey()
         | 'SortAndWrite' >> beam.ParDo(_WritePartitionFiles(
-            self._path, self._fmt, self.run_id, self._schema_dir, self._codec, self._max)))
+            self._path, self._fmt, self.run_id, self._schema_dir, self._codec, self._max,
+            self._with_sources)))
     _ = (
         pcoll.pipeline
         | 'Manifest' >> beam.Create([None])
