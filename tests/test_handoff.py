@@ -184,3 +184,33 @@ def test_replay_then_live_misses_nothing_and_doubles_nothing(kafka, tmp_path):
   for label in dead:
     part, _, offset = label[len(f'kafka://{topic}/'):].partition('@')
     assert int(offset) >= offsets[(topic, int(part))], label
+
+
+@pytest.mark.integration
+def test_read_kafka_from_starts_exactly_at_the_offsets(kafka, tmp_path):
+  """ReadFromKafka has no start offsets; committed to a fresh group, they are where it starts.
+
+  With ``max_records`` the read stops after that many records: had the commit been
+  ignored, it would return offsets 0..3 of partition 0 (the filter behind it would then
+  drop them), not 6..9 and 0..1 of the unrecorded partition 1.
+  """
+  import apache_beam as beam
+  from pipelines.options import pipeline_options
+  from tests.service_fixtures import create_topic
+  from transforms.handoff import ReadKafkaFrom
+  topic = f'from-{uuid.uuid4().hex[:8]}'
+  create_topic(kafka, topic, partitions=2)
+  from confluent_kafka import Producer
+  producer = Producer({'bootstrap.servers': kafka, 'acks': 'all'})
+  for i in range(10):
+    producer.produce(topic, value=str(i).encode(), partition=0)
+  for i in range(2):
+    producer.produce(topic, value=str(i).encode(), partition=1)
+  assert producer.flush(30) == 0
+  out = tmp_path / 'offsets.json'
+  with beam.Pipeline(options=pipeline_options(['--runner=PrismRunner'])) as p:
+    (p | ReadKafkaFrom(kafka, topic, {(topic, 0): 6}, max_records=6)
+     | beam.Map(lambda m: (int(m.partition), int(m.offset)))
+     | beam.combiners.ToList()
+     | beam.Map(lambda xs, path=str(out): open(path, 'w').write(json.dumps(sorted(xs)))))
+  assert json.loads(out.read_text()) == [[0, 6], [0, 7], [0, 8], [0, 9], [1, 0], [1, 1]]

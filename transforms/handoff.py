@@ -15,16 +15,18 @@ the dead letters it did not archive. From those records:
   come only from Kafka, so nothing is missed or doubled at the hand-off.
 * :class:`ReadKafkaFrom` reads a topic from exactly given per-partition offsets.
 
-Why ReadKafkaFrom reads from the earliest offset and filters: Beam's
-``ReadFromKafka`` takes no per-partition start offsets, and its splittable read
-resolves a partition's start position with a throwaway consumer group
-(``initialOffset_offset_consumer_<random>_<group>``), so offsets committed to a
-consumer group beforehand are not used by it (the legacy read used on Flink does
-use them: the two paths disagree). Reading from the earliest retained offset
-with a fresh, never-committing group and dropping offsets below the recorded
-ones is exact on every runner; it costs one pass over the retained log at start.
-If Kafka no longer retains a recorded offset (retention moved past it), the
-events between would be lost, so that is an error before the pipeline starts.
+How ReadKafkaFrom starts at given offsets: Beam's ``ReadFromKafka`` takes no
+per-partition start offsets, but it starts a partition at its consumer group's
+committed offset when there is one (measured on Prism with the 2.70 expansion
+service, on both the bounded read behind ``max_num_records`` and the unbounded
+splittable read). So ReadKafkaFrom commits the offsets to a fresh consumer group
+with confluent_kafka before the pipeline starts and reads with that group;
+partitions without a recorded offset have no commit and start at the earliest.
+A filter that drops offsets below the recorded ones stays behind the read as a
+safety net: a runner path that ignored the commits would re-read the retained
+log from the earliest offset but still hand over exactly. If Kafka no longer
+retains a recorded offset (retention moved past it), the events between would
+be lost, so that is an error before the pipeline starts.
 
 The plan (which files, which offsets) is fixed when the pipeline is built, so
 the Kafka read and the replay agree on one set of offsets.
@@ -50,7 +52,7 @@ from transforms.live_archive import (
     DEAD_DIR, OFFSETS_DIR, Published, PublishKafkaMessages, SidecarError, SourceRef, parse_sidecar)
 
 __all__ = ['TopicPartition', 'Ranges', 'recorded_offsets', 'plan_handoff', 'HandoffPlan',
-           'ReadKafkaFrom', 'ReplayThenLive', 'HandoffError', 'kafka_start_check']
+           'ReadKafkaFrom', 'ReplayThenLive', 'HandoffError', 'kafka_start_check', 'commit_offsets']
 
 TopicPartition = Tuple[str, int]
 Ranges = List[Tuple[int, int]]  # sorted, disjoint, half-open [lo, hi)
@@ -262,14 +264,30 @@ def kafka_start_check(bootstrap: str, topic: str, offsets: Dict[TopicPartition, 
   return marks
 
 
+def commit_offsets(bootstrap: str, group_id: str, offsets: Dict[TopicPartition, int]) -> None:
+  """Commit ``offsets`` (next offset to read per partition) to consumer group ``group_id``."""
+  from confluent_kafka import Consumer, KafkaException, TopicPartition as KTP
+  if not offsets:
+    return
+  consumer = Consumer({'bootstrap.servers': bootstrap, 'group.id': group_id,
+                       'enable.auto.commit': False})
+  try:
+    consumer.commit(offsets=[KTP(t, p, o) for (t, p), o in sorted(offsets.items())],
+                    asynchronous=False)
+  except KafkaException as e:
+    raise HandoffError(f'cannot commit the hand-off offsets to {bootstrap}: {e}') from None
+  finally:
+    consumer.close()
+
+
 class ReadKafkaFrom(beam.PTransform):
   """Kafka records of ``topic`` from exactly ``offsets`` (per ``(topic, partition)``).
 
   Partitions without a recorded offset start at the earliest. ``max_records``
-  bounds the read to that many records *at or after* the offsets (so a bounded
+  bounds the read to that many records at or after the offsets (so a bounded
   run ends). Yields ReadFromKafka(with_metadata=True) records, timestamped
-  with their Kafka CreateTime. See the module docstring for why this reads
-  from the earliest offset and filters.
+  with their Kafka CreateTime. The offsets are committed to a fresh consumer
+  group when the pipeline is built: see the module docstring.
   """
 
   def __init__(self, bootstrap: str, topic: str, offsets: Dict[TopicPartition, int], *,
@@ -278,23 +296,20 @@ class ReadKafkaFrom(beam.PTransform):
     self._bootstrap, self._topic = bootstrap, topic
     self._offsets = {(t, int(p)): int(o) for (t, p), o in offsets.items() if t == topic}
     self._max_records = max_records
+    self.group_id = f'sourcebeam-handoff-{uuid.uuid4().hex[:12]}'
 
   def expand(self, pbegin):
-    marks = kafka_start_check(self._bootstrap, self._topic, self._offsets)
-    skipped = sum(max(0, min(self._offsets.get((self._topic, p), low), high) - low)
-                  for p, (low, high) in marks.items())
-    limit = None if self._max_records is None else self._max_records + skipped
+    kafka_start_check(self._bootstrap, self._topic, self._offsets)
+    commit_offsets(self._bootstrap, self.group_id, self._offsets)
     offsets, topic = dict(self._offsets), self._topic
     return (
         pbegin
         | 'ReadKafka' >> ReadFromKafka(
             consumer_config={'bootstrap.servers': self._bootstrap, 'auto.offset.reset': 'earliest',
-                             # fresh and never committing: no committed offset can move the start
-                             'group.id': f'sourcebeam-handoff-{uuid.uuid4().hex[:12]}',
-                             'enable.auto.commit': 'false'},
-            topics=[topic], with_metadata=True, max_num_records=limit,
+                             'group.id': self.group_id},
+            topics=[topic], with_metadata=True, max_num_records=self._max_records,
             timestamp_policy=ReadFromKafka.create_time_policy)
-        | 'FromOffsets' >> beam.Filter(
+        | 'FromOffsets' >> beam.Filter(  # safety net: see the module docstring
             lambda m: int(m.offset) >= offsets.get((topic, int(m.partition)), 0)))
 
 
