@@ -22,6 +22,15 @@
   gap instead of skipping it (``held_on_gap`` in the summary, or
   ``--gap-timeout`` to move on and report the gap).
 
+Why the topic is read from its earliest offset with no committed offsets: the
+fan-out keeps no position of its own, and per-key ordering state lives in the
+runner; a restart re-reads the retained topic (subscribers then receive those
+events again: delivery is at-least-once across restarts, exactly-once per key
+within a run). ``transforms.handoff`` (the live stream's archive with recorded
+Kafka offsets) gives an offset-exact hand-off for the raw topic; fan-out reads
+the published topic, whose per-key sequence numbers make the hand-off exact
+without offsets.
+
 With ``--max-records N`` (Kafka) or an archive source the run is bounded and
 writes ``DIR/summary.json``: events in, deliveries out per subscriber, events
 that matched nobody, and every event not delivered with its reason
@@ -35,7 +44,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -43,7 +52,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines import outputs
 from pipelines.cli import UsageError
 from pipelines.options import pipeline_options
-from transforms.fanout import MATCHED, UNMATCHED, FanOut, ParseEnvelopes, prepare_archive_sinks
+from transforms.fanout import ARCHIVE_CODECS, MATCHED, UNMATCHED, FanOut, ParseEnvelopes, prepare_archive_sinks
 from transforms.fanout_core import Subscriber, load_subscribers, parse_sink
 
 COUNTS_FILE = '_fanout_counts.json'
@@ -62,9 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       'Unknown --options go to Beam (Kafka sources need --runner=PrismRunner or Flink).')
   parser.add_argument('--subscribers', required=True, metavar='FILE',
                       help='the subscriber file (see below)')
-  parser.add_argument('--source', required=True, metavar='kafka://HOST:PORT/TOPIC | ARCHIVE',
-                      help='the published stream (a Kafka topic of JSON envelopes, read from its '
-                           'earliest offset) or an archive path to fan out')
+  parser.add_argument('--source', required=True, metavar='SOURCE',
+                      help='the published stream, kafka://HOST:PORT/TOPIC (JSON envelopes, read '
+                           'from the earliest offset), or an archive path to fan out')
   parser.add_argument('--out', required=True, metavar='DIR',
                       help='where summary.json, unprocessed.jsonl and dead_letters.jsonl go')
   parser.add_argument('--max-records', type=int, metavar='N',
@@ -75,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--gap-timeout', type=float, metavar='SECONDS',
                       help='event-time seconds a key waits for a missing sequence before skipping '
                            'it (reported); default: wait')
+  parser.add_argument('--archive-codec', choices=ARCHIVE_CODECS, default='null',
+                      help='Avro codec of archive sinks (default: null; deflate costs CPU per '
+                           'delivery, see transforms/fanout.py)')
   parser.add_argument('--group-id', default='sourcebeam-fanout',
                       help='Kafka consumer group (default: sourcebeam-fanout)')
 
@@ -90,8 +102,7 @@ def read_events(p: beam.Pipeline, source: str, *, archive: Optional[str], max_re
   if not _is_kafka(source):
     read = p | 'ReadSource' >> ReadArchive(source)
     return {'events': read['events'], 'dead': read['corrupt'], 'in': read['events']}
-  from pipelines.stream import _message_value, parse_source, read_kafka
-  messages = read_kafka(p, parse_source(source), group_id, max_records)
+  messages = read_kafka(p, source, group_id, max_records)
   parsed = (messages
             | 'Values' >> beam.Map(_message_value)
             | 'Parse' >> beam.ParDo(ParseEnvelopes()).with_outputs(ParseEnvelopes.DEAD, main='events'))
@@ -102,6 +113,22 @@ def read_events(p: beam.Pipeline, source: str, *, archive: Optional[str], max_re
   dead = (backfill['corrupt'], parsed[ParseEnvelopes.DEAD]) | 'AllDead' >> beam.Flatten()
   ins = (backfill['events'], messages) | 'AllIn' >> beam.Flatten()
   return {'events': events, 'dead': dead, 'in': ins, 'backfill': backfill['events']}
+
+
+def _message_value(message) -> Tuple[str, bytes]:
+  """A ReadFromKafka(with_metadata=True) record -> (source label, raw bytes)."""
+  return f'kafka://{message.topic}/{message.partition}@{message.offset}', bytes(message.value or b'')
+
+
+def read_kafka(p: beam.Pipeline, source: str, group_id: str, max_records: Optional[int]) -> beam.PCollection:
+  """The topic from its earliest offset, never committing offsets (see the module docstring)."""
+  from apache_beam.io.kafka import ReadFromKafka
+  sink = parse_sink(source, '--source')
+  return p | 'ReadKafka' >> ReadFromKafka(
+      consumer_config={'bootstrap.servers': sink.bootstrap, 'auto.offset.reset': 'earliest',
+                       'group.id': group_id, 'enable.auto.commit': 'false'},
+      topics=[sink.target], with_metadata=True, max_num_records=max_records,
+      timestamp_policy=ReadFromKafka.create_time_policy)
 
 
 def _count(pcoll: beam.PCollection, name: str, label: str) -> beam.PCollection:
@@ -122,9 +149,10 @@ def _unprocessed_json(rec: Dict[str, Any]) -> str:
 
 def build(p: beam.Pipeline, subscribers: Sequence[Subscriber], source: str, out: str, *,
           archive: Optional[str], max_records: Optional[int], gap_timeout: Optional[float],
-          group_id: str, bounded: bool) -> None:
+          group_id: str, bounded: bool, archive_codec: str = 'null') -> None:
   read = read_events(p, source, archive=archive, max_records=max_records, group_id=group_id)
-  result = read['events'] | 'FanOut' >> FanOut(subscribers, gap_timeout=gap_timeout)
+  result = read['events'] | 'FanOut' >> FanOut(subscribers, gap_timeout=gap_timeout,
+                                               archive_codec=archive_codec)
   if not bounded:
     return
   result.unprocessed | 'UnprocessedJson' >> beam.Map(_unprocessed_json) | 'WriteUnprocessed' >> (
@@ -171,7 +199,8 @@ def summarize(counted: Dict[str, int], subscribers: Sequence[Subscriber]) -> Dic
 
 def run(subscribers: Sequence[Subscriber], source: str, out: str, beam_args: List[str], *,
         archive: Optional[str] = None, max_records: Optional[int] = None,
-        gap_timeout: Optional[float] = None, group_id: str = 'sourcebeam-fanout') -> Optional[Dict[str, Any]]:
+        gap_timeout: Optional[float] = None, group_id: str = 'sourcebeam-fanout',
+        archive_codec: str = 'null') -> Optional[Dict[str, Any]]:
   """Run the fan-out; the summary for a bounded run, None for a live one (after it stops)."""
   bounded = not _is_kafka(source) or max_records is not None
   options = pipeline_options(beam_args, streaming=not bounded)
@@ -181,7 +210,7 @@ def run(subscribers: Sequence[Subscriber], source: str, out: str, beam_args: Lis
   started = time.monotonic()
   with beam.Pipeline(options=options) as p:
     build(p, subscribers, source, out, archive=archive, max_records=max_records,
-          gap_timeout=gap_timeout, group_id=group_id, bounded=bounded)
+          gap_timeout=gap_timeout, group_id=group_id, bounded=bounded, archive_codec=archive_codec)
   if not bounded:
     return None
   with FileSystems.open(outputs.join(out, COUNTS_FILE)) as f:
@@ -216,7 +245,8 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   subscribers = load_subscribers(args.subscribers)
   check_arguments(args)
   summary = run(subscribers, args.source, args.out, beam_args, archive=args.archive,
-                max_records=args.max_records, gap_timeout=args.gap_timeout, group_id=args.group_id)
+                max_records=args.max_records, gap_timeout=args.gap_timeout, group_id=args.group_id,
+                archive_codec=args.archive_codec)
   if summary:
     print(f'fan-out of {summary["events"]} events to {len(subscribers)} subscribers: '
           f'{summary["total_deliveries"]} deliveries, {summary["unmatched"]} matched nobody, '

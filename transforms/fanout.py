@@ -42,8 +42,9 @@ so a bounded run can check events = matched + unmatched + unprocessed + held.
 
 from __future__ import annotations
 
-import io
 import collections
+import io
+import itertools
 import logging
 import uuid
 import zlib
@@ -149,18 +150,29 @@ class AvroFiles:
     from fastavro.write import schemaless_writer
     from schemas.registry import registry
     self._schema = registry().parsed_envelope
-    self._fastavro, self._schemaless = fastavro, schemaless_writer
+    self._schemaless = schemaless_writer
+    # The schema text fastavro writes (once, not per file: dumping it cost more than the data).
+    head = io.BytesIO()
+    fastavro.writer(head, self._schema, [])
+    self._schema_json = fastavro.reader(io.BytesIO(head.getvalue())).metadata['avro.schema']
 
   def datum(self, env: Dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     self._schemaless(buf, self._schema, to_avro_record(env))
     return buf.getvalue()
 
+  def header(self, metadata: Dict[str, str], sync: bytes) -> bytes:
+    """The container header: magic, metadata map (schema, codec, ``metadata``), sync marker."""
+    meta = {'avro.schema': self._schema_json, 'avro.codec': self._codec, **metadata}
+    parts = [b'Obj\x01', _zigzag(len(meta))]
+    for k, v in meta.items():
+      kb, vb = k.encode('utf-8'), v.encode('utf-8')
+      parts += [_zigzag(len(kb)), kb, _zigzag(len(vb)), vb]
+    parts += [b'\x00', sync]
+    return b''.join(parts)
+
   def container(self, datums: Sequence[bytes], metadata: Dict[str, str], sync: bytes) -> bytes:
-    head = io.BytesIO()
-    self._fastavro.writer(head, self._schema, [], codec=self._codec, metadata=metadata,
-                          sync_marker=sync)
-    parts = [head.getvalue()]
+    parts = [self.header(metadata, sync)]
     for i in range(0, len(datums), self.BLOCK_RECORDS):
       block = datums[i:i + self.BLOCK_RECORDS]
       data = b''.join(block)
@@ -221,19 +233,23 @@ class _ArchiveBuffer:
     pending.sort(key=lambda p: p[0])
     self._flushes += 1
     flush_id = f'{self._worker}-f{self._flushes:06d}'
-    files: Dict[Tuple[int, str, int], List[bytes]] = collections.defaultdict(list)
-    for (hour, bucket, *_), datum, subs in pending:
-      for i in subs:  # the datum was encoded once, whatever the number of subscribers
-        files[(i, hour, bucket)].append(datum)
     delivered: Dict[int, int] = collections.Counter()
-    for (i, hour, bucket), datums in files.items():
+    meta = {'sourcebeam.layout_version': str(LAYOUT_VERSION), 'sourcebeam.sorted_by': ','.join(SORT_ORDER),
+            'sourcebeam.run_id': self._run_id}
+    for (hour, bucket), group in itertools.groupby(pending, key=lambda p: p[0][:2]):
+      lists: Dict[int, List[bytes]] = {}
+      for _, datum, subs in group:
+        for i in subs:  # the datum was encoded once, whatever the number of subscribers
+          got = lists.get(i)
+          if got is None:
+            got = lists[i] = []
+          got.append(datum)
       rel = join(partition_dir(hour, bucket), file_name(self._run_id, 0, 'avro', f'-w{flush_id}'))
-      meta = {'sourcebeam.layout_version': str(LAYOUT_VERSION), 'sourcebeam.hour': hour,
-              'sourcebeam.bucket': str(bucket), 'sourcebeam.sorted_by': ','.join(SORT_ORDER),
-              'sourcebeam.run_id': self._run_id}
-      sync = uuid.uuid5(uuid.NAMESPACE_URL, f'{self._subs[i].name}/{rel}').bytes
-      write_bytes(join(self._subs[i].sink.target, rel), self._avro.container(datums, meta, sync))
-      delivered[i] += len(datums)
+      meta.update({'sourcebeam.hour': hour, 'sourcebeam.bucket': str(bucket)})
+      for i, datums in lists.items():
+        sync = uuid.uuid5(uuid.NAMESPACE_URL, f'{self._subs[i].name}/{rel}').bytes
+        write_bytes(join(self._subs[i].sink.target, rel), self._avro.container(datums, meta, sync))
+        delivered[i] += len(datums)
     return delivered
 
 
