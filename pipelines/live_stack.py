@@ -1,0 +1,373 @@
+"""The read-your-writes loop, whole: event writer, live view pipeline, view API.
+
+Why a module: the acceptance test of effect-after-cause (Add to Cart, then View
+Cart), the fault test and ``run.py bench causal`` all need the same real stack,
+started the way a user starts it, each part its own process:
+
+* ``run.py serve writer`` appends events to a Kafka topic and answers receipts;
+* ``run.py stream --source kafka://.../TOPIC --views DSN`` (a real runner,
+  embedded Flink by default) keeps the retail views in the database with per-partition positions;
+* ``run.py serve views`` answers reads, waiting for ``after=<receipt>``.
+
+:class:`LiveStack` starts and stops them (the stream in its own process group, so
+stopping it also stops the runner and the Java expansion service it spawned),
+:class:`Load` posts a steady background load, and :func:`add_then_view` is the
+acceptance scenario. Kafka itself comes from ``run.py services`` / the test
+fixtures; this module never starts a broker.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from pipelines.runners import ROOT
+
+RUN_PY = os.path.join(ROOT, 'run.py')
+
+# The live view pipeline's default runner. Embedded Flink, because of how each runner reads
+# Kafka: on Flink (the legacy unbounded read) a write was visible 1.5 s after its POST on an
+# idle stack; on Prism the splittable KafkaIO read hands on a bundle only after a poll comes
+# back empty, about three consumer polling timeouts (1 s minimum): 6 s with the default.
+DEFAULT_RUNNER_ARGS = ('--runner=FlinkRunner', '--flink_master=[local]')
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def iso_now() -> str:
+  now = datetime.datetime.now(datetime.timezone.utc)
+  return now.strftime('%Y-%m-%dT%H:%M:%S.') + f'{now.microsecond // 1000:03d}Z'
+
+
+def cart_item_added(user: str, product: str, quantity: int = 1) -> Dict[str, Any]:
+  """A raw CartItemAdded as a shop front sends it; the writer fills id, key and sequence."""
+  return {'event_type': 'CartItemAdded', 'event_time': iso_now(), 'origin': 'web-cart',
+          'data': {'user_id': user, 'product_id': product, 'quantity': quantity}}
+
+
+def product_viewed(user: str, product: str) -> Dict[str, Any]:
+  return {'event_type': 'ProductViewed', 'event_time': iso_now(), 'origin': 'web-catalog',
+          'data': {'user_id': user, 'product_id': product}}
+
+
+class StackError(RuntimeError):
+  """A part of the stack did not start or answer in time; the message says which and where its log is."""
+
+
+class Http:
+  """One keep-alive HTTP/1.1 connection (one per thread): a view read costs a round trip, not a handshake."""
+
+  def __init__(self, port: int, token: Optional[str] = None, timeout: float = 60.0):
+    self.port, self.token, self.timeout = port, token, timeout
+    self.conn: Optional[http.client.HTTPConnection] = None
+
+  def request(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
+    headers = {'Content-Type': 'application/json'}
+    if self.token:
+      headers['Authorization'] = f'Bearer {self.token}'
+    data = None if body is None else json.dumps(body).encode()
+    for attempt in (0, 1):
+      if self.conn is None:
+        self.conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=self.timeout)
+      try:
+        self.conn.request(method, path, body=data, headers=headers)
+        response = self.conn.getresponse()
+        raw = response.read()
+        return response.status, json.loads(raw) if raw else None
+      except (ConnectionError, http.client.HTTPException):
+        self.close()  # the server closed an idle connection: reconnect once
+        if attempt:
+          raise
+    raise AssertionError('unreachable')
+
+  def close(self) -> None:
+    if self.conn is not None:
+      self.conn.close()
+      self.conn = None
+
+
+class LiveStack:
+  """Writer, streaming view pipeline and view API on one Kafka topic, as subprocesses.
+
+  ``runner_args`` are the Beam options of the streaming pipeline (default embedded Flink).
+  Logs go to ``workdir``. Use as a context manager, or call :meth:`start` /
+  :meth:`stop`; :meth:`kill_pipeline` / :meth:`start_pipeline` are for fault tests.
+  """
+
+  def __init__(self, bootstrap: str, topic: str, workdir: str, *, db: Optional[str] = None,
+               runner_args: Sequence[str] = DEFAULT_RUNNER_ARGS, partitions: int = 3,
+               max_wait_ms: int = 30000):
+    self.bootstrap, self.topic, self.workdir = bootstrap, topic, workdir
+    self.db = db or os.path.join(workdir, 'views.db')
+    self.runner_args = list(runner_args)
+    self.partitions, self.max_wait_ms = partitions, max_wait_ms
+    self.token = uuid.uuid4().hex  # configured through the environment, as a user would
+    self.writer_port, self.views_port = free_port(), free_port()
+    self.procs: Dict[str, subprocess.Popen] = {}
+    self.pipeline_starts = 0
+    os.makedirs(workdir, exist_ok=True)
+
+  # --- processes ---------------------------------------------------------------------
+
+  def _spawn(self, name: str, args: List[str]) -> subprocess.Popen:
+    log = open(os.path.join(self.workdir, f'{name}.log'), 'ab')
+    env = dict(os.environ, SOURCEBEAM_WRITER_TOKENS=self.token, PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen([sys.executable, RUN_PY] + args, cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    self.procs[name] = proc
+    return proc
+
+  def log_tail(self, name: str, chars: int = 1500) -> str:
+    try:
+      with open(os.path.join(self.workdir, f'{name}.log'), 'rb') as f:
+        return f.read().decode('utf-8', 'replace')[-chars:]
+    except OSError:
+      return ''
+
+  def _wait_http(self, name: str, port: int, deadline: float) -> None:
+    client = Http(port)
+    while time.monotonic() < deadline:
+      if self.procs[name].poll() is not None:
+        raise StackError(f'{name} exited with {self.procs[name].returncode}: {self.log_tail(name)}')
+      try:
+        if client.request('GET', '/health')[0] == 200:
+          return
+      except OSError:
+        pass
+      finally:
+        client.close()
+      time.sleep(0.2)
+    raise StackError(f'{name} did not answer /health on port {port}: {self.log_tail(name)}')
+
+  def start(self, timeout: float = 300) -> 'LiveStack':
+    deadline = time.monotonic() + timeout
+    self._spawn('writer', ['serve', 'writer', '--bootstrap', self.bootstrap, '--topic', self.topic,
+                           '--partitions', str(self.partitions), '--port', str(self.writer_port),
+                           '--state', os.path.join(self.workdir, 'writer.db')])
+    self._wait_http('writer', self.writer_port, deadline)  # the writer creates the topic
+    self._spawn('views', ['serve', 'views', '--db', self.db, '--port', str(self.views_port),
+                          '--max-wait-ms', str(self.max_wait_ms), '--poll-ms', '5'])
+    self._wait_http('views', self.views_port, deadline)
+    self.start_pipeline()
+    self.wait_pipeline_ready(deadline - time.monotonic())
+    return self
+
+  def start_pipeline(self) -> None:
+    """Starts the live view pipeline. Each start has its own consumer group and reads the
+    topic from the start: a restarted run rebuilds its handler state, and the store's
+    per-partition offsets skip what it had already applied."""
+    self.pipeline_starts += 1
+    self._spawn('stream', ['stream', '--source', f'kafka://{self.bootstrap}/{self.topic}',
+                           '--out', os.path.join(self.workdir, 'stream-out'), '--views', self.db,
+                           '--group-id', f'live-stack-{uuid.uuid4().hex[:8]}'] + self.runner_args)
+
+  def wait_pipeline_ready(self, timeout: float = 300) -> float:
+    """Posts one event and waits until the view shows it; returns the seconds it took."""
+    started = time.monotonic()
+    deadline = started + timeout
+    receipt = self.post(cart_item_added('live-stack-probe', f'probe-{uuid.uuid4().hex[:6]}'))
+    views = Http(self.views_port)
+    try:
+      while time.monotonic() < deadline:
+        if self.procs['stream'].poll() is not None:
+          raise StackError(f'the streaming pipeline exited with {self.procs["stream"].returncode}: '
+                           f'{self.log_tail("stream")}')
+        status, _ = views.request('GET', f'/carts/live-stack-probe?after={receipt["after"]}&wait_ms=2000')
+        if status == 200:
+          return time.monotonic() - started
+    finally:
+      views.close()
+    raise StackError(f'the streaming pipeline did not apply an event within {timeout:.0f}s: '
+                     f'{self.log_tail("stream")}')
+
+  def kill_pipeline(self) -> None:
+    """SIGKILL to the pipeline's whole process group: the runner and its workers die mid-bundle."""
+    self._signal('stream', signal.SIGKILL)
+
+  def _signal(self, name: str, sig: int) -> None:
+    proc = self.procs.get(name)
+    if proc is None:
+      return
+    try:
+      os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+      pass
+    try:
+      proc.wait(30)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait(30)
+
+  def stop(self) -> None:
+    for name in ('stream', 'views', 'writer'):
+      if name in self.procs:
+        self._signal(name, signal.SIGTERM if name != 'stream' else signal.SIGKILL)
+    self.procs.clear()
+
+  def __enter__(self) -> 'LiveStack':
+    return self.start()
+
+  def __exit__(self, *exc) -> None:
+    self.stop()
+
+  # --- clients -----------------------------------------------------------------------
+
+  def writer_client(self) -> Http:
+    return Http(self.writer_port, self.token)
+
+  def views_client(self) -> Http:
+    return Http(self.views_port)
+
+  def post(self, events: Any, client: Optional[Http] = None) -> Any:
+    """POSTs one event (-> its receipt) or a list (-> the list of receipts)."""
+    own = client is None
+    client = client or self.writer_client()
+    try:
+      status, body = client.request('POST', '/events', events)
+    finally:
+      if own:
+        client.close()
+    if status != 201:
+      raise StackError(f'the writer answered {status}: {body}')
+    return body['receipts'] if isinstance(events, list) else body
+
+  def wait_caught_up(self, receipts: Sequence[Dict[str, Any]], timeout: float = 300) -> None:
+    """Waits until every view has applied the last of ``receipts`` on each partition."""
+    last: Dict[int, Dict[str, Any]] = {}
+    for r in receipts:
+      if r['partition'] not in last or r['offset'] > last[r['partition']]['offset']:
+        last[r['partition']] = r
+    after = ','.join(r['after'] for r in last.values())
+    deadline = time.monotonic() + timeout
+    views = self.views_client()
+    try:
+      while time.monotonic() < deadline:
+        routes = ['/carts/x', '/users/x/recently-viewed', '/users/x/frequently-viewed',
+                  '/products?category=x']
+        sep = lambda route: '&' if '?' in route else '?'
+        if all(views.request('GET', f'{route}{sep(route)}after={after}&wait_ms=2000')[0] == 200
+               for route in routes):
+          return
+        if self.procs['stream'].poll() is not None:
+          raise StackError(f'the streaming pipeline exited: {self.log_tail("stream")}')
+    finally:
+      views.close()
+    raise StackError(f'the views did not reach {after} within {timeout:.0f}s')
+
+
+class Load(threading.Thread):
+  """A steady background load: ``rate`` events a second in batches every ``tick`` seconds.
+
+  Shoppers view products and add some to carts (about 4 views to 1 add), spread
+  over ``users`` users, so the pipeline's per-key ordering and every user view
+  work. Keeps every receipt, for catching up and checking afterwards.
+  """
+
+  def __init__(self, stack: LiveStack, rate: float, users: int = 500, products: int = 200,
+               tick: float = 0.1, seed: int = 7):
+    super().__init__(daemon=True)
+    self.stack, self.rate, self.tick = stack, rate, tick
+    self.users, self.products = users, products
+    self.random = random.Random(seed)
+    self.stopping = threading.Event()
+    self.receipts: List[Dict[str, Any]] = []
+    self.errors: List[str] = []
+    self.started_at = self.stopped_at = 0.0
+
+  def _event(self) -> Dict[str, Any]:
+    user = f'load-u{self.random.randrange(self.users)}'
+    product = f'load-p{self.random.randrange(self.products)}'
+    if self.random.random() < 0.2:
+      return cart_item_added(user, product, self.random.randint(1, 3))
+    return product_viewed(user, product)
+
+  def run(self) -> None:
+    client = self.stack.writer_client()
+    self.started_at = time.monotonic()
+    sent = 0.0
+    try:
+      while not self.stopping.is_set():
+        due = self.rate * (time.monotonic() - self.started_at)
+        n = int(due - sent)
+        if n > 0:
+          try:
+            self.receipts.extend(self.stack.post([self._event() for _ in range(n)], client))
+          except (StackError, OSError) as e:
+            self.errors.append(str(e))
+          sent += n
+        self.stopping.wait(self.tick)
+    finally:
+      self.stopped_at = time.monotonic()
+      client.close()
+
+  def stop(self) -> None:
+    self.stopping.set()
+    self.join(60)
+
+  @property
+  def achieved_rate(self) -> float:
+    seconds = (self.stopped_at or time.monotonic()) - self.started_at
+    return len(self.receipts) / seconds if seconds > 0 else 0.0
+
+
+def add_then_view(stack: LiveStack, n: int, with_receipts: bool,
+                  user: Optional[str] = None) -> Dict[str, Any]:
+  """The acceptance scenario: ``n`` times, add a new product to a cart, then read the cart.
+
+  With receipts the read carries ``after=<the add's receipt>``; without, it reads at
+  once, as Hello, Retail!'s cart page did. Returns how many reads showed the item
+  and, per add, the milliseconds from sending the POST to the read that showed it
+  (the write's time to visible, for reads with receipts).
+  """
+  user = user or f'shopper-{uuid.uuid4().hex[:8]}'
+  writer, views = stack.writer_client(), stack.views_client()
+  ok, missing, latencies_ms, failures = 0, 0, [], []
+  try:
+    for i in range(n):
+      product = f'{user}-item-{i}'
+      started = time.monotonic()
+      receipt = stack.post(cart_item_added(user, product), writer)
+      path = f'/carts/{urllib.parse.quote(user)}'
+      if with_receipts:
+        path += f'?after={receipt["after"]}'
+      status, body = views.request('GET', path)
+      elapsed_ms = (time.monotonic() - started) * 1000
+      items = {item['product_id'] for item in ((body or {}).get('value') or {}).get('items', [])}
+      if status == 200 and product in items:
+        ok += 1
+        latencies_ms.append(elapsed_ms)
+      else:
+        missing += 1
+        if with_receipts:
+          failures.append({'product': product, 'status': status, 'body': body})
+  finally:
+    writer.close()
+    views.close()
+  return {'reads': n, 'ok': ok, 'missing': missing, 'latencies_ms': latencies_ms,
+          'failures': failures[:5]}
+
+
+def percentile(values: Sequence[float], q: float) -> Optional[float]:
+  """The ``q`` quantile (0..1) by nearest rank; None for no values."""
+  if not values:
+    return None
+  ordered = sorted(values)
+  rank = max(1, int(-(-q * len(ordered) // 1)))  # ceil(q * n), at least 1
+  return round(ordered[min(rank, len(ordered)) - 1], 2)
