@@ -13,7 +13,10 @@ of ``R`` events a second, and then, on top of it:
 
 Prints a table and, last, one JSON object with ``rate``, ``p50_ms``, ``p95_ms``,
 ``p99_ms``, ``receipt_reads``, ``receipt_reads_ok``, ``plain_reads``,
-``plain_reads_stale`` and the load actually achieved. Beam options after the
+``plain_reads_stale``, the load actually achieved and what the pipeline applied per
+second (``pipeline_applied_eps``: all load events over the time until the views
+caught up). A pipeline that cannot keep up with ``R`` shows as receipt reads that
+time out (504, after ``--max-wait-ms``); three in a row end those rounds. Beam options after the
 arguments choose the pipeline's runner (default: embedded Flink).
 """
 
@@ -39,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='Add to Cart / View Cart rounds with receipts, and as many without (default 100)')
   parser.add_argument('--warmup', type=float, default=5,
                       help='seconds of load before measuring (default 5)')
+  parser.add_argument('--max-wait-ms', type=int, default=30000,
+                      help='longest a read waits for its receipt before a 504 (default 30000); '
+                           'three such reads in a row end the receipt rounds: the pipeline cannot '
+                           'keep up with the load')
   parser.add_argument('--workdir', help='where the stack keeps its databases and logs (default: a temp dir)')
 
 
@@ -53,9 +60,9 @@ def _kafka() -> tuple:
 
 
 def measure(bootstrap: str, rate: float, reads: int, warmup: float, workdir: str,
-            runner_args: List[str]) -> Dict[str, Any]:
+            runner_args: List[str], max_wait_ms: int = 30000) -> Dict[str, Any]:
   stack = LiveStack(bootstrap, f'bench-causal-{uuid.uuid4().hex[:8]}', workdir,
-                    runner_args=runner_args or DEFAULT_RUNNER_ARGS)
+                    runner_args=runner_args or DEFAULT_RUNNER_ARGS, max_wait_ms=max_wait_ms)
   print(f'starting the writer, the view API and the live pipeline ({" ".join(stack.runner_args)}) ...',
         file=sys.stderr)
   started = time.monotonic()
@@ -66,14 +73,16 @@ def measure(bootstrap: str, rate: float, reads: int, warmup: float, workdir: str
     try:
       time.sleep(warmup)
       print(f'{reads} Add to Cart / View Cart with receipts ...', file=sys.stderr)
-      with_receipts = add_then_view(stack, reads, with_receipts=True)
+      with_receipts = add_then_view(stack, reads, with_receipts=True, give_up_after=3)
       print(f'{reads} without ...', file=sys.stderr)
       plain = add_then_view(stack, reads, with_receipts=False)
     finally:
       load.stop()
     caught_up = time.monotonic()
-    stack.wait_caught_up(load.receipts)
+    stack.wait_caught_up(load.receipts, timeout=1800)
     catch_up_s = time.monotonic() - caught_up
+    # What the live pipeline applied per second over the whole load, backlog included.
+    applied_eps = len(load.receipts) / (time.monotonic() - load.started_at)
   if load.errors:
     raise DataError(f'the writer refused the load: {load.errors[0]}')
   latencies = with_receipts['latencies_ms']
@@ -84,7 +93,8 @@ def measure(bootstrap: str, rate: float, reads: int, warmup: float, workdir: str
       'p99_ms': percentile(latencies, 0.99), 'max_ms': round(max(latencies), 2) if latencies else None,
       'receipt_reads': with_receipts['reads'], 'receipt_reads_ok': with_receipts['ok'],
       'plain_reads': plain['reads'], 'plain_reads_stale': plain['missing'],
-      'catch_up_s': round(catch_up_s, 2),
+      'catch_up_s': round(catch_up_s, 2), 'pipeline_applied_eps': round(applied_eps, 1),
+      'kept_up': with_receipts['ok'] == with_receipts['reads'] == reads,
   }
 
 
@@ -94,7 +104,8 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   bootstrap, started_ports = _kafka()
   try:
     with tempfile.TemporaryDirectory(prefix='bench-causal-') as tmp:
-      result = measure(bootstrap, args.rate, args.reads, args.warmup, args.workdir or tmp, beam_args)
+      result = measure(bootstrap, args.rate, args.reads, args.warmup, args.workdir or tmp, beam_args,
+                       args.max_wait_ms)
   finally:
     if started_ports is not None:
       services.stop('kafka', started_ports)

@@ -53,6 +53,7 @@ from pipelines import outputs
 from pipelines.cli import UsageError
 from pipelines.options import pipeline_options
 from transforms.fanout import ARCHIVE_CODECS, MATCHED, UNMATCHED, FanOut, ParseEnvelopes, prepare_archive_sinks
+from transforms.kafka_read import ReadKafkaMessages, message_value
 from transforms.fanout_core import Subscriber, load_subscribers, parse_sink
 
 COUNTS_FILE = '_fanout_counts.json'
@@ -104,7 +105,7 @@ def read_events(p: beam.Pipeline, source: str, *, archive: Optional[str], max_re
     return {'events': read['events'], 'dead': read['corrupt'], 'in': read['events']}
   messages = read_kafka(p, source, group_id, max_records)
   parsed = (messages
-            | 'Values' >> beam.Map(_message_value)
+            | 'Values' >> beam.Map(message_value)
             | 'Parse' >> beam.ParDo(ParseEnvelopes()).with_outputs(ParseEnvelopes.DEAD, main='events'))
   if archive is None:
     return {'events': parsed.events, 'dead': parsed[ParseEnvelopes.DEAD], 'in': messages}
@@ -115,20 +116,10 @@ def read_events(p: beam.Pipeline, source: str, *, archive: Optional[str], max_re
   return {'events': events, 'dead': dead, 'in': ins, 'backfill': backfill['events']}
 
 
-def _message_value(message) -> Tuple[str, bytes]:
-  """A ReadFromKafka(with_metadata=True) record -> (source label, raw bytes)."""
-  return f'kafka://{message.topic}/{message.partition}@{message.offset}', bytes(message.value or b'')
-
-
 def read_kafka(p: beam.Pipeline, source: str, group_id: str, max_records: Optional[int]) -> beam.PCollection:
   """The topic from its earliest offset, never committing offsets (see the module docstring)."""
-  from apache_beam.io.kafka import ReadFromKafka
   sink = parse_sink(source, '--source')
-  return p | 'ReadKafka' >> ReadFromKafka(
-      consumer_config={'bootstrap.servers': sink.bootstrap, 'auto.offset.reset': 'earliest',
-                       'group.id': group_id, 'enable.auto.commit': 'false'},
-      topics=[sink.target], with_metadata=True, max_num_records=max_records,
-      timestamp_policy=ReadFromKafka.create_time_policy)
+  return p | 'ReadKafka' >> ReadKafkaMessages(sink.bootstrap, sink.target, group_id, max_records)
 
 
 def _count(pcoll: beam.PCollection, name: str, label: str) -> beam.PCollection:

@@ -51,7 +51,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.kafka import ReadFromKafka, WriteToKafka
+from apache_beam.io.kafka import WriteToKafka
 
 from pipelines import consumers, outputs
 from pipelines.cli import UsageError
@@ -61,6 +61,7 @@ from transforms.counting import WriteCounts, read_counts
 from transforms.archive import read_manifest
 from transforms.archive_format import DEFAULT_BUCKETS
 from transforms.handoff import ReplayThenLive, plan_handoff
+from transforms.kafka_read import ReadKafkaMessages
 from transforms.live_archive import (
     DEFAULT_FLUSH_SECONDS, DEFAULT_WINDOW_SECONDS, ArchiveLive, PublishKafkaMessages, view_source)
 from transforms.publish import dead_letter_json
@@ -111,19 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            'those offsets: no event missed or doubled at the hand-off')
 
 
-def _message_value(message) -> Tuple[str, bytes]:
-  """A ReadFromKafka(with_metadata=True) record -> (source label, raw bytes)."""
-  value = message.value
-  return f'kafka://{message.topic}/{message.partition}@{message.offset}', bytes(value or b'')
-
-
 def read_kafka(p: beam.Pipeline, source: KafkaSource, group_id: str,
                max_records: Optional[int]) -> beam.PCollection:
-  return p | 'ReadKafka' >> ReadFromKafka(
-      consumer_config={'bootstrap.servers': source.bootstrap, 'auto.offset.reset': 'earliest',
-                       'group.id': group_id},
-      topics=[source.topic], with_metadata=True, max_num_records=max_records,
-      timestamp_policy=ReadFromKafka.create_time_policy)
+  return p | 'ReadKafka' >> ReadKafkaMessages(source.bootstrap, source.topic, group_id, max_records)
 
 
 class ArchiveSettings(NamedTuple):

@@ -42,12 +42,12 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tu
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.kafka import ReadFromKafka
 from apache_beam.transforms import window as beam_window
 
 from pipelines.cli import UsageError
 from transforms.archive import check_archive_path, ensure_storage_options, read_archive_file
 from transforms.archive_format import join
+from transforms.kafka_read import ReadKafkaMessages
 from transforms.live_archive import (
     DEAD_DIR, OFFSETS_DIR, Published, PublishKafkaMessages, SidecarError, SourceRef, parse_sidecar)
 
@@ -304,11 +304,7 @@ class ReadKafkaFrom(beam.PTransform):
     offsets, topic = dict(self._offsets), self._topic
     return (
         pbegin
-        | 'ReadKafka' >> ReadFromKafka(
-            consumer_config={'bootstrap.servers': self._bootstrap, 'auto.offset.reset': 'earliest',
-                             'group.id': self.group_id},
-            topics=[topic], with_metadata=True, max_num_records=self._max_records,
-            timestamp_policy=ReadFromKafka.create_time_policy)
+        | 'ReadKafka' >> ReadKafkaMessages(self._bootstrap, topic, self.group_id, self._max_records)
         | 'FromOffsets' >> beam.Filter(  # safety net: see the module docstring
             lambda m: int(m.offset) >= offsets.get((topic, int(m.partition)), 0)))
 
