@@ -195,6 +195,24 @@ def make_receipt(topic: str, partition: int, offset: int, event_id: str, partiti
 
 # --- Kafka -------------------------------------------------------------------------------------
 
+def _watermarks(consumer: Any, tp: Any, wait: float = 30.0) -> Tuple[int, int]:
+  """``(low, high)`` offsets of a partition, retrying while the broker says to (a leader
+  being elected, as just after the topic was created)."""
+  from confluent_kafka import KafkaError, KafkaException
+  transient = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+               KafkaError.UNKNOWN_TOPIC_OR_PART}
+  deadline = time.monotonic() + wait
+  while True:
+    try:
+      return consumer.get_watermark_offsets(tp, timeout=15)
+    except KafkaException as e:
+      error = e.args[0] if e.args else None
+      again = isinstance(error, KafkaError) and (error.retriable() or error.code() in transient)
+      if not again or time.monotonic() > deadline:
+        raise
+      time.sleep(0.5)
+
+
 class KafkaLog:
   """The topic, through confluent-kafka: an idempotent producer (acks=all) and a reader of
   partition tails for reconciliation."""
@@ -230,7 +248,10 @@ class KafkaLog:
       deadline = time.monotonic() + 30
       while True:
         t = self.producer.list_topics(self.topic, timeout=15).topics.get(self.topic)
-        if t is not None and t.error is None and t.partitions:
+        # A new topic's partitions exist before their leaders are elected; reading an
+        # offset before then is NOT_LEADER_FOR_PARTITION.
+        if (t is not None and t.error is None and t.partitions and
+            all(pm.leader >= 0 for pm in t.partitions.values())):
           break
         if time.monotonic() > deadline:
           raise RuntimeError(f'topic {self.topic} did not appear after creating it')
@@ -273,7 +294,7 @@ class KafkaLog:
                          'isolation.level': 'read_uncommitted', 'enable.partition.eof': True,
                          'logger': log})
     try:
-      low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15)
+      low, high = _watermarks(consumer, TopicPartition(self.topic, partition))
     except BaseException:
       consumer.close()
       raise
