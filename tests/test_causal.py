@@ -86,27 +86,15 @@ def _run(*args: str) -> None:
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _all_envelopes(bootstrap: str, topic: str, partitions: int = 3) -> List[dict]:
+def _all_envelopes(bootstrap: str, topic: str) -> List[dict]:
   """Every message of the topic through the publishing boundary, read with Kafka's own client."""
-  from confluent_kafka import Consumer, TopicPartition
   from schemas.validation import publish_raw
-  c = Consumer({'bootstrap.servers': bootstrap, 'group.id': f'check-{topic}',
-                'enable.auto.commit': False})
+  from tests.test_writer import _all_messages
   envelopes = []
-  try:
-    for p in range(partitions):
-      high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
-      c.assign([TopicPartition(topic, p, 0)])
-      offset = -1
-      while offset < high - 1:
-        m = c.poll(10.0)
-        assert m is not None and m.error() is None, m and m.error()
-        offset = m.offset()
-        envelope, _, reasons = publish_raw(m.value())
-        assert envelope is not None, reasons
-        envelopes.append(envelope)
-  finally:
-    c.close()
+  for m in _all_messages(bootstrap, topic):
+    envelope, _, reasons = publish_raw(m.value())
+    assert envelope is not None, reasons
+    envelopes.append(envelope)
   return envelopes
 
 
