@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import urllib.request
 from typing import Iterable, List, Optional, Tuple
@@ -31,12 +30,7 @@ import pytest
 
 from pipelines import services
 from pipelines.cli import DataError
-
-
-def free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+from pipelines.live_stack import free_port  # noqa: F401 (the one free-port helper; tests import it from here)
 
 
 def _private_ports() -> services.Ports:

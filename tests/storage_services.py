@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import uuid
 from typing import Dict, List, Optional
+
+from pipelines.live_stack import free_port  # noqa: F401 (the one free-port helper; tests import it from here)
 
 S3_ENV = {
     'AWS_ACCESS_KEY_ID': 'sourcebeam-test',
@@ -26,12 +27,6 @@ S3_ENV = {
 
 class ServiceError(RuntimeError):
   """A local storage service could not be started or did not answer."""
-
-
-def free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 class _Env:
