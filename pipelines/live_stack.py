@@ -255,15 +255,16 @@ class LiveStack:
       if r['partition'] not in last or r['offset'] > last[r['partition']]['offset']:
         last[r['partition']] = r
     after = ','.join(r['after'] for r in last.values())
+    # One read per view, each waiting for every partition's last receipt.
+    reads = [f'/carts/x?after={after}&wait_ms=2000',
+             f'/users/x/recently-viewed?after={after}&wait_ms=2000',
+             f'/users/x/frequently-viewed?after={after}&wait_ms=2000',
+             f'/products?category=x&after={after}&wait_ms=2000']
     deadline = time.monotonic() + timeout
     views = self.views_client()
     try:
       while time.monotonic() < deadline:
-        routes = ['/carts/x', '/users/x/recently-viewed', '/users/x/frequently-viewed',
-                  '/products?category=x']
-        sep = lambda route: '&' if '?' in route else '?'
-        if all(views.request('GET', f'{route}{sep(route)}after={after}&wait_ms=2000')[0] == 200
-               for route in routes):
+        if all(views.request('GET', path)[0] == 200 for path in reads):
           return
         if self.procs['stream'].poll() is not None:
           raise StackError(f'the streaming pipeline exited: {self.log_tail("stream")}')
