@@ -59,12 +59,23 @@ taskmanager.bind-host: 127.0.0.1
 taskmanager.host: localhost
 taskmanager.rpc.port: 0
 taskmanager.data.port: 0
-taskmanager.memory.process.size: 1600m
-taskmanager.memory.managed.fraction: 0.1
+# Managed memory is what a bounded run's sorts (Beam's groupings as Flink batch operators)
+# share: at 0.1 of 1600m a sort buffer held at most 416 KB and a grouping's larger record
+# failed the job (The record exceeds the maximum size of a sort buffer).
+taskmanager.memory.process.size: 3600m
+taskmanager.memory.managed.fraction: 0.4
+# Every Beam job ships the 200 MB job-server jar as its user code, and Beam's gRPC threads
+# outlive a job, so its classes stay loaded: at Flink's default 256m the TaskManager died of
+# "OutOfMemoryError: Metaspace" on the fifth job. 1g runs a test session's jobs and more.
+taskmanager.memory.jvm-metaspace.size: 1g
 # Beam's pipelines shuffle once per grouping; the default network share left 90 buffers and a
 # replay needs 512 (Insufficient number of network buffers).
 taskmanager.memory.network.min: 256m
 taskmanager.memory.network.max: 256m
+# A bounded run is a Flink batch job whose every shuffle writes a blocking sort-shuffle result
+# partition, and each one reserves this many buffers (Flink's default is 512, 16 MB): the
+# same-code pipeline's many groupings ran out of 8192 buffers. 64 suits a small cluster.
+taskmanager.network.sort-shuffle.min-buffers: 64
 # A TaskManager busy on a loaded 2-core machine can take longer than the 10 s default to answer.
 pekko.ask.timeout: 60 s
 taskmanager.numberOfTaskSlots: $FLINK_SLOTS

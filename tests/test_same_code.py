@@ -1,5 +1,6 @@
 """One pipeline, two modes: a bounded archive replay on the DirectRunner and a run fed by
-Kafka on Prism give identical outputs from the same events.
+Kafka on Prism, on embedded Flink and on the standalone Flink cluster give identical
+outputs from the same events; and the replay itself gives them on every runner.
 
 The raw events go both to a file (publish -> archive -> replay) and to a Kafka topic
 (`run.py stream --max-records N`, which reads the first N messages and stops, so the
@@ -84,20 +85,62 @@ def check_same(replayed, stream_out, n_raw):
     assert lines(stream_out / 'consumers' / name) == want, name
 
 
-@pytest.mark.integration
-def test_kafka_on_prism_equals_the_replay(replayed, topic, kafka, raw_events, tmp_path):
+def stream_and_check(runner_args, replayed, topic, kafka, raw_events, out):
+  """Run the live path over the topic on a runner; its outputs must equal the replay's."""
   from tests.service_fixtures import consume, create_topic
-  out = tmp_path / 'stream'
   published_topic = f'published-{uuid.uuid4().hex[:8]}'
   create_topic(kafka, published_topic, partitions=2)
   run_cli('stream', '--source', f'kafka://{kafka}/{topic}', '--max-records', str(len(raw_events)),
-          '--out', str(out), '--publish-topic', published_topic, '--runner=PrismRunner')
+          '--out', str(out), '--publish-topic', published_topic,
+          f'--group-id=same-code-{uuid.uuid4().hex[:8]}', *runner_args)
   check_same(replayed, out, len(raw_events))
   # The published stream also went back to Kafka, keyed by partition key.
   published = lines(replayed / 'published' / 'published.jsonl')
   back = consume(kafka, published_topic, len(published))
   assert sorted(v for _, v in back) == published
   assert all(json.loads(v)['partition_key'] == k for k, v in back)
+
+
+@pytest.mark.integration
+def test_kafka_on_prism_equals_the_replay(replayed, topic, kafka, raw_events, tmp_path):
+  stream_and_check(['--runner=PrismRunner'], replayed, topic, kafka, raw_events, tmp_path / 'out')
+
+
+@pytest.mark.integration
+def test_kafka_on_embedded_flink_equals_the_replay(replayed, topic, kafka, raw_events, tmp_path):
+  stream_and_check(['--runner=FlinkRunner', '--flink_master=[local]'], replayed, topic, kafka,
+                   raw_events, tmp_path / 'out')
+
+
+@pytest.mark.integration
+def test_kafka_on_standalone_flink_cluster_equals_the_replay(replayed, topic, kafka, raw_events,
+                                                             flink_cluster, tmp_path):
+  from tests.service_fixtures import flink_jobs
+  job_name = f'same-code-{uuid.uuid4().hex[:8]}'
+  stream_and_check(['--runner=FlinkRunner', f'--flink_master={flink_cluster}',
+                    f'--job_name={job_name}'], replayed, topic, kafka, raw_events, tmp_path / 'out')
+  # It ran on the cluster (the JobManager knows the job), not in an embedded Flink.
+  assert [j for j in flink_jobs(flink_cluster) if j['name'].startswith(job_name)]
+
+
+RUNNERS = {
+    'prism': ['--runner=PrismRunner'],
+    'embedded-flink': ['--runner=FlinkRunner', '--flink_master=[local]'],
+    'flink-cluster': ['--runner=FlinkRunner'],  # + --flink_master of the flink_cluster fixture
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('runner', sorted(RUNNERS))
+def test_the_replay_is_the_same_on_every_runner(runner, replayed, tmp_path, request):
+  """`run.py replay` of one archive on Prism and Flink equals the DirectRunner's replay."""
+  args = list(RUNNERS[runner])
+  if runner == 'flink-cluster':
+    args.append(f'--flink_master={request.getfixturevalue("flink_cluster")}')
+  out = tmp_path / 'replay'
+  run_cli('replay', '--archive', str(replayed / 'archive'), '--out', str(out), *args)
+  for name in COMPARED:
+    assert lines(out / name) == lines(replayed / 'replay' / name), name
 
 
 def test_a_bad_source_is_exit_2(tmp_path):
