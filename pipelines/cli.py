@@ -8,11 +8,14 @@ so does a pipeline that failed while running (one line with the cause; set
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Any, List
+from typing import Any, Dict, List
 
 
 class UsageError(Exception):
@@ -23,9 +26,34 @@ class DataError(Exception):
   """The run could not complete because of bad data: exit 1 with this message."""
 
 
+class JobBuilt(Exception):
+  """A dry run (``--dry_run=True`` on the DataflowRunner) built the job and ran nothing.
+
+  There is no output to summarize, so the command stops here: exit 0, with what
+  would be submitted (:func:`describe_job`) as one JSON object on stdout.
+  """
+
+  def __init__(self, job: Any):
+    super().__init__('dry run')
+    self.job = job
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM, raised like Ctrl-C so that Beam's own clean-up runs: the runner's job server and
+  the Java expansion services are this process's children and would otherwise outlive it."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+  raise Terminated()
+
+
 def run_command(module: Any, args: Any, beam_args: List[str]) -> int:
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _terminate)
   try:
+    from pipelines.runners import WORKER_PATH_ARGS, check_worker_paths
+    check_worker_paths(beam_args, {name: getattr(args, name, None) for name in WORKER_PATH_ARGS})
     return int(module.main(args, beam_args) or 0)
   except UsageError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -33,6 +61,14 @@ def run_command(module: Any, args: Any, beam_args: List[str]) -> int:
   except DataError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
+  except JobBuilt as built:
+    print(json.dumps(describe_job(built.job), sort_keys=True))
+    print('dry run: the job was built and validated, not run; nothing was written',
+          file=sys.stderr)
+    return 0
+  except Terminated:
+    print('terminated', file=sys.stderr)
+    return 143
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr)
     return 130
@@ -42,6 +78,27 @@ def run_command(module: Any, args: Any, beam_args: List[str]) -> int:
     print(f'error: {type(e).__name__}: {_first_line(e)} '
           f'(set SOURCEBEAM_DEBUG=1 for the traceback)', file=sys.stderr)
     return 1
+
+
+def describe_job(job: Any) -> Dict[str, Any]:
+  """What a Dataflow job built by a dry run would run: its name, batch or streaming, its
+  top-level steps, and each environment's container and staged files (Sourcebeam itself
+  is ``workflow.tar.gz``, built from setup.py; a Kafka read adds Beam's Java container)."""
+  from apache_beam.portability.api import beam_runner_api_pb2 as api
+  components = job.proto_pipeline.components
+  root = components.transforms[job.proto_pipeline.root_transform_ids[0]]
+  steps = [components.transforms[t].unique_name for t in root.subtransforms]
+  environments = []
+  for env in components.environments.values():
+    staged = [api.ArtifactStagingToRolePayload.FromString(d.role_payload).staged_name
+              for d in env.dependencies if d.role_urn == 'beam:artifact:role:staging_to:v1']
+    image = (api.DockerPayload.FromString(env.payload).container_image
+             if env.urn == 'beam:env:docker:v1' else None)
+    environments.append({'urn': env.urn, 'container_image': image, 'staged': sorted(staged)})
+  return {'dry_run': True, 'job_name': job.proto.name,
+          'type': json.loads(job.json())['type'],
+          'steps': steps, 'transforms': len(components.transforms),
+          'environments': sorted(environments, key=lambda e: e['container_image'] or '')}
 
 
 def _first_line(e: BaseException) -> str:

@@ -51,7 +51,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import outputs
 from pipelines.cli import UsageError
-from pipelines.options import pipeline_options
+from pipelines.options import pipeline_options, stop_after_dry_run
 from transforms.fanout import ARCHIVE_CODECS, MATCHED, UNMATCHED, FanOut, ParseEnvelopes, prepare_archive_sinks
 from transforms.kafka_read import ReadKafkaMessages, message_value
 from transforms.fanout_core import Subscriber, load_subscribers, parse_sink
@@ -202,6 +202,7 @@ def run(subscribers: Sequence[Subscriber], source: str, out: str, beam_args: Lis
   with beam.Pipeline(options=options) as p:
     build(p, subscribers, source, out, archive=archive, max_records=max_records,
           gap_timeout=gap_timeout, group_id=group_id, bounded=bounded, archive_codec=archive_codec)
+  stop_after_dry_run(p, beam_args)
   if not bounded:
     return None
   with FileSystems.open(outputs.join(out, COUNTS_FILE)) as f:

@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, List
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import runners, storage
+from pipelines.cli import JobBuilt
 
 
 def pipeline_args(beam_args: List[str], *, streaming: bool = False) -> List[str]:
@@ -26,10 +27,8 @@ def pipeline_options(beam_args: List[str], *, streaming: bool = False,
   return PipelineOptions(pipeline_args(beam_args, streaming=streaming), **overrides)
 
 
-def is_dry_run(beam_args: List[str]) -> bool:
-  """True when the runner only builds the job (``--dry_run=True`` on the DataflowRunner)."""
-  value = runners.option_value(beam_args, '--dry_run')
-  return value is not None and value.lower() in ('true', '1', 'yes')
-
-
-DRY_RUN_MESSAGE = 'dry run: the job was built and validated, not run; nothing was written'
+def stop_after_dry_run(p: Any, beam_args: List[str]) -> None:
+  """After ``with beam.Pipeline(...) as p``: a dry run ends the command here (see
+  :class:`pipelines.cli.JobBuilt`), before it looks for outputs that were never written."""
+  if runners.is_dry_run(beam_args):
+    raise JobBuilt(p.result.job)

@@ -25,7 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import outputs
 from pipelines.cli import UsageError
-from pipelines.options import DRY_RUN_MESSAGE, is_dry_run, pipeline_options
+from pipelines.options import pipeline_options, stop_after_dry_run
 from schemas.envelope import to_json
 from schemas.validation import DEFAULT_MAX_EVENT_BYTES
 from transforms.counting import WriteCounts, read_counts
@@ -85,8 +85,7 @@ def run(input_pattern: str, out: str, beam_args: List[str], archive: Optional[st
   with beam.Pipeline(options=options) as p:
     counts = build_publish(p, input_pattern, out, archive, archive_format, max_event_bytes)
     counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
-  if is_dry_run(beam_args):
-    return {'dry_run': True}
+  stop_after_dry_run(p, beam_args)
   seconds = time.monotonic() - started
   summary: Dict[str, Any] = read_counts(outputs.join(out, '_counts.json'))
   summary.update(seconds=round(seconds, 3),
@@ -106,9 +105,6 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
     raise UsageError('--max-event-bytes must be positive')
   summary = run(args.input, args.out, beam_args, args.archive, args.archive_format,
                 args.max_event_bytes)
-  if summary.get('dry_run'):
-    print(DRY_RUN_MESSAGE, file=sys.stderr)
-    return 0
   print(f'published {summary["published"]} of {summary["in"]} events, '
         f'dead-lettered {summary["dead_lettered"]} '
         f'({summary["events_per_sec"]} events/s); summary in {args.out}/summary.json',

@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import consumers, outputs
 from pipelines.cli import DataError
-from pipelines.options import DRY_RUN_MESSAGE, is_dry_run, pipeline_options
+from pipelines.options import pipeline_options, stop_after_dry_run
 from transforms.archive import check_archive_path
 from transforms.counting import WriteCounts, read_counts
 from transforms.ordered_replay import ReplayRetailProjections
@@ -75,8 +75,7 @@ def run(archive: str, out: str, beam_args: List[str]) -> Dict[str, Any]:
   started = time.monotonic()
   with beam.Pipeline(options=options) as p:
     build_replay(p, archive, out) | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
-  if is_dry_run(beam_args):
-    return {'dry_run': True}
+  stop_after_dry_run(p, beam_args)
   seconds = time.monotonic() - started
   counts = read_counts(outputs.join(out, '_counts.json'))
   stats = [json.loads(l) for l in outputs.read_lines(outputs.join(out, STATS_FILE))]
@@ -94,9 +93,6 @@ def run(archive: str, out: str, beam_args: List[str]) -> Dict[str, Any]:
 
 def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   summary = run(args.archive, args.out, beam_args)
-  if summary.get('dry_run'):
-    print(DRY_RUN_MESSAGE, file=sys.stderr)
-    return 0
   print(f'replayed {summary["events"]} events ({summary["events_per_sec"]} events/s) '
         f'into {len(summary["outputs"])} outputs; summary in {args.out}/summary.json',
         file=sys.stderr)

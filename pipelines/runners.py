@@ -20,6 +20,10 @@ from Maven Central) are unreachable or not served here:
   legacy unbounded read, the only one Beam 2.70's portable Flink runner can stream);
   :func:`kafka_expansion_service` gives the same service explicitly.
 * Remote runners that install Sourcebeam on their own workers get ``--setup_file``.
+* DataflowRunner runs Java in Beam's Docker containers: its Kafka IO comes from the
+  same local jar started with Docker as the default Java environment
+  (:func:`kafka_io_service`), and a dry run must name a ``--temp_location`` (without
+  one, Beam looks up a default bucket on GCS, which a dry run must not contact).
 
 Options given explicitly on the command line always win.
 """
@@ -29,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from pipelines.cli import UsageError
 
@@ -55,6 +59,7 @@ FLINK_RUNNERS = ('FlinkRunner', )
 LOOPBACK = 'LOOPBACK'
 JOB_SERVER_HEAP = '-Xmx1536m'
 PRISM_NO_SDF_SPLIT = 'prism_disable_sdf_split'
+DATAFLOW = 'DataflowRunner'
 
 
 class ToolMissing(UsageError):
@@ -145,17 +150,59 @@ def runner_args(args: List[str]) -> List[str]:
       # Beam keeps each pipeline's job server JVM until the Python process exits;
       # without a cap each may grow to a quarter of the machine's memory.
       args.append(f'--job_server_jvm_properties={JOB_SERVER_HEAP}')
-  if (runner != 'DataflowRunner' and not has_option(args, '--beam_services') and
+  if runner == DATAFLOW and is_dry_run(args) and not (
+      has_option(args, '--temp_location') or has_option(args, '--staging_location')):
+    raise UsageError('a Dataflow dry run needs --temp_location=gs://BUCKET/tmp (nothing is '
+                     'written there; without it Beam asks GCS for a default bucket)')
+  if (runner != DATAFLOW and not has_option(args, '--beam_services') and
       io_expansion_jar(runner)):
     # (Dataflow runs Java in Beam's Docker containers: it keeps Beam's own default.)
     args.append('--beam_services=' + json.dumps({IO_EXPANSION_TARGET: io_expansion_jar(runner)}))
   # Workers that are not this process need Sourcebeam installed; LOOPBACK workers are us.
-  remote_workers = runner == 'DataflowRunner' or (
+  remote_workers = runner == DATAFLOW or (
       runner in FLINK_RUNNERS + ('PortableRunner', ) and
       (option_value(args, '--environment_type') or '').upper() != LOOPBACK)
   if remote_workers and not has_option(args, '--setup_file'):
     args.append(f'--setup_file={os.path.join(ROOT, "setup.py")}')
   return args
+
+
+# The command-line arguments that name files a pipeline's workers read or write.
+WORKER_PATH_ARGS = ('input', 'out', 'archive', 'from_archive', 'rides', 'fares')
+
+
+def check_worker_paths(beam_args: List[str], paths: Dict[str, Optional[str]]) -> None:
+  """Dataflow's workers see cloud storage, not this machine: a local input would be missing
+  there and a local output would be written to a worker's disk and lost, so a real Dataflow
+  run refuses local paths (a dry run builds the job only, so any path will do)."""
+  if runner_of(beam_args) != DATAFLOW or is_dry_run(beam_args):
+    return
+  for name, path in paths.items():
+    if path and '://' not in path:
+      flag = '--' + name.replace('_', '-')
+      raise UsageError(f'{flag} {path} is a local path, which Dataflow workers cannot see: '
+                       'use gs://BUCKET/...')
+
+
+def is_dry_run(args: List[str]) -> bool:
+  """True when the runner only builds the job (``--dry_run=True`` on the DataflowRunner)."""
+  value = option_value(args, '--dry_run')
+  return value is not None and value.lower() in ('true', '1', 'yes')
+
+
+def kafka_io_service(options):
+  """The expansion service a pipeline with these ``PipelineOptions`` gives ``ReadFromKafka``
+  and ``WriteToKafka``: None (Beam's default, which ``--beam_services`` points at the local
+  jar) except on Dataflow, whose Java workers are Beam's Java SDK containers: the local jar
+  with Docker as the default Java environment (Beam's stock jar for this SDK version is not
+  served here). The jar itself is what Dataflow stages for the Java workers."""
+  from apache_beam.options.pipeline_options import StandardOptions
+  if (options.view_as(StandardOptions).runner or '').split('.')[-1] != DATAFLOW:
+    return None
+  from apache_beam.transforms.external import JavaJarExpansionService
+  jar = _require(IO_EXPANSION_JAR if os.path.isfile(IO_EXPANSION_JAR) else None,
+                 'the Beam Java IO expansion service jar')
+  return JavaJarExpansionService(jar, append_args=['--defaultEnvironmentType=DOCKER'])
 
 
 def kafka_expansion_service(beam_args: Optional[List[str]] = None):
@@ -170,8 +217,8 @@ def kafka_expansion_service(beam_args: Optional[List[str]] = None):
   server resolves to Docker. With ``EMBEDDED`` as the default environment the
   ``anyOf`` is (embedded, loopback worker): Flink runs the Java half inside its
   TaskManagers (the job server jar carries KafkaIO and ships itself to the
-  cluster) and Prism keeps using the loopback worker. Not for Dataflow, which
-  needs Beam's Docker default.
+  cluster) and Prism keeps using the loopback worker. Not for Dataflow: see
+  :func:`kafka_io_service`.
 
   For FlinkRunner (from ``beam_args``) the service also expands KafkaIO to the
   legacy unbounded-source read: Beam 2.70's portable Flink runner cannot

@@ -53,9 +53,9 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.kafka import WriteToKafka
 
-from pipelines import consumers, outputs
+from pipelines import consumers, outputs, runners
 from pipelines.cli import UsageError
-from pipelines.options import pipeline_options
+from pipelines.options import pipeline_options, stop_after_dry_run
 from schemas.envelope import to_json
 from transforms.counting import WriteCounts, read_counts
 from transforms.archive import read_manifest
@@ -156,7 +156,8 @@ def build_stream(p: beam.Pipeline, source: KafkaSource, out: str, *, max_records
      | 'KeyedJson' >> beam.Map(lambda e: (e['partition_key'].encode(), to_json(e).encode()))
      .with_output_types(Tuple[bytes, bytes])
      | 'PublishToKafka' >> WriteToKafka(producer_config={'bootstrap.servers': source.bootstrap},
-                                        topic=publish_topic))
+                                        topic=publish_topic,
+                                        expansion_service=runners.kafka_io_service(p.options)))
   if archive:
     fmt, buckets = _archive_layout(archive.path)
     counts['archive/sidecars'] = (live.published_refs, live.dead_refs) | 'ArchiveLive' >> ArchiveLive(
@@ -189,6 +190,7 @@ def run(source: KafkaSource, out: str, beam_args: List[str], *, max_records: Opt
                           from_archive=from_archive)
     if bounded:
       counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
+  stop_after_dry_run(p, beam_args)
   if not bounded:
     return None
   seconds = time.monotonic() - started

@@ -27,7 +27,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.cli import UsageError
-from pipelines.options import pipeline_options
+from pipelines.options import pipeline_options, stop_after_dry_run
 from transforms import taxi as taxi_tf
 from transforms import taxi_logic as logic
 from transforms.counting import WriteCounts, read_counts
@@ -121,6 +121,7 @@ def run_join(rides: str, fares: str, out: str, beam_args: List[str],
                       'start_rides': starts, 'end_rides_passed_over': ends,
                       'fares': parsed_fares.records, 'joined': result.joined,
                       'unmatched': result.unmatched, 'dead_letters': dead}, out)
+  stop_after_dry_run(p, beam_args)
   c = _read_counts(out)
   balanced = (c['ride_lines_in'] + c['fare_lines_in'] ==
               c['start_rides'] + c['end_rides_passed_over'] + c['fares'] + c['dead_letters']
@@ -143,6 +144,7 @@ def run_long_rides(rides: str, out: str, beam_args: List[str],
     _write_counts(p, {'ride_lines_in': ride_lines, 'rides': parsed.records,
                       'alerts': result.alerts, 'ignored': result.ignored,
                       'dead_letters': parsed.dead_letters}, out)
+  stop_after_dry_run(p, beam_args)
   c = _read_counts(out)
   return _finish('long-rides', out, {'rides': rides}, c,
                  c['ride_lines_in'] == c['rides'] + c['dead_letters'],
@@ -158,6 +160,7 @@ def run_hourly_tips(fares: str, out: str, beam_args: List[str]) -> Dict:
     _write_jsonl(parsed.dead_letters, out, 'dead_letters')
     _write_counts(p, {'fare_lines_in': fare_lines, 'fares': parsed.records,
                       'hours': tips, 'dead_letters': parsed.dead_letters}, out)
+  stop_after_dry_run(p, beam_args)
   c = _read_counts(out)
   return _finish('hourly-tips', out, {'fares': fares}, c,
                  c['fare_lines_in'] == c['fares'] + c['dead_letters'])
@@ -176,6 +179,7 @@ def run_cleanse(rides: str, out: str, beam_args: List[str]) -> Dict:
     _write_counts(p, {'ride_lines_in': ride_lines, 'rides': parsed.records,
                       'kept': kept, 'outside_nyc': outside,
                       'dead_letters': parsed.dead_letters}, out)
+  stop_after_dry_run(p, beam_args)
   c = _read_counts(out)
   return _finish('cleanse', out, {'rides': rides}, c,
                  c['ride_lines_in'] == c['kept'] + c['outside_nyc'] + c['dead_letters'])

@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 import apache_beam as beam
 from apache_beam.io.kafka import ReadFromKafka
 
+from pipelines.runners import kafka_io_service
+
 
 class ReadKafkaMessages(beam.PTransform):
   """PBegin -> ReadFromKafka(with_metadata=True) records of ``topic``, timestamped by CreateTime."""
@@ -40,7 +42,8 @@ class ReadKafkaMessages(beam.PTransform):
         consumer_config={'bootstrap.servers': self.bootstrap, 'auto.offset.reset': 'earliest',
                          'group.id': self.group_id, 'enable.auto.commit': 'false'},
         topics=[self.topic], with_metadata=True, max_num_records=self.max_records,
-        timestamp_policy=ReadFromKafka.create_time_policy)
+        timestamp_policy=ReadFromKafka.create_time_policy,
+        expansion_service=kafka_io_service(pbegin.pipeline.options))
 
 
 def message_value(message) -> Tuple[str, bytes]:

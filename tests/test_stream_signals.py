@@ -1,0 +1,78 @@
+"""Stopping a live `run.py stream` with SIGTERM stops what it started.
+
+Beam runs the runner's job server (Prism here) and the Java expansion service for
+Kafka as child processes of the command. A service manager or a user's `kill`
+signals the command alone; it must exit with 143 and take its children with it.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def children(pid: int):
+  """The pids whose parent is ``pid`` (from /proc), with their command names."""
+  found = {}
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        stat = f.read()
+    except OSError:
+      continue
+    name, rest = stat[stat.index('(') + 1:stat.rindex(')')], stat[stat.rindex(')') + 2:].split()
+    if int(rest[1]) == pid:
+      found[int(entry)] = name
+  return found
+
+
+def alive(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().split(') ')[1][0] != 'Z'
+  except OSError:
+    return False
+
+
+@pytest.mark.integration
+def test_sigterm_stops_a_live_stream_and_its_children(kafka, tmp_path):
+  from tests.service_fixtures import create_topic
+  topic = f'signals-{uuid.uuid4().hex[:8]}'
+  create_topic(kafka, topic)
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',
+                           f'kafka://{kafka}/{topic}', '--out', str(tmp_path / 'out'),
+                           '--archive', str(tmp_path / 'archive'), '--runner=PrismRunner'],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  started = {}
+  try:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+      started = children(proc.pid)
+      if 'prism' in started.values() and 'java' in started.values():
+        break
+      time.sleep(1)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert {'prism', 'java'} <= set(started.values()), started
+    time.sleep(5)  # let the job start on Prism
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert 'terminated' in err.splitlines(), err[-3000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(alive(p) for p in started):
+      time.sleep(0.5)
+    assert not [started[p] for p in started if alive(p)], 'children outlived the command'
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    for p in started:
+      if alive(p):
+        os.kill(p, signal.SIGKILL)
