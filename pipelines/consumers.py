@@ -23,7 +23,7 @@ Consumers and their outputs under DIR:
 from __future__ import annotations
 
 import json
-from typing import Dict
+from typing import Dict, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms import window
@@ -60,14 +60,19 @@ def retail_consumers(events: beam.PCollection, out: str) -> Dict[str, beam.PColl
   return counts
 
 
-def taxi_consumers(events: beam.PCollection, out: str) -> Dict[str, beam.PCollection]:
-  """The Flink training exercises, fed by the published stream's ride and fare events."""
+def _rides_and_fares(events: beam.PCollection) -> Tuple[beam.PCollection, beam.PCollection]:
   rides = (events
            | 'Rides' >> beam.Filter(lambda e: e['event_type'] in RIDE_EVENTS)
            | 'RideRecords' >> beam.Map(lambda e: e['data']))
   fares = (events
            | 'Fares' >> beam.Filter(lambda e: e['event_type'] == 'FarePaid')
            | 'FareRecords' >> beam.Map(lambda e: e['data']))
+  return rides, fares
+
+
+def taxi_consumers(events: beam.PCollection, out: str) -> Dict[str, beam.PCollection]:
+  """The Flink training exercises, fed by the published stream's ride and fare events."""
+  rides, fares = _rides_and_fares(events)
   joined = (rides, fares) | 'JoinRidesAndFares' >> JoinRidesAndFares()
   alerts = rides | 'LongRides' >> LongRideAlerts()
   tips = fares | 'HourlyTips' >> HourlyTips()
@@ -93,6 +98,23 @@ def rider_consumers(events: beam.PCollection, out: str) -> Dict[str, beam.PColle
          lambda kv: _json({'zone': kv[0], 'waiting': kv[1].value()}))
   return {'riders/rider_located': located.located, 'riders/unmatched': located.unmatched,
           'riders/occupancy': occupancy, 'riders/zone_waiting': waiting}
+
+
+def joined_streams(timed: beam.PCollection) -> Dict[str, beam.PCollection]:
+  """Only the two joins, for a live run that sends them to Kafka without writing files:
+  the same transforms under the same labels as in :func:`apply_consumers`."""
+  rides, fares = _rides_and_fares(timed)
+  return {'taxi/joined': ((rides, fares) | 'JoinRidesAndFares' >> JoinRidesAndFares()).joined,
+          'riders/rider_located': (timed | 'LocateRiders' >> LocateRiders()).located}
+
+
+# Joined streams as Kafka messages: (key, value) bytes, keyed by what each join joined on.
+JOINED_MESSAGES = {
+    'taxi/joined': lambda j: (str(j['ride']['rideId']).encode(),
+                              _json(taxi_logic.joined_to_json_dict(j)).encode()),
+    'riders/rider_located': lambda e: (e['partition_key'].encode(), to_json(e).encode()),
+}
+JOINED_TOPIC_SUFFIX = {'taxi/joined': 'taxi-joined', 'riders/rider_located': 'rider-located'}
 
 
 def apply_consumers(events: beam.PCollection, out: str) -> Dict[str, beam.PCollection]:

@@ -15,7 +15,11 @@ wraps, here keeping each message's Kafka offset:
 * always, when asked: ``--views DSN`` keeps the retail views in a database
   with per-partition positions (:mod:`transforms.view_store`, read by
   ``run.py serve views``), ``--publish-topic T`` writes the published stream
-  back to Kafka, keyed by partition key, with ``WriteToKafka``;
+  back to Kafka, keyed by partition key, with ``WriteToKafka``, and
+  ``--joined-topic-prefix P`` the joined streams (``P.taxi-joined``: rides
+  joined with fares; ``P.rider-located``: riders joined with their taxi's
+  position across partition keys), computed by the same transforms as the
+  replay's (:func:`pipelines.consumers.joined_streams`), live or bounded;
 * ``--archive PATH [--archive-window SECONDS] [--archive-flush SECONDS]``:
   the live path archives too (:mod:`transforms.live_archive`), in fixed
   event-time windows (default 3600 s: the archive's ``hour=`` partition) whose
@@ -47,7 +51,7 @@ import json
 import re
 import sys
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -67,6 +71,7 @@ from transforms.live_archive import (
 from transforms.publish import dead_letter_json
 
 _SOURCE = re.compile(r'^kafka://(?P<bootstrap>[^/]+)/(?P<topic>[A-Za-z0-9._-]+)$')
+_TOPIC = re.compile(r'^[A-Za-z0-9._-]+$')
 
 
 class KafkaSource(NamedTuple):
@@ -94,6 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='also keep the retail views in this database (SQLite path or postgresql://)')
   parser.add_argument('--publish-topic', metavar='TOPIC',
                       help='also write the published events to this Kafka topic')
+  parser.add_argument('--joined-topic-prefix', metavar='PREFIX',
+                      help='also write the joined streams to Kafka: rides joined with fares to '
+                           'PREFIX.taxi-joined (keyed by rideId), riders located by their taxi to '
+                           'PREFIX.rider-located (RiderLocated events, keyed by rider)')
   parser.add_argument('--group-id', default='sourcebeam-stream',
                       help='Kafka consumer group (default: sourcebeam-stream)')
   parser.add_argument('--archive', metavar='PATH',
@@ -136,7 +145,8 @@ def _archive_layout(path: str) -> Tuple[str, int]:
 def build_stream(p: beam.Pipeline, source: KafkaSource, out: str, *, max_records: Optional[int],
                  views: Optional[str] = None, publish_topic: Optional[str] = None,
                  group_id: str = 'sourcebeam-stream', archive: Optional[ArchiveSettings] = None,
-                 from_archive: Optional[str] = None) -> Dict[str, beam.PCollection]:
+                 from_archive: Optional[str] = None,
+                 joined_topic_prefix: Optional[str] = None) -> Dict[str, beam.PCollection]:
   if from_archive:
     handoff = p | 'ReplayThenLive' >> ReplayThenLive(from_archive, source, max_records=max_records)
     result, live, messages = handoff, handoff.live, handoff.messages
@@ -152,12 +162,8 @@ def build_stream(p: beam.Pipeline, source: KafkaSource, out: str, *, max_records
      | 'ViewChanges' >> ViewChanges()
      | 'WriteViews' >> WriteViewsToStore(views))
   if publish_topic:
-    (result.published
-     | 'KeyedJson' >> beam.Map(lambda e: (e['partition_key'].encode(), to_json(e).encode()))
-     .with_output_types(Tuple[bytes, bytes])
-     | 'PublishToKafka' >> WriteToKafka(producer_config={'bootstrap.servers': source.bootstrap},
-                                        topic=publish_topic,
-                                        expansion_service=runners.kafka_io_service(p.options)))
+    result.published | 'PublishToKafka' >> ToKafka(
+        lambda e: (e['partition_key'].encode(), to_json(e).encode()), source.bootstrap, publish_topic)
   if archive:
     fmt, buckets = _archive_layout(archive.path)
     counts['archive/sidecars'] = (live.published_refs, live.dead_refs) | 'ArchiveLive' >> ArchiveLive(
@@ -168,14 +174,47 @@ def build_stream(p: beam.Pipeline, source: KafkaSource, out: str, *, max_records
         out, 'published.jsonl')
     result.dead_letters | 'DeadLetterJson' >> beam.Map(dead_letter_json) | 'WriteDead' >> (
         outputs.write_lines(out, 'dead_letters.jsonl'))
-    counts.update(consumers.apply_consumers(result.published, outputs.join(out, 'consumers')))
+    consumer_outputs = consumers.apply_consumers(result.published, outputs.join(out, 'consumers'))
+    counts.update(consumer_outputs)
+  if joined_topic_prefix:
+    if max_records is not None:  # the consumers above computed the joins already
+      joined = {name: consumer_outputs[name] for name in consumers.JOINED_MESSAGES}
+    else:
+      joined = consumers.joined_streams(
+          result.published | 'AtEventTime' >> beam.Map(consumers.at_event_time))
+    for name, pcoll in joined.items():
+      pcoll | f'ToKafka {name}' >> ToKafka(consumers.JOINED_MESSAGES[name], source.bootstrap,
+                                          joined_topic(joined_topic_prefix, name))
   return counts
+
+
+def joined_topic(prefix: str, name: str) -> str:
+  """``--joined-topic-prefix P``'s topic for the joined stream ``name``: ``P.taxi-joined`` ..."""
+  return f'{prefix}.{consumers.JOINED_TOPIC_SUFFIX[name]}'
+
+
+class ToKafka(beam.PTransform):
+  """Elements -> ``topic``, each as the (key, value) bytes ``message`` makes of it, through
+  Beam's ``WriteToKafka`` with the expansion service this runner needs."""
+
+  def __init__(self, message: Callable[[Any], Tuple[bytes, bytes]], bootstrap: str, topic: str):
+    super().__init__()
+    self.message, self.bootstrap, self.topic = message, bootstrap, topic
+
+  def expand(self, pcoll):
+    return (pcoll
+            # The cross-language write needs the element type to pick its coder.
+            | 'Message' >> beam.Map(self.message).with_output_types(Tuple[bytes, bytes])
+            | 'WriteToKafka' >> WriteToKafka(
+                producer_config={'bootstrap.servers': self.bootstrap}, topic=self.topic,
+                expansion_service=runners.kafka_io_service(pcoll.pipeline.options)))
 
 
 def run(source: KafkaSource, out: str, beam_args: List[str], *, max_records: Optional[int],
         views: Optional[str] = None, publish_topic: Optional[str] = None,
         group_id: str = 'sourcebeam-stream', archive: Optional[ArchiveSettings] = None,
-        from_archive: Optional[str] = None) -> Optional[Dict[str, Any]]:
+        from_archive: Optional[str] = None,
+        joined_topic_prefix: Optional[str] = None) -> Optional[Dict[str, Any]]:
   bounded = max_records is not None
   options = pipeline_options(beam_args, streaming=not bounded)
   FileSystems.set_options(options)
@@ -187,7 +226,7 @@ def run(source: KafkaSource, out: str, beam_args: List[str], *, max_records: Opt
   with beam.Pipeline(options=options) as p:
     counts = build_stream(p, source, out, max_records=max_records, views=views,
                           publish_topic=publish_topic, group_id=group_id, archive=archive,
-                          from_archive=from_archive)
+                          from_archive=from_archive, joined_topic_prefix=joined_topic_prefix)
     if bounded:
       counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
   stop_after_dry_run(p, beam_args)
@@ -213,10 +252,13 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
     raise UsageError('--max-records must be positive')
   if args.archive_window < 1 or args.archive_flush < 1:
     raise UsageError('--archive-window and --archive-flush must be at least 1 second')
+  if args.joined_topic_prefix is not None and not _TOPIC.match(args.joined_topic_prefix):
+    raise UsageError('--joined-topic-prefix must be letters, digits, ".", "_" or "-", '
+                     f'got {args.joined_topic_prefix!r}')
   archive = ArchiveSettings(args.archive, args.archive_window, args.archive_flush) if args.archive else None
   summary = run(source, args.out, beam_args, max_records=args.max_records, views=args.views,
                 publish_topic=args.publish_topic, group_id=args.group_id, archive=archive,
-                from_archive=args.from_archive)
+                from_archive=args.from_archive, joined_topic_prefix=args.joined_topic_prefix)
   if summary:
     print(f'read {summary["in"]} messages from {summary["source"]}: {summary["published"]} '
           f'published, {summary["dead_lettered"]} dead-lettered; summary in {args.out}/summary.json',

@@ -88,16 +88,27 @@ def check_same(replayed, stream_out, n_raw):
 def stream_and_check(runner_args, replayed, topic, kafka, raw_events, out):
   """Run the live path over the topic on a runner; its outputs must equal the replay's."""
   from tests.service_fixtures import consume, create_topic
-  published_topic = f'published-{uuid.uuid4().hex[:8]}'
+  published_topic, joined_prefix = f'published-{uuid.uuid4().hex[:8]}', f'joined-{uuid.uuid4().hex[:8]}'
   create_topic(kafka, published_topic, partitions=2)
+  for suffix in ('taxi-joined', 'rider-located'):
+    create_topic(kafka, f'{joined_prefix}.{suffix}')
   run_cli('stream', '--source', f'kafka://{kafka}/{topic}', '--max-records', str(len(raw_events)),
-          '--out', str(out), '--publish-topic', published_topic,
-          f'--group-id=same-code-{uuid.uuid4().hex[:8]}', *runner_args)
+          '--out', str(out), '--publish-topic', published_topic, '--joined-topic-prefix',
+          joined_prefix, f'--group-id=same-code-{uuid.uuid4().hex[:8]}', *runner_args)
   check_same(replayed, out, len(raw_events))
-  # The published stream also went back to Kafka, keyed by partition key.
+  # The published stream also went back to Kafka, keyed by partition key,
   published = lines(replayed / 'published' / 'published.jsonl')
   back = consume(kafka, published_topic, len(published))
   assert sorted(v for _, v in back) == published
+  assert all(json.loads(v)['partition_key'] == k for k, v in back)
+  # and so did the joined streams, keyed by what they joined on.
+  rides = lines(replayed / 'replay' / 'taxi' / 'joined.jsonl')
+  back = consume(kafka, f'{joined_prefix}.taxi-joined', len(rides))
+  assert sorted(v for _, v in back) == rides
+  assert all(str(json.loads(v)['ride']['rideId']) == k for k, v in back)
+  located = lines(replayed / 'replay' / 'riders' / 'rider_located.jsonl')
+  back = consume(kafka, f'{joined_prefix}.rider-located', len(located))
+  assert sorted(v for _, v in back) == located
   assert all(json.loads(v)['partition_key'] == k for k, v in back)
 
 
@@ -121,6 +132,35 @@ def test_kafka_on_standalone_flink_cluster_equals_the_replay(replayed, topic, ka
                     f'--job_name={job_name}'], replayed, topic, kafka, raw_events, tmp_path / 'out')
   # It ran on the cluster (the JobManager knows the job), not in an embedded Flink.
   assert [j for j in flink_jobs(flink_cluster) if j['name'].startswith(job_name)]
+
+
+@pytest.mark.integration
+def test_a_live_run_sends_the_joins_to_kafka_as_they_happen(replayed, topic, kafka, tmp_path):
+  """Unbounded (no --max-records) on Prism: the live run computes only the joins (no file
+  outputs) and sends them to Kafka; every ride the replay joined arrives, and every rider
+  located live is one the replay located too."""
+  import signal
+  from tests.service_fixtures import consume, create_topic
+  prefix = f'live-joined-{uuid.uuid4().hex[:8]}'
+  for suffix in ('taxi-joined', 'rider-located'):
+    create_topic(kafka, f'{prefix}.{suffix}')
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',
+                           f'kafka://{kafka}/{topic}', '--out', str(tmp_path / 'out'),
+                           '--joined-topic-prefix', prefix, f'--group-id=live-{prefix}',
+                           '--runner=PrismRunner'],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    rides = lines(replayed / 'replay' / 'taxi' / 'joined.jsonl')
+    back = consume(kafka, f'{prefix}.taxi-joined', len(rides), timeout_ms=240000)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert sorted(v for _, v in back) == rides
+    located = set(lines(replayed / 'replay' / 'riders' / 'rider_located.jsonl'))
+    live = consume(kafka, f'{prefix}.rider-located', len(located), timeout_ms=20000)
+    assert live and {v for _, v in live} <= located
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+  assert proc.returncode == 143
 
 
 RUNNERS = {
