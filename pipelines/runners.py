@@ -156,7 +156,7 @@ def runner_args(args: List[str]) -> List[str]:
                      'written there; without it Beam asks GCS for a default bucket)')
   if (runner != DATAFLOW and not has_option(args, '--beam_services') and
       io_expansion_jar(runner)):
-    # (Dataflow runs Java in Beam's Docker containers: it keeps Beam's own default.)
+    # (Dataflow's Java runs in Beam's Docker containers: see kafka_io_service.)
     args.append('--beam_services=' + json.dumps({IO_EXPANSION_TARGET: io_expansion_jar(runner)}))
   # Workers that are not this process need Sourcebeam installed; LOOPBACK workers are us.
   remote_workers = runner == DATAFLOW or (
