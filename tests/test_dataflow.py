@@ -6,7 +6,8 @@ the pipeline's steps, Beam's Python SDK container with Sourcebeam staged as an s
 of setup.py, and for the Kafka pipelines Beam's Java SDK container with the IO
 expansion service jar staged. Archives on ``gs://`` live on the GCS emulator (the
 manifest is read while the job is built), so nothing here reaches Google, and the
-Kafka source names a port nothing listens on (building the job never dials it).
+Kafka source names a port nothing listens on (building the job never dials it). The
+Kafka pipelines' tests start Beam's Java expansion service, so they are integration tests.
 """
 
 import json
@@ -86,6 +87,7 @@ def test_replay_of_an_archive_on_gcs_builds_a_batch_job(gcs_archive, gcs_service
   assert {'ReplayArchive', 'WriteProjections', 'JoinRidesAndFares', 'LocateRiders'} <= set(job['steps'])
 
 
+@pytest.mark.integration  # starts the Java expansion service
 def test_bounded_stream_from_kafka_builds_a_job_with_javas_kafka_io(tmp_path):
   job = dry_run('stream', '--source', NOBODY, '--max-records', '100', '--publish-topic',
                 'published', '--out', 'gs://sourcebeam-dry-run/stream', *DRY_RUN)
@@ -96,6 +98,7 @@ def test_bounded_stream_from_kafka_builds_a_job_with_javas_kafka_io(tmp_path):
   assert len(staged) == 1 and staged[0].startswith('beam-sdks-java-io-expansion-service-2.70.0')
 
 
+@pytest.mark.integration  # starts the Java expansion service
 def test_live_stream_that_archives_to_gcs_builds_a_streaming_job(gcs_service):
   job = dry_run('stream', '--source', NOBODY, '--out', gcs_service.fresh_prefix('live'),
                 '--archive', gcs_service.fresh_prefix('live-archive'), *gcs_service.beam_args,
@@ -105,6 +108,7 @@ def test_live_stream_that_archives_to_gcs_builds_a_streaming_job(gcs_service):
   java_environment(job)
 
 
+@pytest.mark.integration  # starts the Java expansion service
 def test_fanout_and_taxi_pipelines_build_jobs(gcs_service, tmp_path):
   subscribers = tmp_path / 'subscribers.json'
   subscribers.write_text(json.dumps({'subscribers': [
