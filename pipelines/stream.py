@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -66,24 +65,16 @@ from transforms.archive import read_manifest
 from transforms.archive_format import DEFAULT_BUCKETS
 from transforms.handoff import ReplayThenLive, plan_handoff
 from transforms.kafka_read import ReadKafkaMessages
+from transforms.kafka_url import TOPIC_NAME, KafkaTopic, parse_kafka_url
 from transforms.live_archive import (
     DEFAULT_FLUSH_SECONDS, DEFAULT_WINDOW_SECONDS, ArchiveLive, PublishKafkaMessages, view_source)
 from transforms.publish import dead_letter_json
 
-_SOURCE = re.compile(r'^kafka://(?P<bootstrap>[^/]+)/(?P<topic>[A-Za-z0-9._-]+)$')
-_TOPIC = re.compile(r'^[A-Za-z0-9._-]+$')
-
-
-class KafkaSource(NamedTuple):
-  bootstrap: str
-  topic: str
-
-
-def parse_source(text: str) -> KafkaSource:
-  m = _SOURCE.match(text or '')
-  if not m:
+def parse_source(text: str) -> KafkaTopic:
+  source = parse_kafka_url(text)
+  if not source:
     raise UsageError(f'--source must look like kafka://HOST:PORT/TOPIC, got {text!r}')
-  return KafkaSource(m['bootstrap'], m['topic'])
+  return source
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            'those offsets: no event missed or doubled at the hand-off')
 
 
-def read_kafka(p: beam.Pipeline, source: KafkaSource, group_id: str,
+def read_kafka(p: beam.Pipeline, source: KafkaTopic, group_id: str,
                max_records: Optional[int]) -> beam.PCollection:
   return p | 'ReadKafka' >> ReadKafkaMessages(source.bootstrap, source.topic, group_id, max_records)
 
@@ -142,7 +133,7 @@ def _archive_layout(path: str) -> Tuple[str, int]:
   return (manifest['format'], manifest['buckets']) if manifest else ('avro', DEFAULT_BUCKETS)
 
 
-def build_stream(p: beam.Pipeline, source: KafkaSource, out: str, *, max_records: Optional[int],
+def build_stream(p: beam.Pipeline, source: KafkaTopic, out: str, *, max_records: Optional[int],
                  views: Optional[str] = None, publish_topic: Optional[str] = None,
                  group_id: str = 'sourcebeam-stream', archive: Optional[ArchiveSettings] = None,
                  from_archive: Optional[str] = None,
@@ -210,7 +201,7 @@ class ToKafka(beam.PTransform):
                 expansion_service=runners.kafka_io_service(pcoll.pipeline.options)))
 
 
-def run(source: KafkaSource, out: str, beam_args: List[str], *, max_records: Optional[int],
+def run(source: KafkaTopic, out: str, beam_args: List[str], *, max_records: Optional[int],
         views: Optional[str] = None, publish_topic: Optional[str] = None,
         group_id: str = 'sourcebeam-stream', archive: Optional[ArchiveSettings] = None,
         from_archive: Optional[str] = None,
@@ -252,7 +243,7 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
     raise UsageError('--max-records must be positive')
   if args.archive_window < 1 or args.archive_flush < 1:
     raise UsageError('--archive-window and --archive-flush must be at least 1 second')
-  if args.joined_topic_prefix is not None and not _TOPIC.match(args.joined_topic_prefix):
+  if args.joined_topic_prefix is not None and not TOPIC_NAME.match(args.joined_topic_prefix):
     raise UsageError('--joined-topic-prefix must be letters, digits, ".", "_" or "-", '
                      f'got {args.joined_topic_prefix!r}')
   archive = ArchiveSettings(args.archive, args.archive_window, args.archive_flush) if args.archive else None

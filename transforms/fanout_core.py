@@ -39,9 +39,9 @@ import tomllib
 from typing import Any, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from pipelines.cli import UsageError
+from transforms.kafka_url import parse_kafka_url
 
 _NAME = re.compile(r'^[A-Za-z0-9._-]{1,128}$')
-_KAFKA = re.compile(r'^kafka://(?P<bootstrap>[^/\s]+:\d+)/(?P<topic>[A-Za-z0-9._-]{1,249})$')
 _FIELDS = ('name', 'event_types', 'keys', 'sink')
 _GLOB_CHARS = set('*?[')
 CACHE_LIMIT = 200_000
@@ -81,11 +81,11 @@ def parse_sink(text: Any, where: str) -> Sink:
     raise UsageError(f'{where}: "sink" must be kafka://HOST:PORT/TOPIC or an archive path')
   text = text.strip()
   if text.startswith('kafka://'):
-    m = _KAFKA.match(text)
-    if not m:
+    kafka = parse_kafka_url(text)
+    if not kafka:
       raise UsageError(f'{where}: sink {text!r} must look like kafka://HOST:PORT/TOPIC '
                        '(topic: letters, digits, ".", "_", "-")')
-    return Sink('kafka', m['topic'], m['bootstrap'])
+    return Sink('kafka', kafka.topic, kafka.bootstrap)
   scheme = text.split('://', 1)[0] if '://' in text else None
   if scheme not in (None, 'file', 's3', 'gs'):
     raise UsageError(f'{where}: sink {text!r}: archive paths are local, s3:// or gs:// '

@@ -345,7 +345,7 @@ class HandoffResult(NamedTuple):
 class ReplayThenLive(beam.PTransform):
   """PBegin -> the archive's events up to the recorded offsets, then Kafka from them.
 
-  ``source`` is ``(bootstrap, topic)`` (e.g. :class:`pipelines.stream.KafkaSource`).
+  ``source`` is ``(bootstrap, topic)`` (e.g. :class:`transforms.kafka_url.KafkaTopic`).
   Returns a :class:`HandoffResult`; its ``published`` is the published stream:
   every offset of the topic from the archive's first recorded one, exactly once.
   Archived events carry their event time as timestamp; Kafka ones their CreateTime.
