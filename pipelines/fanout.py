@@ -49,11 +49,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import outputs
+from pipelines import outputs, runners
 from pipelines.cli import UsageError
 from pipelines.options import pipeline_options, stop_after_dry_run
 from transforms.fanout import ARCHIVE_CODECS, MATCHED, UNMATCHED, FanOut, ParseEnvelopes, prepare_archive_sinks
-from transforms.kafka_read import ReadKafkaMessages, message_value
+from transforms.kafka_read import ReadKafkaMessages, check_bounded_read, message_value
 from transforms.fanout_core import Subscriber, load_subscribers, parse_sink
 
 COUNTS_FILE = '_fanout_counts.json'
@@ -196,6 +196,9 @@ def run(subscribers: Sequence[Subscriber], source: str, out: str, beam_args: Lis
   bounded = not _is_kafka(source) or max_records is not None
   options = pipeline_options(beam_args, streaming=not bounded)
   FileSystems.set_options(options)
+  if _is_kafka(source) and bounded and not runners.is_dry_run(beam_args):
+    kafka = parse_sink(source, '--source')
+    check_bounded_read(kafka.bootstrap, kafka.target, max_records, group_id=group_id)
   outputs.prepare(out)
   prepare_archive_sinks(subscribers)
   started = time.monotonic()

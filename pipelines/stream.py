@@ -64,7 +64,7 @@ from transforms.counting import WriteCounts, read_counts
 from transforms.archive import read_manifest
 from transforms.archive_format import DEFAULT_BUCKETS
 from transforms.handoff import ReplayThenLive, plan_handoff
-from transforms.kafka_read import ReadKafkaMessages
+from transforms.kafka_read import ReadKafkaMessages, check_bounded_read
 from transforms.kafka_url import TOPIC_NAME, KafkaTopic, parse_kafka_url
 from transforms.live_archive import (
     DEFAULT_FLUSH_SECONDS, DEFAULT_WINDOW_SECONDS, ArchiveLive, PublishKafkaMessages, view_source)
@@ -85,7 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--max-records', type=int, metavar='N',
                       help='read the first N messages and stop (a bounded run); without it the '
                            'run is live and unbounded. With --from-archive: N messages after the '
-                           "archive's recorded offsets")
+                           "archive's recorded offsets. From 10,000 KafkaIO splits N among readers "
+                           'that each own some partitions; a warning says when one must wait for '
+                           'more messages than its partitions hold')
   parser.add_argument('--views', metavar='DSN',
                       help='also keep the retail views in this database (SQLite path or postgresql://)')
   parser.add_argument('--publish-topic', metavar='TOPIC',
@@ -212,6 +214,9 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, max_records: Opti
   plan = None
   if from_archive:  # before anything runs: a bad archive is one line and exit 2
     plan = plan_handoff(from_archive, source.topic)
+  if bounded and not runners.is_dry_run(beam_args):  # a bound the read can reach, or exit 2
+    check_bounded_read(source.bootstrap, source.topic, max_records, group_id=group_id,
+                       start_offsets=dict(plan.offsets) if plan else None)
   outputs.prepare(out)
   started = time.monotonic()
   with beam.Pipeline(options=options) as p:

@@ -16,18 +16,26 @@ hand-off) reads the same way, so this is the one place for it:
   committed on purpose (the hand-off commits its start offsets to a fresh group)
   are still where the read starts.
 
-``max_records`` bounds the read (a run that ends) — KafkaIO counts records per
-reader split, so give it at most what the topic holds.
+``max_records`` bounds the read (a run that ends). KafkaIO divides the bound
+among readers that each own some partitions (:func:`bounded_read_shares`), and a
+reader whose partitions hold less than its share waits until they receive more,
+for ever if nothing more comes: :func:`check_bounded_read` says so before the
+pipeline starts (a run may mean to wait for messages still to be produced).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import sys
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.kafka import ReadFromKafka
 
+from pipelines.cli import UsageError
 from pipelines.runners import kafka_io_service
+
+# Beam's BoundedReadFromUnboundedSource: one reader per this many records, at most 100.
+_RECORDS_PER_READER, _MAX_READERS = 10_000, 100
 
 
 class ReadKafkaMessages(beam.PTransform):
@@ -49,3 +57,64 @@ class ReadKafkaMessages(beam.PTransform):
 def message_value(message) -> Tuple[str, bytes]:
   """A ReadFromKafka(with_metadata=True) record -> (source label, raw bytes): PublishEvents' input."""
   return f'kafka://{message.topic}/{message.partition}@{message.offset}', bytes(message.value or b'')
+
+
+def bounded_read_shares(max_records: int, partitions: List[int]) -> List[Tuple[List[int], int]]:
+  """How KafkaIO reads ``max_records`` from ``partitions``: ``[(partitions, records)]``, one
+  per reader. Beam asks for ``min(100, N // 10,000 + 1)`` readers, KafkaIO deals the sorted
+  partitions to ``min(that, #partitions)`` readers round-robin, and each reader reads its
+  even share of N (the first ``N % readers`` one more), waiting until it has."""
+  ordered = sorted(partitions)
+  readers = min(_MAX_READERS, max_records // _RECORDS_PER_READER + 1, len(ordered))
+  return [(ordered[i::readers], max_records // readers + (1 if i < max_records % readers else 0))
+          for i in range(readers)]
+
+
+def unreadable_bound(max_records: int, available: Mapping[int, int]) -> Optional[str]:
+  """Why a bounded read of ``max_records`` cannot end yet, given the messages ``available``
+  per partition after the read's start offsets; None when every reader can fill its share."""
+  shares = bounded_read_shares(max_records, list(available))
+  total = sum(available.values())
+  for owned, share in shares:
+    held = sum(available[p] for p in owned)
+    if held >= share:
+      continue
+    if len(shares) == 1:
+      return (f'--max-records {max_records}: the topic holds {total} messages after where the '
+              f'read starts, so the run waits for {max_records - total} more')
+    return (f'--max-records {max_records}: KafkaIO reads it with {len(shares)} readers of about '
+            f'{share} messages each, and the reader of partition(s) {", ".join(map(str, owned))} '
+            f'finds {held}, so the run waits until they hold {share}; to read what the topic '
+            f'holds now, use at most {min(total, _RECORDS_PER_READER - 1)} (one reader)')
+  return None
+
+
+def check_bounded_read(bootstrap: str, topic: str, max_records: int, *, group_id: str,
+                       start_offsets: Optional[Mapping[Tuple[str, int], int]] = None) -> None:
+  """A warning line on stderr if a read of ``max_records`` from ``topic`` cannot end with what
+  the topic holds now; UsageError if the topic or the broker is not there. The read starts at
+  ``start_offsets`` (per (topic, partition)) or else at ``group_id``'s committed offsets, or
+  else at the earliest, as ``ReadKafkaMessages`` does."""
+  from confluent_kafka import Consumer, KafkaException, TopicPartition
+  consumer = Consumer({'bootstrap.servers': bootstrap, 'group.id': group_id,
+                       'enable.auto.commit': False})
+  try:
+    try:
+      meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
+      if meta is None or meta.error is not None or not meta.partitions:
+        raise UsageError(f'topic {topic} does not exist at {bootstrap}')
+      marks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+               for p in meta.partitions}
+      if start_offsets is None:
+        committed = consumer.committed([TopicPartition(topic, p) for p in marks], timeout=15)
+        start_offsets = {(topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}
+    except KafkaException as e:
+      raise UsageError(f'cannot reach Kafka at {bootstrap}: {e}') from None
+  finally:
+    consumer.close()
+  available: Dict[int, int] = {}
+  for p, (low, high) in marks.items():
+    available[p] = high - max(low, start_offsets.get((topic, p), low))
+  problem = unreadable_bound(max_records, available)
+  if problem:
+    print(f'warning: {problem}', file=sys.stderr, flush=True)
