@@ -214,7 +214,7 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, max_records: Opti
   plan = None
   if from_archive:  # before anything runs: a bad archive is one line and exit 2
     plan = plan_handoff(from_archive, source.topic)
-  if bounded and not runners.is_dry_run(beam_args):  # a bound the read can reach, or exit 2
+  if bounded and not runners.is_dry_run(beam_args):  # warns if a reader must wait for more
     check_bounded_read(source.bootstrap, source.topic, max_records, group_id=group_id,
                        start_offsets=dict(plan.offsets) if plan else None)
   outputs.prepare(out)
