@@ -200,8 +200,7 @@ def kafka_io_service(options):
   if (options.view_as(StandardOptions).runner or '').split('.')[-1] != DATAFLOW:
     return None
   from apache_beam.transforms.external import JavaJarExpansionService
-  jar = _require(IO_EXPANSION_JAR if os.path.isfile(IO_EXPANSION_JAR) else None,
-                 'the Beam Java IO expansion service jar')
+  jar = _require(io_expansion_jar(DATAFLOW), 'the Beam Java IO expansion service jar')
   return JavaJarExpansionService(jar, append_args=['--defaultEnvironmentType=DOCKER'])
 
 
