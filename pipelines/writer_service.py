@@ -60,6 +60,7 @@ from pipelines.serve import (Answer, HttpError, make_server, method_not_allowed,
                              serve_until_stopped)
 from schemas.envelope import to_json
 from schemas.validation import DEFAULT_MAX_EVENT_BYTES, Invalid, validate_envelope
+from transforms.kafka_retry import retry_transient
 
 log = logging.getLogger('sourcebeam.writer')
 
@@ -195,24 +196,6 @@ def make_receipt(topic: str, partition: int, offset: int, event_id: str, partiti
 
 # --- Kafka -------------------------------------------------------------------------------------
 
-def _watermarks(consumer: Any, tp: Any, wait: float = 30.0) -> Tuple[int, int]:
-  """``(low, high)`` offsets of a partition, retrying while the broker says to (a leader
-  being elected, as just after the topic was created)."""
-  from confluent_kafka import KafkaError, KafkaException
-  transient = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-               KafkaError.UNKNOWN_TOPIC_OR_PART}
-  deadline = time.monotonic() + wait
-  while True:
-    try:
-      return consumer.get_watermark_offsets(tp, timeout=15)
-    except KafkaException as e:
-      error = e.args[0] if e.args else None
-      again = isinstance(error, KafkaError) and (error.retriable() or error.code() in transient)
-      if not again or time.monotonic() > deadline:
-        raise
-      time.sleep(0.5)
-
-
 class KafkaLog:
   """The topic, through confluent-kafka: an idempotent producer (acks=all) and a reader of
   partition tails for reconciliation."""
@@ -294,7 +277,8 @@ class KafkaLog:
                          'isolation.level': 'read_uncommitted', 'enable.partition.eof': True,
                          'logger': log})
     try:
-      low, high = _watermarks(consumer, TopicPartition(self.topic, partition))
+      low, high = retry_transient(
+          lambda: consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=15))
     except BaseException:
       consumer.close()
       raise

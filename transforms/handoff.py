@@ -47,7 +47,7 @@ from apache_beam.transforms import window as beam_window
 from pipelines.cli import UsageError
 from transforms.archive import check_archive_path, ensure_storage_options, read_archive_file
 from transforms.archive_format import join
-from transforms.kafka_read import ReadKafkaMessages
+from transforms.kafka_read import ReadKafkaMessages, partition_offsets
 from transforms.live_archive import (
     DEAD_DIR, OFFSETS_DIR, Published, PublishKafkaMessages, SidecarError, SourceRef, parse_sidecar)
 
@@ -235,19 +235,7 @@ def kafka_start_check(bootstrap: str, topic: str, offsets: Dict[TopicPartition, 
   A recorded offset below the partition's low watermark means Kafka deleted
   events the archive does not hold: the hand-off would miss them.
   """
-  from confluent_kafka import Consumer, KafkaException, TopicPartition as KTP
-  consumer = Consumer({'bootstrap.servers': bootstrap, 'group.id': f'sourcebeam-check-{uuid.uuid4().hex}',
-                       'enable.auto.commit': False})
-  try:
-    try:
-      meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
-    except KafkaException as e:
-      raise HandoffError(f'cannot reach Kafka at {bootstrap}: {e}') from None
-    if meta is None or meta.error is not None or not meta.partitions:
-      raise HandoffError(f'topic {topic} does not exist at {bootstrap}')
-    marks = {p: consumer.get_watermark_offsets(KTP(topic, p), timeout=15) for p in meta.partitions}
-  finally:
-    consumer.close()
+  marks, _ = partition_offsets(bootstrap, topic)
   for (t, p), offset in sorted(offsets.items()):
     if t != topic:
       continue

@@ -26,6 +26,7 @@ pipeline starts (a run may mean to wait for messages still to be produced).
 from __future__ import annotations
 
 import sys
+import uuid
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import apache_beam as beam
@@ -33,6 +34,7 @@ from apache_beam.io.kafka import ReadFromKafka
 
 from pipelines.cli import UsageError
 from pipelines.runners import kafka_io_service
+from transforms.kafka_retry import retry_transient
 
 # Beam's BoundedReadFromUnboundedSource: one reader per this many records, at most 100.
 _RECORDS_PER_READER, _MAX_READERS = 10_000, 100
@@ -89,32 +91,40 @@ def unreadable_bound(max_records: int, available: Mapping[int, int]) -> Optional
   return None
 
 
+def partition_offsets(bootstrap: str, topic: str, group_id: Optional[str] = None
+                      ) -> Tuple[Dict[int, Tuple[int, int]], Dict[int, int]]:
+  """``({partition: (low, high)}, {partition: committed offset of group_id})`` of ``topic``,
+  read with Kafka's own client; UsageError if the broker or the topic is not there."""
+  from confluent_kafka import Consumer, KafkaException, TopicPartition
+  consumer = Consumer({'bootstrap.servers': bootstrap, 'enable.auto.commit': False,
+                       'group.id': group_id or f'sourcebeam-check-{uuid.uuid4().hex}'})
+  try:
+    meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+      raise UsageError(f'topic {topic} does not exist at {bootstrap}')
+    marks = {p: retry_transient(lambda: consumer.get_watermark_offsets(
+        TopicPartition(topic, p), timeout=15)) for p in meta.partitions}
+    committed = {}
+    if group_id:
+      committed = {tp.partition: tp.offset for tp in retry_transient(lambda: consumer.committed(
+          [TopicPartition(topic, p) for p in marks], timeout=15)) if tp.offset >= 0}
+    return marks, committed
+  except KafkaException as e:
+    raise UsageError(f'cannot reach Kafka at {bootstrap}: {e}') from None
+  finally:
+    consumer.close()
+
+
 def check_bounded_read(bootstrap: str, topic: str, max_records: int, *, group_id: str,
                        start_offsets: Optional[Mapping[Tuple[str, int], int]] = None) -> None:
   """A warning line on stderr if a read of ``max_records`` from ``topic`` cannot end with what
   the topic holds now; UsageError if the topic or the broker is not there. The read starts at
   ``start_offsets`` (per (topic, partition)) or else at ``group_id``'s committed offsets, or
   else at the earliest, as ``ReadKafkaMessages`` does."""
-  from confluent_kafka import Consumer, KafkaException, TopicPartition
-  consumer = Consumer({'bootstrap.servers': bootstrap, 'group.id': group_id,
-                       'enable.auto.commit': False})
-  try:
-    try:
-      meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
-      if meta is None or meta.error is not None or not meta.partitions:
-        raise UsageError(f'topic {topic} does not exist at {bootstrap}')
-      marks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
-               for p in meta.partitions}
-      if start_offsets is None:
-        committed = consumer.committed([TopicPartition(topic, p) for p in marks], timeout=15)
-        start_offsets = {(topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}
-    except KafkaException as e:
-      raise UsageError(f'cannot reach Kafka at {bootstrap}: {e}') from None
-  finally:
-    consumer.close()
-  available: Dict[int, int] = {}
-  for p, (low, high) in marks.items():
-    available[p] = high - max(low, start_offsets.get((topic, p), low))
+  marks, starts = partition_offsets(bootstrap, topic, group_id if start_offsets is None else None)
+  if start_offsets is not None:
+    starts = {p: o for (t, p), o in start_offsets.items() if t == topic}
+  available = {p: high - max(low, starts.get(p, low)) for p, (low, high) in marks.items()}
   problem = unreadable_bound(max_records, available)
   if problem:
     print(f'warning: {problem}', file=sys.stderr, flush=True)
