@@ -19,6 +19,8 @@ import pytest
 
 from generators import retail, riders, taxi
 from generators.jsonl import encode_line
+from pipelines.consumers import JOINED_TOPIC_SUFFIX
+from pipelines.stream import joined_topic
 from schemas.envelope import iso_to_millis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,8 +92,8 @@ def stream_and_check(runner_args, replayed, topic, kafka, raw_events, out):
   from tests.service_fixtures import consume, create_topic
   published_topic, joined_prefix = f'published-{uuid.uuid4().hex[:8]}', f'joined-{uuid.uuid4().hex[:8]}'
   create_topic(kafka, published_topic, partitions=2)
-  for suffix in ('taxi-joined', 'rider-located'):
-    create_topic(kafka, f'{joined_prefix}.{suffix}')
+  for name in JOINED_TOPIC_SUFFIX:
+    create_topic(kafka, joined_topic(joined_prefix, name))
   run_cli('stream', '--source', f'kafka://{kafka}/{topic}', '--max-records', str(len(raw_events)),
           '--out', str(out), '--publish-topic', published_topic, '--joined-topic-prefix',
           joined_prefix, f'--group-id=same-code-{uuid.uuid4().hex[:8]}', *runner_args)
@@ -112,26 +114,44 @@ def stream_and_check(runner_args, replayed, topic, kafka, raw_events, out):
   assert all(json.loads(v)['partition_key'] == k for k, v in back)
 
 
-@pytest.mark.integration
-def test_kafka_on_prism_equals_the_replay(replayed, topic, kafka, raw_events, tmp_path):
-  stream_and_check(['--runner=PrismRunner'], replayed, topic, kafka, raw_events, tmp_path / 'out')
+RUNNERS = {
+    'prism': ['--runner=PrismRunner'],
+    'embedded-flink': ['--runner=FlinkRunner', '--flink_master=[local]'],
+    'flink-cluster': ['--runner=FlinkRunner'],  # + --flink_master of the flink_cluster fixture
+}
+
+
+def runner_args(runner, request):
+  args = list(RUNNERS[runner])
+  if runner == 'flink-cluster':
+    args.append(f'--flink_master={request.getfixturevalue("flink_cluster")}')
+  return args
 
 
 @pytest.mark.integration
-def test_kafka_on_embedded_flink_equals_the_replay(replayed, topic, kafka, raw_events, tmp_path):
-  stream_and_check(['--runner=FlinkRunner', '--flink_master=[local]'], replayed, topic, kafka,
-                   raw_events, tmp_path / 'out')
-
-
-@pytest.mark.integration
-def test_kafka_on_standalone_flink_cluster_equals_the_replay(replayed, topic, kafka, raw_events,
-                                                             flink_cluster, tmp_path):
-  from tests.service_fixtures import flink_jobs
+@pytest.mark.parametrize('runner', sorted(RUNNERS))
+def test_kafka_on_every_runner_equals_the_replay(runner, replayed, topic, kafka, raw_events,
+                                                 tmp_path, request):
+  args = runner_args(runner, request)
   job_name = f'same-code-{uuid.uuid4().hex[:8]}'
-  stream_and_check(['--runner=FlinkRunner', f'--flink_master={flink_cluster}',
-                    f'--job_name={job_name}'], replayed, topic, kafka, raw_events, tmp_path / 'out')
-  # It ran on the cluster (the JobManager knows the job), not in an embedded Flink.
-  assert [j for j in flink_jobs(flink_cluster) if j['name'].startswith(job_name)]
+  stream_and_check([*args, f'--job_name={job_name}'], replayed, topic, kafka, raw_events,
+                   tmp_path / 'out')
+  if runner == 'flink-cluster':
+    # It ran on the cluster (the JobManager knows the job), not in an embedded Flink.
+    from tests.service_fixtures import flink_jobs
+    flink_master = request.getfixturevalue('flink_cluster')
+    assert [j for j in flink_jobs(flink_master) if j['name'].startswith(job_name)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize('runner', sorted(RUNNERS))
+def test_the_replay_is_the_same_on_every_runner(runner, replayed, tmp_path, request):
+  """`run.py replay` of one archive on Prism and Flink equals the DirectRunner's replay."""
+  out = tmp_path / 'replay'
+  run_cli('replay', '--archive', str(replayed / 'archive'), '--out', str(out),
+          *runner_args(runner, request))
+  for name in COMPARED:
+    assert lines(out / name) == lines(replayed / 'replay' / name), name
 
 
 @pytest.mark.integration
@@ -142,8 +162,8 @@ def test_a_live_run_sends_the_joins_to_kafka_as_they_happen(replayed, topic, kaf
   import signal
   from tests.service_fixtures import consume, create_topic
   prefix = f'live-joined-{uuid.uuid4().hex[:8]}'
-  for suffix in ('taxi-joined', 'rider-located'):
-    create_topic(kafka, f'{prefix}.{suffix}')
+  for name in JOINED_TOPIC_SUFFIX:
+    create_topic(kafka, joined_topic(prefix, name))
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',
                            f'kafka://{kafka}/{topic}', '--out', str(tmp_path / 'out'),
                            '--joined-topic-prefix', prefix, f'--group-id=live-{prefix}',
@@ -161,26 +181,6 @@ def test_a_live_run_sends_the_joins_to_kafka_as_they_happen(replayed, topic, kaf
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
   assert proc.returncode == 143
-
-
-RUNNERS = {
-    'prism': ['--runner=PrismRunner'],
-    'embedded-flink': ['--runner=FlinkRunner', '--flink_master=[local]'],
-    'flink-cluster': ['--runner=FlinkRunner'],  # + --flink_master of the flink_cluster fixture
-}
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize('runner', sorted(RUNNERS))
-def test_the_replay_is_the_same_on_every_runner(runner, replayed, tmp_path, request):
-  """`run.py replay` of one archive on Prism and Flink equals the DirectRunner's replay."""
-  args = list(RUNNERS[runner])
-  if runner == 'flink-cluster':
-    args.append(f'--flink_master={request.getfixturevalue("flink_cluster")}')
-  out = tmp_path / 'replay'
-  run_cli('replay', '--archive', str(replayed / 'archive'), '--out', str(out), *args)
-  for name in COMPARED:
-    assert lines(out / name) == lines(replayed / 'replay' / name), name
 
 
 # A bare host would reach Kafka's Java client, which refuses it deep inside the pipeline.
