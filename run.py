@@ -20,17 +20,17 @@ from typing import List, Optional
 # name -> (module, one-line help). Modules are imported only when chosen, so
 # `run.py --help` stays fast and one broken pipeline cannot break the others.
 SUBCOMMANDS = {
-    'main': ('pipelines.main_job', 'the main job (the default): generate, publish, archive, replay everything'),
-    'generate': ('generators.cli', 'generate deterministic raw retail or taxi events as JSON lines'),
-    'publish': ('pipelines.publish', 'fix the stream: raw JSON events in, published events and dead letters out'),
-    'replay': ('pipelines.replay', 'replay an event archive through the pipelines'),
-    'keys': ('pipelines.keys', 'partition-key report of an archive: cardinality, skew, hot keys'),
-    'taxi': ('pipelines.taxi', 'taxi pipelines: join, long-rides, hourly-tips, cleanse'),
-    'stream': ('pipelines.stream', 'run the pipelines live from Kafka (optionally after an archive replay)'),
-    'services': ('pipelines.services', 'bring the local stack (Kafka, Flink) up, down, or show its status'),
-    'serve': ('pipelines.serve', 'the event writer (POST /events, receipts) and the view API (reads that wait for receipts)'),
-    'fanout': ('pipelines.fanout', 'deliver the published stream to many declared subscribers (filters, own sinks, backfill)'),
-    'bench': ('benchmarks.cli', 'benchmarks: ordering, replay, fanout, causal'),
+    'main': ('sourcebeam.pipelines.main_job', 'the main job (the default): generate, publish, archive, replay everything'),
+    'generate': ('sourcebeam.generators.cli', 'generate deterministic raw retail or taxi events as JSON lines'),
+    'publish': ('sourcebeam.pipelines.publish', 'fix the stream: raw JSON events in, published events and dead letters out'),
+    'replay': ('sourcebeam.pipelines.replay', 'replay an event archive through the pipelines'),
+    'keys': ('sourcebeam.pipelines.keys', 'partition-key report of an archive: cardinality, skew, hot keys'),
+    'taxi': ('sourcebeam.pipelines.taxi', 'taxi pipelines: join, long-rides, hourly-tips, cleanse'),
+    'stream': ('sourcebeam.pipelines.stream', 'run the pipelines live from Kafka (optionally after an archive replay)'),
+    'services': ('sourcebeam.pipelines.services', 'bring the local stack (Kafka, Flink) up, down, or show its status'),
+    'serve': ('sourcebeam.pipelines.serve', 'the event writer (POST /events, receipts) and the view API (reads that wait for receipts)'),
+    'fanout': ('sourcebeam.pipelines.fanout', 'deliver the published stream to many declared subscribers (filters, own sinks, backfill)'),
+    'bench': ('sourcebeam.benchmarks.cli', 'benchmarks: ordering, replay, fanout, causal'),
 }
 
 
@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = ['main'] + argv
   parser = build_parser(argv[0] if argv[0] in SUBCOMMANDS else None)
   args, beam_args = parser.parse_known_args(argv)
-  from pipelines.cli import run_command
+  from sourcebeam.pipelines.cli import run_command
   return run_command(importlib.import_module(args._module), args, beam_args)
 
 

@@ -12,9 +12,8 @@ setuptools.setup(
     version='0.1.0',
     description='Event sourcing on Apache Beam: publish, order, join, project and replay event streams.',
     python_requires='>=3.11',
-    packages=setuptools.find_packages(include=['schemas', 'schemas.*', 'transforms', 'transforms.*',
-                                               'pipelines', 'pipelines.*', 'generators', 'generators.*']),
-    package_data={'schemas': ['*.avsc', 'history/*.avsc']},
+    packages=setuptools.find_packages(include=['sourcebeam', 'sourcebeam.*']),
+    package_data={'sourcebeam.schemas': ['*.avsc', 'history/*.avsc']},
     install_requires=[
         'apache-beam[gcp,aws]==2.77.0',
         'pyarrow==25.0.1',

@@ -30,9 +30,9 @@ import time
 import uuid
 from typing import Any, Dict, List
 
-from pipelines import services
-from pipelines.cli import DataError, UsageError
-from pipelines.live_stack import DEFAULT_RUNNER_ARGS, LiveStack, Load, add_then_view, percentile
+from sourcebeam.pipelines import services
+from sourcebeam.pipelines.cli import DataError, UsageError
+from sourcebeam.pipelines.live_stack import DEFAULT_RUNNER_ARGS, LiveStack, Load, add_then_view, percentile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

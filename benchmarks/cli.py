@@ -11,10 +11,10 @@ import importlib
 from typing import Any, List
 
 BENCHMARKS = {
-    'ordering': ('benchmarks.ordering', 'ProcessInOrder on shuffled input against a plain stateful DoFn'),
-    'replay': ('benchmarks.replay', 'archive replay against raw decode and a naive Beam pipeline'),
-    'fanout': ('benchmarks.fanout', 'fan-out throughput as subscribers grow'),
-    'causal': ('benchmarks.causal', 'POST-to-visible latency and read-your-writes with receipts'),
+    'ordering': ('sourcebeam.benchmarks.ordering', 'ProcessInOrder on shuffled input against a plain stateful DoFn'),
+    'replay': ('sourcebeam.benchmarks.replay', 'archive replay against raw decode and a naive Beam pipeline'),
+    'fanout': ('sourcebeam.benchmarks.fanout', 'fan-out throughput as subscribers grow'),
+    'causal': ('sourcebeam.benchmarks.causal', 'POST-to-visible latency and read-your-writes with receipts'),
 }
 
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: Any, beam_args: List[str]) -> int:
-  from pipelines.cli import UsageError
+  from sourcebeam.pipelines.cli import UsageError
   if getattr(args, '_bench_missing', None):
     raise UsageError(args._bench_missing)
   return importlib.import_module(args._bench_module).main(args, beam_args)

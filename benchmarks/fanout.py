@@ -36,14 +36,14 @@ import tempfile
 import time
 from typing import Any, Dict, List, Sequence, Tuple
 
-from pipelines.cli import UsageError
+from sourcebeam.pipelines.cli import UsageError
 
 DEFAULT_EVENTS = 200_000
 DEFAULT_SIZES = '1,10,50,100'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  from benchmarks.replay import CACHE_DIR
+  from sourcebeam.benchmarks.replay import CACHE_DIR
   parser.add_argument('--subscribers', default=DEFAULT_SIZES, metavar='N,N,...',
                       help=f'subscriber counts to measure (default: {DEFAULT_SIZES}); ratios are '
                            'against 1 subscriber, which is always measured')
@@ -93,8 +93,8 @@ def bench_subscriber_doc(n: int, sink_dir: str, event_types: Sequence[str]) -> D
 
 def _expected(archive: str, subscribers) -> Tuple[int, Dict[str, int]]:
   """Events, and deliveries per subscriber, by the plain definition of the filters."""
-  from transforms.archive import iter_archive
-  from transforms.fanout_core import naive_match
+  from sourcebeam.transforms.archive import iter_archive
+  from sourcebeam.transforms.fanout_core import naive_match
   pairs = collections.Counter((e['event_type'], e['partition_key']) for e in iter_archive(archive))
   want: Dict[str, int] = collections.Counter()
   for (t, k), c in pairs.items():
@@ -112,9 +112,9 @@ def _cpu_seconds() -> float:
 def _run_once(archive: str, subscribers, beam_args: List[str]) -> Tuple[float, float, Dict[str, int]]:
   """One fan-out pipeline (the CLI's transforms); (wall seconds, CPU seconds, counts)."""
   import apache_beam as beam
-  from pipelines.options import pipeline_options
-  from transforms.archive import ReadArchive
-  from transforms.fanout import FanOut, prepare_archive_sinks
+  from sourcebeam.pipelines.options import pipeline_options
+  from sourcebeam.transforms.archive import ReadArchive
+  from sourcebeam.transforms.fanout import FanOut, prepare_archive_sinks
   prepare_archive_sinks(subscribers)
   out = tempfile.mkdtemp(prefix='fanout-counts-')
   path = os.path.join(out, 'counts.json')
@@ -135,11 +135,11 @@ def _run_once(archive: str, subscribers, beam_args: List[str]) -> Tuple[float, f
 
 
 def main(args: Any, beam_args: List[str]) -> int:
-  from benchmarks.replay import archive_path, build_archive
-  from generators.phases import HELLO_RETAIL_RATE
-  from schemas.registry import registry
-  from transforms.fanout import MATCHED, UNMATCHED
-  from transforms.fanout_core import parse_subscribers
+  from sourcebeam.benchmarks.replay import archive_path, build_archive
+  from sourcebeam.generators.phases import HELLO_RETAIL_RATE
+  from sourcebeam.schemas.registry import registry
+  from sourcebeam.transforms.fanout import MATCHED, UNMATCHED
+  from sourcebeam.transforms.fanout_core import parse_subscribers
   sizes = parse_sizes(args.subscribers)
   if args.events < 1 or args.repeat < 1:
     raise UsageError('--events and --repeat must be positive')

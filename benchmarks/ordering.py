@@ -26,9 +26,9 @@ import apache_beam as beam
 from apache_beam.coders import VarIntCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from pipelines.cli import UsageError
-from pipelines.options import pipeline_options
-from transforms.ordering import ProcessInOrder
+from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.pipelines.options import pipeline_options
+from sourcebeam.transforms.ordering import ProcessInOrder
 
 EPOCH_MILLIS = 1_795_000_000_000
 

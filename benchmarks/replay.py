@@ -92,7 +92,7 @@ import tempfile
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 CACHE_DIR = os.path.join(ROOT, '.cache', 'bench')
 DEFAULT_EVENTS = 1_000_000
 BUILD_RUN_ID = 'bench'
@@ -138,10 +138,10 @@ def build_archive(path: str, n: int, fmt: str, rate: float, seed: int, buckets: 
   if os.path.exists(facts_path):
     with open(facts_path) as f:
       return json.load(f)
-  from generators import phases, retail
-  from schemas.registry import registry
-  from transforms.archive import write_bytes
-  from transforms.archive_format import (DEFAULT_MAX_EVENTS_PER_FILE, LAYOUT_VERSION, MANIFEST_NAME,
+  from sourcebeam.generators import phases, retail
+  from sourcebeam.schemas.registry import registry
+  from sourcebeam.transforms.archive import write_bytes
+  from sourcebeam.transforms.archive_format import (DEFAULT_MAX_EVENTS_PER_FILE, LAYOUT_VERSION, MANIFEST_NAME,
                                          SORT_ORDER, bucket_of, chunks, encode_avro,
                                          encode_parquet, file_name, hour_of, join, make_manifest,
                                          partition_dir, sort_key)
@@ -202,7 +202,7 @@ def _peak_rss_mb() -> float:
 
 def measure_raw_decode(path: str) -> Dict[str, Any]:
   """Every file decoded to dicts, no Beam, no checks: the decode ceiling."""
-  from transforms.archive import list_archive_files
+  from sourcebeam.transforms.archive import list_archive_files
   import fastavro
   import pyarrow as pa
   import pyarrow.parquet as pq
@@ -280,8 +280,8 @@ def measure_naive(path: str, beam_args: List[str]) -> Dict[str, Any]:
   import apache_beam as beam
   from apache_beam.coders import VarIntCoder
   from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
-  from pipelines.options import pipeline_options
-  from transforms.archive import ReadArchive
+  from sourcebeam.pipelines.options import pipeline_options
+  from sourcebeam.transforms.archive import ReadArchive
 
   class LastSequence(beam.DoFn):
     LAST = ReadModifyWriteStateSpec('last', VarIntCoder())
@@ -316,8 +316,8 @@ def measure_naive(path: str, beam_args: List[str]) -> Dict[str, Any]:
 def measure_replay(path: str, beam_args: List[str]) -> Dict[str, Any]:
   """ReplayRetailProjections with every output counted in the pipeline."""
   import apache_beam as beam
-  from pipelines.options import pipeline_options
-  from transforms.ordered_replay import ReplayRetailProjections
+  from sourcebeam.pipelines.options import pipeline_options
+  from sourcebeam.transforms.ordered_replay import ReplayRetailProjections
 
   out_dir = tempfile.mkdtemp(prefix='bench-replay-')
   result = os.path.join(out_dir, 'counts.json')
@@ -378,7 +378,7 @@ def _in_child(fn, *args) -> Dict[str, Any]:
 
 def workers_args(beam_args: List[str], workers: int) -> List[str]:
   """The Beam options that give the replay ``workers`` parallel workers on its runner."""
-  from pipelines.runners import has_option, runner_of
+  from sourcebeam.pipelines.runners import has_option, runner_of
   args = [a for a in beam_args if not a.startswith((
       '--parallelism', '--sdk_worker_parallelism', '--direct_num_workers', '--direct_running_mode'))]
   if runner_of(args) in ('FlinkRunner', 'PortableRunner'):
@@ -396,7 +396,7 @@ def workers_args(beam_args: List[str], workers: int) -> List[str]:
 
 
 def run_size(n: int, args: argparse.Namespace, beam_args: List[str], log) -> Dict[str, Any]:
-  from generators.phases import HELLO_RETAIL_RATE
+  from sourcebeam.generators.phases import HELLO_RETAIL_RATE
   rate = args.rate or HELLO_RETAIL_RATE
   path = archive_path(args.cache_dir, n, args.format, rate, args.seed, args.buckets)
   log(f'archive {path}: building or reusing')
@@ -500,7 +500,7 @@ def _table(results: Sequence[Dict[str, Any]]) -> str:
 
 
 def main(args: argparse.Namespace, beam_args: List[str]) -> int:
-  from pipelines.cli import UsageError
+  from sourcebeam.pipelines.cli import UsageError
   sizes = [int(s) for s in args.sizes.split(',')] if args.sizes else [args.events]
   if any(s < 1 for s in sizes):
     raise UsageError('archive sizes must be at least 1 event')
@@ -513,7 +513,7 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   results = [run_size(n, args, beam_args, log) for n in sizes]
   print(_table(results))
   if args.plot:
-    from pipelines.runners import runner_of
+    from sourcebeam.pipelines.runners import runner_of
     plot(results, args.plot, f'Archive replay, {args.format}, {runner_of(beam_args)}')
     log(f'plot written to {args.plot}')
   final = dict(results[-1])

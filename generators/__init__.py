@@ -22,7 +22,7 @@ the same generators are plain Python iterators for tests and benchmarks:
 
 For example, a sample day of retail events::
 
-    from generators import phases, retail
-    from generators.jsonl import write_jsonl
+    from sourcebeam.generators import phases, retail
+    from sourcebeam.generators.jsonl import write_jsonl
     write_jsonl(retail.retail_events(n, seed=1, phases=phases.day_phases(n)), 'day.jsonl')
 """

@@ -18,11 +18,11 @@ import textwrap
 import time
 from typing import Counter, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from generators import faults as faults_mod
-from generators import phases as phases_mod
-from generators import retail, riders, taxi
-from generators.jsonl import LineWriter, encode_line, is_remote, iso_clock, write_lines
-from pipelines.cli import UsageError
+from sourcebeam.generators import faults as faults_mod
+from sourcebeam.generators import phases as phases_mod
+from sourcebeam.generators import retail, riders, taxi
+from sourcebeam.generators.jsonl import LineWriter, encode_line, is_remote, iso_clock, write_lines
+from sourcebeam.pipelines.cli import UsageError
 
 # --events when nothing else says how many: events, rides, ride requests
 DEFAULT_EVENTS = {'retail': 10_000, 'taxi': 10_000, 'riders': 1_000}
@@ -285,7 +285,7 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
       raise UsageError('--rides and --fares are for --domain taxi')
 
   if remote:  # s3:// and gs:// go through Beam's FileSystems, set up as pipelines set them up
-    from pipelines.storage import use_storage_options
+    from sourcebeam.transforms.storage import use_storage_options
     use_storage_options(beam_args)
 
   default_rate = {'retail': phases_mod.HELLO_RETAIL_RATE, 'taxi': taxi.TAXI_RATE,

@@ -27,7 +27,7 @@ import json
 import random
 from typing import Counter, Iterable, Iterator, List, Optional, Tuple
 
-from generators.jsonl import encode_line
+from sourcebeam.generators.jsonl import encode_line
 
 ENVELOPE_MALFORMATIONS = ('truncated', 'not-utf8', 'missing-field', 'wrong-type',
                           'unknown-type', 'absurd-time', 'negative-sequence', 'unknown-field')

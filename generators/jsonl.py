@@ -46,7 +46,7 @@ def _build_envelope_encoders() -> Dict[str, Callable[[Mapping[str, Any]], str]]:
   Each encoder refuses (TypeError) anything json would write differently, and
   the caller then falls back to json itself.
   """
-  from schemas.registry import registry
+  from sourcebeam.schemas.registry import registry
   encoders = {}
   for name, et in registry().current.items():
     data = ','.join(f'"{f.name}":' + _field_code(f'd["{f.name}"]', f.type) for f in et.fields)

@@ -21,7 +21,7 @@ import math
 import re
 from typing import Iterator, List, Optional, Sequence, Union
 
-from schemas.envelope import iso_to_millis
+from sourcebeam.schemas.envelope import iso_to_millis
 
 DEFAULT_START = '2026-11-26T00:00:00Z'
 DEFAULT_START_MS = iso_to_millis(DEFAULT_START)

@@ -27,9 +27,9 @@ import collections
 import random
 from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from generators import phases as phases_mod
-from generators.jsonl import iso_clock, event_id_from_bits
-from schemas.registry import registry
+from sourcebeam.generators import phases as phases_mod
+from sourcebeam.generators.jsonl import iso_clock, event_id_from_bits
+from sourcebeam.schemas.registry import registry
 
 Envelope = Dict[str, object]
 

@@ -25,9 +25,9 @@ import math
 import random
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from generators import phases as phases_mod
-from generators.jsonl import iso_clock, event_id_from_bits
-from schemas.registry import registry
+from sourcebeam.generators import phases as phases_mod
+from sourcebeam.generators.jsonl import iso_clock, event_id_from_bits
+from sourcebeam.schemas.registry import registry
 
 RIDER_TYPES = ('RideRequested', 'RiderPickedUp', 'RiderDroppedOff', 'TaxiLocationReported')
 TRIP_RATE = 1.0          # ride requests per second by default

@@ -31,9 +31,9 @@ import math
 import random
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from generators import phases as phases_mod
-from generators.jsonl import LineWriter, event_id_from_bits, iso_clock, record_encoder
-from schemas.registry import registry
+from sourcebeam.generators import phases as phases_mod
+from sourcebeam.generators.jsonl import LineWriter, event_id_from_bits, iso_clock, record_encoder
+from sourcebeam.schemas.registry import registry
 
 # The Flink training data model's field names, in its order.
 TAXI_RIDE_FIELDS = ('rideId', 'isStart', 'eventTime', 'startLon', 'startLat', 'endLon',

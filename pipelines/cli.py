@@ -1,6 +1,8 @@
 """What every subcommand shares: one-line errors, exit codes and progress lines.
 
-Bad arguments end with one line on stderr and exit code 2, never a traceback;
+Bad arguments (the command's :class:`UsageError`, the library's
+:class:`~sourcebeam.transforms.errors.ConfigError`) end with one line on stderr
+and exit code 2, never a traceback;
 a run that finished but found bad data (a corrupt archive file, say) exits 1, and
 so does a pipeline that failed while running (one line with the cause; set
 ``SOURCEBEAM_DEBUG=1`` to see the traceback).
@@ -18,12 +20,11 @@ import time
 from typing import Any, Dict, List
 
 
-class UsageError(Exception):
-  """Arguments that cannot work (missing input, bad path): exit 2 with this message."""
+from sourcebeam.transforms.errors import ConfigError, DataError  # the library's: exit 2 and 1
 
 
-class DataError(Exception):
-  """The run could not complete because of bad data: exit 1 with this message."""
+class UsageError(ConfigError):
+  """Arguments that cannot work (missing input, bad option): exit 2 with this message."""
 
 
 class JobBuilt(Exception):
@@ -52,10 +53,10 @@ def run_command(module: Any, args: Any, beam_args: List[str]) -> int:
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGTERM, _terminate)
   try:
-    from pipelines.runners import WORKER_PATH_ARGS, check_worker_paths
+    from sourcebeam.pipelines.runners import WORKER_PATH_ARGS, check_worker_paths
     check_worker_paths(beam_args, {name: getattr(args, name, None) for name in WORKER_PATH_ARGS})
     return int(module.main(args, beam_args) or 0)
-  except UsageError as e:
+  except ConfigError as e:  # the command's UsageError and the library's own
     print(f'error: {e}', file=sys.stderr)
     return 2
   except DataError as e:

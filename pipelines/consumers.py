@@ -28,12 +28,12 @@ from typing import Dict, Tuple
 import apache_beam as beam
 from apache_beam.transforms import window
 
-from pipelines import outputs
-from schemas.envelope import to_json
-from transforms import taxi_logic
-from transforms.projections import RetailProjections, WriteProjections
-from transforms.riders import LocateRiders, TaxiOccupancy, ZoneRiderCounts
-from transforms.taxi import CleanseRides, HourlyTips, JoinRidesAndFares, LongRideAlerts
+from sourcebeam.pipelines import outputs
+from sourcebeam.schemas.envelope import to_json
+from sourcebeam.transforms import taxi_logic
+from sourcebeam.transforms.projections import RetailProjections, WriteProjections
+from sourcebeam.transforms.riders import LocateRiders, TaxiOccupancy, ZoneRiderCounts
+from sourcebeam.transforms.taxi import CleanseRides, HourlyTips, JoinRidesAndFares, LongRideAlerts
 
 RIDE_EVENTS = ('RideStarted', 'RideEnded')
 

@@ -49,12 +49,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import outputs, runners
-from pipelines.cli import UsageError
-from pipelines.options import pipeline_options, stop_after_dry_run
-from transforms.fanout import ARCHIVE_CODECS, MATCHED, UNMATCHED, FanOut, ParseEnvelopes, prepare_archive_sinks
-from transforms.kafka_read import ReadKafkaMessages, check_bounded_read, message_value
-from transforms.fanout_core import Subscriber, load_subscribers, parse_sink
+from sourcebeam.pipelines import outputs, runners
+from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
+from sourcebeam.transforms.fanout import ARCHIVE_CODECS, MATCHED, UNMATCHED, FanOut, ParseEnvelopes, prepare_archive_sinks
+from sourcebeam.transforms.kafka_read import ReadKafkaMessages, check_bounded_read, message_value
+from sourcebeam.transforms.fanout_core import Subscriber, load_subscribers, parse_sink
 
 COUNTS_FILE = '_fanout_counts.json'
 
@@ -99,7 +99,7 @@ def _is_kafka(source: str) -> bool:
 def read_events(p: beam.Pipeline, source: str, *, archive: Optional[str], max_records: Optional[int],
                 group_id: str) -> Dict[str, beam.PCollection]:
   """``{'events', 'dead', 'in'}`` from the source, with the backfill archive's events first."""
-  from transforms.archive import ReadArchive
+  from sourcebeam.transforms.archive import ReadArchive
   if not _is_kafka(source):
     read = p | 'ReadSource' >> ReadArchive(source)
     return {'events': read['events'], 'dead': read['corrupt'], 'in': read['events']}
@@ -119,7 +119,9 @@ def read_events(p: beam.Pipeline, source: str, *, archive: Optional[str], max_re
 def read_kafka(p: beam.Pipeline, source: str, group_id: str, max_records: Optional[int]) -> beam.PCollection:
   """The topic from its earliest offset, never committing offsets (see the module docstring)."""
   sink = parse_sink(source, '--source')
-  return p | 'ReadKafka' >> ReadKafkaMessages(sink.bootstrap, sink.target, group_id, max_records)
+  return p | 'ReadKafka' >> ReadKafkaMessages(
+      sink.bootstrap, sink.target, group_id, max_records,
+      expansion_service=runners.kafka_io_service(p.options))
 
 
 def _count(pcoll: beam.PCollection, name: str, label: str) -> beam.PCollection:
@@ -127,7 +129,7 @@ def _count(pcoll: beam.PCollection, name: str, label: str) -> beam.PCollection:
 
 
 def _unprocessed_json(rec: Dict[str, Any]) -> str:
-  from schemas.envelope import to_json
+  from sourcebeam.schemas.envelope import to_json
   rec = dict(rec)
   ev = rec.get('event')
   if isinstance(ev, dict):
@@ -225,14 +227,14 @@ def check_arguments(args: argparse.Namespace) -> None:
     if parse_sink(args.source, '--source').kind != 'kafka':
       raise UsageError(f'--source must be kafka://HOST:PORT/TOPIC or an archive path, got {args.source!r}')
   else:
-    from transforms.archive import check_archive_path
+    from sourcebeam.transforms.archive import check_archive_path
     if args.max_records is not None:
       raise UsageError('--max-records applies to a Kafka source; an archive source is bounded')
     if args.archive:
       raise UsageError('--archive backfills before a live Kafka source; the source is an archive')
     check_archive_path(args.source)
   if args.archive:
-    from transforms.archive import check_archive_path
+    from sourcebeam.transforms.archive import check_archive_path
     check_archive_path(args.archive)
 
 

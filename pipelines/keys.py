@@ -53,8 +53,8 @@ import math
 import zlib
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from pipelines.cli import DataError, UsageError
-from schemas.registry import Registry, registry as load_registry
+from sourcebeam.pipelines.cli import DataError, UsageError
+from sourcebeam.schemas.registry import Registry, registry as load_registry
 
 DEFAULT_TOP = 10
 DEFAULT_WORKERS = 16
@@ -292,7 +292,7 @@ def format_report(report: Dict[str, Any], archive: str = '') -> str:
 
 
 def main(args: Any, beam_args: List[str]) -> int:
-  from transforms.archive import CorruptArchiveFile, IncompatibleSchema, check_archive_path, iter_archive
+  from sourcebeam.transforms.archive import CorruptArchiveFile, IncompatibleSchema, check_archive_path, iter_archive
   alternative = parse_key_rule(args.key_rule) if args.key_rule else None
   if args.workers < 1 or args.top < 0:
     raise UsageError('--workers must be >= 1 and --top >= 0')

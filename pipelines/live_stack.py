@@ -33,7 +33,7 @@ import urllib.parse
 import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from pipelines.runners import ROOT
+from sourcebeam.pipelines.runners import ROOT
 
 RUN_PY = os.path.join(ROOT, 'run.py')
 

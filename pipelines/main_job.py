@@ -25,10 +25,10 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from generators import faults, phases, retail, riders, taxi
-from generators.jsonl import encode_line, write_lines
-from pipelines import outputs, publish, replay
-from pipelines.cli import Progress, UsageError
+from sourcebeam.generators import faults, phases, retail, riders, taxi
+from sourcebeam.generators.jsonl import encode_line, write_lines
+from sourcebeam.pipelines import outputs, publish, replay
+from sourcebeam.pipelines.cli import Progress, UsageError
 
 DEFAULT_RETAIL_EVENTS = 20_000
 DEFAULT_TAXI_RIDES = 1_000

@@ -11,8 +11,9 @@ from typing import Any, List
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import runners, storage
-from pipelines.cli import JobBuilt
+from sourcebeam.pipelines import runners
+from sourcebeam.transforms import storage
+from sourcebeam.pipelines.cli import JobBuilt
 
 
 def pipeline_args(beam_args: List[str], *, streaming: bool = False) -> List[str]:

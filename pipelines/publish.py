@@ -23,13 +23,13 @@ import apache_beam as beam
 from apache_beam.coders import coders
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import outputs
-from pipelines.cli import UsageError
-from pipelines.options import pipeline_options, stop_after_dry_run
-from schemas.envelope import to_json
-from schemas.validation import DEFAULT_MAX_EVENT_BYTES
-from transforms.counting import WriteCounts, read_counts
-from transforms.publish import PublishEvents, dead_letter_json
+from sourcebeam.pipelines import outputs
+from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
+from sourcebeam.schemas.envelope import to_json
+from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
+from sourcebeam.transforms.counting import WriteCounts, read_counts
+from sourcebeam.transforms.publish import PublishEvents, dead_letter_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +68,7 @@ def build_publish(p: beam.Pipeline, input_pattern: str, out: str,
       outputs.write_lines(out, 'dead_letters.jsonl'))
   counts = {'in': raw, 'published': result.published, 'dead_lettered': result.dead_letters}
   if archive:
-    from transforms.archive import WriteArchive
+    from sourcebeam.transforms.archive import WriteArchive
     files = result.published | 'Archive' >> WriteArchive(archive, format=archive_format)
     counts['archived'] = files | 'ArchivedEvents' >> beam.FlatMap(lambda f: [None] * f['events'])
   return counts

@@ -27,13 +27,13 @@ from typing import Any, Dict, List
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import consumers, outputs
-from pipelines.cli import DataError
-from pipelines.options import pipeline_options, stop_after_dry_run
-from transforms.archive import check_archive_path
-from transforms.counting import WriteCounts, read_counts
-from transforms.ordered_replay import ReplayRetailProjections
-from transforms.projections import WriteProjections
+from sourcebeam.pipelines import consumers, outputs
+from sourcebeam.pipelines.cli import DataError
+from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
+from sourcebeam.transforms.archive import check_archive_path
+from sourcebeam.transforms.counting import WriteCounts, read_counts
+from sourcebeam.transforms.ordered_replay import ReplayRetailProjections
+from sourcebeam.transforms.projections import WriteProjections
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

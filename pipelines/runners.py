@@ -35,9 +35,12 @@ import os
 import shutil
 from typing import Dict, List, Optional
 
-from pipelines.cli import UsageError
+from sourcebeam.pipelines.cli import UsageError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The checkout (realpath: the library folders are reached through sourcebeam/'s links), or
+# SOURCEBEAM_HOME: where scripts/, setup.py and the tools under .cache/ are.
+ROOT = os.environ.get('SOURCEBEAM_HOME') or os.path.dirname(
+    os.path.dirname(os.path.realpath(__file__)))
 TOOLS_DIR = os.path.join(ROOT, '.cache')
 PRISM_BIN = os.path.join(TOOLS_DIR, 'bin', 'prism')
 JARS_DIR = os.path.join(TOOLS_DIR, 'jars')

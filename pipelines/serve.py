@@ -25,7 +25,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from pipelines.cli import UsageError
+from sourcebeam.pipelines.cli import UsageError
 
 log = logging.getLogger('sourcebeam.serve')
 
@@ -231,9 +231,9 @@ def main(args: argparse.Namespace, beam_args) -> int:
   if beam_args:
     raise UsageError(f'unknown arguments for serve: {" ".join(beam_args)}')
   if args.service == 'writer':
-    from pipelines import writer_service
+    from sourcebeam.pipelines import writer_service
     return writer_service.run(args)
   if args.service == 'views':
-    from pipelines import views_service
+    from sourcebeam.pipelines import views_service
     return views_service.run(args)
   raise UsageError('choose a service: serve writer ... or serve views ... (see serve --help)')

@@ -16,8 +16,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
-from pipelines import runners
-from pipelines.cli import DataError, UsageError
+from sourcebeam.pipelines import runners
+from sourcebeam.pipelines.cli import DataError, UsageError
 
 SCRIPTS = os.path.join(runners.ROOT, 'scripts')
 DEFAULT_STATE_DIR = os.path.join(runners.TOOLS_DIR, 'services')

@@ -56,19 +56,19 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.kafka import WriteToKafka
 
-from pipelines import consumers, outputs, runners
-from pipelines.cli import UsageError
-from pipelines.options import pipeline_options, stop_after_dry_run
-from schemas.envelope import to_json
-from transforms.counting import WriteCounts, read_counts
-from transforms.archive import read_manifest
-from transforms.archive_format import DEFAULT_BUCKETS
-from transforms.handoff import ReplayThenLive, plan_handoff
-from transforms.kafka_read import ReadKafkaMessages, check_bounded_read
-from transforms.kafka_url import TOPIC_NAME, KafkaTopic, parse_kafka_url
-from transforms.live_archive import (
+from sourcebeam.pipelines import consumers, outputs, runners
+from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
+from sourcebeam.schemas.envelope import to_json
+from sourcebeam.transforms.counting import WriteCounts, read_counts
+from sourcebeam.transforms.archive import read_manifest
+from sourcebeam.transforms.archive_format import DEFAULT_BUCKETS
+from sourcebeam.transforms.handoff import ReplayThenLive, plan_handoff
+from sourcebeam.transforms.kafka_read import ReadKafkaMessages, check_bounded_read
+from sourcebeam.transforms.kafka_url import TOPIC_NAME, KafkaTopic, parse_kafka_url
+from sourcebeam.transforms.live_archive import (
     DEFAULT_FLUSH_SECONDS, DEFAULT_WINDOW_SECONDS, ArchiveLive, PublishKafkaMessages, view_source)
-from transforms.publish import dead_letter_json
+from sourcebeam.transforms.publish import dead_letter_json
 
 def parse_source(text: str) -> KafkaTopic:
   source = parse_kafka_url(text)
@@ -116,7 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_kafka(p: beam.Pipeline, source: KafkaTopic, group_id: str,
                max_records: Optional[int]) -> beam.PCollection:
-  return p | 'ReadKafka' >> ReadKafkaMessages(source.bootstrap, source.topic, group_id, max_records)
+  return p | 'ReadKafka' >> ReadKafkaMessages(
+      source.bootstrap, source.topic, group_id, max_records,
+      expansion_service=runners.kafka_io_service(p.options))
 
 
 class ArchiveSettings(NamedTuple):
@@ -141,14 +143,16 @@ def build_stream(p: beam.Pipeline, source: KafkaTopic, out: str, *, max_records:
                  from_archive: Optional[str] = None,
                  joined_topic_prefix: Optional[str] = None) -> Dict[str, beam.PCollection]:
   if from_archive:
-    handoff = p | 'ReplayThenLive' >> ReplayThenLive(from_archive, source, max_records=max_records)
+    handoff = p | 'ReplayThenLive' >> ReplayThenLive(
+        from_archive, source, max_records=max_records,
+        expansion_service=runners.kafka_io_service(p.options))
     result, live, messages = handoff, handoff.live, handoff.messages
   else:
     messages = read_kafka(p, source, group_id, max_records)
     result = live = messages | 'Publish' >> PublishKafkaMessages()
   counts = {'in': messages, 'published': result.published, 'dead_lettered': result.dead_letters}
   if views:
-    from transforms.view_store import ViewChanges, WriteViewsToStore
+    from sourcebeam.transforms.view_store import ViewChanges, WriteViewsToStore
     ((result.published_refs | 'ViewEvents' >> beam.Map(lambda pr: (pr[0], view_source(pr[1]))),
       result.dead_refs | 'ViewRefused' >> beam.Map(lambda dr: (None, view_source(dr[1]))))
      | 'AsViewMessages' >> beam.Flatten()

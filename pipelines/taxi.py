@@ -26,11 +26,11 @@ from typing import Dict, List, Optional
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.cli import UsageError
-from pipelines.options import pipeline_options, stop_after_dry_run
-from transforms import taxi as taxi_tf
-from transforms import taxi_logic as logic
-from transforms.counting import WriteCounts, read_counts
+from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
+from sourcebeam.transforms import taxi as taxi_tf
+from sourcebeam.transforms import taxi_logic as logic
+from sourcebeam.transforms.counting import WriteCounts, read_counts
 
 COUNTS_FILE = '.counts.json'
 

@@ -42,10 +42,10 @@ import time
 import urllib.parse
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from pipelines.cli import UsageError
-from pipelines.serve import (Answer, HttpError, make_server, method_not_allowed, not_found,
+from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.pipelines.serve import (Answer, HttpError, make_server, method_not_allowed, not_found,
                              serve_until_stopped)
-from transforms.view_store import ViewStore, redact
+from sourcebeam.transforms.view_store import ViewStore, redact
 
 log = logging.getLogger('sourcebeam.views')
 

@@ -55,12 +55,12 @@ import urllib.parse
 import uuid
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
-from pipelines.cli import UsageError
-from pipelines.serve import (Answer, HttpError, make_server, method_not_allowed, not_found,
+from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.pipelines.serve import (Answer, HttpError, make_server, method_not_allowed, not_found,
                              serve_until_stopped)
-from schemas.envelope import to_json
-from schemas.validation import DEFAULT_MAX_EVENT_BYTES, Invalid, validate_envelope
-from transforms.kafka_retry import retry_transient
+from sourcebeam.schemas.envelope import to_json
+from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES, Invalid, validate_envelope
+from sourcebeam.transforms.kafka_retry import retry_transient
 
 log = logging.getLogger('sourcebeam.writer')
 
@@ -544,7 +544,7 @@ class Writer:
   def _reconcile(self, chunk: int = 5000) -> None:
     """Records receipts and sequences of events in Kafka past what the state file knows:
     closes the window between a broker ack and our commit (see the module docstring)."""
-    from schemas.envelope import from_json
+    from sourcebeam.schemas.envelope import from_json
     new = 0
     for p in self.log.partitions:
       with self.state_lock:

@@ -5,6 +5,6 @@ converts envelopes between memory, JSON and Avro; ``schemas.validation`` turns
 raw events into published envelopes or dead letters.
 """
 
-from schemas.registry import EventType, Registry, SchemaError, partition_key_rules, registry
+from sourcebeam.schemas.registry import EventType, Registry, SchemaError, partition_key_rules, registry
 
 __all__ = ['EventType', 'Registry', 'SchemaError', 'partition_key_rules', 'registry']

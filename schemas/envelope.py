@@ -16,7 +16,7 @@ import datetime
 import json
 from typing import Any, Dict, Mapping, Optional
 
-from schemas.registry import registry
+from sourcebeam.schemas.registry import registry
 
 ENVELOPE_FIELDS = ('event_id', 'event_type', 'schema_version', 'partition_key',
                    'sequence', 'event_time', 'origin', 'follows_from', 'data')

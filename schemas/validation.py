@@ -35,8 +35,8 @@ import math
 import uuid
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from schemas.envelope import ENVELOPE_FIELDS, Envelope, iso_to_millis
-from schemas.registry import EventType, Field, registry
+from sourcebeam.schemas.envelope import ENVELOPE_FIELDS, Envelope, iso_to_millis
+from sourcebeam.schemas.registry import EventType, Field, registry
 
 DEFAULT_MAX_EVENT_BYTES = 64 * 1024
 MIN_EVENT_TIME = 946_684_800_000    # 2000-01-01T00:00:00Z

@@ -75,7 +75,7 @@ def postgres() -> Iterable[str]:
 
 def _admin(dsn: str, sql: str) -> None:
   """Runs one statement outside a transaction (CREATE/DROP DATABASE need that)."""
-  from transforms.view_store import _connect_postgres
+  from sourcebeam.transforms.view_store import _connect_postgres
   conn = _connect_postgres(dsn)
   try:
     conn.autocommit = True

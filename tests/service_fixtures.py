@@ -28,9 +28,9 @@ from typing import Iterable, List, Optional, Tuple
 
 import pytest
 
-from pipelines import services
-from pipelines.cli import DataError
-from pipelines.live_stack import free_port  # noqa: F401 (the one free-port helper; tests import it from here)
+from sourcebeam.pipelines import services
+from sourcebeam.pipelines.cli import DataError
+from sourcebeam.pipelines.live_stack import free_port  # noqa: F401 (the one free-port helper; tests import it from here)
 
 
 def _private_ports() -> services.Ports:

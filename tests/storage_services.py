@@ -15,7 +15,7 @@ import os
 import uuid
 from typing import Dict, List, Optional
 
-from pipelines.live_stack import free_port  # noqa: F401 (the one free-port helper; tests import it from here)
+from sourcebeam.pipelines.live_stack import free_port  # noqa: F401 (the one free-port helper; tests import it from here)
 
 S3_ENV = {
     'AWS_ACCESS_KEY_ID': 'sourcebeam-test',
@@ -121,7 +121,7 @@ class GcsServer:
     endpoint = f'http://127.0.0.1:{port}'
     self._env.set('STORAGE_EMULATOR_HOST', endpoint)
     # The emulator needs no credentials; real ones would be sent to it (and refreshed).
-    from pipelines.storage import DEFAULT_LOCAL_PROJECT, emulator_credentials_file
+    from sourcebeam.transforms.storage import DEFAULT_LOCAL_PROJECT, emulator_credentials_file
     self._env.set('GOOGLE_APPLICATION_CREDENTIALS', emulator_credentials_file())
     self._env.set('GOOGLE_CLOUD_PROJECT', DEFAULT_LOCAL_PROJECT)
     try:

@@ -14,16 +14,16 @@ from hypothesis import given, settings, strategies as st
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to, is_empty
 
-from pipelines import storage
+from sourcebeam.transforms import storage
 from tests.storage_services import free_port
-from pipelines.cli import UsageError
-from pipelines.options import pipeline_options
-from schemas.envelope import make_envelope
-from schemas.registry import SCHEMA_DIR, Registry
-from transforms.archive import (
+from sourcebeam.transforms.errors import ConfigError
+from sourcebeam.pipelines.options import pipeline_options
+from sourcebeam.schemas.envelope import make_envelope
+from sourcebeam.schemas.registry import SCHEMA_DIR, Registry
+from sourcebeam.transforms.archive import (
     CORRUPT, EVENTS, CorruptArchiveFile, archive_partitions, iter_partition, IncompatibleSchema, ReadArchive, WriteArchive,
     check_archive_path, iter_archive, list_archive_files, read_archive_file, read_manifest)
-from transforms.archive_format import (
+from sourcebeam.transforms.archive_format import (
     bucket_of, encode_avro, encode_parquet, hour_of, parse_file_path, read_events, sort_key)
 
 T0 = 1_795_687_200_000  # 2026-11-26T10:00:00Z
@@ -37,7 +37,7 @@ def sample_events():
   seq = {}
 
   def add(event_type, data, t, follows_from=None):
-    from schemas import registry
+    from sourcebeam.schemas import registry
     key = registry().get(event_type).key_of(data)
     seq[key] = seq.get(key, 0) + 1
     events.append(make_envelope(
@@ -193,10 +193,10 @@ def test_windowed_input_gets_files_per_window(tmp_path, events):
 def test_writer_refuses_an_archive_with_another_layout(tmp_path, events):
   path = str(tmp_path / 'archive')
   write(path, events[:5], buckets=4)
-  with pytest.raises(UsageError, match='4 buckets'):
+  with pytest.raises(ConfigError, match='4 buckets'):
     with TestPipeline() as p:
       _ = p | beam.Create(events[:5]) | WriteArchive(path, buckets=8)
-  with pytest.raises(UsageError, match='avro'):
+  with pytest.raises(ConfigError, match='avro'):
     with TestPipeline() as p:
       _ = p | beam.Create(events[:5]) | WriteArchive(path, format='parquet', buckets=4)
   with pytest.raises(ValueError, match='format'):
@@ -247,7 +247,7 @@ def envelopes(draw):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(envelopes(), max_size=8))
 def test_file_formats_round_trip_any_valid_envelope_exactly(batch):
-  from schemas import registry
+  from sourcebeam.schemas import registry
   reg = registry()
   batch = sorted(batch, key=sort_key)
   for fmt, blob in (('avro', encode_avro(batch, reg, name='x')), ('parquet', encode_parquet(batch, reg))):
@@ -264,18 +264,18 @@ def test_file_formats_round_trip_any_valid_envelope_exactly(batch):
 
 def test_missing_archive_is_a_clear_usage_error(tmp_path):
   missing = str(tmp_path / 'nope')
-  with pytest.raises(UsageError, match='does not exist'):
+  with pytest.raises(ConfigError, match='does not exist'):
     check_archive_path(missing)
-  with pytest.raises(UsageError, match='does not exist'):
+  with pytest.raises(ConfigError, match='does not exist'):
     list(iter_archive(missing))
-  with pytest.raises(UsageError, match='does not exist'):
+  with pytest.raises(ConfigError, match='does not exist'):
     with TestPipeline() as p:
       _ = p | ReadArchive(missing)
   (tmp_path / 'notarchive').mkdir()
-  with pytest.raises(UsageError, match='not a Sourcebeam archive'):
+  with pytest.raises(ConfigError, match='not a Sourcebeam archive'):
     check_archive_path(str(tmp_path / 'notarchive'))
   (tmp_path / 'notarchive' / '_archive.json').write_text('{"hello": 1}')
-  with pytest.raises(UsageError, match='not a Sourcebeam archive'):
+  with pytest.raises(ConfigError, match='not a Sourcebeam archive'):
     check_archive_path(str(tmp_path / 'notarchive'))
 
 
@@ -437,11 +437,11 @@ def test_a_fresh_process_finds_cloud_archives_from_the_environment_alone(s3_serv
 def test_missing_cloud_archive_or_bucket_is_a_usage_error(s3_service, gcs_service):
   storage.use_storage_options()
   for service in (s3_service, gcs_service):
-    with pytest.raises(UsageError, match='archive .* does not exist'):
+    with pytest.raises(ConfigError, match='archive .* does not exist'):
       check_archive_path(service.url('no-such-archive'))
-    with pytest.raises(UsageError, match='bucket no-such-bucket does not exist'):
+    with pytest.raises(ConfigError, match='bucket no-such-bucket does not exist'):
       check_archive_path(f'{service.scheme}://no-such-bucket/archive')
-    with pytest.raises(UsageError, match='bucket no-such-bucket does not exist'):
+    with pytest.raises(ConfigError, match='bucket no-such-bucket does not exist'):
       with TestPipeline(options=pipeline_options([])) as p:
         _ = p | beam.Create([]) | WriteArchive(f'{service.scheme}://no-such-bucket/archive')
 
@@ -462,18 +462,18 @@ def test_unreachable_storage_fails_at_once_with_one_line(monkeypatch):
   closed = f'http://127.0.0.1:{free_port()}'
   monkeypatch.setenv('AWS_ACCESS_KEY_ID', 'x')
   monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', 'y')
-  with pytest.raises(UsageError, match='cannot reach S3') as err:
+  with pytest.raises(ConfigError, match='cannot reach S3') as err:
     storage.preflight('s3://b/archive', pipeline_options([f'--s3_endpoint_url={closed}']))
   assert '\n' not in str(err.value)
   monkeypatch.setenv('STORAGE_EMULATOR_HOST', closed)
-  with pytest.raises(UsageError, match='cannot reach the GCS emulator'):
+  with pytest.raises(ConfigError, match='cannot reach the GCS emulator'):
     storage.preflight('gs://b/archive')
   for name in ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN', 'AWS_PROFILE'):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv('AWS_SHARED_CREDENTIALS_FILE', '/nonexistent/credentials')
   monkeypatch.setenv('AWS_CONFIG_FILE', '/nonexistent/config')
   monkeypatch.setenv('AWS_EC2_METADATA_DISABLED', 'true')
-  with pytest.raises(UsageError, match='no AWS credentials'):
+  with pytest.raises(ConfigError, match='no AWS credentials'):
     storage.preflight('s3://b/archive', pipeline_options([f'--s3_endpoint_url={closed}']))
   storage.preflight('/local/paths/need/no/preflight')
 
@@ -503,8 +503,8 @@ def test_avro_writer_schema_differing_only_in_key_order_takes_the_direct_decode(
   """fastavro writes the schema's keys in the order of the dict it was given, so files
   from another process can differ byte-wise from the reader's own header: they are
   still the same schema and must skip Avro schema resolution (about 3x slower)."""
-  from schemas.registry import registry
-  from transforms.archive_format import _is_own_writer_schema, _own_writer_schema, decode_avro
+  from sourcebeam.schemas.registry import registry
+  from sourcebeam.transforms.archive_format import _is_own_writer_schema, _own_writer_schema, decode_avro
 
   def reorder(node):
     if isinstance(node, dict):

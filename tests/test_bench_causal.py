@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipelines.runners import ROOT
+from sourcebeam.pipelines.runners import ROOT
 
 
 @pytest.mark.parametrize('args', [['--rate', '0'], ['--reads', '-1'], ['--warmup', '-2']])

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from benchmarks.fanout import bench_subscriber_doc, parse_sizes
-from pipelines.cli import UsageError
-from schemas.registry import registry
-from transforms.fanout_core import parse_subscribers
+from sourcebeam.benchmarks.fanout import bench_subscriber_doc, parse_sizes
+from sourcebeam.transforms.errors import ConfigError
+from sourcebeam.schemas.registry import registry
+from sourcebeam.transforms.fanout_core import parse_subscribers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,9 +51,9 @@ def test_the_bench_subscribers_are_a_valid_file_and_one_takes_everything(tmp_pat
 
 def test_sizes_always_include_one_and_bad_sizes_are_usage_errors():
   assert parse_sizes('100,10') == [1, 10, 100]
-  with pytest.raises(UsageError):
+  with pytest.raises(ConfigError):
     parse_sizes('0,5')
-  with pytest.raises(UsageError):
+  with pytest.raises(ConfigError):
     parse_sizes('a')
   proc = run_bench('--subscribers', 'x')
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from benchmarks.replay import archive_path, build_archive, workers_args
-from transforms.archive import iter_archive, list_archive_files
+from sourcebeam.benchmarks.replay import archive_path, build_archive, workers_args
+from sourcebeam.transforms.archive import iter_archive, list_archive_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ('events', 'raw_decode_eps', 'naive_beam_eps', 'replay_eps', 'speedup_vs_realtime',
@@ -58,7 +58,7 @@ def test_bench_replay_json_line_is_complete_and_consistent(tmp_path):
 
 
 def _archive(tmp_path, n):
-  from generators.phases import HELLO_RETAIL_RATE
+  from sourcebeam.generators.phases import HELLO_RETAIL_RATE
   return list(iter_archive(archive_path(str(tmp_path / 'cache'), n, 'avro', HELLO_RETAIL_RATE, 1, 16)))
 
 

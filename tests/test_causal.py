@@ -23,9 +23,9 @@ from typing import Dict, List
 
 import pytest
 
-from pipelines.live_stack import LiveStack, Load, add_then_view, percentile
-from pipelines.runners import ROOT
-from transforms.view_store import TABLES
+from sourcebeam.pipelines.live_stack import LiveStack, Load, add_then_view, percentile
+from sourcebeam.pipelines.runners import ROOT
+from sourcebeam.transforms.view_store import TABLES
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +88,7 @@ def _run(*args: str) -> None:
 
 def _all_envelopes(bootstrap: str, topic: str) -> List[dict]:
   """Every message of the topic through the publishing boundary, read with Kafka's own client."""
-  from schemas.validation import publish_raw
+  from sourcebeam.schemas.validation import publish_raw
   from tests.test_writer import _all_messages
   envelopes = []
   for m in _all_messages(bootstrap, topic):
@@ -100,7 +100,7 @@ def _all_envelopes(bootstrap: str, topic: str) -> List[dict]:
 
 def _archive(envelopes: List[dict], path: str) -> None:
   import apache_beam as beam
-  from transforms.archive import WriteArchive
+  from sourcebeam.transforms.archive import WriteArchive
   with beam.Pipeline() as p:
     _ = p | beam.Create(envelopes) | WriteArchive(path)
 

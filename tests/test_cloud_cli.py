@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from generators import retail
-from generators.jsonl import encode_line
+from sourcebeam.generators import retail
+from sourcebeam.generators.jsonl import encode_line
 from tests.test_validation import good
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def run_cli(*args):
 
 def upload(url: str, data: bytes) -> None:
   from apache_beam.io.filesystems import FileSystems
-  from pipelines.storage import use_storage_options
+  from sourcebeam.transforms.storage import use_storage_options
   use_storage_options()
   with FileSystems.create(url) as f:
     f.write(data)

@@ -9,7 +9,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings, strategies as st
 
-from transforms.crdt import (CRDTCoder, GCounter, LWWRegister, MergeCRDTs,
+from sourcebeam.transforms.crdt import (CRDTCoder, GCounter, LWWRegister, MergeCRDTs,
                              ORSet, PNCounter, QuantityORSet, merge_all)
 
 REPLICAS = st.sampled_from(['r1', 'r2', 'r3', 7, ('eu', 1)])

@@ -17,8 +17,8 @@ import sys
 
 import pytest
 
-from generators import retail, taxi
-from generators.jsonl import encode_line
+from sourcebeam.generators import retail, taxi
+from sourcebeam.generators.jsonl import encode_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRY_RUN = ['--runner=DataflowRunner', '--project=sourcebeam-dry-run', '--region=us-central1',

@@ -14,10 +14,10 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.archive import iter_archive, list_archive_files, read_archive_file
-from transforms.fanout import MATCHED, UNMATCHED, FanOut, prepare_archive_sinks
-from transforms.fanout_core import naive_match, parse_subscribers
-from schemas.registry import registry
+from sourcebeam.transforms.archive import iter_archive, list_archive_files, read_archive_file
+from sourcebeam.transforms.fanout import MATCHED, UNMATCHED, FanOut, prepare_archive_sinks
+from sourcebeam.transforms.fanout_core import naive_match, parse_subscribers
+from sourcebeam.schemas.registry import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T0 = 1_795_000_000_000
@@ -129,7 +129,7 @@ def run_cli(*args):
 
 
 def test_cli_fans_out_an_archive_and_counts_in_and_out(tmp_path):
-  from transforms.archive import WriteArchive
+  from sourcebeam.transforms.archive import WriteArchive
   events = make_events()
   src = str(tmp_path / 'source')
   with beam.Pipeline() as p:

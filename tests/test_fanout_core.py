@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from pipelines.cli import UsageError
-from transforms.fanout_core import (Matcher, Sink, key_matches, load_subscribers, naive_match,
+from sourcebeam.transforms.errors import ConfigError
+from sourcebeam.transforms.fanout_core import (Matcher, Sink, key_matches, load_subscribers, naive_match,
                                     parse_keys, parse_subscribers)
 
 TYPES = ['CartItemAdded', 'CartItemRemoved', 'ProductCreated', 'ProductViewed', 'UserLoggedIn']
@@ -64,20 +64,20 @@ def test_the_default_registry_knows_the_retail_types(tmp_path):
      ["'a'", "'b'", 'same sink']),
 ])
 def test_bad_subscriber_files_name_the_subscriber_and_the_field(doc, words):
-  with pytest.raises(UsageError) as e:
+  with pytest.raises(ConfigError) as e:
     parse_subscribers(doc, TYPES, where='subs.json')
   for w in words:
     assert w in str(e.value)
 
 
 def test_unreadable_files_are_usage_errors(tmp_path):
-  with pytest.raises(UsageError, match='does not exist'):
+  with pytest.raises(ConfigError, match='does not exist'):
     load_subscribers(str(tmp_path / 'missing.json'), TYPES)
   (tmp_path / 'bad.json').write_text('{"subscribers": [')
-  with pytest.raises(UsageError, match='not valid JSON'):
+  with pytest.raises(ConfigError, match='not valid JSON'):
     load_subscribers(str(tmp_path / 'bad.json'), TYPES)
   (tmp_path / 'bad.toml').write_text('[[subscribers]\n')
-  with pytest.raises(UsageError, match='not valid TOML'):
+  with pytest.raises(ConfigError, match='not valid TOML'):
     load_subscribers(str(tmp_path / 'bad.toml'), TYPES)
 
 

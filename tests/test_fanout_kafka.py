@@ -16,7 +16,7 @@ import uuid
 import apache_beam as beam
 import pytest
 
-from schemas.envelope import from_json, to_json
+from sourcebeam.schemas.envelope import from_json, to_json
 from tests.service_fixtures import consume, create_topic, produce
 from tests.test_fanout import envelope
 
@@ -80,7 +80,7 @@ def check_topic(kafka, topic, expected):
 
 @pytest.mark.integration
 def test_kafka_subscribers_get_their_events_keyed_and_in_per_key_order(kafka, tmp_path):
-  from transforms.archive import iter_archive
+  from sourcebeam.transforms.archive import iter_archive
   t = topics(kafka, ['src', 'all', 'carts', 'u1'])
   events = user_events(4, range(1, 13))
   shuffled = list(events)
@@ -109,7 +109,7 @@ def test_backfill_then_live_has_no_gap_and_no_duplicate(kafka, tmp_path):
   """Archive: sequences 1-10 per key. Topic: 6-15 before the run (retention already dropped
   1-5), 16-20 produced while the run is going. Every subscriber must get 1-20 per key, once
   each, in order; the overlap 6-10 is dropped as duplicates."""
-  from transforms.archive import WriteArchive
+  from sourcebeam.transforms.archive import WriteArchive
   t = topics(kafka, ['src', 'all', 'carts', 'u1'])
   users = 3
   archive = str(tmp_path / 'archive')

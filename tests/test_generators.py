@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generators import faults, phases, retail, riders, taxi
-from generators.jsonl import _encode, encode_json, encode_line, iso_clock, read_jsonl, write_jsonl
-from schemas.envelope import iso_to_millis
-from schemas.registry import registry
-from schemas.validation import publish_raw
+from sourcebeam.generators import faults, phases, retail, riders, taxi
+from sourcebeam.generators.jsonl import _encode, encode_json, encode_line, iso_clock, read_jsonl, write_jsonl
+from sourcebeam.schemas.envelope import iso_to_millis
+from sourcebeam.schemas.registry import registry
+from sourcebeam.schemas.validation import publish_raw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START = iso_to_millis(phases.DEFAULT_START)
@@ -498,7 +498,7 @@ def test_cli_phases_faults_and_bad_spec(tmp_path):
 def in_process(*argv):
   """generate's own parser and main, without a subprocess (what run.py does after dispatch)."""
   import argparse
-  from generators import cli
+  from sourcebeam.generators import cli
   parser = argparse.ArgumentParser(prog='run.py generate')
   cli.add_arguments(parser)
   args, beam_args = parser.parse_known_args(list(argv))
@@ -526,7 +526,7 @@ def test_generate_riders(tmp_path):
 
 def test_generate_help_explains_every_option():
   import argparse
-  from generators import cli
+  from sourcebeam.generators import cli
   parser = argparse.ArgumentParser(prog='run.py generate')
   cli.add_arguments(parser)
   text = parser.format_help()
@@ -541,7 +541,7 @@ def test_generate_help_explains_every_option():
 def test_generate_to_s3_through_beams_filesystems(s3_service):
   """`--out s3://...` writes through Beam's FileSystems to a real S3 endpoint (moto)."""
   from apache_beam.io.filesystems import FileSystems
-  from generators import cli
+  from sourcebeam.generators import cli
   path = s3_service.url('generated', 'retail.jsonl')
   _, rc = in_process('--events', '700', '--seed', '3', '--out', path, '--quiet',
                      *s3_service.beam_args)

@@ -16,15 +16,15 @@ import uuid
 
 import pytest
 
-from generators import retail
-from generators.jsonl import encode_line
-from schemas.envelope import iso_to_millis, to_json
-from schemas.validation import publish_raw
-from transforms.archive_format import MANIFEST_NAME, make_manifest
-from transforms.handoff import (
+from sourcebeam.generators import retail
+from sourcebeam.generators.jsonl import encode_line
+from sourcebeam.schemas.envelope import iso_to_millis, to_json
+from sourcebeam.schemas.validation import publish_raw
+from sourcebeam.transforms.archive_format import MANIFEST_NAME, make_manifest
+from sourcebeam.transforms.handoff import (
     HandoffError, clip, contains, plan_from_sidecars, plan_handoff, read_sidecars,
     recorded_offsets, subtract, to_ranges, union)
-from transforms.live_archive import encode_sidecar, parse_sidecar
+from sourcebeam.transforms.live_archive import encode_sidecar, parse_sidecar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BROKEN = b'{"event_type": "CartItemAdded", '
@@ -195,9 +195,9 @@ def test_read_kafka_from_starts_exactly_at_the_offsets(kafka, tmp_path):
   drop them), not 6..9 and 0..1 of the unrecorded partition 1.
   """
   import apache_beam as beam
-  from pipelines.options import pipeline_options
+  from sourcebeam.pipelines.options import pipeline_options
   from tests.service_fixtures import create_topic
-  from transforms.handoff import ReadKafkaFrom
+  from sourcebeam.transforms.handoff import ReadKafkaFrom
   topic = f'from-{uuid.uuid4().hex[:8]}'
   create_topic(kafka, topic, partitions=2)
   from confluent_kafka import Producer

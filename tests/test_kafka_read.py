@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from transforms.kafka_read import bounded_read_shares, unreadable_bound
+from sourcebeam.transforms.kafka_read import bounded_read_shares, unreadable_bound
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAITS = ('--max-records 10530: KafkaIO reads it with 2 readers of about 5265 messages each, and '

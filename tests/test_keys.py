@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import run
-from generators import retail
-from pipelines.cli import UsageError
-from pipelines.keys import analyse, key_stats, key_under, parse_key_rule
-from pipelines.options import pipeline_options
-from schemas.envelope import iso_to_millis, make_envelope
-from schemas.registry import partition_key_rules
-from transforms.archive import WriteArchive
+from sourcebeam.generators import retail
+from sourcebeam.transforms.errors import ConfigError
+from sourcebeam.pipelines.keys import analyse, key_stats, key_under, parse_key_rule
+from sourcebeam.pipelines.options import pipeline_options
+from sourcebeam.schemas.envelope import iso_to_millis, make_envelope
+from sourcebeam.schemas.registry import partition_key_rules
+from sourcebeam.transforms.archive import WriteArchive
 
 T0 = 1_795_687_200_000
 
@@ -76,7 +76,7 @@ def test_parse_key_rule_forms():
     ('user_id,,', 'empty key rule'),
 ])
 def test_bad_key_rules_are_usage_errors(spec, message):
-  with pytest.raises(UsageError, match=message):
+  with pytest.raises(ConfigError, match=message):
     parse_key_rule([spec])
 
 
@@ -125,7 +125,7 @@ def test_events_without_the_alternative_field_are_counted_not_dropped():
 
 
 def _fields(name):
-  from schemas.registry import registry
+  from sourcebeam.schemas.registry import registry
   return registry().current[name].field_names
 
 

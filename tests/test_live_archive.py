@@ -18,12 +18,12 @@ import uuid
 import apache_beam as beam
 import pytest
 
-from generators import retail
-from generators.jsonl import encode_line
-from schemas.envelope import iso_to_millis, to_json
-from transforms.archive import iter_archive, read_archive_file
-from transforms.handoff import read_sidecars, recorded_offsets
-from transforms.live_archive import (
+from sourcebeam.generators import retail
+from sourcebeam.generators.jsonl import encode_line
+from sourcebeam.schemas.envelope import iso_to_millis, to_json
+from sourcebeam.transforms.archive import iter_archive, read_archive_file
+from sourcebeam.transforms.handoff import read_sidecars, recorded_offsets
+from sourcebeam.transforms.live_archive import (
     ArchiveLive, PublishKafkaMessages, SidecarError, encode_sidecar, parse_sidecar, sidecar_path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,18 +12,18 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from generators import retail, taxi
-from pipelines.options import pipeline_options
-from schemas.envelope import iso_to_millis
-from transforms.archive import ReadArchive, WriteArchive, list_archive_files
-from schemas.registry import registry
-from transforms.archive_format import CorruptArchiveFile, encode_avro
-from transforms.ordered_replay import (CORRUPT, OUTPUTS, STATS, UNCLAIMED, UNPROCESSED,
+from sourcebeam.generators import retail, taxi
+from sourcebeam.pipelines.options import pipeline_options
+from sourcebeam.schemas.envelope import iso_to_millis
+from sourcebeam.transforms.archive import ReadArchive, WriteArchive, list_archive_files
+from sourcebeam.schemas.registry import registry
+from sourcebeam.transforms.archive_format import CorruptArchiveFile, encode_avro
+from sourcebeam.transforms.ordered_replay import (CORRUPT, OUTPUTS, STATS, UNCLAIMED, UNPROCESSED,
                                        BucketReplay, KeySpace, OrderedArchiveReplay,
                                        ReplayRetailProjections, check_placement,
                                        read_checked_file, replay_bucket, retail_key_spaces)
-from transforms.ordering_core import Orderer, batch_order, process_key
-from transforms.projections import VIEWS, RetailProjections, latest
+from sourcebeam.transforms.ordering_core import Orderer, batch_order, process_key
+from sourcebeam.transforms.projections import VIEWS, RetailProjections, latest
 
 HOUR = 3_600_000
 
@@ -284,7 +284,7 @@ def test_the_replay_shuffles_file_names_not_events_and_builds_for_dataflow(archi
   """`run.py replay`'s pipeline, built for Dataflow without contacting Google
   (``--dry_run``): the retail views' only GroupByKey is the one over file names."""
   from apache_beam.portability import common_urns
-  from pipelines.replay import build_replay
+  from sourcebeam.pipelines.replay import build_replay
   path, _ = archive
   args = ['--runner=DataflowRunner', '--project=sourcebeam-dry-run', '--region=us-central1',
           '--temp_location=gs://sourcebeam-dry-run/tmp', '--job_name=sourcebeam-replay',
@@ -306,8 +306,8 @@ def test_run_py_replay_writes_what_the_consumers_write_over_read_archive(archive
   ReadArchive's events."""
   import glob
   import os
-  from pipelines import consumers, outputs
-  from pipelines import replay as replay_cmd
+  from sourcebeam.pipelines import consumers, outputs
+  from sourcebeam.pipelines import replay as replay_cmd
   path, events = archive
   old = str(tmp_path / 'old')
   outputs.prepare(old)
@@ -329,7 +329,7 @@ def test_run_py_replay_writes_what_the_consumers_write_over_read_archive(archive
 def test_deferred_retail_handlers_give_the_same_outputs(archive, keep_latest):
   """retail_key_spaces(deferred=True), what ReplayRetailProjections runs, hands out the
   same (built) outputs and reports as the handlers' own apply, kept latest or all."""
-  from transforms.ordered_replay import latest_view_record
+  from sourcebeam.transforms.ordered_replay import latest_view_record
   path, _ = archive
   files = list_archive_files(path)
 

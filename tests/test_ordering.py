@@ -19,9 +19,9 @@ from apache_beam.transforms import window
 from apache_beam.utils.timestamp import Duration
 from hypothesis import given, settings, strategies as st
 
-from pipelines.options import pipeline_options
-from transforms.ordering import ProcessInOrder, StatusRequest
-from transforms.ordering_core import Orderer, OrderingConfig, batch_order, process_key
+from sourcebeam.pipelines.options import pipeline_options
+from sourcebeam.transforms.ordering import ProcessInOrder, StatusRequest
+from sourcebeam.transforms.ordering_core import Orderer, OrderingConfig, batch_order, process_key
 
 
 class Positions:

@@ -9,7 +9,7 @@ import json
 import pytest
 
 import run
-from benchmarks.ordering import _check_complete, envelope_at, shuffled_order
+from sourcebeam.benchmarks.ordering import _check_complete, envelope_at, shuffled_order
 
 
 def test_input_is_complete_per_key_sequences_in_shuffled_order():

@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from transforms.ordering_core import (INT64_MAX, Activation, DictBuffer, Orderer, OrderingConfig,
+from sourcebeam.transforms.ordering_core import (INT64_MAX, Activation, DictBuffer, Orderer, OrderingConfig,
                                       batch_order, process_key)
 
 

@@ -4,10 +4,10 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.options import pipeline_options
-from pipelines.runners import prism_binary
+from sourcebeam.pipelines.options import pipeline_options
+from sourcebeam.pipelines.runners import prism_binary
 from tests.test_ordering import Positions, ev
-from transforms.ordering import ProcessInOrder
+from sourcebeam.transforms.ordering import ProcessInOrder
 
 
 @pytest.mark.integration

@@ -8,8 +8,8 @@ import pytest
 
 from hypothesis import given, settings, strategies as st
 
-from schemas.envelope import make_envelope
-from transforms.projections import (CartHandler, CartState, CatalogHandler, CombinedHandler,
+from sourcebeam.schemas.envelope import make_envelope
+from sourcebeam.transforms.projections import (CartHandler, CartState, CatalogHandler, CombinedHandler,
                                     FrequentlyViewedHandler, RecentlyViewedHandler,
                                     catalog_by_category, latest, merge_carts, top_viewed)
 
@@ -178,8 +178,8 @@ def test_combined_handler_runs_each_handler_on_one_stream():
 # --- Beam: RetailProjections and WriteProjections ----------------------------------------------
 
 def _published_retail(n, seed):
-  from generators.retail import retail_events
-  from schemas.envelope import iso_to_millis
+  from sourcebeam.generators.retail import retail_events
+  from sourcebeam.schemas.envelope import iso_to_millis
   events = []
   for e in retail_events(n, seed=seed):
     e = dict(e, event_time=iso_to_millis(e['event_time']))
@@ -188,7 +188,7 @@ def _published_retail(n, seed):
 
 
 def _expected_views(events):
-  from transforms.projections import PRODUCT_EVENT_TYPES, USER_EVENT_TYPES
+  from sourcebeam.transforms.projections import PRODUCT_EVENT_TYPES, USER_EVENT_TYPES
   by_key = {}
   for e in events:
     space = 'user' if e['event_type'] in USER_EVENT_TYPES else (
@@ -210,7 +210,7 @@ def test_retail_projections_write_final_views_as_jsonl_and_parquet(tmp_path):
   import pyarrow.parquet as pq
   from apache_beam.testing.test_pipeline import TestPipeline
   from apache_beam.testing.util import assert_that, equal_to
-  from transforms.projections import VIEWS, RetailProjections, WriteProjections
+  from sourcebeam.transforms.projections import VIEWS, RetailProjections, WriteProjections
 
   events = _published_retail(400, seed=5)
   expected = _expected_views(events)
@@ -247,7 +247,7 @@ def test_retail_projections_streaming_changelog_applies_events_in_sequence_order
   from apache_beam.testing.test_stream import TestStream
   from apache_beam.testing.util import assert_that, equal_to
   from apache_beam.transforms import window
-  from transforms.projections import RetailProjections
+  from sourcebeam.transforms.projections import RetailProjections
 
   ev, pv = Stream(), Stream()
   user = [ev('UserLoggedIn', user_id='u1', name='Ada'),
@@ -281,7 +281,7 @@ def test_retail_projections_streaming_changelog_applies_events_in_sequence_order
 
 # --- the step/record split, incremental top-k, deferred records ------------------------------
 
-from transforms.projections import (DeferredRecords, PendingRecord, ViewCounts, built,  # noqa: E402
+from sourcebeam.transforms.projections import (DeferredRecords, PendingRecord, ViewCounts, built,  # noqa: E402
                                     bump_top, defers_records)
 
 RETAIL_USER_EVENTS = st.lists(st.tuples(

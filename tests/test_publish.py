@@ -10,7 +10,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.test_validation import BAD, good
-from transforms.publish import PublishEvents
+from sourcebeam.transforms.publish import PublishEvents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

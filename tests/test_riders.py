@@ -14,11 +14,11 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 
-from generators.riders import rider_events
-from schemas.envelope import iso_to_millis, make_envelope, to_avro_record, to_json
-from schemas.registry import registry
-from schemas.validation import publish_raw
-from transforms.riders import (LocateRiders, TaxiJoin, TaxiOccupancy, ZoneRiderCounts,
+from sourcebeam.generators.riders import rider_events
+from sourcebeam.schemas.envelope import iso_to_millis, make_envelope, to_avro_record, to_json
+from sourcebeam.schemas.registry import registry
+from sourcebeam.schemas.validation import publish_raw
+from sourcebeam.transforms.riders import (LocateRiders, TaxiJoin, TaxiOccupancy, ZoneRiderCounts,
                                join_taxi_events, rider_located_id, rider_occupancy,
                                sequence_rider, taxi_of)
 

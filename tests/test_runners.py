@@ -26,8 +26,8 @@ from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.subprocess_server import JavaJarServer
 
-from pipelines import runners
-from pipelines.options import pipeline_options
+from sourcebeam.pipelines import runners
+from sourcebeam.pipelines.options import pipeline_options
 # The kafka and flink_cluster fixtures come from tests/conftest.py (one instance per session).
 from tests.service_fixtures import consume, create_topic, flink_cancel, flink_jobs, produce
 

@@ -17,11 +17,11 @@ import uuid
 
 import pytest
 
-from generators import retail, riders, taxi
-from generators.jsonl import encode_line
-from pipelines.consumers import JOINED_TOPIC_SUFFIX
-from pipelines.stream import joined_topic
-from schemas.envelope import iso_to_millis
+from sourcebeam.generators import retail, riders, taxi
+from sourcebeam.generators.jsonl import encode_line
+from sourcebeam.pipelines.consumers import JOINED_TOPIC_SUFFIX
+from sourcebeam.pipelines.stream import joined_topic
+from sourcebeam.schemas.envelope import iso_to_millis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARED = ['retail/cart.jsonl', 'retail/catalog.jsonl', 'retail/recently_viewed.jsonl',

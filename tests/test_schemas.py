@@ -9,9 +9,9 @@ import fastavro
 import pytest
 import re
 
-from schemas import SchemaError, partition_key_rules, registry
-from schemas.envelope import from_json, iso_to_millis, make_envelope, millis_to_iso, to_avro_record, to_json
-from schemas.registry import SCHEMA_DIR, Registry
+from sourcebeam.schemas import SchemaError, partition_key_rules, registry
+from sourcebeam.schemas.envelope import from_json, iso_to_millis, make_envelope, millis_to_iso, to_avro_record, to_json
+from sourcebeam.schemas.registry import SCHEMA_DIR, Registry
 
 RETAIL = ['ProductCreated', 'ProductImageAdded', 'ProductViewed', 'ProductPurchased', 'CartItemAdded',
           'CartItemRemoved', 'UserLoggedIn', 'PhoneNumberUpdated', 'RoleAdded']

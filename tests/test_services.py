@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from pipelines import runners, services
+from sourcebeam.pipelines import runners, services
 from tests.service_fixtures import consume, create_topic, flink_rest, free_port, produce
 
 RUN_PY = os.path.join(runners.ROOT, 'run.py')

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from generators.taxi import write_rides_and_fares
-from schemas.envelope import iso_to_millis
+from sourcebeam.generators.taxi import write_rides_and_fares
+from sourcebeam.schemas.envelope import iso_to_millis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H = 3_600_000

@@ -6,8 +6,8 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from transforms import taxi_logic as logic
-from schemas.envelope import millis_to_iso
+from sourcebeam.transforms import taxi_logic as logic
+from sourcebeam.schemas.envelope import millis_to_iso
 
 T0 = 1_795_651_200_000  # 2026-11-26T00:00:00Z
 H = logic.HOUR_MS

@@ -13,10 +13,10 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 
-from transforms import taxi_logic as logic
-from transforms.taxi import (CleanseRides, HourlyTips, JoinRidesAndFares, LongRideAlerts,
+from sourcebeam.transforms import taxi_logic as logic
+from sourcebeam.transforms.taxi import (CleanseRides, HourlyTips, JoinRidesAndFares, LongRideAlerts,
                              ParseTaxiRecords)
-from schemas.envelope import millis_to_iso
+from sourcebeam.schemas.envelope import millis_to_iso
 
 T0 = 1_795_651_200_000  # 2026-11-26T00:00:00Z
 MIN = logic.MINUTE_MS

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from schemas.validation import publish_raw
+from sourcebeam.schemas.validation import publish_raw
 
 
 def good(**overrides):

@@ -13,11 +13,11 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from schemas.envelope import make_envelope
+from sourcebeam.schemas.envelope import make_envelope
 
-from transforms.projections import (CartHandler, CatalogHandler, CombinedHandler,
+from sourcebeam.transforms.projections import (CartHandler, CatalogHandler, CombinedHandler,
                                     FrequentlyViewedHandler, RecentlyViewedHandler)
-from transforms.view_store import StoreError, ViewStore, WriteViewsToStore, redact
+from sourcebeam.transforms.view_store import StoreError, ViewStore, WriteViewsToStore, redact
 
 TOPIC = 'retail'
 T0 = 1_790_000_000_000
@@ -238,7 +238,7 @@ def test_view_changes_and_sink_in_a_beam_pipeline(dsn):
       (messages[6][0], {'topic': TOPIC, 'partition': 0, 'offset': n + 2}),  # a duplicate write
   ]
   with TestPipeline() as p:
-    from transforms.view_store import ViewChanges
+    from sourcebeam.transforms.view_store import ViewChanges
     _ = p | beam.Create(messages) | ViewChanges() | WriteViewsToStore(dsn, batch_size=3)
   with ViewStore(dsn) as store:
     assert store.cart('u1')['items'] == [{'product_id': 'p1', 'quantity': 2},
@@ -249,7 +249,7 @@ def test_view_changes_and_sink_in_a_beam_pipeline(dsn):
 
 
 def _ride_data():
-  from schemas.registry import registry
+  from sourcebeam.schemas.registry import registry
   et = registry().get('RideStarted')
   sample = {'string': 'x', 'int': 1, 'long': T0, 'double': 1.0, 'float': 1.0, 'boolean': True}
   return {f.name: sample[f.type] for f in et.fields}
@@ -282,8 +282,8 @@ def test_concurrent_sinks_on_one_partition_leave_no_hole(dsn):
 
 
 def test_kafka_message_shapes_and_dead_letters():
-  from schemas.envelope import to_json
-  from transforms.view_store import kafka_message
+  from sourcebeam.schemas.envelope import to_json
+  from sourcebeam.transforms.view_store import kafka_message
   env = make_envelope('CartItemAdded', {'user_id': 'u1', 'product_id': 'p1', 'quantity': 1},
                       event_id='e1', sequence=1, event_time=T0, origin='test')
   row = beam.Row(topic=TOPIC, partition=2, offset=41, key=b'u1', value=to_json(env).encode())

@@ -19,12 +19,12 @@ from typing import Any, Dict, Optional, Tuple
 
 import pytest
 
-from pipelines.serve import make_server
-from pipelines.views_service import ViewsApi
+from sourcebeam.pipelines.serve import make_server
+from sourcebeam.pipelines.views_service import ViewsApi
 
 from tests.service_fixtures import free_port
 from tests.test_view_store import EVENTS, TOPIC, changelog
-from transforms.view_store import ViewStore
+from sourcebeam.transforms.view_store import ViewStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -244,7 +244,7 @@ def test_writer_receipts_are_honoured_by_views_built_from_the_topic(kafka, tmp_p
   from confluent_kafka import Consumer, TopicPartition
   from tests.service_fixtures import create_topic
   from tests.test_writer import Running, event
-  from transforms.view_store import ViewChanges, WriteViewsToStore, kafka_message
+  from sourcebeam.transforms.view_store import ViewChanges, WriteViewsToStore, kafka_message
 
   topic = f'views-{os.getpid()}-{int(time.time() * 1000) % 100000}'
   create_topic(kafka, topic, partitions=3)

@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from pipelines import writer_service
-from pipelines.serve import make_server
-from schemas.envelope import from_json, make_envelope, to_json
+from sourcebeam.pipelines import writer_service
+from sourcebeam.pipelines.serve import make_server
+from sourcebeam.schemas.envelope import from_json, make_envelope, to_json
 from tests.service_fixtures import consume, create_topic, free_port, produce
 
 pytestmark = pytest.mark.integration

@@ -39,11 +39,11 @@ from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import window as beam_window
 
-from pipelines import storage
-from pipelines.cli import UsageError
-from schemas.envelope import Envelope
-from schemas.registry import SCHEMA_DIR, Registry, registry as load_registry
-from transforms.archive_format import (
+from sourcebeam.transforms import storage
+from sourcebeam.transforms.errors import ConfigError
+from sourcebeam.schemas.envelope import Envelope
+from sourcebeam.schemas.registry import SCHEMA_DIR, Registry, registry as load_registry
+from sourcebeam.transforms.archive_format import (
     AVRO_CODECS, DEFAULT_BUCKETS, DEFAULT_MAX_EVENTS_PER_FILE, LAYOUT_VERSION,
     MANIFEST_NAME, SORT_ORDER, ArchiveFile, CorruptArchiveFile, IncompatibleSchema,
     chunks, data_file_pattern, encode_avro, encode_parquet, file_name, join, make_manifest,
@@ -134,7 +134,7 @@ def match_data_files(path: str, manifest: Dict[str, Any]) -> beam.PTransform:
 
 
 def check_archive_path(path: str, beam_args: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-  """The manifest of the archive at ``path``, or UsageError saying why there is none.
+  """The manifest of the archive at ``path``, or ConfigError saying why there is none.
 
   The CLI calls this before building a pipeline, so a wrong path is one line
   and exit code 2, not a traceback from deep inside a runner. Pass the
@@ -142,7 +142,7 @@ def check_archive_path(path: str, beam_args: Optional[Sequence[str]] = None) -> 
   (``--s3_endpoint_url``...); otherwise the environment's are used.
   """
   if not path:
-    raise UsageError('no archive path given')
+    raise ConfigError('no archive path given')
   if beam_args is not None:
     storage.use_storage_options(beam_args)
   ensure_storage_options()
@@ -150,13 +150,13 @@ def check_archive_path(path: str, beam_args: Optional[Sequence[str]] = None) -> 
   try:
     manifest = read_manifest(path)
   except ValueError as e:
-    raise UsageError(str(e)) from None
+    raise ConfigError(str(e)) from None
   except Exception as e:  # storage errors: unknown bucket, endpoint down, no access
-    raise UsageError(f'cannot read archive {path}: {_one_line(e)}') from None
+    raise ConfigError(f'cannot read archive {path}: {_one_line(e)}') from None
   if manifest is None:
     if _is_local(path) and FileSystems.exists(path):
-      raise UsageError(f'{path} is not a Sourcebeam archive (it has no {MANIFEST_NAME})')
-    raise UsageError(f'archive {path} does not exist (no {MANIFEST_NAME} there); '
+      raise ConfigError(f'{path} is not a Sourcebeam archive (it has no {MANIFEST_NAME})')
+    raise ConfigError(f'archive {path} does not exist (no {MANIFEST_NAME} there); '
                      'write one with `run.py publish --archive PATH`')
   return manifest
 
@@ -204,7 +204,7 @@ def iter_archive(path: str, registry: RegistryArg = None) -> Iterator[Envelope]:
   """Every event of an archive, file by file in (hour, bucket) order; no Beam.
 
   Within a file events are in (partition_key, sequence) order. Raises
-  UsageError for a missing archive and CorruptArchiveFile / IncompatibleSchema
+  ConfigError for a missing archive and CorruptArchiveFile / IncompatibleSchema
   at the first bad file.
   """
   manifest = check_archive_path(path)
@@ -246,9 +246,9 @@ def _check_existing_manifest(path: str, fmt: str, buckets: int) -> None:
   try:
     existing = read_manifest(path)
   except ValueError as e:
-    raise UsageError(f'cannot add to {path}: {e}') from None
+    raise ConfigError(f'cannot add to {path}: {e}') from None
   if existing and (existing['format'], existing['buckets']) != (fmt, buckets):
-    raise UsageError(
+    raise ConfigError(
         f'archive {path} holds {existing["format"]} files in {existing["buckets"]} buckets; '
         f'cannot add {fmt} files in {buckets} buckets (write a new archive instead)')
 
@@ -408,7 +408,7 @@ class ReadArchive(beam.PTransform):
   False. ``registry`` (a Registry or a schema directory) gives the reader
   schemas; files written with older compatible schemas are resolved to it, and
   files it cannot resolve are reported in ``corrupt`` with the type and field.
-  The archive must exist when the pipeline is built (UsageError otherwise).
+  The archive must exist when the pipeline is built (ConfigError otherwise).
   """
 
   def __init__(self, path: str, *, registry: RegistryArg = None, with_timestamps: bool = True):

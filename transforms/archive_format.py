@@ -74,8 +74,8 @@ from fastavro.read import SchemaResolutionError
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.envelope import ENVELOPE_FIELDS, Envelope, to_avro_record
-from schemas.registry import Registry, SchemaError, registry as default_registry
+from sourcebeam.schemas.envelope import ENVELOPE_FIELDS, Envelope, to_avro_record
+from sourcebeam.schemas.registry import Registry, SchemaError, registry as default_registry
 
 LAYOUT_VERSION = 1
 MANIFEST_NAME = '_archive.json'

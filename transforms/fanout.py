@@ -55,12 +55,12 @@ from apache_beam.transforms import window as beam_window
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from schemas.envelope import from_json, to_avro_record, to_json
-from transforms.archive_format import (
+from sourcebeam.schemas.envelope import from_json, to_avro_record, to_json
+from sourcebeam.transforms.archive_format import (
     DEFAULT_BUCKETS, LAYOUT_VERSION, MANIFEST_NAME, SORT_ORDER, bucket_of, file_name, hour_of,
     join, make_manifest, partition_dir)
-from transforms.fanout_core import Matcher, Subscriber
-from transforms.ordering import ProcessInOrder
+from sourcebeam.transforms.fanout_core import Matcher, Subscriber
+from sourcebeam.transforms.ordering import ProcessInOrder
 
 __all__ = ['FanOut', 'FanOutResult', 'ParseEnvelopes', 'MATCHED', 'UNMATCHED', 'UNDELIVERABLE',
            'prepare_archive_sinks']
@@ -148,7 +148,7 @@ class AvroFiles:
     self._codec = codec
     import fastavro
     from fastavro.write import schemaless_writer
-    from schemas.registry import registry
+    from sourcebeam.schemas.registry import registry
     self._schema = registry().parsed_envelope
     self._schemaless = schemaless_writer
     # The schema text fastavro writes (once, not per file: dumping it cost more than the data).
@@ -185,7 +185,7 @@ class AvroFiles:
 
 def prepare_archive_sinks(subscribers: Sequence[Subscriber], buckets: int = DEFAULT_BUCKETS) -> None:
   """Write each archive sink's manifest (or check the existing one) before the pipeline runs."""
-  from transforms.archive import _check_existing_manifest, _write_manifest, ensure_storage_options
+  from sourcebeam.transforms.archive import _check_existing_manifest, _write_manifest, ensure_storage_options
   ensure_storage_options()
   for s in subscribers:
     if s.sink.kind == 'archive':
@@ -226,7 +226,7 @@ class _ArchiveBuffer:
 
   def flush(self) -> Dict[int, int]:
     """Write every pending event to its subscribers' archives; deliveries per subscriber."""
-    from transforms.archive import write_bytes
+    from sourcebeam.transforms.archive import write_bytes
     if not self._pending:
       return {}
     pending, self._pending = self._pending, []
@@ -417,7 +417,7 @@ class FanOut(beam.PTransform):
     super().__init__(label)
     if not subscribers:
       raise ValueError('FanOut needs at least one subscriber')
-    from transforms.archive import new_run_id
+    from sourcebeam.transforms.archive import new_run_id
     self._subs = list(subscribers)
     self._run_id = run_id or new_run_id()
     self._gap_timeout, self._buckets = gap_timeout, buckets

@@ -38,8 +38,8 @@ import re
 import tomllib
 from typing import Any, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from pipelines.cli import UsageError
-from transforms.kafka_url import parse_kafka_url
+from sourcebeam.transforms.errors import ConfigError
+from sourcebeam.transforms.kafka_url import parse_kafka_url
 
 _NAME = re.compile(r'^[A-Za-z0-9._-]{1,128}$')
 _FIELDS = ('name', 'event_types', 'keys', 'sink')
@@ -76,19 +76,19 @@ class Subscriber(NamedTuple):
 
 
 def parse_sink(text: Any, where: str) -> Sink:
-  """``kafka://HOST:PORT/TOPIC`` or an archive path; UsageError naming ``where``."""
+  """``kafka://HOST:PORT/TOPIC`` or an archive path; ConfigError naming ``where``."""
   if not isinstance(text, str) or not text.strip():
-    raise UsageError(f'{where}: "sink" must be kafka://HOST:PORT/TOPIC or an archive path')
+    raise ConfigError(f'{where}: "sink" must be kafka://HOST:PORT/TOPIC or an archive path')
   text = text.strip()
   if text.startswith('kafka://'):
     kafka = parse_kafka_url(text)
     if not kafka:
-      raise UsageError(f'{where}: sink {text!r} must look like kafka://HOST:PORT/TOPIC '
+      raise ConfigError(f'{where}: sink {text!r} must look like kafka://HOST:PORT/TOPIC '
                        '(topic: letters, digits, ".", "_", "-")')
     return Sink('kafka', kafka.topic, kafka.bootstrap)
   scheme = text.split('://', 1)[0] if '://' in text else None
   if scheme not in (None, 'file', 's3', 'gs'):
-    raise UsageError(f'{where}: sink {text!r}: archive paths are local, s3:// or gs:// '
+    raise ConfigError(f'{where}: sink {text!r}: archive paths are local, s3:// or gs:// '
                      f'(or kafka://HOST:PORT/TOPIC), not {scheme}://')
   return Sink('archive', text.rstrip('/'))
 
@@ -98,7 +98,7 @@ def parse_keys(patterns: Any, where: str) -> KeyFilter:
     return KeyFilter(frozenset(), (), None)
   if not isinstance(patterns, list) or not patterns or not all(
       isinstance(p, str) and p for p in patterns):
-    raise UsageError(f'{where}: "keys" must be a non-empty list of partition keys or glob '
+    raise ConfigError(f'{where}: "keys" must be a non-empty list of partition keys or glob '
                      'patterns (leave it out to take every key)')
   exact, prefixes, globs = set(), [], []
   for p in patterns:
@@ -126,44 +126,44 @@ def key_matches(keys: KeyFilter, key: str, regex: Optional['re.Pattern[str]'] = 
 def parse_subscribers(doc: Any, known_types: Sequence[str], where: str = 'subscribers') -> List[Subscriber]:
   """Validate a parsed subscriber document; every error names the subscriber and field."""
   if not isinstance(doc, Mapping) or not isinstance(doc.get('subscribers'), list):
-    raise UsageError(f'{where}: expected an object with a "subscribers" list')
+    raise ConfigError(f'{where}: expected an object with a "subscribers" list')
   extra = set(doc) - {'subscribers'}
   if extra:
-    raise UsageError(f'{where}: unknown top-level field(s) {sorted(extra)}; only "subscribers"')
+    raise ConfigError(f'{where}: unknown top-level field(s) {sorted(extra)}; only "subscribers"')
   items = doc['subscribers']
   if not items:
-    raise UsageError(f'{where}: the "subscribers" list is empty')
+    raise ConfigError(f'{where}: the "subscribers" list is empty')
   known = set(known_types)
   out: List[Subscriber] = []
   seen: Dict[str, int] = {}
   for i, raw in enumerate(items):
     label = f'{where}: subscriber #{i + 1}'
     if not isinstance(raw, Mapping):
-      raise UsageError(f'{label} must be an object with "name" and "sink"')
+      raise ConfigError(f'{label} must be an object with "name" and "sink"')
     name = raw.get('name')
     if not isinstance(name, str) or not _NAME.match(name):
-      raise UsageError(f'{label}: "name" must be 1-128 letters, digits, ".", "_" or "-", '
+      raise ConfigError(f'{label}: "name" must be 1-128 letters, digits, ".", "_" or "-", '
                        f'got {name!r}')
     label = f'{where}: subscriber {name!r}'
     if name in seen:
-      raise UsageError(f'{label}: the name is used twice (subscribers #{seen[name] + 1} '
+      raise ConfigError(f'{label}: the name is used twice (subscribers #{seen[name] + 1} '
                        f'and #{i + 1})')
     seen[name] = i
     unknown = set(raw) - set(_FIELDS)
     if unknown:
-      raise UsageError(f'{label}: unknown field(s) {sorted(unknown)}; fields are {list(_FIELDS)}')
+      raise ConfigError(f'{label}: unknown field(s) {sorted(unknown)}; fields are {list(_FIELDS)}')
     types = raw.get('event_types')
     if types is not None:
       if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
-        raise UsageError(f'{label}: "event_types" must be a non-empty list of event type names '
+        raise ConfigError(f'{label}: "event_types" must be a non-empty list of event type names '
                          '(leave it out to take every type)')
       bad = sorted(set(types) - known)
       if bad:
-        raise UsageError(f'{label}: "event_types" names unknown type(s) {bad}; '
+        raise ConfigError(f'{label}: "event_types" names unknown type(s) {bad}; '
                          f'known: {sorted(known)}')
       types = frozenset(types)
     if 'sink' not in raw:
-      raise UsageError(f'{label}: "sink" is missing (kafka://HOST:PORT/TOPIC or an archive path)')
+      raise ConfigError(f'{label}: "sink" is missing (kafka://HOST:PORT/TOPIC or an archive path)')
     out.append(Subscriber(name, types, parse_keys(raw.get('keys'), f'{label}'),
                           parse_sink(raw['sink'], label)))
   _check_sinks_unique(out, where)
@@ -176,7 +176,7 @@ def _check_sinks_unique(subs: Sequence[Subscriber], where: str) -> None:
   for s in subs:
     k = (s.sink.kind, s.sink.target, s.sink.bootstrap)
     if k in owner:
-      raise UsageError(f'{where}: subscribers {owner[k]!r} and {s.name!r} have the same sink '
+      raise ConfigError(f'{where}: subscribers {owner[k]!r} and {s.name!r} have the same sink '
                        f'{s.sink.describe()}')
     owner[k] = s.name
 
@@ -184,16 +184,16 @@ def _check_sinks_unique(subs: Sequence[Subscriber], where: str) -> None:
 def load_subscribers(path: str, known_types: Optional[Sequence[str]] = None) -> List[Subscriber]:
   """Read and validate the subscriber file at ``path`` (``.toml`` is TOML, anything else JSON)."""
   if known_types is None:
-    from schemas.registry import registry
+    from sourcebeam.schemas.registry import registry
     known_types = registry().event_types
   if not os.path.isfile(path):
-    raise UsageError(f'subscriber file {path} does not exist')
+    raise ConfigError(f'subscriber file {path} does not exist')
   try:
     with open(path, 'rb') as f:
       raw = f.read()
     doc = tomllib.loads(raw.decode('utf-8')) if path.endswith('.toml') else json.loads(raw)
   except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-    raise UsageError(f'{path}: not valid {"TOML" if path.endswith(".toml") else "JSON"}: {e}') from None
+    raise ConfigError(f'{path}: not valid {"TOML" if path.endswith(".toml") else "JSON"}: {e}') from None
   return parse_subscribers(doc, known_types, where=path)
 
 

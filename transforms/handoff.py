@@ -44,11 +44,11 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window as beam_window
 
-from pipelines.cli import UsageError
-from transforms.archive import check_archive_path, ensure_storage_options, read_archive_file
-from transforms.archive_format import join
-from transforms.kafka_read import ReadKafkaMessages, partition_offsets
-from transforms.live_archive import (
+from sourcebeam.transforms.errors import ConfigError
+from sourcebeam.transforms.archive import check_archive_path, ensure_storage_options, read_archive_file
+from sourcebeam.transforms.archive_format import join
+from sourcebeam.transforms.kafka_read import ReadKafkaMessages, partition_offsets
+from sourcebeam.transforms.live_archive import (
     DEAD_DIR, OFFSETS_DIR, Published, PublishKafkaMessages, SidecarError, SourceRef, parse_sidecar)
 
 __all__ = ['TopicPartition', 'Ranges', 'recorded_offsets', 'plan_handoff', 'HandoffPlan',
@@ -58,7 +58,7 @@ TopicPartition = Tuple[str, int]
 Ranges = List[Tuple[int, int]]  # sorted, disjoint, half-open [lo, hi)
 
 
-class HandoffError(UsageError):
+class HandoffError(ConfigError):
   """The archive cannot be handed off to this source (one line saying why)."""
 
 
@@ -279,8 +279,9 @@ class ReadKafkaFrom(beam.PTransform):
   """
 
   def __init__(self, bootstrap: str, topic: str, offsets: Dict[TopicPartition, int], *,
-               max_records: Optional[int] = None):
+               max_records: Optional[int] = None, expansion_service=None):
     super().__init__()
+    self._expansion_service = expansion_service
     self._bootstrap, self._topic = bootstrap, topic
     self._offsets = {(t, int(p)): int(o) for (t, p), o in offsets.items() if t == topic}
     self._max_records = max_records
@@ -292,7 +293,8 @@ class ReadKafkaFrom(beam.PTransform):
     offsets, topic = dict(self._offsets), self._topic
     return (
         pbegin
-        | 'ReadKafka' >> ReadKafkaMessages(self._bootstrap, topic, self.group_id, self._max_records)
+        | 'ReadKafka' >> ReadKafkaMessages(self._bootstrap, topic, self.group_id, self._max_records,
+                                         expansion_service=self._expansion_service)
         | 'FromOffsets' >> beam.Filter(  # safety net: see the module docstring
             lambda m: int(m.offset) >= offsets.get((topic, int(m.partition)), 0)))
 
@@ -337,14 +339,16 @@ class ReplayThenLive(beam.PTransform):
   Returns a :class:`HandoffResult`; its ``published`` is the published stream:
   every offset of the topic from the archive's first recorded one, exactly once.
   Archived events carry their event time as timestamp; Kafka ones their CreateTime.
-  ``max_records`` bounds the Kafka part (records after the recorded offsets).
-  HandoffError (a UsageError) when the pipeline is built, if the archive has no
+  ``max_records`` bounds the Kafka part (records after the recorded offsets);
+  ``expansion_service`` is the Kafka read's (see :class:`ReadKafkaMessages`).
+  HandoffError (a ConfigError) when the pipeline is built, if the archive has no
   recorded offsets, recorded another topic, or Kafka no longer holds an offset.
   """
 
   def __init__(self, archive_path: str, source: Tuple[str, str], *,
-               max_records: Optional[int] = None):
+               max_records: Optional[int] = None, expansion_service=None):
     super().__init__()
+    self._expansion_service = expansion_service
     self._archive = archive_path.rstrip('/')
     self._bootstrap, self._topic = source[0], source[1]
     self._max_records = max_records
@@ -357,7 +361,8 @@ class ReplayThenLive(beam.PTransform):
                 | 'SpreadFiles' >> beam.Reshuffle()
                 | 'ReplayFiles' >> beam.ParDo(_ReplayFile()))
     messages = pbegin | 'Live' >> ReadKafkaFrom(self._bootstrap, self._topic, plan.offsets,
-                                                 max_records=self._max_records)
+                                                 max_records=self._max_records,
+                                                 expansion_service=self._expansion_service)
     live = messages | 'PublishLive' >> PublishKafkaMessages()
     refs = (archived, live.published_refs) | 'AllPublished' >> beam.Flatten()
     return HandoffResult(

@@ -32,20 +32,25 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import apache_beam as beam
 from apache_beam.io.kafka import ReadFromKafka
 
-from pipelines.cli import UsageError
-from pipelines.runners import kafka_io_service
-from transforms.kafka_retry import retry_transient
+from sourcebeam.transforms.errors import ConfigError
+from sourcebeam.transforms.kafka_retry import retry_transient
 
 # Beam's BoundedReadFromUnboundedSource: one reader per this many records, at most 100.
 _RECORDS_PER_READER, _MAX_READERS = 10_000, 100
 
 
 class ReadKafkaMessages(beam.PTransform):
-  """PBegin -> ReadFromKafka(with_metadata=True) records of ``topic``, timestamped by CreateTime."""
+  """PBegin -> ReadFromKafka(with_metadata=True) records of ``topic``, timestamped by CreateTime.
 
-  def __init__(self, bootstrap: str, topic: str, group_id: str, max_records: Optional[int] = None):
+  ``expansion_service``: where the cross-language read is expanded; None is Beam's
+  default (the IO expansion service jar that ``--beam_services`` names, or Beam's own).
+  """
+
+  def __init__(self, bootstrap: str, topic: str, group_id: str, max_records: Optional[int] = None,
+               *, expansion_service=None):
     super().__init__()
     self.bootstrap, self.topic, self.group_id, self.max_records = bootstrap, topic, group_id, max_records
+    self.expansion_service = expansion_service
 
   def expand(self, pbegin):
     return pbegin | 'ReadFromKafka' >> ReadFromKafka(
@@ -53,7 +58,7 @@ class ReadKafkaMessages(beam.PTransform):
                          'group.id': self.group_id, 'enable.auto.commit': 'false'},
         topics=[self.topic], with_metadata=True, max_num_records=self.max_records,
         timestamp_policy=ReadFromKafka.create_time_policy,
-        expansion_service=kafka_io_service(pbegin.pipeline.options))
+        expansion_service=self.expansion_service)
 
 
 def message_value(message) -> Tuple[str, bytes]:
@@ -94,14 +99,14 @@ def unreadable_bound(max_records: int, available: Mapping[int, int]) -> Optional
 def partition_offsets(bootstrap: str, topic: str, group_id: Optional[str] = None
                       ) -> Tuple[Dict[int, Tuple[int, int]], Dict[int, int]]:
   """``({partition: (low, high)}, {partition: committed offset of group_id})`` of ``topic``,
-  read with Kafka's own client; UsageError if the broker or the topic is not there."""
+  read with Kafka's own client; ConfigError if the broker or the topic is not there."""
   from confluent_kafka import Consumer, KafkaException, TopicPartition
   consumer = Consumer({'bootstrap.servers': bootstrap, 'enable.auto.commit': False,
                        'group.id': group_id or f'sourcebeam-check-{uuid.uuid4().hex}'})
   try:
     meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
     if meta is None or meta.error is not None or not meta.partitions:
-      raise UsageError(f'topic {topic} does not exist at {bootstrap}')
+      raise ConfigError(f'topic {topic} does not exist at {bootstrap}')
     marks = {p: retry_transient(lambda: consumer.get_watermark_offsets(
         TopicPartition(topic, p), timeout=15)) for p in meta.partitions}
     committed = {}
@@ -110,7 +115,7 @@ def partition_offsets(bootstrap: str, topic: str, group_id: Optional[str] = None
           [TopicPartition(topic, p) for p in marks], timeout=15)) if tp.offset >= 0}
     return marks, committed
   except KafkaException as e:
-    raise UsageError(f'cannot reach Kafka at {bootstrap}: {e}') from None
+    raise ConfigError(f'cannot reach Kafka at {bootstrap}: {e}') from None
   finally:
     consumer.close()
 
@@ -118,7 +123,7 @@ def partition_offsets(bootstrap: str, topic: str, group_id: Optional[str] = None
 def check_bounded_read(bootstrap: str, topic: str, max_records: int, *, group_id: str,
                        start_offsets: Optional[Mapping[Tuple[str, int], int]] = None) -> None:
   """A warning line on stderr if a read of ``max_records`` from ``topic`` cannot end with what
-  the topic holds now; UsageError if the topic or the broker is not there. The read starts at
+  the topic holds now; ConfigError if the topic or the broker is not there. The read starts at
   ``start_offsets`` (per (topic, partition)) or else at ``group_id``'s committed offsets, or
   else at the earliest, as ``ReadKafkaMessages`` does."""
   marks, starts = partition_offsets(bootstrap, topic, group_id if start_offsets is None else None)

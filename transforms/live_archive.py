@@ -47,10 +47,10 @@ from apache_beam.transforms import trigger as beam_trigger
 from apache_beam.transforms import window as beam_window
 from apache_beam.utils.timestamp import Duration
 
-from transforms.archive import WriteArchive, write_bytes
-from transforms.archive_format import DEFAULT_BUCKETS, join
-from transforms.publish import DEAD_LETTERS, _PublishFn  # the one publishing boundary
-from schemas.validation import DEFAULT_MAX_EVENT_BYTES
+from sourcebeam.transforms.archive import WriteArchive, write_bytes
+from sourcebeam.transforms.archive_format import DEFAULT_BUCKETS, join
+from sourcebeam.transforms.publish import DEAD_LETTERS, _PublishFn  # the one publishing boundary
+from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
 
 __all__ = [
     'SourceRef', 'OFFSETS_DIR', 'SIDECAR_VERSION', 'DEFAULT_WINDOW_SECONDS',

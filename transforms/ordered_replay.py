@@ -78,14 +78,14 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows, TimestampCombiner
 
-from schemas.envelope import Envelope
-from schemas.registry import Registry
-from transforms.archive import (CorruptArchiveFile, IncompatibleSchema, check_archive_path,
+from sourcebeam.schemas.envelope import Envelope
+from sourcebeam.schemas.registry import Registry
+from sourcebeam.transforms.archive import (CorruptArchiveFile, IncompatibleSchema, check_archive_path,
                                 match_data_files, read_archive_file, _registry_for, _schema_dir)
-from transforms.archive_format import (ArchiveFile, bucket_of,
+from sourcebeam.transforms.archive_format import (ArchiveFile, bucket_of,
                                        parse_file_path, sort_key)
-from transforms.ordering_core import DictBuffer, Handler, KeyState, Orderer, OrderingConfig
-from transforms.projections import (VIEWS, CartHandler, CatalogHandler, CombinedHandler,
+from sourcebeam.transforms.ordering_core import DictBuffer, Handler, KeyState, Orderer, OrderingConfig
+from sourcebeam.transforms.projections import (VIEWS, CartHandler, CatalogHandler, CombinedHandler,
                                     DeferredRecords, FrequentlyViewedHandler, PRODUCT_EVENT_TYPES,
                                     ProjectionViews, RecentlyViewedHandler, USER_EVENT_TYPES, built)
 

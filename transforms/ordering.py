@@ -105,7 +105,7 @@ from apache_beam.transforms.userstate import (OrderedListStateSpec, ReadModifyWr
                                               TimerSpec, on_timer)
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.ordering_core import (HOLD, INT64_MAX, INVALID_KEY, SKIP, Activation,
+from sourcebeam.transforms.ordering_core import (HOLD, INT64_MAX, INVALID_KEY, SKIP, Activation,
                                       DictBuffer, Handler, KeyState, Orderer, OrderingConfig,
                                       batch_order)
 

@@ -50,7 +50,7 @@ from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Seq
 
 import apache_beam as beam
 
-from transforms.crdt import QuantityORSet
+from sourcebeam.transforms.crdt import QuantityORSet
 
 Envelope = Mapping[str, Any]
 Record = Dict[str, Any]
@@ -438,7 +438,7 @@ class RetailProjections(beam.PTransform):
     self.ordering = ordering
 
   def expand(self, envelopes):
-    from transforms.ordering import ProcessInOrder  # the ordering issue's transform
+    from sourcebeam.transforms.ordering import ProcessInOrder  # the ordering issue's transform
 
     users = envelopes | 'UserEvents' >> beam.Filter(
         lambda e: e['event_type'] in USER_EVENT_TYPES)

@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from schemas.validation import DEFAULT_MAX_EVENT_BYTES, publish_raw
+from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES, publish_raw
 
 PUBLISHED = 'published'
 DEAD_LETTERS = 'dead_letters'

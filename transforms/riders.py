@@ -50,9 +50,9 @@ from apache_beam.transforms.userstate import (BagStateSpec, ReadModifyWriteState
                                               TimerSpec, on_timer)
 from apache_beam.utils.timestamp import Timestamp
 
-from schemas.envelope import make_envelope
-from transforms.crdt import MergeCRDTs, ORSet, PNCounter
-from transforms.taxi import TIMER_OUTPUT_LATENESS
+from sourcebeam.schemas.envelope import make_envelope
+from sourcebeam.transforms.crdt import MergeCRDTs, ORSet, PNCounter
+from sourcebeam.transforms.taxi import TIMER_OUTPUT_LATENESS
 
 Envelope = Dict[str, Any]
 

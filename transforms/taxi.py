@@ -38,7 +38,7 @@ from apache_beam.transforms.userstate import (ReadModifyWriteStateSpec, TimerSpe
                                               on_timer)
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-from transforms import taxi_logic as logic
+from sourcebeam.transforms import taxi_logic as logic
 
 DEAD_LETTERS = 'dead_letters'
 UNMATCHED = 'unmatched'

@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from schemas.envelope import iso_to_millis, millis_to_iso
+from sourcebeam.schemas.envelope import iso_to_millis, millis_to_iso
 
 RIDE_FIELDS: Dict[str, str] = {
     'rideId': 'int', 'isStart': 'bool', 'eventTime': 'time', 'startLon': 'number',

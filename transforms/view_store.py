@@ -554,7 +554,7 @@ def kafka_message(message: Any) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any
   (:func:`schemas.validation.publish_raw`): a message that is not a valid
   envelope gives ``None``, so its offset still counts as done.
   """
-  from schemas.validation import publish_raw
+  from sourcebeam.schemas.validation import publish_raw
   get = message.get if isinstance(message, Mapping) else (lambda k: getattr(message, k))
   topic, partition, offset = normalise_source(
       (get('topic'), int(get('partition')), int(get('offset'))))
@@ -632,8 +632,8 @@ class ViewChanges(beam.PTransform):
     self.ordering = dict({'continue_on_handler_error': True}, **ordering)
 
   def expand(self, messages):
-    from transforms.ordering import ProcessInOrder
-    from transforms.projections import (PRODUCT_EVENT_TYPES, USER_EVENT_TYPES, CartHandler,
+    from sourcebeam.transforms.ordering import ProcessInOrder
+    from sourcebeam.transforms.projections import (PRODUCT_EVENT_TYPES, USER_EVENT_TYPES, CartHandler,
                                         CatalogHandler, CombinedHandler, FrequentlyViewedHandler,
                                         RecentlyViewedHandler)
     routed = messages | 'Route' >> beam.ParDo(

@@ -48,6 +48,8 @@ import tempfile
 import threading
 from typing import List, Optional, Sequence
 
+from sourcebeam.transforms.errors import ConfigError
+
 S3_ENDPOINT_ENV = 'SOURCEBEAM_S3_ENDPOINT'
 GCS_EMULATOR_ENV = 'STORAGE_EMULATOR_HOST'
 GCP_PROJECT_ENV = 'SOURCEBEAM_GCP_PROJECT'
@@ -121,8 +123,8 @@ def use_storage_options(beam_args: Optional[Sequence[str]] = None):
   archive's ``iter_archive``, a benchmark) calls this first.
   """
   from apache_beam.io.filesystems import FileSystems
-  from pipelines.options import pipeline_options  # here: options imports this module
-  options = pipeline_options(list(beam_args or []))
+  from apache_beam.options.pipeline_options import PipelineOptions
+  options = PipelineOptions(storage_args(list(beam_args or [])))
   FileSystems.set_options(options)
   return options
 
@@ -135,7 +137,7 @@ _PREFLIGHT_OK = set()
 
 
 def preflight(path: str, options=None) -> None:
-  """Check that the bucket of an ``s3://`` or ``gs://`` path can be reached; UsageError if not.
+  """Check that the bucket of an ``s3://`` or ``gs://`` path can be reached; ConfigError if not.
 
   Beam's S3 filesystem retries a request that failed for want of credentials
   or a connection for about seven minutes, logging a traceback each time; the
@@ -148,8 +150,8 @@ def preflight(path: str, options=None) -> None:
     return
   bucket = rest.split('/', 1)[0]
   if options is None:
-    from pipelines.options import pipeline_options  # here: options imports this module
-    options = pipeline_options([])
+    from apache_beam.options.pipeline_options import PipelineOptions
+    options = PipelineOptions(storage_args([]))
   if scheme == 's3':
     _preflight_s3(bucket, options)
   else:
@@ -158,7 +160,6 @@ def preflight(path: str, options=None) -> None:
 
 def _preflight_s3(bucket: str, options) -> None:
   from apache_beam.options.pipeline_options import S3Options
-  from pipelines.cli import UsageError
   import boto3
   import botocore.exceptions
   from botocore.config import Config
@@ -169,7 +170,7 @@ def _preflight_s3(bucket: str, options) -> None:
     return
   session = boto3.session.Session()
   if not o.s3_access_key_id and session.get_credentials() is None:
-    raise UsageError(f'no AWS credentials for s3://{bucket}: set AWS_ACCESS_KEY_ID and '
+    raise ConfigError(f'no AWS credentials for s3://{bucket}: set AWS_ACCESS_KEY_ID and '
                      'AWS_SECRET_ACCESS_KEY (or an AWS profile)')
   client = session.client(
       's3', endpoint_url=o.s3_endpoint_url, region_name=o.s3_region_name,
@@ -181,12 +182,12 @@ def _preflight_s3(bucket: str, options) -> None:
   except botocore.exceptions.ClientError as e:
     code = str(e.response.get('Error', {}).get('Code', ''))
     if code in ('404', 'NoSuchBucket'):
-      raise UsageError(f'S3 bucket {bucket} does not exist (endpoint: {where})') from None
+      raise ConfigError(f'S3 bucket {bucket} does not exist (endpoint: {where})') from None
     if code in ('403', 'AccessDenied'):
-      raise UsageError(f'access to S3 bucket {bucket} denied (endpoint: {where})') from None
+      raise ConfigError(f'access to S3 bucket {bucket} denied (endpoint: {where})') from None
     # anything else (a redirect to another region...) is left to Beam's client
   except (botocore.exceptions.BotoCoreError, ValueError) as e:
-    raise UsageError(f'cannot reach S3 ({where}) for bucket {bucket}: '
+    raise ConfigError(f'cannot reach S3 ({where}) for bucket {bucket}: '
                      f'{" ".join(str(e).split())}') from None
   _PREFLIGHT_OK.add(key)
 
@@ -194,7 +195,6 @@ def _preflight_s3(bucket: str, options) -> None:
 def _preflight_gcs(bucket: str) -> None:
   import urllib.error
   import urllib.request
-  from pipelines.cli import UsageError
   emulator = os.environ.get(GCS_EMULATOR_ENV)
   if not emulator:
     return  # real GCS: Google's credential chain and Beam's client apply
@@ -208,9 +208,9 @@ def _preflight_gcs(bucket: str) -> None:
       pass
   except urllib.error.HTTPError as e:
     if e.code == 404:
-      raise UsageError(f'GCS bucket {bucket} does not exist (emulator: {base})') from None
+      raise ConfigError(f'GCS bucket {bucket} does not exist (emulator: {base})') from None
   except (urllib.error.URLError, OSError) as e:
-    raise UsageError(f'cannot reach the GCS emulator at {base} (STORAGE_EMULATOR_HOST): '
+    raise ConfigError(f'cannot reach the GCS emulator at {base} (STORAGE_EMULATOR_HOST): '
                      f'{getattr(e, "reason", e)}') from None
   _PREFLIGHT_OK.add(key)
 

@@ -1,0 +1,1 @@
+"""Sourcebeam: event sourcing on Apache Beam."""
