@@ -12,9 +12,12 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt constraints.txt
+# The pinned dependencies, then Sourcebeam itself (editable: the `sourcebeam` command runs this
+# checkout's code; --no-deps: everything it needs is pinned above).
+$(STAMP): requirements.txt constraints.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # Binaries the runners and services need (Prism, Beam/Flink/Kafka jars); idempotent.

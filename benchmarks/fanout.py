@@ -36,6 +36,7 @@ import tempfile
 import time
 from typing import Any, Dict, List, Sequence, Tuple
 
+from sourcebeam.generators.jsonl import demo_registry
 from sourcebeam.pipelines.cli import UsageError
 
 DEFAULT_EVENTS = 200_000
@@ -95,7 +96,8 @@ def _expected(archive: str, subscribers) -> Tuple[int, Dict[str, int]]:
   """Events, and deliveries per subscriber, by the plain definition of the filters."""
   from sourcebeam.transforms.archive import iter_archive
   from sourcebeam.transforms.fanout_core import naive_match
-  pairs = collections.Counter((e['event_type'], e['partition_key']) for e in iter_archive(archive))
+  pairs = collections.Counter((e['event_type'], e['partition_key'])
+                              for e in iter_archive(archive, demo_registry()))
   want: Dict[str, int] = collections.Counter()
   for (t, k), c in pairs.items():
     for i in naive_match(subscribers, t, k):
@@ -120,8 +122,8 @@ def _run_once(archive: str, subscribers, beam_args: List[str]) -> Tuple[float, f
   path = os.path.join(out, 'counts.json')
   start, cpu = time.perf_counter(), _cpu_seconds()
   with beam.Pipeline(options=pipeline_options(beam_args)) as p:
-    read = p | 'Read' >> ReadArchive(archive)
-    result = read['events'] | 'FanOut' >> FanOut(subscribers)
+    read = p | 'Read' >> ReadArchive(archive, registry=demo_registry())
+    result = read['events'] | 'FanOut' >> FanOut(subscribers, registry=demo_registry())
     (result.counts
      | 'Sum' >> beam.CombinePerKey(sum)
      | 'ToDict' >> beam.combiners.ToDict()
@@ -137,7 +139,7 @@ def _run_once(archive: str, subscribers, beam_args: List[str]) -> Tuple[float, f
 def main(args: Any, beam_args: List[str]) -> int:
   from sourcebeam.benchmarks.replay import archive_path, build_archive
   from sourcebeam.generators.phases import HELLO_RETAIL_RATE
-  from sourcebeam.schemas.registry import registry
+  from sourcebeam.generators.jsonl import demo_registry
   from sourcebeam.transforms.fanout import MATCHED, UNMATCHED
   from sourcebeam.transforms.fanout_core import parse_subscribers
   sizes = parse_sizes(args.subscribers)
@@ -146,7 +148,7 @@ def main(args: Any, beam_args: List[str]) -> int:
   archive = archive_path(args.cache_dir, args.events, 'avro', HELLO_RETAIL_RATE, args.seed, 16)
   build_archive(archive, args.events, 'avro', HELLO_RETAIL_RATE, args.seed, 16)
   work = args.work_dir or tempfile.mkdtemp(prefix='bench-fanout-')
-  types = registry().event_types
+  types = demo_registry().event_types
   seconds: Dict[int, float] = {}
   cpu: Dict[int, float] = {}
   deliveries: Dict[int, int] = {}

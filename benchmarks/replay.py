@@ -11,10 +11,11 @@ What it measures, in one run, on one archive of N generated retail events
 * ``naive_beam_eps``: what a first Beam pipeline does: ``ReadArchive``, key by
   partition key, a stateful DoFn keeping each key's last sequence (so a
   shuffle of every event to its key).
-* ``replay_eps``: Sourcebeam's full replay, :class:`ReplayRetailProjections`:
-  decode, check every file against the layout, per-key ordering through the
-  ordering core, the four retail views (final record per key), unprocessed
-  records, per-bucket stats, all counted at the end.
+* ``replay_eps``: Sourcebeam's full replay of the application (``--app``, the
+  demo without it), :class:`ReplayApp`: decode, check every file against the
+  layout, per-key ordering through the ordering core, every view (final record
+  per key), projection and consumer, unprocessed records, per-bucket stats, all
+  counted at the end.
 
 Each measurement runs in a fresh process (so ``peak_rss_mb`` is the replay's
 own: its process plus its worker processes) and counts from the pipeline's
@@ -92,6 +93,8 @@ import tempfile
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from sourcebeam.pipelines.apps import add_app_argument
+
 ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 CACHE_DIR = os.path.join(ROOT, '.cache', 'bench')
 DEFAULT_EVENTS = 1_000_000
@@ -117,6 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            'or --parallelism on Flink) and report the speed-up')
   parser.add_argument('--skip-naive', action='store_true', help='do not run the naive baseline')
   parser.add_argument('--cache-dir', default=CACHE_DIR, help=f'archive cache (default: {CACHE_DIR})')
+  add_app_argument(parser)
 
 
 # ---------------------------------------------------------------------------
@@ -139,7 +143,7 @@ def build_archive(path: str, n: int, fmt: str, rate: float, seed: int, buckets: 
     with open(facts_path) as f:
       return json.load(f)
   from sourcebeam.generators import phases, retail
-  from sourcebeam.schemas.registry import registry
+  from sourcebeam.generators.jsonl import demo_registry
   from sourcebeam.transforms.archive import write_bytes
   from sourcebeam.transforms.archive_format import (DEFAULT_MAX_EVENTS_PER_FILE, LAYOUT_VERSION, MANIFEST_NAME,
                                          SORT_ORDER, bucket_of, chunks, encode_avro,
@@ -148,7 +152,7 @@ def build_archive(path: str, n: int, fmt: str, rate: float, seed: int, buckets: 
   if os.path.exists(path):
     shutil.rmtree(path)
   os.makedirs(path)
-  reg = registry()
+  reg = demo_registry()
   files = 0
 
   def flush(hour: str, events: List[Dict[str, Any]]) -> None:
@@ -313,21 +317,24 @@ def measure_naive(path: str, beam_args: List[str]) -> Dict[str, Any]:
   return {'events': n, 'seconds': seconds, 'peak_rss_mb': _peak_rss_mb()}
 
 
-def measure_replay(path: str, beam_args: List[str]) -> Dict[str, Any]:
-  """ReplayRetailProjections with every output counted in the pipeline."""
+def measure_replay(path: str, beam_args: List[str], app_spec: Optional[str] = None) -> Dict[str, Any]:
+  """The app's whole replay (every consumer, :class:`ReplayApp`) with every output counted
+  in the pipeline."""
   import apache_beam as beam
+  from sourcebeam.pipelines.apps import load_app
   from sourcebeam.pipelines.options import pipeline_options
-  from sourcebeam.transforms.ordered_replay import ReplayRetailProjections
+  from sourcebeam.transforms.consumers import ReplayApp
 
+  app = load_app(app_spec)
   out_dir = tempfile.mkdtemp(prefix='bench-replay-')
   result = os.path.join(out_dir, 'counts.json')
   try:
     options = pipeline_options(beam_args)
     started = time.perf_counter()
     with beam.Pipeline(options=options) as p:
-      replay = p | ReplayRetailProjections(path)
-      named = dict(replay.views.views())
-      named.update(unprocessed=replay.views.unprocessed, corrupt=replay.corrupt,
+      replay = p | ReplayApp(app, path)
+      named = {**replay.result.views, **replay.result.projections, **replay.result.consumers}
+      named.update(unprocessed=replay.result.unprocessed, corrupt=replay.corrupt,
                    stats=replay.stats)
       _count_in_one_combine(named, result)
     seconds = time.perf_counter() - started
@@ -335,8 +342,7 @@ def measure_replay(path: str, beam_args: List[str]) -> Dict[str, Any]:
       got = json.load(f)
   finally:
     shutil.rmtree(out_dir, ignore_errors=True)
-  counts = {name: got['counts'].get(name, 0) for name in
-            ('cart', 'catalog', 'recently_viewed', 'frequently_viewed', 'unprocessed', 'corrupt')}
+  counts = {name: got['counts'].get(name, 0) for name in sorted(named) if name != 'stats'}
   stats = got['stats']
   by_type: Dict[str, int] = collections.Counter()
   for s in stats:
@@ -414,7 +420,7 @@ def run_size(n: int, args: argparse.Namespace, beam_args: List[str], log) -> Dic
   replays = {}
   for w in worker_counts:
     wargs = beam_args if w is None else workers_args(beam_args, w)
-    replays[w] = _in_child(measure_replay, path, wargs)
+    replays[w] = _in_child(measure_replay, path, wargs, args.app)
     log(f'  replay{"" if w is None else f" ({w} workers)"}: '
         f'{replays[w]["events"] / replays[w]["seconds"]:,.0f} events/s')
   best_w = min(replays, key=lambda w: replays[w]['seconds'])

@@ -27,6 +27,12 @@ except ImportError:  # pragma: no cover - CPython always has _json
   from json.encoder import encode_basestring_ascii as _quote
 
 
+def demo_registry():
+  """The demo application's schemas: what these generators write."""
+  from sourcebeam.demo import app
+  return app.registry
+
+
 def _field_code(expr: str, avro_type: str) -> str:
   """Python source of an f-string part that writes one value as json would."""
   if avro_type == 'string':
@@ -46,9 +52,8 @@ def _build_envelope_encoders() -> Dict[str, Callable[[Mapping[str, Any]], str]]:
   Each encoder refuses (TypeError) anything json would write differently, and
   the caller then falls back to json itself.
   """
-  from sourcebeam.schemas.registry import registry
   encoders = {}
-  for name, et in registry().current.items():
+  for name, et in demo_registry().current.items():
     data = ','.join(f'"{f.name}":' + _field_code(f'd["{f.name}"]', f.type) for f in et.fields)
     src = (
         'def enc(e):\n'

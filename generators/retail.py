@@ -29,7 +29,7 @@ from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from sourcebeam.generators import phases as phases_mod
 from sourcebeam.generators.jsonl import iso_clock, event_id_from_bits
-from sourcebeam.schemas.registry import registry
+from sourcebeam.generators.jsonl import demo_registry
 
 Envelope = Dict[str, object]
 
@@ -106,8 +106,8 @@ def timed_retail_events(n: int,
   rng = random.Random(seed)
   rand, bits = rng.random, rng.getrandbits
   iso = iso_clock()
-  versions = {t: registry().current[t].version for t in RETAIL_TYPES}
-  key_field = {t: registry().current[t].partition_key for t in RETAIL_TYPES}  # the key rules
+  versions = {t: demo_registry().current[t].version for t in RETAIL_TYPES}
+  key_field = {t: demo_registry().current[t].partition_key for t in RETAIL_TYPES}  # the key rules
   n_users = users or default_users(n)
   n_initial = products or default_products(n)
 

@@ -27,7 +27,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from sourcebeam.generators import phases as phases_mod
 from sourcebeam.generators.jsonl import iso_clock, event_id_from_bits
-from sourcebeam.schemas.registry import registry
+from sourcebeam.generators.jsonl import demo_registry
 
 RIDER_TYPES = ('RideRequested', 'RiderPickedUp', 'RiderDroppedOff', 'TaxiLocationReported')
 TRIP_RATE = 1.0          # ride requests per second by default
@@ -69,7 +69,7 @@ def timed_rider_events(n_trips: int,
   rng = random.Random(seed)
   rand, bits, gauss = rng.random, rng.getrandbits, rng.gauss
   iso = iso_clock()
-  versions = {t: registry().current[t].version for t in RIDER_TYPES}
+  versions = {t: demo_registry().current[t].version for t in RIDER_TYPES}
   n_riders = riders or max(20, n_trips // 3)
   interval_ms = max(1, int(report_interval_s * 1000))
   zone_cum, acc = [], 0.0

@@ -33,7 +33,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 
 from sourcebeam.generators import phases as phases_mod
 from sourcebeam.generators.jsonl import LineWriter, event_id_from_bits, iso_clock, record_encoder
-from sourcebeam.schemas.registry import registry
+from sourcebeam.generators.jsonl import demo_registry
 
 # The Flink training data model's field names, in its order.
 TAXI_RIDE_FIELDS = ('rideId', 'isStart', 'eventTime', 'startLon', 'startLat', 'endLon',
@@ -66,7 +66,7 @@ OUTSIDE = ((-74.175, 40.690), (-73.500, 40.800), (0.0, 0.0), (-74.250, 40.900))
 
 def _flink_encoder(event_type: str, time_field: str) -> Callable[[Dict], str]:
   fields = [(f.name, 'string' if f.name == time_field else f.type)
-            for f in registry().current[event_type].fields]
+            for f in demo_registry().current[event_type].fields]
   return record_encoder(fields)
 
 
@@ -210,7 +210,7 @@ def taxi_rides_and_fares(n_rides: int, seed: int = 1, **kwargs) -> Iterator[Tupl
 def envelopes(feed: Iterator[TaxiEvent]) -> Iterator[Tuple[TaxiEvent, Dict]]:
   """Each feed event with its raw envelope: keyed by rideId, sequenced per ride as delivered."""
   iso = iso_clock()
-  versions = {t: registry().current[t].version for t in ('RideStarted', 'RideEnded', 'FarePaid')}
+  versions = {t: demo_registry().current[t].version for t in ('RideStarted', 'RideEnded', 'FarePaid')}
   seq: Dict[int, int] = {}
   for ev in feed:
     ride_id = ev.record['rideId']

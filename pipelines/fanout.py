@@ -50,7 +50,9 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from sourcebeam.pipelines import outputs, runners
+from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.transforms.app import App
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
 from sourcebeam.transforms.fanout import ARCHIVE_CODECS, MATCHED, UNMATCHED, FanOut, ParseEnvelopes, prepare_archive_sinks
 from sourcebeam.transforms.kafka_read import ReadKafkaMessages, check_bounded_read, message_value
@@ -90,18 +92,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            'delivery, see transforms/fanout.py)')
   parser.add_argument('--group-id', default='sourcebeam-fanout',
                       help='Kafka consumer group (default: sourcebeam-fanout)')
+  add_app_argument(parser)
 
 
 def _is_kafka(source: str) -> bool:
   return source.startswith('kafka://')
 
 
-def read_events(p: beam.Pipeline, source: str, *, archive: Optional[str], max_records: Optional[int],
-                group_id: str) -> Dict[str, beam.PCollection]:
+def read_events(p: beam.Pipeline, app: App, source: str, *, archive: Optional[str],
+                max_records: Optional[int], group_id: str) -> Dict[str, beam.PCollection]:
   """``{'events', 'dead', 'in'}`` from the source, with the backfill archive's events first."""
   from sourcebeam.transforms.archive import ReadArchive
   if not _is_kafka(source):
-    read = p | 'ReadSource' >> ReadArchive(source)
+    read = p | 'ReadSource' >> ReadArchive(source, registry=app.registry)
     return {'events': read['events'], 'dead': read['corrupt'], 'in': read['events']}
   messages = read_kafka(p, source, group_id, max_records)
   parsed = (messages
@@ -109,7 +112,7 @@ def read_events(p: beam.Pipeline, source: str, *, archive: Optional[str], max_re
             | 'Parse' >> beam.ParDo(ParseEnvelopes()).with_outputs(ParseEnvelopes.DEAD, main='events'))
   if archive is None:
     return {'events': parsed.events, 'dead': parsed[ParseEnvelopes.DEAD], 'in': messages}
-  backfill = p | 'ReadBackfill' >> ReadArchive(archive)
+  backfill = p | 'ReadBackfill' >> ReadArchive(archive, registry=app.registry)
   events = (backfill['events'], parsed.events) | 'BackfillThenLive' >> beam.Flatten()
   dead = (backfill['corrupt'], parsed[ParseEnvelopes.DEAD]) | 'AllDead' >> beam.Flatten()
   ins = (backfill['events'], messages) | 'AllIn' >> beam.Flatten()
@@ -140,12 +143,12 @@ def _unprocessed_json(rec: Dict[str, Any]) -> str:
   return json.dumps(rec, default=repr, sort_keys=True)
 
 
-def build(p: beam.Pipeline, subscribers: Sequence[Subscriber], source: str, out: str, *,
+def build(p: beam.Pipeline, app: App, subscribers: Sequence[Subscriber], source: str, out: str, *,
           archive: Optional[str], max_records: Optional[int], gap_timeout: Optional[float],
           group_id: str, bounded: bool, archive_codec: str = 'null') -> None:
-  read = read_events(p, source, archive=archive, max_records=max_records, group_id=group_id)
-  result = read['events'] | 'FanOut' >> FanOut(subscribers, gap_timeout=gap_timeout,
-                                               archive_codec=archive_codec)
+  read = read_events(p, app, source, archive=archive, max_records=max_records, group_id=group_id)
+  result = read['events'] | 'FanOut' >> FanOut(subscribers, registry=app.registry,
+                                               gap_timeout=gap_timeout, archive_codec=archive_codec)
   if not bounded:
     return
   result.unprocessed | 'UnprocessedJson' >> beam.Map(_unprocessed_json) | 'WriteUnprocessed' >> (
@@ -191,7 +194,7 @@ def summarize(counted: Dict[str, int], subscribers: Sequence[Subscriber]) -> Dic
 
 
 def run(subscribers: Sequence[Subscriber], source: str, out: str, beam_args: List[str], *,
-        archive: Optional[str] = None, max_records: Optional[int] = None,
+        app: App, archive: Optional[str] = None, max_records: Optional[int] = None,
         gap_timeout: Optional[float] = None, group_id: str = 'sourcebeam-fanout',
         archive_codec: str = 'null') -> Optional[Dict[str, Any]]:
   """Run the fan-out; the summary for a bounded run, None for a live one (after it stops)."""
@@ -205,7 +208,7 @@ def run(subscribers: Sequence[Subscriber], source: str, out: str, beam_args: Lis
   prepare_archive_sinks(subscribers)
   started = time.monotonic()
   with beam.Pipeline(options=options) as p:
-    build(p, subscribers, source, out, archive=archive, max_records=max_records,
+    build(p, app, subscribers, source, out, archive=archive, max_records=max_records,
           gap_timeout=gap_timeout, group_id=group_id, bounded=bounded, archive_codec=archive_codec)
   stop_after_dry_run(p, beam_args)
   if not bounded:
@@ -213,7 +216,7 @@ def run(subscribers: Sequence[Subscriber], source: str, out: str, beam_args: Lis
   with FileSystems.open(outputs.join(out, COUNTS_FILE)) as f:
     counted = json.loads(f.read().decode('utf-8'))
   summary = summarize(counted, subscribers)
-  summary.update(source=source, archive=archive, seconds=round(time.monotonic() - started, 3))
+  summary.update(app=app.name, source=source, archive=archive, seconds=round(time.monotonic() - started, 3))
   outputs.write_json(out, 'summary.json', summary)
   return summary
 
@@ -239,9 +242,10 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace, beam_args: List[str]) -> int:
-  subscribers = load_subscribers(args.subscribers)
+  app = load_app(args.app)
+  subscribers = load_subscribers(args.subscribers, app.registry.event_types)
   check_arguments(args)
-  summary = run(subscribers, args.source, args.out, beam_args, archive=args.archive,
+  summary = run(subscribers, args.source, args.out, beam_args, app=app, archive=args.archive,
                 max_records=args.max_records, gap_timeout=args.gap_timeout, group_id=args.group_id,
                 archive_codec=args.archive_codec)
   if summary:

@@ -53,8 +53,9 @@ import math
 import zlib
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import DataError, UsageError
-from sourcebeam.schemas.registry import Registry, registry as load_registry
+from sourcebeam.schemas.registry import Registry
 
 DEFAULT_TOP = 10
 DEFAULT_WORKERS = 16
@@ -70,17 +71,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--workers', type=int, default=DEFAULT_WORKERS,
                       help=f'workers for the balance estimate (default {DEFAULT_WORKERS})')
   parser.add_argument('--json', action='store_true', help='print one JSON object instead of tables')
+  add_app_argument(parser)
 
 
 # -- key rules ----------------------------------------------------------------------------
 
-def parse_key_rule(specs: Sequence[str], reg: Optional[Registry] = None) -> Dict[str, str]:
+def parse_key_rule(specs: Sequence[str], reg: Registry) -> Dict[str, str]:
   """``--key-rule`` values -> {event type: data field} for every event type.
 
   Types the rule does not mention keep their schema's partition key.
   Raises UsageError for an empty rule, an unknown type or a missing field.
   """
-  reg = reg or load_registry()
   rule = {name: et.partition_key for name, et in reg.current.items()}
   bare: List[str] = []
   typed: List[Tuple[str, str]] = []
@@ -174,12 +175,14 @@ def _predecessors(chains: Mapping[Any, List[tuple]], ident) -> Dict[tuple, Optio
   return pred
 
 
-def analyse(envelopes: Iterable[Mapping[str, Any]], alternative: Optional[Mapping[str, str]] = None,
+def analyse(envelopes: Iterable[Mapping[str, Any]], reg: Registry,
+            alternative: Optional[Mapping[str, str]] = None,
             *, top: int = DEFAULT_TOP, workers: int = DEFAULT_WORKERS) -> Dict[str, Any]:
   """The whole report as a dict, in one pass over the envelopes (plain Python).
 
-  ``alternative`` is a full {event type: field} rule (see :func:`parse_key_rule`);
-  None reports the current rule only.
+  ``reg`` holds the current key rules (the app's schemas); ``alternative`` is a
+  full {event type: field} rule (see :func:`parse_key_rule`); None reports the
+  current rule only.
   """
   if workers < 1 or top < 0:
     raise UsageError('--workers must be >= 1 and --top >= 0')
@@ -231,7 +234,6 @@ def analyse(envelopes: Iterable[Mapping[str, Any]], alternative: Optional[Mappin
       alt_keys_of_cur[item[0]].add(alt_key)
       cur_keys_of_alt[alt_key].add(item[0])
   report['alternative'] = key_stats(alt_counts, top=top, workers=workers)
-  reg = load_registry()
   report['rule_changes'] = {t: f for t, f in sorted(alternative.items())
                             if t not in reg.current or f != reg.current[t].partition_key}
   report['comparison'] = {
@@ -293,12 +295,14 @@ def format_report(report: Dict[str, Any], archive: str = '') -> str:
 
 def main(args: Any, beam_args: List[str]) -> int:
   from sourcebeam.transforms.archive import CorruptArchiveFile, IncompatibleSchema, check_archive_path, iter_archive
-  alternative = parse_key_rule(args.key_rule) if args.key_rule else None
+  app = load_app(args.app)
+  alternative = parse_key_rule(args.key_rule, app.registry) if args.key_rule else None
   if args.workers < 1 or args.top < 0:
     raise UsageError('--workers must be >= 1 and --top >= 0')
   check_archive_path(args.archive, beam_args)
   try:
-    report = analyse(iter_archive(args.archive), alternative, top=args.top, workers=args.workers)
+    report = analyse(iter_archive(args.archive, app.registry), app.registry, alternative,
+                     top=args.top, workers=args.workers)
   except (CorruptArchiveFile, IncompatibleSchema) as e:
     raise DataError(str(e)) from None
   report['archive'] = args.archive

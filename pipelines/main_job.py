@@ -23,12 +23,14 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from sourcebeam.generators import faults, phases, retail, riders, taxi
 from sourcebeam.generators.jsonl import encode_line, write_lines
 from sourcebeam.pipelines import outputs, publish, replay
+from sourcebeam.pipelines.apps import DEFAULT_APP, add_app_argument, load_app
 from sourcebeam.pipelines.cli import Progress, UsageError
+from sourcebeam.transforms.app import App
 
 DEFAULT_RETAIL_EVENTS = 20_000
 DEFAULT_TAXI_RIDES = 1_000
@@ -52,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='event archive format (default: avro)')
   parser.add_argument('--regenerate', action='store_true',
                       help='generate the sample day again even if DIR/input has one')
+  add_app_argument(parser)
 
 
 def generate_sample_day(input_dir: str, n_retail: int, n_rides: int, n_trips: int,
@@ -78,14 +81,21 @@ def _fresh_dir(path: str) -> None:
 
 def run(out: str, beam_args: List[str], n_retail: int = DEFAULT_RETAIL_EVENTS,
         n_rides: int = DEFAULT_TAXI_RIDES, n_trips: int = DEFAULT_RIDER_TRIPS, seed: int = 1,
-        archive_format: str = 'avro', regenerate: bool = False, quiet: bool = False) -> Dict[str, Any]:
+        archive_format: str = 'avro', regenerate: bool = False, quiet: bool = False,
+        app: Optional[App] = None) -> Dict[str, Any]:
+  app = app or load_app(None)
+  demo = app is load_app(None)
   if '://' in out:
     raise UsageError('the main job writes to a local --out directory; '
                      'use publish and replay for s3:// or gs:// paths')
   progress = Progress(4, quiet)
   started = time.monotonic()
   input_dir = os.path.join(out, 'input')
-  if regenerate or not glob.glob(os.path.join(input_dir, '*.jsonl')):
+  has_input = bool(glob.glob(os.path.join(input_dir, '*.jsonl')))
+  if not demo and (regenerate or not has_input):
+    raise UsageError(f'app {app.name}: put its raw events in {input_dir}/*.jsonl (the sample day '
+                     f'generator writes only the demo\'s events, {DEFAULT_APP})')
+  if regenerate or not has_input:
     progress.stage(f'generating a sample day: {n_retail} retail events, {n_rides} taxi rides, '
                    f'{n_trips} rider trips into {input_dir}')
     generate_sample_day(input_dir, n_retail, n_rides, n_trips, seed)
@@ -99,17 +109,19 @@ def run(out: str, beam_args: List[str], n_retail: int = DEFAULT_RETAIL_EVENTS,
     _fresh_dir(d)  # a rerun replaces its outputs instead of archiving the day twice
 
   progress.stage(f'publishing {input_dir}/*.jsonl, archiving to {archive}')
-  published = publish.run(os.path.join(input_dir, '*.jsonl'), published_dir, beam_args,
+  published = publish.run(os.path.join(input_dir, '*.jsonl'), published_dir, beam_args, app,
                           archive=archive, archive_format=archive_format)
 
   progress.stage(f'replaying {archive} through every pipeline')
-  replayed = replay.run(archive, replay_dir, beam_args)
+  replayed = replay.run(archive, replay_dir, beam_args, app)
 
   progress.stage('writing the summary')
   summary = {
+      'app': app.name,
       'publish': {k: published[k] for k in ('in', 'published', 'dead_lettered', 'archived',
                                              'seconds', 'events_per_sec')},
-      'replay': {k: replayed[k] for k in ('events', 'seconds', 'events_per_sec', 'corrupt_files')},
+      'replay': {k: replayed[k] for k in ('events', 'unknown_type', 'unclaimed', 'unprocessed',
+                                           'seconds', 'events_per_sec', 'corrupt_files')},
       'outputs': replayed['outputs'],
       'paths': {'input': input_dir, 'published': published_dir, 'archive': archive,
                 'replay': replay_dir},
@@ -120,6 +132,13 @@ def run(out: str, beam_args: List[str], n_retail: int = DEFAULT_RETAIL_EVENTS,
   return summary
 
 
+def not_applied(rep: Dict[str, Any]) -> str:
+  """What the replay did not apply, by reason, in one line ('nothing' when all was applied)."""
+  parts = [f'{rep[k]:,} {k.replace("_", " ")}' for k in ('unknown_type', 'unclaimed') if rep.get(k)]
+  parts += [f'{n:,} {reason.replace("_", " ")}' for reason, n in rep.get('unprocessed', {}).items()]
+  return ', '.join(parts) if parts else 'nothing'
+
+
 def human_summary(summary: Dict[str, Any], out: str) -> str:
   pub, rep = summary['publish'], summary['replay']
   lines = [
@@ -127,7 +146,9 @@ def human_summary(summary: Dict[str, Any], out: str) -> str:
       f'  publish: {pub["in"]:,} raw events -> {pub["published"]:,} published, '
       f'{pub["dead_lettered"]:,} dead-lettered ({pub["events_per_sec"]:,.0f} events/s)',
       f'  archive: {pub["archived"]:,} events in {summary["paths"]["archive"]}',
-      f'  replay:  {rep["events"]:,} events through every pipeline ({rep["events_per_sec"]:,.0f} events/s)',
+      f'  replay:  {rep["events"]:,} events through every consumer of app {summary["app"]} '
+      f'({rep["events_per_sec"]:,.0f} events/s)',
+      '  not applied: ' + not_applied(rep),
   ]
   width = max(len(k) for k in summary['outputs']) if summary['outputs'] else 0
   for name, n in sorted(summary['outputs'].items()):
@@ -141,7 +162,7 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
     if getattr(args, name) < 0:
       raise UsageError(f'--{name.replace("_", "-")} must not be negative')
   summary = run(args.out, beam_args, args.events, args.taxi_rides, args.rider_trips, args.seed,
-                args.archive_format, args.regenerate)
+                args.archive_format, args.regenerate, app=load_app(args.app))
   print(human_summary(summary, args.out))
   if summary['replay']['corrupt_files']:
     return 1

@@ -1,7 +1,8 @@
 """Fix the stream: publish raw events, dead-letter what cannot be repaired, archive the rest.
 
-``run.py publish --input RAW --out DIR [--archive PATH]`` reads raw JSON lines
-(a local path, a glob, ``s3://`` or ``gs://``), and writes:
+``run.py publish --input RAW --out DIR [--archive PATH] [--app MODULE:ATTR]``
+reads raw JSON lines (a local path, a glob, ``s3://`` or ``gs://``), checks them
+against the application's schemas (the demo's without ``--app``), and writes:
 
 * ``DIR/published.jsonl``: clean envelopes in their JSON form;
 * ``DIR/dead_letters.jsonl``: each refused line whole, with a reason;
@@ -24,10 +25,12 @@ from apache_beam.coders import coders
 from apache_beam.io.filesystems import FileSystems
 
 from sourcebeam.pipelines import outputs
+from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
 from sourcebeam.schemas.envelope import to_json
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
+from sourcebeam.transforms.app import App
 from sourcebeam.transforms.counting import WriteCounts, read_counts
 from sourcebeam.transforms.publish import PublishEvents, dead_letter_json
 
@@ -44,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='archive file format (default: avro)')
   parser.add_argument('--max-event-bytes', type=int, default=DEFAULT_MAX_EVENT_BYTES,
                       help=f'lines longer than this are dead-lettered (default: {DEFAULT_MAX_EVENT_BYTES})')
+  add_app_argument(parser)
 
 
 def check_input(pattern: str) -> None:
@@ -56,12 +60,12 @@ def check_input(pattern: str) -> None:
     raise UsageError(f'input {pattern} does not exist (no file matches)')
 
 
-def build_publish(p: beam.Pipeline, input_pattern: str, out: str,
+def build_publish(p: beam.Pipeline, app: App, input_pattern: str, out: str,
                   archive: Optional[str] = None, archive_format: str = 'avro',
                   max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Dict[str, beam.PCollection]:
-  """Publish (and archive) raw lines; returns the PCollections to count."""
+  """Publish (and archive) raw lines against ``app``'s schemas; returns the PCollections to count."""
   raw = p | 'ReadRaw' >> beam.io.ReadFromTextWithFilename(input_pattern, coder=coders.BytesCoder())
-  result = raw | 'Publish' >> PublishEvents(max_event_bytes)
+  result = raw | 'Publish' >> PublishEvents(app.registry, max_event_bytes)
   result.published | 'PublishedJson' >> beam.Map(to_json) | 'WritePublished' >> outputs.write_lines(
       out, 'published.jsonl')
   result.dead_letters | 'DeadLetterJson' >> beam.Map(dead_letter_json) | 'WriteDeadLetters' >> (
@@ -69,13 +73,14 @@ def build_publish(p: beam.Pipeline, input_pattern: str, out: str,
   counts = {'in': raw, 'published': result.published, 'dead_lettered': result.dead_letters}
   if archive:
     from sourcebeam.transforms.archive import WriteArchive
-    files = result.published | 'Archive' >> WriteArchive(archive, format=archive_format)
+    files = result.published | 'Archive' >> WriteArchive(archive, format=archive_format,
+                                                         registry=app.registry)
     counts['archived'] = files | 'ArchivedEvents' >> beam.FlatMap(lambda f: [None] * f['events'])
   return counts
 
 
-def run(input_pattern: str, out: str, beam_args: List[str], archive: Optional[str] = None,
-        archive_format: str = 'avro',
+def run(input_pattern: str, out: str, beam_args: List[str], app: App,
+        archive: Optional[str] = None, archive_format: str = 'avro',
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Dict[str, Any]:
   options = pipeline_options(beam_args)
   FileSystems.set_options(options)
@@ -83,12 +88,12 @@ def run(input_pattern: str, out: str, beam_args: List[str], archive: Optional[st
   outputs.prepare(out)
   started = time.monotonic()
   with beam.Pipeline(options=options) as p:
-    counts = build_publish(p, input_pattern, out, archive, archive_format, max_event_bytes)
+    counts = build_publish(p, app, input_pattern, out, archive, archive_format, max_event_bytes)
     counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
   stop_after_dry_run(p, beam_args)
   seconds = time.monotonic() - started
   summary: Dict[str, Any] = read_counts(outputs.join(out, '_counts.json'))
-  summary.update(seconds=round(seconds, 3),
+  summary.update(app=app.name, seconds=round(seconds, 3),
                  events_per_sec=round(summary['in'] / seconds, 1) if seconds else None,
                  outputs={'published': outputs.join(out, 'published.jsonl'),
                           'dead_letters': outputs.join(out, 'dead_letters.jsonl')})
@@ -103,7 +108,8 @@ def run(input_pattern: str, out: str, beam_args: List[str], archive: Optional[st
 def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   if args.max_event_bytes <= 0:
     raise UsageError('--max-event-bytes must be positive')
-  summary = run(args.input, args.out, beam_args, args.archive, args.archive_format,
+  app = load_app(args.app)
+  summary = run(args.input, args.out, beam_args, app, args.archive, args.archive_format,
                 args.max_event_bytes)
   print(f'published {summary["published"]} of {summary["in"]} events, '
         f'dead-lettered {summary["dead_lettered"]} '

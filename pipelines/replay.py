@@ -1,19 +1,20 @@
-"""Replay an event archive through the pipelines: the same consumers as the live stream.
+"""Replay an event archive through an application's consumers: the same ones as the live stream.
 
-``run.py replay --archive PATH --out DIR`` reads every archived event (local,
-``s3://`` or ``gs://``) with :class:`transforms.archive.ReadArchive` and feeds
-them to :func:`pipelines.consumers.apply_consumers`, the function the live
-pipeline uses too. Only the source differs. A corrupt archive file does not stop
-the replay: it is listed with its path and reason in ``DIR/corrupt_files.jsonl``
-and ``summary.json``, and the command exits 1.
+``run.py replay --archive PATH --out DIR [--app MODULE:ATTR]`` reads every
+archived event (local, ``s3://`` or ``gs://``) and feeds it to every consumer
+of the application (the demo without ``--app``) with
+:class:`sourcebeam.transforms.consumers.ReplayApp`: views and projections by
+the fast ordered replay (one work item per key bucket, each key's events
+through the same handler objects and ordering core as a live pipeline, no
+shuffle of events), and the consumers that are transforms on the events of
+their types from the same read. Only the source differs from ``run.py stream``.
 
-The retail projections take the archive's fast path,
-:class:`transforms.ordered_replay.ReplayRetailProjections`: one work item per
-key bucket, each key's events through the same handlers and ordering core,
-without shuffling events (same views and unprocessed records as
-``RetailProjections`` on ``ReadArchive``; tested). The one read also hands the
-events the retail views do not use (rides, fares, riders) to the taxi and
-rider consumers, the same functions the live pipeline calls.
+A corrupt archive file does not stop the replay: it is listed with its path and
+reason in ``DIR/corrupt_files.jsonl`` and ``summary.json``, and the command
+exits 1. ``summary.json`` also says what the replay did not apply: events of
+types the application does not know (``unknown_type``: written by an app with
+more types; counted and skipped), events of types no consumer reads
+(``unclaimed``), and ``unprocessed`` events by reason.
 """
 
 from __future__ import annotations
@@ -27,61 +28,69 @@ from typing import Any, Dict, List
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from sourcebeam.pipelines import consumers, outputs
+from sourcebeam.pipelines import outputs
+from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import DataError
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
+from sourcebeam.transforms.app import App
 from sourcebeam.transforms.archive import check_archive_path
+from sourcebeam.transforms.consumers import ReplayApp, WriteAppOutputs, UNPROCESSED_FILE
 from sourcebeam.transforms.counting import WriteCounts, read_counts
-from sourcebeam.transforms.ordered_replay import ReplayRetailProjections
-from sourcebeam.transforms.projections import WriteProjections
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--archive', required=True, metavar='PATH',
                       help='the event archive to replay (local, s3:// or gs://)')
   parser.add_argument('--out', required=True, metavar='DIR',
-                      help='where the pipelines\' outputs and summary.json go')
+                      help='where the consumers\' outputs and summary.json go')
+  add_app_argument(parser)
 
 
 STATS_FILE = '_replay_stats.jsonl'
 
 
-def build_replay(p: beam.Pipeline, archive: str, out: str) -> Dict[str, beam.PCollection]:
-  """Every consumer fed from one read of the archive; returns ``{output: PCollection}``
-  to count, and writes the read's per-bucket stats (events decoded per type) to
-  ``DIR/_replay_stats.jsonl``."""
-  replay = p | 'ReplayArchive' >> ReplayRetailProjections(archive, with_unclaimed=True)
+def build_replay(p: beam.Pipeline, app: App, archive: str, out: str) -> Dict[str, beam.PCollection]:
+  """Every consumer of ``app`` fed from one read of the archive; returns ``{output:
+  PCollection}`` to count, and writes the read's per-bucket stats (events decoded per
+  type, unclaimed, unknown types, keys left waiting on a gap) to ``DIR/_replay_stats.jsonl``."""
+  replay = p | 'ReplayArchive' >> ReplayApp(app, archive)
   replay.corrupt | 'CorruptJson' >> beam.Map(json.dumps) | 'WriteCorrupt' >> outputs.write_lines(
       out, 'corrupt_files.jsonl')
   replay.stats | 'StatsJson' >> beam.Map(json.dumps) | 'WriteStats' >> outputs.write_lines(
       out, STATS_FILE)
-  views = replay.views
-  views | 'WriteProjections' >> WriteProjections(outputs.join(out, 'retail'))
-  consumers.write_jsonl(views.unprocessed, out, 'retail/unprocessed.jsonl')
-  counts: Dict[str, beam.PCollection] = {f'retail/{name}': pc for name, pc in views.views().items()}
-  counts['retail/unprocessed'] = views.unprocessed
-  others = replay.unclaimed | 'AtEventTime' >> beam.Map(consumers.at_event_time)
-  counts.update(consumers.taxi_consumers(others, out))
-  counts.update(consumers.rider_consumers(others, out))
+  counts = dict(replay.result | 'WriteOutputs' >> WriteAppOutputs(app, out))
   counts['corrupt_files'] = replay.corrupt
   return counts
 
 
-def run(archive: str, out: str, beam_args: List[str]) -> Dict[str, Any]:
+def unprocessed_by_reason(out: str) -> Dict[str, int]:
+  """``OUT/unprocessed.jsonl`` counted by reason."""
+  by_reason: Dict[str, int] = {}
+  for line in outputs.read_lines(outputs.join(out, UNPROCESSED_FILE)):
+    reason = json.loads(line).get('reason', 'unknown')
+    by_reason[reason] = by_reason.get(reason, 0) + 1
+  return dict(sorted(by_reason.items()))
+
+
+def run(archive: str, out: str, beam_args: List[str], app: App) -> Dict[str, Any]:
   options = pipeline_options(beam_args)
   FileSystems.set_options(options)
   check_archive_path(archive, beam_args)
   outputs.prepare(out)
   started = time.monotonic()
   with beam.Pipeline(options=options) as p:
-    build_replay(p, archive, out) | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
+    build_replay(p, app, archive, out) | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
   stop_after_dry_run(p, beam_args)
   seconds = time.monotonic() - started
   counts = read_counts(outputs.join(out, '_counts.json'))
   stats = [json.loads(l) for l in outputs.read_lines(outputs.join(out, STATS_FILE))]
   summary: Dict[str, Any] = {
+      'app': app.name,
       'archive': archive,
       'events': sum(s['events'] for s in stats),
+      'unknown_type': sum(s.get('unknown_type', 0) for s in stats),
+      'unclaimed': sum(s.get('unclaimed', 0) for s in stats),
+      'unprocessed': unprocessed_by_reason(out),
       'corrupt_files': [json.loads(l) for l in outputs.read_lines(outputs.join(out, 'corrupt_files.jsonl'))],
       'outputs': counts,
       'seconds': round(seconds, 3),
@@ -92,10 +101,15 @@ def run(archive: str, out: str, beam_args: List[str]) -> Dict[str, Any]:
 
 
 def main(args: argparse.Namespace, beam_args: List[str]) -> int:
-  summary = run(args.archive, args.out, beam_args)
+  app = load_app(args.app)
+  summary = run(args.archive, args.out, beam_args, app)
   print(f'replayed {summary["events"]} events ({summary["events_per_sec"]} events/s) '
-        f'into {len(summary["outputs"])} outputs; summary in {args.out}/summary.json',
-        file=sys.stderr)
+        f'into {len(summary["outputs"])} outputs of app {app.name}; summary in '
+        f'{args.out}/summary.json', file=sys.stderr)
+  not_read = {k: summary[k] for k in ('unknown_type', 'unclaimed') if summary[k]}
+  if not_read or summary['unprocessed']:
+    print(f'not applied: {json.dumps(dict(not_read, unprocessed=summary["unprocessed"]))}',
+          file=sys.stderr)
   if summary['corrupt_files']:
     for c in summary['corrupt_files']:
       print(f'error: corrupt archive file {c["path"]}: {c["reason"]}', file=sys.stderr)

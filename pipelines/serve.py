@@ -25,6 +25,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from sourcebeam.pipelines.apps import add_app_argument
 from sourcebeam.pipelines.cli import UsageError
 
 log = logging.getLogger('sourcebeam.serve')
@@ -214,7 +215,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   w.add_argument('--max-batch', type=int, default=1000, help='most events in one POST (default 1000)')
   w.add_argument('--ack-timeout', type=float, default=30.0,
                  help='seconds to wait for the broker to acknowledge a write (default 30)')
-  v = sub.add_parser('views', help='the view API: carts, products, recently/frequently viewed')
+  add_app_argument(w)
+  v = sub.add_parser('views', help="the view API: an application's views, each read able to wait "
+                                   'for write receipts')
   v.add_argument('--db', required=True,
                  help='the view store: a SQLite file path, or postgresql://user:password@host:port/db')
   v.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
@@ -225,6 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help='how often a waiting read checks the view positions (default 20)')
   v.add_argument('--max-connections', type=int, default=16,
                  help='most database connections in use at once (default 16)')
+  add_app_argument(v)
 
 
 def main(args: argparse.Namespace, beam_args) -> int:

@@ -8,18 +8,22 @@ wraps, here keeping each message's Kafka offset:
 :class:`transforms.live_archive.PublishKafkaMessages`), and then:
 
 * with ``--max-records N`` (a bounded read of the first N messages, so a run
-  ends): applies :func:`pipelines.consumers.apply_consumers`, the very function
-  ``run.py replay`` applies to the archive, and writes the same outputs and a
-  ``summary.json``. Same code, other source: a test checks that a replay and a
-  run from Kafka give identical outputs;
-* always, when asked: ``--views DSN`` keeps the retail views in a database
+  ends): applies every consumer of the application (``--app``, the demo
+  without it) with :class:`sourcebeam.transforms.consumers.ApplyApp`, the same
+  consumer objects ``run.py replay`` applies to the archive, and writes the
+  same outputs under ``DIR/consumers/`` and a ``summary.json``. Same code,
+  other source: a test checks that a replay and a run from Kafka give
+  identical outputs;
+* always, when asked: ``--views DSN`` keeps the app's views in a database
   with per-partition positions (:mod:`transforms.view_store`, read by
   ``run.py serve views``), ``--publish-topic T`` writes the published stream
   back to Kafka, keyed by partition key, with ``WriteToKafka``, and
-  ``--joined-topic-prefix P`` the joined streams (``P.taxi-joined``: rides
-  joined with fares; ``P.rider-located``: riders joined with their taxi's
-  position across partition keys), computed by the same transforms as the
-  replay's (:func:`pipelines.consumers.joined_streams`), live or bounded;
+  ``--output-topic-prefix P`` sends the app's projections (``P.<name>``, keyed
+  by partition key) and the outputs its consumers declare ``live``
+  (``P.<consumer>.<output>``; for the demo ``P.taxi.joined``, rides joined with
+  fares, and ``P.riders.rider_located``, riders joined with their taxi's position
+  across partition keys) to Kafka, computed by the same transforms as the
+  replay's, live or bounded;
 * ``--archive PATH [--archive-window SECONDS] [--archive-flush SECONDS]``:
   the live path archives too (:mod:`transforms.live_archive`), in fixed
   event-time windows (default 3600 s: the archive's ``hour=`` partition) whose
@@ -56,11 +60,15 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.kafka import WriteToKafka
 
-from sourcebeam.pipelines import consumers, outputs, runners
+from sourcebeam.pipelines import outputs, runners
+from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
 from sourcebeam.schemas.envelope import to_json
+from sourcebeam.transforms.app import App
+from sourcebeam.transforms.consumers import ApplyApp, AppResult, WriteAppOutputs
 from sourcebeam.transforms.counting import WriteCounts, read_counts
+from sourcebeam.transforms.keyspace import to_line
 from sourcebeam.transforms.archive import read_manifest
 from sourcebeam.transforms.archive_format import DEFAULT_BUCKETS
 from sourcebeam.transforms.handoff import ReplayThenLive, plan_handoff
@@ -89,13 +97,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            'that each own some partitions; a warning says when one must wait for '
                            'more messages than its partitions hold')
   parser.add_argument('--views', metavar='DSN',
-                      help='also keep the retail views in this database (SQLite path or postgresql://)')
+                      help="also keep the app's views in this database (SQLite path or postgresql://)")
   parser.add_argument('--publish-topic', metavar='TOPIC',
                       help='also write the published events to this Kafka topic')
-  parser.add_argument('--joined-topic-prefix', metavar='PREFIX',
-                      help='also write the joined streams to Kafka: rides joined with fares to '
-                           'PREFIX.taxi-joined (keyed by rideId), riders located by their taxi to '
-                           'PREFIX.rider-located (RiderLocated events, keyed by rider)')
+  parser.add_argument('--output-topic-prefix', '--joined-topic-prefix', metavar='PREFIX',
+                      dest='output_topic_prefix',
+                      help="also send the app's projections to Kafka topics PREFIX.<name> (keyed by "
+                           'partition key) and the outputs its consumers declare live to '
+                           'PREFIX.<consumer>.<output> (the demo: rides joined with fares to '
+                           'PREFIX.taxi.joined, riders located by their taxi to '
+                           'PREFIX.riders.rider_located)')
   parser.add_argument('--group-id', default='sourcebeam-stream',
                       help='Kafka consumer group (default: sourcebeam-stream)')
   parser.add_argument('--archive', metavar='PATH',
@@ -112,6 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='first replay this archive (written by stream --archive) up to the '
                            'per-partition Kafka offsets it recorded, then read --source from exactly '
                            'those offsets: no event missed or doubled at the hand-off')
+  add_app_argument(parser)
 
 
 def read_kafka(p: beam.Pipeline, source: KafkaTopic, group_id: str,
@@ -137,27 +149,28 @@ def _archive_layout(path: str) -> Tuple[str, int]:
   return (manifest['format'], manifest['buckets']) if manifest else ('avro', DEFAULT_BUCKETS)
 
 
-def build_stream(p: beam.Pipeline, source: KafkaTopic, out: str, *, max_records: Optional[int],
-                 views: Optional[str] = None, publish_topic: Optional[str] = None,
-                 group_id: str = 'sourcebeam-stream', archive: Optional[ArchiveSettings] = None,
-                 from_archive: Optional[str] = None,
-                 joined_topic_prefix: Optional[str] = None) -> Dict[str, beam.PCollection]:
+def build_stream(p: beam.Pipeline, app: App, source: KafkaTopic, out: str, *,
+                 max_records: Optional[int], views: Optional[str] = None,
+                 publish_topic: Optional[str] = None, group_id: str = 'sourcebeam-stream',
+                 archive: Optional[ArchiveSettings] = None, from_archive: Optional[str] = None,
+                 output_topic_prefix: Optional[str] = None) -> Dict[str, beam.PCollection]:
+  registry = app.registry
   if from_archive:
     handoff = p | 'ReplayThenLive' >> ReplayThenLive(
-        from_archive, source, max_records=max_records,
+        from_archive, source, registry=registry, max_records=max_records,
         expansion_service=runners.kafka_io_service(p.options))
     result, live, messages = handoff, handoff.live, handoff.messages
   else:
     messages = read_kafka(p, source, group_id, max_records)
-    result = live = messages | 'Publish' >> PublishKafkaMessages()
+    result = live = messages | 'Publish' >> PublishKafkaMessages(registry)
   counts = {'in': messages, 'published': result.published, 'dead_lettered': result.dead_letters}
-  if views:
+  if views and app.views:
     from sourcebeam.transforms.view_store import ViewChanges, WriteViewsToStore
     ((result.published_refs | 'ViewEvents' >> beam.Map(lambda pr: (pr[0], view_source(pr[1]))),
       result.dead_refs | 'ViewRefused' >> beam.Map(lambda dr: (None, view_source(dr[1]))))
      | 'AsViewMessages' >> beam.Flatten()
-     | 'ViewChanges' >> ViewChanges()
-     | 'WriteViews' >> WriteViewsToStore(views))
+     | 'ViewChanges' >> ViewChanges(app)
+     | 'WriteViews' >> WriteViewsToStore(views, [v.name for v in app.views]))
   if publish_topic:
     result.published | 'PublishToKafka' >> ToKafka(
         lambda e: (e['partition_key'].encode(), to_json(e).encode()), source.bootstrap, publish_topic)
@@ -165,29 +178,53 @@ def build_stream(p: beam.Pipeline, source: KafkaTopic, out: str, *, max_records:
     fmt, buckets = _archive_layout(archive.path)
     counts['archive/sidecars'] = (live.published_refs, live.dead_refs) | 'ArchiveLive' >> ArchiveLive(
         archive.path, window_seconds=archive.window_seconds, flush_seconds=archive.flush_seconds,
-        format=fmt, buckets=buckets)
+        format=fmt, buckets=buckets, registry=registry)
+  applied = None
   if max_records is not None:
     result.published | 'PublishedJson' >> beam.Map(to_json) | 'WritePublished' >> outputs.write_lines(
         out, 'published.jsonl')
     result.dead_letters | 'DeadLetterJson' >> beam.Map(dead_letter_json) | 'WriteDead' >> (
         outputs.write_lines(out, 'dead_letters.jsonl'))
-    consumer_outputs = consumers.apply_consumers(result.published, outputs.join(out, 'consumers'))
-    counts.update(consumer_outputs)
-  if joined_topic_prefix:
-    if max_records is not None:  # the consumers above computed the joins already
-      joined = {name: consumer_outputs[name] for name in consumers.JOINED_MESSAGES}
-    else:
-      joined = consumers.joined_streams(
-          result.published | 'AtEventTime' >> beam.Map(consumers.at_event_time))
-    for name, pcoll in joined.items():
-      pcoll | f'ToKafka {name}' >> ToKafka(consumers.JOINED_MESSAGES[name], source.bootstrap,
-                                          joined_topic(joined_topic_prefix, name))
+    applied = result.published | 'Consumers' >> ApplyApp(app)
+    counts['events'] = result.published
+    counts.update(applied | 'WriteOutputs' >> WriteAppOutputs(app, outputs.join(out, 'consumers')))
+  if output_topic_prefix:
+    if applied is None:  # live: the projections and the consumers (the views go to the store)
+      applied = result.published | 'Consumers' >> ApplyApp(app, kinds=('projection',))
+    for name, (topic, pcoll, message) in live_outputs(app, applied, output_topic_prefix).items():
+      pcoll | f'ToKafka {name}' >> ToKafka(message, source.bootstrap, topic)
   return counts
 
 
-def joined_topic(prefix: str, name: str) -> str:
-  """``--joined-topic-prefix P``'s topic for the joined stream ``name``: ``P.taxi-joined`` ..."""
-  return f'{prefix}.{consumers.JOINED_TOPIC_SUFFIX[name]}'
+def output_topic(prefix: str, name: str) -> str:
+  """``--output-topic-prefix P``'s topic for the output ``name``: ``P.taxi.joined`` ..."""
+  return f'{prefix}.{name.replace("/", ".")}'
+
+
+def _encode_key(key: Any) -> Optional[bytes]:
+  return None if key is None else str(key).encode('utf-8')
+
+
+def live_outputs(app: App, applied: AppResult, prefix: str
+                 ) -> Dict[str, Tuple[str, beam.PCollection, Callable[[Any], Tuple[bytes, bytes]]]]:
+  """``{output: (topic, PCollection, element -> (key, value) bytes)}`` of what a run sends to
+  Kafka: every projection (keyed by partition key, the output as JSON) and each consumer
+  output named in its ``live`` (keyed by its key function, the output's line)."""
+  sent = {}
+  for name, pcoll in applied.projections.items():
+    sent[name] = (output_topic(prefix, name), pcoll,
+                  lambda kv: (_encode_key(kv[0]), to_line(kv[1]).encode('utf-8')))
+  for c in app.transforms:
+    if c.live is None:
+      continue
+    keyed = {c.name: c.live} if callable(c.live) else {f'{c.name}/{k}': f for k, f in c.live.items()}
+    for name, key_fn in keyed.items():
+      if name not in applied.consumers:
+        raise UsageError(f'consumer {c.name} declares live output {name!r}, which it does not '
+                         f'return (it returns {sorted(k for k in applied.consumers if k.startswith(c.name))})')
+      sent[name] = (output_topic(prefix, name), applied.consumers[name],
+                    lambda e, f=key_fn: (_encode_key(f(e)), to_line(e).encode('utf-8')))
+  return sent
 
 
 class ToKafka(beam.PTransform):
@@ -207,11 +244,11 @@ class ToKafka(beam.PTransform):
                 expansion_service=runners.kafka_io_service(pcoll.pipeline.options)))
 
 
-def run(source: KafkaTopic, out: str, beam_args: List[str], *, max_records: Optional[int],
+def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_records: Optional[int],
         views: Optional[str] = None, publish_topic: Optional[str] = None,
         group_id: str = 'sourcebeam-stream', archive: Optional[ArchiveSettings] = None,
         from_archive: Optional[str] = None,
-        joined_topic_prefix: Optional[str] = None) -> Optional[Dict[str, Any]]:
+        output_topic_prefix: Optional[str] = None) -> Optional[Dict[str, Any]]:
   bounded = max_records is not None
   options = pipeline_options(beam_args, streaming=not bounded)
   FileSystems.set_options(options)
@@ -224,9 +261,9 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, max_records: Opti
   outputs.prepare(out)
   started = time.monotonic()
   with beam.Pipeline(options=options) as p:
-    counts = build_stream(p, source, out, max_records=max_records, views=views,
+    counts = build_stream(p, app, source, out, max_records=max_records, views=views,
                           publish_topic=publish_topic, group_id=group_id, archive=archive,
-                          from_archive=from_archive, joined_topic_prefix=joined_topic_prefix)
+                          from_archive=from_archive, output_topic_prefix=output_topic_prefix)
     if bounded:
       counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
   stop_after_dry_run(p, beam_args)
@@ -235,7 +272,7 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, max_records: Opti
   seconds = time.monotonic() - started
   counted = read_counts(outputs.join(out, '_counts.json'))
   summary = {k: counted.pop(k) for k in ('in', 'published', 'dead_lettered', 'events')}
-  summary.update(source=f'kafka://{source.bootstrap}/{source.topic}', outputs=counted,
+  summary.update(app=app.name, source=f'kafka://{source.bootstrap}/{source.topic}', outputs=counted,
                  seconds=round(seconds, 3))
   if plan is not None:
     summary['handoff'] = {'archive': from_archive, 'archived_events': plan.archived_events,
@@ -252,13 +289,15 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
     raise UsageError('--max-records must be positive')
   if args.archive_window < 1 or args.archive_flush < 1:
     raise UsageError('--archive-window and --archive-flush must be at least 1 second')
-  if args.joined_topic_prefix is not None and not TOPIC_NAME.match(args.joined_topic_prefix):
-    raise UsageError('--joined-topic-prefix must be letters, digits, ".", "_" or "-", '
-                     f'got {args.joined_topic_prefix!r}')
+  if args.output_topic_prefix is not None and not TOPIC_NAME.match(args.output_topic_prefix):
+    raise UsageError('--output-topic-prefix must be letters, digits, ".", "_" or "-", '
+                     f'got {args.output_topic_prefix!r}')
+  app = load_app(args.app)
   archive = ArchiveSettings(args.archive, args.archive_window, args.archive_flush) if args.archive else None
-  summary = run(source, args.out, beam_args, max_records=args.max_records, views=args.views,
-                publish_topic=args.publish_topic, group_id=args.group_id, archive=archive,
-                from_archive=args.from_archive, joined_topic_prefix=args.joined_topic_prefix)
+  summary = run(source, args.out, beam_args, app=app, max_records=args.max_records,
+                views=args.views, publish_topic=args.publish_topic, group_id=args.group_id,
+                archive=archive, from_archive=args.from_archive,
+                output_topic_prefix=args.output_topic_prefix)
   if summary:
     print(f'read {summary["in"]} messages from {summary["source"]}: {summary["published"]} '
           f'published, {summary["dead_lettered"]} dead-lettered; summary in {args.out}/summary.json',

@@ -28,8 +28,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
-from sourcebeam.transforms import taxi as taxi_tf
-from sourcebeam.transforms import taxi_logic as logic
+from sourcebeam.demo import taxi as taxi_tf
+from sourcebeam.demo import taxi_logic as logic
 from sourcebeam.transforms.counting import WriteCounts, read_counts
 
 COUNTS_FILE = '.counts.json'

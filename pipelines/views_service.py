@@ -1,13 +1,14 @@
-"""The view API: the retail views, each read able to wait for write receipts.
+"""The view API: an application's views, each read able to wait for write receipts.
 
 Routes (all GET)::
 
-    /carts/{user_id}
-    /products?category=...
-    /users/{user_id}/recently-viewed
-    /users/{user_id}/frequently-viewed
-    /positions            how far every view has applied every partition
+    /views                     the app's views: name, index, route
+    /views/{view}/{key}        one key of a view (a view name may hold "/": retail/cart)
+    /views/{view}?{index}=...  the keys of a view whose index field has that value
+    /positions                 how far every view has applied every partition
     /health
+    ...and each view's own ``route`` (the demo: /carts/{key}, /products?category=...,
+    /users/{key}/recently-viewed, /users/{key}/frequently-viewed)
 
 Effect after cause: each view read takes ``after=<receipt>``, one or more, as the
 writer's compact receipt ``topic:partition:offset`` (repeat the parameter or
@@ -26,8 +27,9 @@ inclusion under any parallelism; in records mode it is a high-water mark, which
 proves it only when each partition reaches the sink in offset order (see
 :mod:`transforms.view_store`). Answer shape::
 
-    {"view": "cart", "key": "u1", "found": true, "value": {...the view record...},
+    {"view": "retail/cart", "key": "u1", "found": true, "value": {...the view record...},
      "positions": [{"topic", "partition", "offset"}...], "waited_ms": 12}
+    {"view": "retail/catalog", "index": "category", "category": "shoes", "values": [...], ...}
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ import time
 import urllib.parse
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
+from sourcebeam.pipelines.apps import load_app
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.serve import (Answer, HttpError, make_server, method_not_allowed, not_found,
                              serve_until_stopped)
+from sourcebeam.transforms.app import App
 from sourcebeam.transforms.view_store import ViewStore, redact
 
 log = logging.getLogger('sourcebeam.views')
@@ -52,8 +56,6 @@ log = logging.getLogger('sourcebeam.views')
 MAX_RECEIPTS = 100
 MAX_KEY_CHARS = 256
 TOPIC_RE = re.compile(r'^[A-Za-z0-9._-]{1,249}$')  # Kafka's legal topic names
-ROUTE_HELP = ['/carts/{user_id}', '/products?category=...', '/users/{user_id}/recently-viewed',
-              '/users/{user_id}/frequently-viewed', '/positions', '/health']
 
 Receipts = Dict[Tuple[str, int], int]  # (topic, partition) -> offset the view must reach
 
@@ -98,8 +100,11 @@ class ViewsApi:
 
   max_body_bytes = 0  # GET only: any body is refused
 
-  def __init__(self, dsn: str, max_wait_ms: int = 5000, poll_ms: int = 20,
+  def __init__(self, app: App, dsn: str, max_wait_ms: int = 5000, poll_ms: int = 20,
                max_connections: int = 16):
+    self.app = app
+    self.views = {v.name: v for v in app.views}
+    self.routes = view_routes(app)
     self.dsn, self.max_wait_ms, self.poll_ms = dsn, max_wait_ms, poll_ms
     self.pool: 'queue.LifoQueue[ViewStore]' = queue.LifoQueue()
     # At most this many connections at once (a PostgreSQL server has few to give); a waiting
@@ -133,20 +138,29 @@ class ViewsApi:
         return
 
   def _route(self, path: str) -> Tuple[str, Optional[str]]:
-    """(view or special route, key) for a path; 404 for anything else."""
-    parts = path.split('/')
-    if len(parts) == 3 and parts[1] == 'carts' and parts[2]:
-      return 'cart', _key(parts[2], 'user_id')
-    if path == '/products':
-      return 'catalog', None
-    if len(parts) == 4 and parts[1] == 'users' and parts[2]:
-      if parts[3] == 'recently-viewed':
-        return 'recently_viewed', _key(parts[2], 'user_id')
-      if parts[3] == 'frequently-viewed':
-        return 'frequently_viewed', _key(parts[2], 'user_id')
-    if path in ('/positions', '/health'):
+    """(view or special route, key; None to list by the view's index) for a path; 404 else."""
+    if path in ('/positions', '/health', '/views'):
       return path[1:], None
-    raise not_found(path, ROUTE_HELP)
+    if path.startswith('/views/'):
+      rest = path[len('/views/'):]
+      if rest in self.views:
+        if self.views[rest].index is None:
+          raise HttpError(404, f'view {rest} has no index to list by: ask for one key, '
+                               f'/views/{rest}/{{key}}')
+        return rest, None
+      name, _, segment = rest.rpartition('/')
+      if name in self.views and segment:
+        return name, _key(segment, 'key')
+      raise HttpError(404, f'no view {name or rest!r} in app {self.app.name}',
+                      views=sorted(self.views))
+    parts = path.split('/')
+    for template, view in self.routes:
+      if len(template) == len(parts) and all(t == p or (t == '{key}' and p)
+                                               for t, p in zip(template, parts)):
+        i = template.index('{key}') if '{key}' in template else None
+        return view, None if i is None else _key(parts[i], 'key')
+    raise not_found(path, ['/views', '/views/{view}/{key}', '/views/{view}?{index}=...',
+                           '/positions', '/health'] + ['/'.join(t) for t, _ in self.routes])
 
   def check(self, method: str, path: str, headers: Mapping[str, str]) -> None:
     self._route(urllib.parse.urlsplit(path).path)
@@ -162,11 +176,17 @@ class ViewsApi:
                                      max_num_fields=MAX_RECEIPTS + 10)
     except ValueError as e:
       raise HttpError(400, f'bad query string: {e}') from None
-    allowed = {'after', 'wait_ms'} | ({'category'} if view == 'catalog' else set())
+    special = view in ('positions', 'health', 'views')
+    index = None if special or key is not None else self.views[view].index
+    allowed = {'after', 'wait_ms'} | ({index} if index else set())
     unknown = sorted(set(params) - allowed)
-    if unknown or view in ('positions', 'health') and params:
+    if unknown or special and params:
       raise HttpError(400, f'unknown query parameter(s) {unknown or sorted(params)}',
-                      allowed=sorted(allowed) if view not in ('positions', 'health') else [])
+                      allowed=sorted(allowed) if not special else [])
+    if view == 'views':
+      return 200, {'app': self.app.name, 'views': [
+          {'name': v.name, 'index': v.index, 'route': v.route, 'event_types': sorted(v.event_types)}
+          for v in self.views.values()]}, {}
     if view == 'health':
       with self.store() as store:
         store.positions()  # a round trip to the database
@@ -174,11 +194,11 @@ class ViewsApi:
     if view == 'positions':
       with self.store() as store:
         return 200, {'positions': store.positions()}, {}
-    if view == 'catalog':
-      cats = params.get('category', [])
-      if len(cats) != 1 or not cats[0]:
-        raise HttpError(400, 'give exactly one category: /products?category=...')
-      key = cats[0]
+    if index is not None:
+      values = params.get(index, [])
+      if len(values) != 1 or not values[0]:
+        raise HttpError(400, f'give exactly one {index}: ?{index}=...')
+      key = values[0]
     receipts = parse_receipts(params.get('after', []))
     wait_ms = self.max_wait_ms
     if 'wait_ms' in params:
@@ -186,9 +206,10 @@ class ViewsApi:
       if not w.isdigit():
         raise HttpError(400, f'wait_ms must be a whole number of milliseconds, got {w!r}')
       wait_ms = min(int(w), self.max_wait_ms)
-    return self._read(view, key, receipts, wait_ms)
+    return self._read(view, key, index, receipts, wait_ms)
 
-  def _read(self, view: str, key: str, receipts: Receipts, wait_ms: int) -> Answer:
+  def _read(self, view: str, key: str, index: Optional[str], receipts: Receipts,
+            wait_ms: int) -> Answer:
     start = time.monotonic()
     deadline = start + wait_ms / 1000
     slept = False
@@ -213,15 +234,27 @@ class ViewsApi:
     waited_ms = int((time.monotonic() - start) * 1000) if slept else 0
     # Read the value after the positions: the write the receipt names is in it.
     with self.store() as store:
-      if view == 'catalog':
-        value: Any = store.products_by_category(key)
-        body = {'view': view, 'category': key, 'products': value}
+      if index is not None:
+        body = {'view': view, 'index': index, index: key, 'values': store.by_index(view, key)}
       else:
         value = store.get(view, key)
         body = {'view': view, 'key': key, 'found': value is not None, 'value': value}
     body['positions'] = _positions(positions)
     body['waited_ms'] = waited_ms  # time spent waiting for receipts; 0 when none had to wait
     return 200, body, {}
+
+
+def view_routes(app: App) -> List[Tuple[List[str], str]]:
+  """Each view's own ``route`` as (path segments, view); two views may not share one."""
+  routes, seen = [], {}
+  for v in app.views:
+    if v.route is None:
+      continue
+    if v.route in seen:
+      raise UsageError(f'views {seen[v.route]} and {v.name} both declare route {v.route}')
+    seen[v.route] = v.name
+    routes.append((v.route.split('/'), v.name))
+  return routes
 
 
 def _positions(positions: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -234,7 +267,8 @@ def run(args: argparse.Namespace) -> int:
   if args.max_wait_ms < 0 or args.poll_ms < 1 or args.max_connections < 1:
     raise UsageError('--max-wait-ms must be >= 0, --poll-ms and --max-connections >= 1')
   try:
-    api = ViewsApi(args.db, args.max_wait_ms, args.poll_ms, args.max_connections)
+    api = ViewsApi(load_app(args.app), args.db, args.max_wait_ms, args.poll_ms,
+                   args.max_connections)
   except Exception as e:  # the password never appears: the message names the redacted DSN
     raise UsageError(f'cannot open the view store {redact(args.db)}: '
                      f'{type(e).__name__}: {str(e).replace(args.db, redact(args.db))}') from None

@@ -55,10 +55,12 @@ import urllib.parse
 import uuid
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
+from sourcebeam.pipelines.apps import load_app
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.serve import (Answer, HttpError, make_server, method_not_allowed, not_found,
                              serve_until_stopped)
 from sourcebeam.schemas.envelope import to_json
+from sourcebeam.schemas.registry import Registry
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES, Invalid, validate_envelope
 from sourcebeam.transforms.kafka_retry import retry_transient
 
@@ -345,9 +347,10 @@ class Writer:
   """
 
   def __init__(self, kafka_log: KafkaLog, state: WriterState, tokens: Set[str],
-               max_body_bytes: int = 1 << 20, max_batch: int = 1000,
+               registry: Registry, max_body_bytes: int = 1 << 20, max_batch: int = 1000,
                max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, max_group_events: int = 5000):
     self.log, self.state, self.tokens = kafka_log, state, tokens
+    self.registry = registry  # the app's schemas: what the writer accepts
     self.max_body_bytes, self.max_batch, self.max_event_bytes = max_body_bytes, max_batch, max_event_bytes
     self.max_group_events = max_group_events
     self.state_lock = threading.Lock()  # the SQLite connection: append thread and /health
@@ -423,7 +426,7 @@ class Writer:
     raw = json.dumps(obj, separators=(',', ':'), ensure_ascii=False).encode('utf-8')
     if len(raw) > self.max_event_bytes:
       raise Invalid(f'event is {len(raw)} bytes, over the limit of {self.max_event_bytes} bytes')
-    env = validate_envelope(obj, raw, repairs)
+    env = validate_envelope(obj, raw, repairs, self.registry)
     if not seq_given:
       repairs.append('sequence assigned')
     return env, seq_given, [r for r in repairs if r != 'schema_version set to the current version']
@@ -594,10 +597,11 @@ def parse_body(body: bytes, max_batch: int) -> Tuple[List[Any], bool]:
                        f'got {type(doc).__name__}')
 
 
-def build(bootstrap: str, topic: str, state_path: str, tokens: Set[str], partitions: int = 3,
-          max_body_bytes: int = 1 << 20, max_batch: int = 1000, ack_timeout: float = 30.0) -> Writer:
+def build(bootstrap: str, topic: str, state_path: str, tokens: Set[str], registry: Registry,
+          partitions: int = 3, max_body_bytes: int = 1 << 20, max_batch: int = 1000,
+          ack_timeout: float = 30.0) -> Writer:
   return Writer(KafkaLog(bootstrap, topic, partitions, ack_timeout), WriterState(state_path),
-                tokens, max_body_bytes=max_body_bytes, max_batch=max_batch)
+                tokens, registry, max_body_bytes=max_body_bytes, max_batch=max_batch)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -608,8 +612,9 @@ def run(args: argparse.Namespace) -> int:
   for name in ('max_body_bytes', 'max_batch', 'partitions'):
     if getattr(args, name) < 1:
       raise UsageError(f'--{name.replace("_", "-")} must be at least 1')
+  app = load_app(args.app)
   try:
-    writer = build(args.bootstrap, args.topic, args.state, tokens, args.partitions,
+    writer = build(args.bootstrap, args.topic, args.state, tokens, app.registry, args.partitions,
                    args.max_body_bytes, args.max_batch, args.ack_timeout)
   except Exception as e:  # Kafka unreachable, unwritable state file...
     raise UsageError(f'the writer could not start: {e}') from None

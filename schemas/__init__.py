@@ -1,10 +1,11 @@
-"""Sourcebeam's event contract: the Avro schemas, the envelope and the key rules.
+"""Sourcebeam's event contract: the envelope, the schema registry and the publishing boundary.
 
-``registry()`` loads the ``.avsc`` files in this package; ``schemas.envelope``
-converts envelopes between memory, JSON and Avro; ``schemas.validation`` turns
-raw events into published envelopes or dead letters.
+``schemas.registry`` loads an application's ``.avsc`` files (a :class:`Registry`
+per schema folder) and builds the envelope schema around them;
+``schemas.envelope`` converts envelopes between memory, JSON and Avro;
+``schemas.validation`` turns raw events into published envelopes or dead letters.
 """
 
-from sourcebeam.schemas.registry import EventType, Registry, SchemaError, partition_key_rules, registry
+from sourcebeam.schemas.registry import EventType, Registry, SchemaError, registry
 
-__all__ = ['EventType', 'Registry', 'SchemaError', 'partition_key_rules', 'registry']
+__all__ = ['EventType', 'Registry', 'SchemaError', 'registry']

@@ -16,7 +16,7 @@ import datetime
 import json
 from typing import Any, Dict, Mapping, Optional
 
-from sourcebeam.schemas.registry import registry
+from sourcebeam.schemas.registry import Registry
 
 ENVELOPE_FIELDS = ('event_id', 'event_type', 'schema_version', 'partition_key',
                    'sequence', 'event_time', 'origin', 'follows_from', 'data')
@@ -51,7 +51,8 @@ def iso_to_millis(text: str, assume_utc: bool = True) -> int:
           delta.microseconds // 1000)
 
 
-def make_envelope(event_type: str,
+def make_envelope(registry: Registry,
+                  event_type: str,
                   data: Mapping[str, Any],
                   *,
                   event_id: str,
@@ -60,8 +61,9 @@ def make_envelope(event_type: str,
                   origin: str,
                   follows_from: Optional[str] = None,
                   schema_version: Optional[int] = None) -> Envelope:
-  """A well-formed envelope for ``data``, its partition key taken from the key rule."""
-  et = registry().get(event_type)
+  """A well-formed envelope for ``data`` of one of ``registry``'s event types, its partition
+  key taken from the type's key rule."""
+  et = registry.get(event_type)
   return {
       'event_id': event_id,
       'event_type': event_type,
@@ -94,12 +96,13 @@ def from_json(line: str) -> Envelope:
   return env
 
 
-def to_avro_record(env: Mapping[str, Any]) -> Dict[str, Any]:
+def to_avro_record(env: Mapping[str, Any], registry: Registry) -> Dict[str, Any]:
   """The envelope as fastavro writes it: ``data`` tagged with its record name.
 
-  The tag matters: CartItemAdded and CartItemRemoved have identical fields, so
-  fastavro could not otherwise tell which branch of the union to write.
+  The tag matters: two event types with identical fields (an item added to a
+  cart and one removed from it, say) are otherwise the same record to fastavro,
+  which could not tell which branch of the union to write.
   """
   rec = dict(env)
-  rec['data'] = (registry().get(env['event_type']).fullname, env['data'])
+  rec['data'] = (registry.get(env['event_type']).fullname, env['data'])
   return rec

@@ -36,7 +36,7 @@ import uuid
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from sourcebeam.schemas.envelope import ENVELOPE_FIELDS, Envelope, iso_to_millis
-from sourcebeam.schemas.registry import EventType, Field, registry
+from sourcebeam.schemas.registry import EventType, Field, Registry
 
 DEFAULT_MAX_EVENT_BYTES = 64 * 1024
 MIN_EVENT_TIME = 946_684_800_000    # 2000-01-01T00:00:00Z
@@ -208,15 +208,14 @@ def _sequence(value: Any, repairs: List[str]) -> int:
   return value
 
 
-def validate_envelope(obj: Any, raw: bytes, repairs: List[str]) -> Envelope:
-  """A decoded raw JSON object to a published envelope, or Invalid."""
+def validate_envelope(obj: Any, raw: bytes, repairs: List[str], reg: Registry) -> Envelope:
+  """A decoded raw JSON object to a published envelope of one of ``reg``'s types, or Invalid."""
   if not isinstance(obj, dict):
     raise Invalid(f'an event must be a JSON object, got {type(obj).__name__}')
   extra = sorted(set(obj) - set(ENVELOPE_FIELDS))
   if extra:
     raise Invalid(f'unexpected envelope field(s) {extra}; '
                   f'the envelope has {list(ENVELOPE_FIELDS)}')
-  reg = registry()
   event_type = obj.get('event_type')
   if not isinstance(event_type, str) or not event_type:
     raise Invalid('event_type is missing')
@@ -287,10 +286,12 @@ def validate_envelope(obj: Any, raw: bytes, repairs: List[str]) -> Envelope:
 
 
 def publish_raw(raw: Union[bytes, str],
+                reg: Registry,
                 source: Optional[str] = None,
                 max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
                 ) -> Tuple[Optional[Envelope], Optional[DeadLetter], List[str]]:
-  """One raw line to ``(envelope, None, repairs)`` or ``(None, dead_letter, [])``."""
+  """One raw line to ``(envelope, None, repairs)`` or ``(None, dead_letter, [])``, checked
+  against the application's schemas in ``reg``."""
   raw_bytes = raw.encode('utf-8') if isinstance(raw, str) else raw
   repairs: List[str] = []
   try:
@@ -307,7 +308,7 @@ def publish_raw(raw: Union[bytes, str],
       obj = json.loads(text)
     except ValueError as e:
       raise Invalid(f'malformed JSON: {e}') from None
-    env = validate_envelope(obj, raw_bytes, repairs)
+    env = validate_envelope(obj, raw_bytes, repairs, reg)
     return env, None, repairs
   except Invalid as e:
     return None, dead_letter(raw_bytes, str(e), source), []

@@ -14,12 +14,13 @@ from hypothesis import given, settings, strategies as st
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to, is_empty
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.transforms import storage
 from tests.storage_services import free_port
 from sourcebeam.transforms.errors import ConfigError
 from sourcebeam.pipelines.options import pipeline_options
 from sourcebeam.schemas.envelope import make_envelope
-from sourcebeam.schemas.registry import SCHEMA_DIR, Registry
+from sourcebeam.schemas.registry import Registry
 from sourcebeam.transforms.archive import (
     CORRUPT, EVENTS, CorruptArchiveFile, archive_partitions, iter_partition, IncompatibleSchema, ReadArchive, WriteArchive,
     check_archive_path, iter_archive, list_archive_files, read_archive_file, read_manifest)
@@ -38,9 +39,9 @@ def sample_events():
 
   def add(event_type, data, t, follows_from=None):
     from sourcebeam.schemas import registry
-    key = registry().get(event_type).key_of(data)
+    key = REG.get(event_type).key_of(data)
     seq[key] = seq.get(key, 0) + 1
-    events.append(make_envelope(
+    events.append(make_envelope(REG, 
         event_type, data, event_id=f'ev-{len(events):04d}', sequence=seq[key], event_time=t,
         origin='test/archive', follows_from=follows_from))
 
@@ -71,7 +72,7 @@ def write(path, events, *, fmt='avro', buckets=4, beam_args=(), **kwargs):
   """Run WriteArchive in a TestPipeline; returns the file records it emitted."""
   files = []
   with TestPipeline(options=pipeline_options(list(beam_args))) as p:
-    out = p | beam.Create(events) | WriteArchive(path, format=fmt, buckets=buckets, **kwargs)
+    out = p | beam.Create(events) | WriteArchive(path, format=fmt, buckets=buckets, **dict({"registry": REG}, **kwargs))
     assert_that(out | beam.Map(lambda f: f['events']) | beam.CombineGlobally(sum),
                 equal_to([len(events)]))
   storage.use_storage_options(list(beam_args))
@@ -82,7 +83,7 @@ def write(path, events, *, fmt='avro', buckets=4, beam_args=(), **kwargs):
 
 def read_with_beam(path, expected_events, expected_corrupt_paths=(), beam_args=(), **kwargs):
   with TestPipeline(options=pipeline_options(list(beam_args))) as p:
-    result = p | ReadArchive(path, **kwargs)
+    result = p | ReadArchive(path, **dict({"registry": REG}, **kwargs))
     assert_that(result[EVENTS], equal_to(expected_events), label='events')
     if expected_corrupt_paths:
       assert_that(result[CORRUPT] | beam.Map(lambda c: c['path']),
@@ -98,7 +99,7 @@ def test_local_round_trip_is_exact(tmp_path, events, fmt):
   path = str(tmp_path / 'archive')
   write(path, events, fmt=fmt)
   read_with_beam(path, events)
-  got = list(iter_archive(path))
+  got = list(iter_archive(path, REG))
   assert sorted(got, key=sort_key) == sorted(events, key=sort_key)
   fare = next(e for e in got if e['event_type'] == 'FarePaid')
   assert fare['data']['rideId'] == 2**63 - 1 and fare['data']['taxiId'] == -(2**63)
@@ -120,7 +121,7 @@ def test_layout_is_hour_and_bucket_with_files_sorted_by_key_and_sequence(tmp_pat
   buckets_of_key = {}
   total = 0
   for f in files:
-    got = read_archive_file(f.path)
+    got = read_archive_file(f.path, REG)
     total += len(got)
     assert got == sorted(got, key=sort_key), f'{f.path} is not sorted by (key, sequence)'
     for e in got:
@@ -154,7 +155,7 @@ def test_avro_files_carry_partition_metadata_and_split_big_groups(tmp_path, even
     meta = fastavro.reader(fo).metadata
   assert meta['sourcebeam.hour'] == hour_of(T0) and meta['sourcebeam.bucket'] == '0'
   assert meta['sourcebeam.sorted_by'] == 'partition_key,sequence,event_id'
-  chained = [e for f in hour_files for e in read_archive_file(f.path)]
+  chained = [e for f in hour_files for e in read_archive_file(f.path, REG)]
   assert chained == sorted(chained, key=sort_key)  # chunks are consecutive slices
 
 
@@ -166,10 +167,10 @@ def test_rerun_with_same_run_id_rewrites_identical_files_and_new_runs_add_files(
   assert {f.path: open(f.path, 'rb').read() for f in again} == before
   both = write(path, events[:10])  # a second run with a fresh id
   assert len(both) > len(first) and set(before) <= {f.path for f in both}
-  assert sorted(iter_archive(path), key=sort_key) == sorted(events + events[:10], key=sort_key)
+  assert sorted(iter_archive(path, REG), key=sort_key) == sorted(events + events[:10], key=sort_key)
   merged = []
   for (hour, bucket), part_files in archive_partitions(path).items():
-    part = list(iter_partition(part_files))
+    part = list(iter_partition(part_files, REG))
     assert part == sorted(part, key=sort_key)  # one merge keeps (key, sequence) order across runs
     assert {(hour_of(e['event_time']), bucket_of(e['partition_key'], 4)) for e in part} == {(hour, bucket)}
     merged.extend(part)
@@ -183,11 +184,11 @@ def test_windowed_input_gets_files_per_window(tmp_path, events):
     _ = (p | beam.Create(events)
          | beam.Map(lambda e: beam.window.TimestampedValue(e, e['event_time'] / 1000))
          | beam.WindowInto(beam.window.FixedWindows(30 * 60))
-         | WriteArchive(path, buckets=2, run_id='live'))
+         | WriteArchive(path, buckets=2, run_id='live', registry=REG))
   files = list_archive_files(path)
   starts = {os.path.basename(f.path).split('-')[2] for f in files}
   assert len(starts) == 6 and all(s.startswith('w') for s in starts)
-  assert sorted(iter_archive(path), key=sort_key) == sorted(events, key=sort_key)
+  assert sorted(iter_archive(path, REG), key=sort_key) == sorted(events, key=sort_key)
 
 
 def test_writer_refuses_an_archive_with_another_layout(tmp_path, events):
@@ -195,12 +196,12 @@ def test_writer_refuses_an_archive_with_another_layout(tmp_path, events):
   write(path, events[:5], buckets=4)
   with pytest.raises(ConfigError, match='4 buckets'):
     with TestPipeline() as p:
-      _ = p | beam.Create(events[:5]) | WriteArchive(path, buckets=8)
+      _ = p | beam.Create(events[:5]) | WriteArchive(path, buckets=8, registry=REG)
   with pytest.raises(ConfigError, match='avro'):
     with TestPipeline() as p:
-      _ = p | beam.Create(events[:5]) | WriteArchive(path, format='parquet', buckets=4)
+      _ = p | beam.Create(events[:5]) | WriteArchive(path, format='parquet', buckets=4, registry=REG)
   with pytest.raises(ValueError, match='format'):
-    WriteArchive(path, format='csv')
+    WriteArchive(path, format='csv', registry=REG)
 
 
 @pytest.mark.parametrize('fmt', ['avro', 'parquet'])
@@ -209,14 +210,14 @@ def test_writer_refuses_envelopes_it_cannot_store_exactly(tmp_path, events, fmt)
   bad = dict(events[0], event_id='ev-bad', data=dict(events[0]['data'], surprise=1))
   with pytest.raises(Exception, match=r"ev-bad.*surprise"):
     with TestPipeline() as p:
-      _ = p | beam.Create(events[:3] + [bad]) | WriteArchive(str(tmp_path / 'a'), format=fmt)
+      _ = p | beam.Create(events[:3] + [bad]) | WriteArchive(str(tmp_path / 'a'), format=fmt, registry=REG)
 
 
 def test_empty_input_writes_an_empty_readable_archive(tmp_path):
   path = str(tmp_path / 'archive')
   assert write(path, []) == []
   read_with_beam(path, [])
-  assert list(iter_archive(path)) == []
+  assert list(iter_archive(path, REG)) == []
 
 
 _longs = st.integers(-(2**63), 2**63 - 1)
@@ -239,7 +240,7 @@ def envelopes(draw):
             'taxiId': draw(_longs), 'driverId': draw(_longs)}
   else:
     data = {f: draw(_text) for f in ('product_id', 'brand', 'name', 'description', 'category')}
-  return make_envelope(kind, data, event_id=draw(_text), sequence=draw(st.integers(1, 2**63 - 1)),
+  return make_envelope(REG, kind, data, event_id=draw(_text), sequence=draw(st.integers(1, 2**63 - 1)),
                        event_time=draw(_longs), origin=draw(_text),
                        follows_from=draw(st.none() | _text))
 
@@ -248,7 +249,7 @@ def envelopes(draw):
 @given(st.lists(envelopes(), max_size=8))
 def test_file_formats_round_trip_any_valid_envelope_exactly(batch):
   from sourcebeam.schemas import registry
-  reg = registry()
+  reg = REG
   batch = sorted(batch, key=sort_key)
   for fmt, blob in (('avro', encode_avro(batch, reg, name='x')), ('parquet', encode_parquet(batch, reg))):
     got = read_events(io.BytesIO(blob), fmt, reg, f'x.{fmt}')
@@ -267,10 +268,10 @@ def test_missing_archive_is_a_clear_usage_error(tmp_path):
   with pytest.raises(ConfigError, match='does not exist'):
     check_archive_path(missing)
   with pytest.raises(ConfigError, match='does not exist'):
-    list(iter_archive(missing))
+    list(iter_archive(missing, REG))
   with pytest.raises(ConfigError, match='does not exist'):
     with TestPipeline() as p:
-      _ = p | ReadArchive(missing)
+      _ = p | ReadArchive(missing, registry=REG)
   (tmp_path / 'notarchive').mkdir()
   with pytest.raises(ConfigError, match='not a Sourcebeam archive'):
     check_archive_path(str(tmp_path / 'notarchive'))
@@ -293,13 +294,13 @@ def test_corrupt_files_are_reported_with_path_and_reason(tmp_path, events, fmt):
     f.write(os.urandom(3000))
   open(empty, 'wb').close()
   bad = {truncated, garbage, empty}
-  good_events = [e for f in files if f.path not in bad for e in read_archive_file(f.path)]
+  good_events = [e for f in files if f.path not in bad for e in read_archive_file(f.path, REG)]
   assert 0 < len(good_events) < len(events)
   read_with_beam(path, good_events, expected_corrupt_paths=sorted(bad))
   reasons = {}
   for p in bad:
     with pytest.raises(CorruptArchiveFile) as err:
-      read_archive_file(p)
+      read_archive_file(p, REG)
     assert err.value.path == p and '\n' not in str(err.value)
     reasons[p] = err.value.reason
   assert 'empty file' in reasons[empty]
@@ -314,9 +315,9 @@ def schema_dir(tmp_path, name, edit=None):
   """A copy of the project's schemas, with CartItemAdded changed by ``edit``."""
   d = tmp_path / name
   d.mkdir()
-  for f in os.listdir(SCHEMA_DIR):
+  for f in os.listdir(DEMO_SCHEMAS):
     if f.endswith('.avsc'):
-      shutil.copy(os.path.join(SCHEMA_DIR, f), d / f)
+      shutil.copy(os.path.join(DEMO_SCHEMAS, f), d / f)
   if edit:
     schema = json.loads((d / 'CartItemAdded.avsc').read_text())
     edit(schema)
@@ -360,7 +361,7 @@ def test_newer_compatible_schema_reads_older_archive(tmp_path, events, v1_archiv
     expected.append(e)
   assert sorted(iter_archive(v1_archives[fmt], registry=v2), key=sort_key) == sorted(
       expected, key=sort_key)
-  read_with_beam(v1_archives[fmt], expected, registry=v2.schema_dir)
+  read_with_beam(v1_archives[fmt], expected, registry=v2)
 
 
 @pytest.mark.parametrize('fmt', ['avro', 'parquet'])
@@ -382,6 +383,42 @@ def test_incompatible_schema_is_refused_naming_type_and_field(tmp_path, events, 
                 equal_to([(f, True) for f in files]), label='refused')
 
 
+def fewer_types(tmp_path, keep):
+  """A registry of the demo's schemas with only the event types ``keep``."""
+  d = tmp_path / 'fewer'
+  d.mkdir()
+  for name in keep:
+    shutil.copy(os.path.join(DEMO_SCHEMAS, f'{name}.avsc'), d / f'{name}.avsc')
+  return Registry(str(d))
+
+
+@pytest.mark.parametrize('fmt', ['avro', 'parquet'])
+def test_a_reader_with_fewer_types_counts_and_skips_the_others(tmp_path, events, v1_archives, fmt):
+  """An archive written by an app with more event types is read, not refused as corrupt:
+  the events of types the reader knows come out, the others are counted and skipped."""
+  keep = ['CartItemAdded', 'CartItemRemoved', 'ProductViewed']
+  reader = fewer_types(tmp_path, keep)
+  wanted = [e for e in events if e['event_type'] in keep]
+  others = [e for e in events if e['event_type'] not in keep]
+  assert wanted and others
+  assert sorted(iter_archive(v1_archives[fmt], reader), key=sort_key) == sorted(wanted, key=sort_key)
+  with TestPipeline() as p:
+    result = p | ReadArchive(v1_archives[fmt], registry=reader)
+    assert_that(result[EVENTS], equal_to(wanted), label='known')
+    assert_that(result[CORRUPT], is_empty(), label='nothing_corrupt')
+    assert_that(result['unknown_type'], equal_to([e['event_type'] for e in others]), label='unknown')
+
+
+@pytest.mark.parametrize('fmt', ['avro', 'parquet'])
+def test_a_reader_with_more_types_reads_an_older_archive(tmp_path, events, fmt):
+  """The other way round: an app that added event types reads what it wrote before."""
+  keep = sorted({e['event_type'] for e in events})
+  older = fewer_types(tmp_path, keep)
+  path = str(tmp_path / 'older')
+  write(path, events, fmt=fmt, registry=older)
+  assert sorted(iter_archive(path, REG), key=sort_key) == sorted(events, key=sort_key)
+
+
 # ---------------------------------------------------------------------------
 # S3 (moto's server) and GCS (gcp-storage-emulator): real HTTP, real protocols
 
@@ -393,7 +430,7 @@ def test_s3_round_trip(s3_service, events, fmt):
   files = write(path, events, fmt=fmt, buckets=2, beam_args=s3_service.beam_args)
   assert files and all(f.path.startswith(f's3://{s3_service.bucket}/') for f in files)
   read_with_beam(path, events, beam_args=s3_service.beam_args)
-  assert sorted(iter_archive(path), key=sort_key) == sorted(events, key=sort_key)
+  assert sorted(iter_archive(path, REG), key=sort_key) == sorted(events, key=sort_key)
   import boto3  # the objects are really in the S3 server, under the layout's keys
   client = boto3.client('s3', endpoint_url=s3_service.endpoint)
   keys = [o['Key'] for o in client.list_objects_v2(
@@ -409,7 +446,7 @@ def test_gcs_round_trip(gcs_service, events, fmt):
   files = write(path, events, fmt=fmt, buckets=2, beam_args=gcs_service.beam_args)
   assert files and all(f.path.startswith(f'gs://{gcs_service.bucket}/') for f in files)
   read_with_beam(path, events, beam_args=gcs_service.beam_args)
-  assert sorted(iter_archive(path), key=sort_key) == sorted(events, key=sort_key)
+  assert sorted(iter_archive(path, REG), key=sort_key) == sorted(events, key=sort_key)
   from google.cloud import storage as gcs
   blobs = [b.name for b in gcs.Client.create_anonymous_client().list_blobs(
       gcs_service.bucket, prefix=path.split('/', 3)[3])]
@@ -424,7 +461,7 @@ def test_a_fresh_process_finds_cloud_archives_from_the_environment_alone(s3_serv
   for path in paths:
     write(path, events[:20], buckets=1)
   code = ('import sys; from transforms.archive import iter_archive; '
-          'print([len(list(iter_archive(p))) for p in sys.argv[1:]])')
+          'print([len(list(iter_archive(p, REG))) for p in sys.argv[1:]])')
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   env.pop('GOOGLE_APPLICATION_CREDENTIALS')  # pipelines.storage supplies it for the emulator
   out = subprocess.run([sys.executable, '-c', code, *paths], env=env, capture_output=True,
@@ -443,7 +480,7 @@ def test_missing_cloud_archive_or_bucket_is_a_usage_error(s3_service, gcs_servic
       check_archive_path(f'{service.scheme}://no-such-bucket/archive')
     with pytest.raises(ConfigError, match='bucket no-such-bucket does not exist'):
       with TestPipeline(options=pipeline_options([])) as p:
-        _ = p | beam.Create([]) | WriteArchive(f'{service.scheme}://no-such-bucket/archive')
+        _ = p | beam.Create([]) | WriteArchive(f'{service.scheme}://no-such-bucket/archive', registry=REG)
 
 
 def isolate_env(monkeypatch, *names):
@@ -503,7 +540,6 @@ def test_avro_writer_schema_differing_only_in_key_order_takes_the_direct_decode(
   """fastavro writes the schema's keys in the order of the dict it was given, so files
   from another process can differ byte-wise from the reader's own header: they are
   still the same schema and must skip Avro schema resolution (about 3x slower)."""
-  from sourcebeam.schemas.registry import registry
   from sourcebeam.transforms.archive_format import _is_own_writer_schema, _own_writer_schema, decode_avro
 
   def reorder(node):
@@ -513,7 +549,7 @@ def test_avro_writer_schema_differing_only_in_key_order_takes_the_direct_decode(
       return [reorder(x) for x in node]
     return node
 
-  reg = registry()
+  reg = REG
   own = _own_writer_schema(reg)
   shuffled = json.dumps(reorder(json.loads(own)))
   assert shuffled != own

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.benchmarks.fanout import bench_subscriber_doc, parse_sizes
 from sourcebeam.transforms.errors import ConfigError
-from sourcebeam.schemas.registry import registry
 from sourcebeam.transforms.fanout_core import parse_subscribers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def test_bench_fanout_json_line_has_eps_and_ratio_per_subscriber_count(tmp_path)
 
 
 def test_the_bench_subscribers_are_a_valid_file_and_one_takes_everything(tmp_path):
-  types = registry().event_types
+  types = REG.event_types
   subs = parse_subscribers(bench_subscriber_doc(100, str(tmp_path), types), types)
   assert len(subs) == 100 and subs[0].event_types is None and subs[0].keys.matches_all
   assert len({s.sink.target for s in subs}) == 100

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.benchmarks.replay import archive_path, build_archive, workers_args
 from sourcebeam.transforms.archive import iter_archive, list_archive_files
 
@@ -59,13 +60,13 @@ def test_bench_replay_json_line_is_complete_and_consistent(tmp_path):
 
 def _archive(tmp_path, n):
   from sourcebeam.generators.phases import HELLO_RETAIL_RATE
-  return list(iter_archive(archive_path(str(tmp_path / 'cache'), n, 'avro', HELLO_RETAIL_RATE, 1, 16)))
+  return list(iter_archive(archive_path(str(tmp_path / 'cache'), n, 'avro', HELLO_RETAIL_RATE, 1, 16), REG))
 
 
 def test_archive_is_built_once_and_holds_the_generated_events(tmp_path):
   path = archive_path(str(tmp_path), 500, 'parquet', 50.0, 3, 4)
   facts = build_archive(path, 500, 'parquet', 50.0, 3, 4)
-  events = list(iter_archive(path))
+  events = list(iter_archive(path, REG))
   assert facts['events'] == len(events) == 500
   assert facts['span_ms'] == max(e['event_time'] for e in events) - min(e['event_time'] for e in events)
   assert facts['span_ms'] == pytest.approx(500 / 50.0 * 1000, rel=0.01)

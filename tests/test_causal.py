@@ -23,9 +23,12 @@ from typing import Dict, List
 
 import pytest
 
+from tests.demo import DEMO_APP, REG
 from sourcebeam.pipelines.live_stack import LiveStack, Load, add_then_view, percentile
 from sourcebeam.pipelines.runners import ROOT
-from sourcebeam.transforms.view_store import TABLES
+from sourcebeam.transforms.view_store import ROWS_TABLE
+
+VIEWS = [v.name for v in DEMO_APP.views]
 
 pytestmark = pytest.mark.integration
 
@@ -65,17 +68,17 @@ def test_add_to_cart_then_view_cart_with_the_receipt_100_times_under_load(kafka,
 def _view_rows(db: str) -> Dict[str, List[dict]]:
   con = sqlite3.connect(db)
   try:
-    return {view: sorted((json.loads(v) for (v,) in con.execute(f'SELECT value FROM {table}')),
-                         key=lambda r: r['key'])
-            for view, table in TABLES.items()}
+    return {view: sorted((json.loads(v) for (v,) in con.execute(
+        f'SELECT value FROM {ROWS_TABLE} WHERE view = ?', (view,))), key=lambda r: r['key'])
+            for view in VIEWS}
   finally:
     con.close()
 
 
 def _replayed_views(out: str) -> Dict[str, List[dict]]:
   views = {}
-  for view in TABLES:
-    with open(os.path.join(out, 'retail', f'{view}.jsonl')) as f:
+  for view in VIEWS:
+    with open(os.path.join(out, f'{view}.jsonl')) as f:
       views[view] = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r['key'])
   return views
 
@@ -92,7 +95,7 @@ def _all_envelopes(bootstrap: str, topic: str) -> List[dict]:
   from tests.test_writer import _all_messages
   envelopes = []
   for m in _all_messages(bootstrap, topic):
-    envelope, _, reasons = publish_raw(m.value())
+    envelope, _, reasons = publish_raw(m.value(), REG)
     assert envelope is not None, reasons
     envelopes.append(envelope)
   return envelopes
@@ -102,7 +105,7 @@ def _archive(envelopes: List[dict], path: str) -> None:
   import apache_beam as beam
   from sourcebeam.transforms.archive import WriteArchive
   with beam.Pipeline() as p:
-    _ = p | beam.Create(envelopes) | WriteArchive(path)
+    _ = p | beam.Create(envelopes) | WriteArchive(path, registry=REG)
 
 
 def test_a_killed_pipeline_restarts_and_its_views_equal_a_replay_of_the_archive(kafka, tmp_path):
@@ -131,5 +134,5 @@ def test_a_killed_pipeline_restarts_and_its_views_equal_a_replay_of_the_archive(
   _run('replay', '--archive', archive, '--out', replay_out)
   replayed = _replayed_views(replay_out)
   assert sum(len(rows) for rows in live.values()) > 100
-  for view in TABLES:
+  for view in VIEWS:
     assert live[view] == replayed[view], view  # nothing lost, nothing applied twice

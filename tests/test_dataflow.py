@@ -84,7 +84,7 @@ def test_replay_of_an_archive_on_gcs_builds_a_batch_job(gcs_archive, gcs_service
   job = dry_run('replay', '--archive', gcs_archive, '--out', gcs_service.fresh_prefix('replay'),
                 *gcs_service.beam_args, *DRY_RUN)
   assert job['type'] == 'JOB_TYPE_BATCH'
-  assert {'ReplayArchive', 'WriteProjections', 'JoinRidesAndFares', 'LocateRiders'} <= set(job['steps'])
+  assert {'ReplayArchive', 'WriteOutputs', 'CorruptJson', 'Counts'} <= set(job['steps'])
 
 
 @pytest.mark.integration  # starts the Java expansion service
@@ -92,7 +92,7 @@ def test_bounded_stream_from_kafka_builds_a_job_with_javas_kafka_io(tmp_path):
   job = dry_run('stream', '--source', NOBODY, '--max-records', '100', '--publish-topic',
                 'published', '--out', 'gs://sourcebeam-dry-run/stream', *DRY_RUN)
   assert job['type'] == 'JOB_TYPE_BATCH'
-  assert {'ReadKafka', 'Publish', 'PublishToKafka', 'WriteProjections'} <= set(job['steps'])
+  assert {'ReadKafka', 'Publish', 'PublishToKafka', 'Consumers', 'WriteOutputs'} <= set(job['steps'])
   # KafkaIO runs in Beam's Java container, which gets the expansion service's jar.
   staged = java_environment(job)['staged']
   assert len(staged) == 1 and staged[0].startswith('beam-sdks-java-io-expansion-service-2.70.0')

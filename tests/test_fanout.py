@@ -14,10 +14,10 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.transforms.archive import iter_archive, list_archive_files, read_archive_file
 from sourcebeam.transforms.fanout import MATCHED, UNMATCHED, FanOut, prepare_archive_sinks
 from sourcebeam.transforms.fanout_core import naive_match, parse_subscribers
-from sourcebeam.schemas.registry import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T0 = 1_795_000_000_000
@@ -62,12 +62,12 @@ def delivered_in_order(path):
   """A subscriber archive's events, file by file in name order (one worker's delivery order)."""
   out = []
   for f in sorted(list_archive_files(path), key=lambda f: f.path):
-    out.extend(read_archive_file(f.path))
+    out.extend(read_archive_file(f.path, REG))
   return out
 
 
 def test_every_matching_event_once_in_per_key_order(tmp_path):
-  subs = parse_subscribers(subscriber_doc(tmp_path), registry().event_types)
+  subs = parse_subscribers(subscriber_doc(tmp_path), REG.event_types)
   prepare_archive_sinks(subs)
   events = make_events()
   shuffled = events + [events[5], events[40]]  # two copies the ordering step must drop
@@ -75,7 +75,7 @@ def test_every_matching_event_once_in_per_key_order(tmp_path):
   shuffled.append({**envelope('u-000', 99, 'CartItemAdded'), 'partition_key': 17})  # invalid key
   with beam.Pipeline() as p:
     # max_buffered=7: many flushes, so order across files is exercised, not just within one.
-    result = p | beam.Create(shuffled) | FanOut(subs, max_buffered=7, run_id='t1')
+    result = p | beam.Create(shuffled) | FanOut(subs, registry=REG, max_buffered=7, run_id='t1')
     totals = result.counts | beam.CombinePerKey(sum)
     want = collections.Counter()
     for e in events:
@@ -102,24 +102,24 @@ def test_every_matching_event_once_in_per_key_order(tmp_path):
 
 def test_a_key_with_a_gap_is_held_not_skipped(tmp_path):
   subs = parse_subscribers({'subscribers': [{'name': 'all', 'sink': str(tmp_path / 'all')}]},
-                           registry().event_types)
+                           REG.event_types)
   prepare_archive_sinks(subs)
   events = [envelope('u-1', s, 'ProductViewed') for s in (1, 2, 4, 5)]
   with beam.Pipeline() as p:
-    result = p | beam.Create(events) | FanOut(subs, run_id='t2')
+    result = p | beam.Create(events) | FanOut(subs, registry=REG, run_id='t2')
     assert_that(result.status | beam.Map(lambda s: (s['key'], s['last_processed'], s['buffered'])),
                 equal_to([('u-1', 2, 2)]))
-  assert [e['sequence'] for e in iter_archive(str(tmp_path / 'all'))] == [1, 2]
+  assert [e['sequence'] for e in iter_archive(str(tmp_path / 'all'), REG)] == [1, 2]
 
 
 def test_deflate_archive_sinks_read_back(tmp_path):
   subs = parse_subscribers({'subscribers': [{'name': 'all', 'sink': str(tmp_path / 'all')}]},
-                           registry().event_types)
+                           REG.event_types)
   prepare_archive_sinks(subs)
   events = make_events()
   with beam.Pipeline() as p:
-    _ = p | beam.Create(events) | FanOut(subs, archive_codec='deflate')
-  assert sorted(e['event_id'] for e in iter_archive(str(tmp_path / 'all'))) == sorted(
+    _ = p | beam.Create(events) | FanOut(subs, registry=REG, archive_codec='deflate')
+  assert sorted(e['event_id'] for e in iter_archive(str(tmp_path / 'all'), REG)) == sorted(
       e['event_id'] for e in events)
 
 
@@ -133,17 +133,17 @@ def test_cli_fans_out_an_archive_and_counts_in_and_out(tmp_path):
   events = make_events()
   src = str(tmp_path / 'source')
   with beam.Pipeline() as p:
-    _ = p | beam.Create(events) | WriteArchive(src)
+    _ = p | beam.Create(events) | WriteArchive(src, registry=REG)
   doc = subscriber_doc(tmp_path)
   (tmp_path / 'subs.json').write_text(json.dumps(doc))
   proc = run_cli('--subscribers', str(tmp_path / 'subs.json'), '--source', src,
                  '--out', str(tmp_path / 'out'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())
-  subs = parse_subscribers(doc, registry().event_types)
+  subs = parse_subscribers(doc, REG.event_types)
   for s in subs:
     n = sum(1 for e in events if naive_match([s], e['event_type'], e['partition_key']))
-    assert summary['deliveries'][s.name] == n == sum(1 for _ in iter_archive(s.sink.target))
+    assert summary['deliveries'][s.name] == n == sum(1 for _ in iter_archive(s.sink.target, REG))
   assert summary['in'] == summary['events'] == len(events)
   assert summary['delivered_events'] + summary['unmatched'] == len(events)
   assert json.loads(proc.stdout.strip().splitlines()[-1])['deliveries'] == summary['deliveries']

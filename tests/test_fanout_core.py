@@ -36,10 +36,14 @@ def test_a_json_file_and_a_toml_file_give_the_same_subscribers(tmp_path):
   assert a[1].event_types is None and a[1].keys.matches_all
 
 
-def test_the_default_registry_knows_the_retail_types(tmp_path):
+def test_subscribers_are_checked_against_the_apps_event_types(tmp_path):
+  from tests.demo import REG
   (tmp_path / 's.json').write_text(json.dumps(
       {'subscribers': [{'name': 'x', 'event_types': ['ProductViewed'], 'sink': str(tmp_path / 'a')}]}))
-  assert load_subscribers(str(tmp_path / 's.json'))[0].event_types == frozenset({'ProductViewed'})
+  assert load_subscribers(str(tmp_path / 's.json'), REG.event_types)[0].event_types == frozenset(
+      {'ProductViewed'})
+  with pytest.raises(ConfigError, match='unknown type'):
+    load_subscribers(str(tmp_path / 's.json'), ['OrderPlaced'])
 
 
 @pytest.mark.parametrize('doc, words', [

@@ -16,6 +16,7 @@ import uuid
 import apache_beam as beam
 import pytest
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.schemas.envelope import from_json, to_json
 from tests.service_fixtures import consume, create_topic, produce
 from tests.test_fanout import envelope
@@ -94,7 +95,7 @@ def test_kafka_subscribers_get_their_events_keyed_and_in_per_key_order(kafka, tm
   check_topic(kafka, t['all'], events)
   check_topic(kafka, t['carts'], [e for e in events if e['event_type'].startswith('Cart')])
   check_topic(kafka, t['u1'], [e for e in events if e['partition_key'] == 'u-001'])
-  archived = list(iter_archive(str(tmp_path / 'sub-archive')))
+  archived = list(iter_archive(str(tmp_path / 'sub-archive'), REG))
   assert sorted(e['event_id'] for e in archived) == sorted(
       e['event_id'] for e in events if e['partition_key'] in ('u-000', 'u-002'))
   summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())
@@ -114,7 +115,7 @@ def test_backfill_then_live_has_no_gap_and_no_duplicate(kafka, tmp_path):
   users = 3
   archive = str(tmp_path / 'archive')
   with beam.Pipeline() as p:
-    _ = p | beam.Create(user_events(users, range(1, 11))) | WriteArchive(archive)
+    _ = p | beam.Create(user_events(users, range(1, 11))) | WriteArchive(archive, registry=REG)
   produce(kafka, t['src'], records(user_events(users, range(6, 16))))
   live_later = user_events(users, range(16, 21))
   n_topic = users * 15

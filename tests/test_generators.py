@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.generators import faults, phases, retail, riders, taxi
 from sourcebeam.generators.jsonl import _encode, encode_json, encode_line, iso_clock, read_jsonl, write_jsonl
 from sourcebeam.schemas.envelope import iso_to_millis
-from sourcebeam.schemas.registry import registry
 from sourcebeam.schemas.validation import publish_raw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def publish_all(events):
   """Each event as its JSON line through publish_raw: (published, dead letters, repaired)."""
   published, dead, repaired = [], [], []
   for e in events:
-    env, dl, repairs = publish_raw(encode_line(e) if isinstance(e, dict) else e)
+    env, dl, repairs = publish_raw(encode_line(e) if isinstance(e, dict) else e, REG)
     if dl is not None:
       dead.append(dl)
     else:
@@ -109,7 +109,7 @@ def test_retail_envelope_fields(retail_20k):
   ids = [e['event_id'] for e in retail_20k]
   assert len(set(ids)) == len(ids)
   assert all(UUID4.match(i) for i in ids[:2000])
-  reg = registry()
+  reg = REG
   for e in retail_20k:
     et = reg.current[e['event_type']]
     assert e['partition_key'] == e['data'][et.partition_key]
@@ -408,7 +408,7 @@ def test_every_malformation_is_refused_for_every_domain(kind, taxi_feed_3k, ride
   for e in samples:
     bad, k = faults.corrupt(encode_line(e), rng, kind)
     assert k == kind
-    assert publish_raw(bad)[1] is not None, bad
+    assert publish_raw(bad, REG)[1] is not None, bad
 
 
 @pytest.mark.parametrize('kind', faults.RECORD_MALFORMATIONS)

@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.generators import retail
 from sourcebeam.generators.jsonl import encode_line
 from sourcebeam.schemas.envelope import iso_to_millis, to_json
@@ -174,7 +175,7 @@ def test_replay_then_live_misses_nothing_and_doubles_nothing(kafka, tmp_path):
   assert 0 < handoff['archived_events'] < 400
   assert summary['in'] == len(before) + len(during)
   published = sorted(l for l in (out / 'published.jsonl').read_text().splitlines() if l)
-  want = sorted(to_json(publish_raw(v)[0]) for _, _, v in timed)
+  want = sorted(to_json(publish_raw(v, REG)[0]) for _, _, v in timed)
   assert published == want                                       # every event, exactly once
   assert len({json.loads(l)['event_id'] for l in published}) == len(timed)
   dead = [json.loads(l)['source'] for l in (out / 'dead_letters.jsonl').read_text().splitlines()]

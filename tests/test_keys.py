@@ -10,20 +10,20 @@ import apache_beam as beam
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 import run
 from sourcebeam.generators import retail
 from sourcebeam.transforms.errors import ConfigError
 from sourcebeam.pipelines.keys import analyse, key_stats, key_under, parse_key_rule
 from sourcebeam.pipelines.options import pipeline_options
 from sourcebeam.schemas.envelope import iso_to_millis, make_envelope
-from sourcebeam.schemas.registry import partition_key_rules
 from sourcebeam.transforms.archive import WriteArchive
 
 T0 = 1_795_687_200_000
 
 
 def cart(user, product, seq, t, event_type='CartItemAdded'):
-  return make_envelope(event_type, {'user_id': user, 'product_id': product, 'quantity': 1},
+  return make_envelope(REG, event_type, {'user_id': user, 'product_id': product, 'quantity': 1},
                        event_id=f'{user}-{seq}', sequence=seq, event_time=T0 + t, origin='test')
 
 
@@ -51,21 +51,21 @@ def test_worker_balance_with_one_hot_key():
 
 
 def test_empty_input():
-  r = analyse([], parse_key_rule(['product_id']))
+  r = analyse([], REG, parse_key_rule(['product_id'], REG))
   assert r['events'] == 0 and r['current']['keys'] == 0 and r['comparison']['ordered_differently'] == 0
 
 
 def test_parse_key_rule_forms():
-  schema = partition_key_rules()
-  assert parse_key_rule([]) == schema
-  bare = parse_key_rule(['product_id'])
+  schema = REG.partition_key_rules()
+  assert parse_key_rule([], REG) == schema
+  bare = parse_key_rule(['product_id'], REG)
   assert bare['CartItemAdded'] == 'product_id' and bare['ProductViewed'] == 'product_id'
   assert bare['UserLoggedIn'] == 'user_id'            # no product_id: keeps its schema rule
-  typed = parse_key_rule(['CartItemAdded=product_id, CartItemRemoved=product_id'])
+  typed = parse_key_rule(['CartItemAdded=product_id, CartItemRemoved=product_id'], REG)
   assert typed['CartItemAdded'] == typed['CartItemRemoved'] == 'product_id'
   assert typed['ProductViewed'] == schema['ProductViewed']
   # Type=FIELD overrides a bare FIELD whatever the order.
-  both = parse_key_rule(['ProductViewed=user_id', 'product_id'])
+  both = parse_key_rule(['ProductViewed=user_id', 'product_id'], REG)
   assert both['ProductViewed'] == 'user_id' and both['CartItemAdded'] == 'product_id'
 
 
@@ -77,7 +77,7 @@ def test_parse_key_rule_forms():
 ])
 def test_bad_key_rules_are_usage_errors(spec, message):
   with pytest.raises(ConfigError, match=message):
-    parse_key_rule([spec])
+    parse_key_rule([spec], REG)
 
 
 def test_key_under_rule():
@@ -89,7 +89,7 @@ def test_key_under_rule():
 
 def test_same_rule_orders_nothing_differently():
   events = [cart('u1', 'p1', 1, 0), cart('u1', 'p2', 2, 5), cart('u2', 'p1', 1, 3)]
-  r = analyse(events, parse_key_rule(['CartItemAdded=user_id']))
+  r = analyse(events, REG, parse_key_rule(['CartItemAdded=user_id'], REG))
   assert r['comparison']['ordered_differently'] == 0
   assert r['rule_changes'] == {}
   assert r['alternative']['keys'] == r['current']['keys'] == 2
@@ -99,7 +99,7 @@ def test_alternative_rule_counts_new_predecessors_splits_and_merges():
   # u1 adds p1 then p2 then p1; u2 adds p1 in between (by event time).
   events = [cart('u1', 'p1', 1, 0), cart('u1', 'p2', 2, 10), cart('u1', 'p1', 3, 20),
             cart('u2', 'p1', 1, 15)]
-  r = analyse(events, parse_key_rule(['CartItemAdded=product_id']))
+  r = analyse(events, REG, parse_key_rule(['CartItemAdded=product_id'], REG))
   c = r['comparison']
   # Current chains: u1: 1 -> 2 -> 3, u2: 1. Alternative chains by time:
   # p1: u1/1 -> u2/1 -> u1/3, p2: u1/2.
@@ -116,17 +116,16 @@ def test_alternative_rule_counts_new_predecessors_splits_and_merges():
 
 def test_events_without_the_alternative_field_are_counted_not_dropped():
   data = {f: 'u1' for f in _fields('UserLoggedIn')}
-  login = make_envelope('UserLoggedIn', data, event_id='l1', sequence=4, event_time=T0, origin='test')
+  login = make_envelope(REG, 'UserLoggedIn', data, event_id='l1', sequence=4, event_time=T0, origin='test')
   events = [cart('u1', 'p1', 1, 0), login]
-  r = analyse(events, {'CartItemAdded': 'product_id'})   # a partial rule: logins have none
+  r = analyse(events, REG, {'CartItemAdded': 'product_id'})   # a partial rule: logins have none
   assert r['comparison']['unkeyable'] == 1
   assert r['comparison']['unkeyable_by_type'] == {'UserLoggedIn': 1}
   assert r['alternative']['events'] + r['comparison']['unkeyable'] == r['events']
 
 
 def _fields(name):
-  from sourcebeam.schemas.registry import registry
-  return registry().current[name].field_names
+    return REG.current[name].field_names
 
 
 @st.composite
@@ -144,7 +143,7 @@ def carts(draw):
 @settings(max_examples=60, deadline=None)
 @given(carts())
 def test_property_report_accounts_for_every_event(events):
-  r = analyse(events, parse_key_rule(['product_id']))
+  r = analyse(events, REG, parse_key_rule(['product_id'], REG))
   assert r['current']['events'] == r['alternative']['events'] + r['comparison']['unkeyable'] == len(events)
   assert sum(t['events'] for t in key_stats(
       {k: v for k, v in _counts(events).items()}, top=100)['top_keys']) == len(events)
@@ -156,7 +155,7 @@ def test_property_report_accounts_for_every_event(events):
   for e in one_product:
     e['sequence'] = 0
   _renumber(one_product)
-  r1 = analyse(one_product, parse_key_rule(['product_id']))
+  r1 = analyse(one_product, REG, parse_key_rule(['product_id'], REG))
   assert r1['comparison']['ordered_differently'] == 0
 
 
@@ -185,7 +184,7 @@ def archive(tmp_path_factory):
     e['event_time'] = iso_to_millis(e['event_time'])
     events.append(e)
   with beam.Pipeline(options=pipeline_options([])) as p:
-    _ = p | beam.Create(events) | WriteArchive(path, buckets=2)
+    _ = p | beam.Create(events) | WriteArchive(path, buckets=2, registry=REG)
   return path, events
 
 
@@ -201,7 +200,7 @@ def test_cli_json_matches_the_plain_python_report(archive):
   code, out, err = run_cli(['keys', '--archive', path, '--key-rule', 'product_id', '--json'])
   assert code == 0, err
   report = json.loads(out.strip().splitlines()[-1])
-  want = analyse(sorted(events, key=lambda e: e['event_id']), parse_key_rule(['product_id']))
+  want = analyse(sorted(events, key=lambda e: e['event_id']), REG, parse_key_rule(['product_id'], REG))
   assert report['events'] == 600
   for part in ('current', 'alternative', 'comparison', 'event_types'):
     assert report[part] == want[part], part

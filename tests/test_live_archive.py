@@ -18,6 +18,7 @@ import uuid
 import apache_beam as beam
 import pytest
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.generators import retail
 from sourcebeam.generators.jsonl import encode_line
 from sourcebeam.schemas.envelope import iso_to_millis, to_json
@@ -82,9 +83,9 @@ def test_archive_live_records_each_events_offset(tmp_path):
   with beam.Pipeline() as p:
     published = (p | beam.Create(messages)
                  | beam.Map(lambda m: beam.window.TimestampedValue(m, m['ts']))
-                 | PublishKafkaMessages())
+                 | PublishKafkaMessages(REG))
     (published.published_refs, published.dead_refs) | ArchiveLive(
-        archive, window_seconds=600, flush_seconds=1, buckets=4, run_id='t1')
+        archive, window_seconds=600, flush_seconds=1, buckets=4, run_id='t1', registry=REG)
   sidecars = read_sidecars(archive)
   covered = sorted(ref for _, body in sidecars for ref in body['sources'])
   assert covered == sorted((m['topic'], m['partition'], m['offset']) for m in messages)
@@ -97,7 +98,7 @@ def test_archive_live_records_each_events_offset(tmp_path):
       continue
     n_files += 1
     assert '-w' in body['file'] and '-p0' in body['file']  # windowed, paned file names
-    archived = read_archive_file(os.path.join(archive, body['file']))
+    archived = read_archive_file(os.path.join(archive, body['file']), REG)
     assert [e['event_id'] for e in archived] == [
         json.loads(by_ref[r])['event_id'] for r in body['sources']]
   assert n_files > 1
@@ -151,7 +152,7 @@ def test_a_bounded_stream_archives_what_it_published(kafka, tmp_path):
           '--archive-flush', '5', '--runner=PrismRunner')
   print(f'bounded stream + archive of {len(events)} messages: {time.monotonic() - started:.1f}s')
   published = sorted((out / 'published.jsonl').read_text().splitlines())
-  archived = sorted(to_json(e) for e in iter_archive(str(archive)))
+  archived = sorted(to_json(e) for e in iter_archive(str(archive), REG))
   assert len(archived) == len(published) == len(events) - 1
   assert archived == published
   assert recorded_offsets(str(archive)) == end_offsets(kafka, topic)
@@ -190,7 +191,7 @@ def test_an_unbounded_stream_writes_archive_files_while_it_runs(kafka, tmp_path)
     print(f'unbounded stream: archive complete after {time.monotonic() - started:.1f}s')
     assert got == want, f'recorded {got}, produced {want}'
     assert proc.poll() is None  # still running: the files came from early firings
-    assert sum(1 for _ in iter_archive(str(archive))) == len(events) - 1
+    assert sum(1 for _ in iter_archive(str(archive), REG)) == len(events) - 1
   finally:
     os.killpg(proc.pid, signal.SIGTERM)
     try:

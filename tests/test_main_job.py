@@ -50,7 +50,7 @@ def test_main_job_writes_every_consumers_output(main_job):
     assert len(path.read_text().splitlines()) == outputs[name], name
   assert (out / 'replay' / 'retail' / 'cart.parquet').exists()
   # The duplicates in the sample day reach the archive and are reported by the ordering, not applied twice.
-  unprocessed = [json.loads(l) for l in (out / 'replay' / 'retail' / 'unprocessed.jsonl').read_text().splitlines()]
+  unprocessed = [json.loads(l) for l in (out / 'replay' / 'unprocessed.jsonl').read_text().splitlines()]
   assert {u['reason'] for u in unprocessed} <= {'duplicate', 'gap_timeout', 'before_initial'}
 
 

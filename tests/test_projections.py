@@ -1,5 +1,5 @@
-"""Retail projection handlers in plain Python, and RetailProjections /
-WriteProjections on a real runner with real JSON-lines and Parquet files."""
+"""The demo's retail views: their handlers in plain Python, and the views of an app run by
+ApplyApp / WriteAppOutputs on a real runner with real JSON-lines and Parquet files."""
 
 import json
 import random
@@ -8,10 +8,20 @@ import pytest
 
 from hypothesis import given, settings, strategies as st
 
+from tests.demo import DEMO_SCHEMAS, REG
+from sourcebeam.demo.app import add_retail_views
 from sourcebeam.schemas.envelope import make_envelope
-from sourcebeam.transforms.projections import (CartHandler, CartState, CatalogHandler, CombinedHandler,
+from sourcebeam.transforms.app import App
+from sourcebeam.demo.retail import (CartHandler, CartState, CatalogHandler,
                                     FrequentlyViewedHandler, RecentlyViewedHandler,
                                     catalog_by_category, latest, merge_carts, top_viewed)
+
+
+def retail_app() -> App:
+  """An app of the demo's schemas with only its retail views."""
+  app = App('retail-views', schemas=DEMO_SCHEMAS)
+  add_retail_views(app)
+  return app
 
 T0 = 1_795_651_200_000
 
@@ -25,16 +35,20 @@ class Stream:
 
   def __call__(self, event_type, **data):
     self.seq += 1
-    return make_envelope(event_type, data, event_id=f'{self.region}-{data.get("user_id", data.get("product_id"))}-{self.seq}',
+    return make_envelope(REG, event_type, data, event_id=f'{self.region}-{data.get("user_id", data.get("product_id"))}-{self.seq}',
                          sequence=self.seq, event_time=T0 + self.seq * 1000, origin='test')
 
 
 def fold(handler, events, key='u1'):
-  state, outputs = handler.initial_state(key), []
+  """A view handler over one key's events: its final state, and its record after each event
+  of its types (a view's changelog)."""
+  state, records = handler.initial_state(key), []
   for e in events:
     state, out = handler.apply(state, e)
-    outputs.extend(out)
-  return state, outputs
+    assert out == []  # a view's value is its state
+    if e['event_type'] in handler.event_types:
+      records.append(handler.record(e, state))
+  return state, records
 
 
 def items(record):
@@ -163,19 +177,25 @@ def test_view_handlers_match_their_definitions(products):
       frequent[-1]['products']
 
 
-def test_combined_handler_runs_each_handler_on_one_stream():
+def test_the_user_views_share_one_ordering_and_each_gets_its_types():
+  from sourcebeam.transforms.consumers import key_space_handlers
+  app = retail_app()
+  [user] = [ks for ks in key_space_handlers(app) if ks.name == 'user_id']
   ev = Stream()
   events = [ev('ProductViewed', user_id='u1', product_id='p1'),
+            ev('UserLoggedIn', user_id='u1', name='x'),
             ev('CartItemAdded', user_id='u1', product_id='p1', quantity=1)]
-  h = CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])
-  state, out = fold(h, events)
-  assert [r['view'] for r in out] == ['recently_viewed', 'frequently_viewed', 'cart']
-  assert isinstance(state[0], CartState)
-  assert {k: r['as_of_sequence'] for k, r in latest(out).items()} == {
-      ('cart', 'u1'): 2, ('recently_viewed', 'u1'): 1, ('frequently_viewed', 'u1'): 1}
+  state, changes = user.handler.initial_state('u1'), []
+  for e in events:
+    state, out = user.handler.apply(state, e)
+    changes.extend(out)
+  names = [app.per_key[c.consumer].name for c in changes]
+  assert names == ['retail/recently_viewed', 'retail/frequently_viewed', 'retail/cart']
+  assert [c.event['sequence'] for c in changes] == [1, 1, 3]
+  assert isinstance(state[0], CartState) and state[0].items.value() == {'p1': 1}
 
 
-# --- Beam: RetailProjections and WriteProjections ----------------------------------------------
+# --- Beam: the views of an app, written ----------------------------------------------------------
 
 def _published_retail(n, seed):
   from sourcebeam.generators.retail import retail_events
@@ -188,7 +208,7 @@ def _published_retail(n, seed):
 
 
 def _expected_views(events):
-  from sourcebeam.transforms.projections import PRODUCT_EVENT_TYPES, USER_EVENT_TYPES
+  from sourcebeam.demo.retail import PRODUCT_EVENT_TYPES, USER_EVENT_TYPES
   by_key = {}
   for e in events:
     space = 'user' if e['event_type'] in USER_EVENT_TYPES else (
@@ -199,46 +219,50 @@ def _expected_views(events):
   for (space, key), evs in by_key.items():
     evs.sort(key=lambda e: e['sequence'])
     assert [e['sequence'] for e in evs] == list(range(1, len(evs) + 1))  # a gap-free fixture
-    handler = (CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])
-               if space == 'user' else CatalogHandler())
-    out.extend(fold(handler, evs, key)[1])
+    handlers = ([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()]
+                if space == 'user' else [CatalogHandler()])
+    for handler in handlers:
+      out.extend(fold(handler, evs, key)[1])
   return latest(out)
 
 
-def test_retail_projections_write_final_views_as_jsonl_and_parquet(tmp_path):
+def test_retail_views_write_final_views_as_jsonl_and_parquet(tmp_path):
   import apache_beam as beam
   import pyarrow.parquet as pq
   from apache_beam.testing.test_pipeline import TestPipeline
   from apache_beam.testing.util import assert_that, equal_to
-  from sourcebeam.transforms.projections import VIEWS, RetailProjections, WriteProjections
+  from sourcebeam.demo.retail import VIEWS
+  from sourcebeam.transforms.consumers import ApplyApp, WriteAppOutputs
 
   events = _published_retail(400, seed=5)
   expected = _expected_views(events)
   assert {v for v, _ in expected} == set(VIEWS)  # the fixture exercises every view
-  ride = make_envelope('TaxiLocationReported', {'taxi_id': 1, 'lon': 0.0, 'lat': 0.0},
+  ride = make_envelope(REG, 'TaxiLocationReported', {'taxi_id': 1, 'lon': 0.0, 'lat': 0.0},
                        event_id='t1', sequence=1, event_time=T0, origin='taxi-gps')
   duplicate = next(e for e in events if e['event_type'] == 'CartItemAdded')
   shuffled = events + [ride, duplicate]
   random.Random(2).shuffle(shuffled)
+  app = retail_app()
   with TestPipeline() as p:
-    views = p | beam.Create(shuffled) | RetailProjections()
-    counts = views | WriteProjections(str(tmp_path))
+    result = p | beam.Create(shuffled) | ApplyApp(app)
+    counts = result | WriteAppOutputs(app, str(tmp_path))
     for view in VIEWS:
       n = sum(1 for v, _ in expected if v == view)
-      assert_that(counts[view], equal_to([n]), label=f'count {view}')
-    assert_that(views.unprocessed | beam.Map(lambda u: (u['reason'], u['sequence'])),
-                equal_to([('duplicate', duplicate['sequence'])]), label='unprocessed')
+      assert_that(counts[f'retail/{view}'] | f'n {view}' >> beam.combiners.Count.Globally(),
+                  equal_to([n]), label=f'count {view}')
+    assert_that(result.unprocessed | beam.Map(lambda u: (u['reason'], u['sequence'], u['key_space'])),
+                equal_to([('duplicate', duplicate['sequence'], 'user_id')]), label='unprocessed')
   for view in VIEWS:
     want = sorted((r for (v, _), r in expected.items() if v == view), key=lambda r: r['key'])
-    with open(tmp_path / f'{view}.jsonl') as f:
+    with open(tmp_path / 'retail' / f'{view}.jsonl') as f:
       got_json = sorted((json.loads(l) for l in f), key=lambda r: r['key'])
     assert got_json == want
-    got_parquet = sorted(pq.read_table(tmp_path / f'{view}.parquet').to_pylist(),
+    got_parquet = sorted(pq.read_table(tmp_path / 'retail' / f'{view}.parquet').to_pylist(),
                          key=lambda r: r['key'])
     assert got_parquet == want
 
 
-def test_retail_projections_streaming_changelog_applies_events_in_sequence_order():
+def test_retail_views_streaming_changelog_applies_events_in_sequence_order():
   """Out-of-order arrival with watermarks between: the changelog's records follow
   sequence order per key, and its latest record per key is the bounded view."""
   import apache_beam as beam
@@ -247,7 +271,7 @@ def test_retail_projections_streaming_changelog_applies_events_in_sequence_order
   from apache_beam.testing.test_stream import TestStream
   from apache_beam.testing.util import assert_that, equal_to
   from apache_beam.transforms import window
-  from sourcebeam.transforms.projections import RetailProjections
+  from sourcebeam.transforms.consumers import ApplyApp
 
   ev, pv = Stream(), Stream()
   user = [ev('UserLoggedIn', user_id='u1', name='Ada'),
@@ -271,18 +295,24 @@ def test_retail_projections_streaming_changelog_applies_events_in_sequence_order
   _, catalog = fold(CatalogHandler(), product, key='p1')
   options = PipelineOptions()
   options.view_as(StandardOptions).streaming = True
+  app = retail_app()
+
+  def records(result, name):
+    view = app.get(name)
+    return result.views[name] | f'Records {name}' >> beam.Map(
+        lambda kv: view.record(kv[0], kv[1].state, kv[1].event))
+
   with TestPipeline(options=options) as p:
-    views = p | stream | RetailProjections()
-    assert_that(views.cart, equal_to(cart), label='cart')
-    assert_that(views.recently_viewed, equal_to(recent), label='recent')
-    assert_that(views.frequently_viewed, equal_to(frequent), label='frequent')
-    assert_that(views.catalog, equal_to(catalog), label='catalog')
+    result = p | stream | ApplyApp(app)
+    assert_that(records(result, 'retail/cart'), equal_to(cart), label='cart')
+    assert_that(records(result, 'retail/recently_viewed'), equal_to(recent), label='recent')
+    assert_that(records(result, 'retail/frequently_viewed'), equal_to(frequent), label='frequent')
+    assert_that(records(result, 'retail/catalog'), equal_to(catalog), label='catalog')
 
 
-# --- the step/record split, incremental top-k, deferred records ------------------------------
+# --- the step/record split, incremental top-k ------------------------------------------------
 
-from sourcebeam.transforms.projections import (DeferredRecords, PendingRecord, ViewCounts, built,  # noqa: E402
-                                    bump_top, defers_records)
+from sourcebeam.demo.retail import ViewCounts, bump_top  # noqa: E402
 
 RETAIL_USER_EVENTS = st.lists(st.tuples(
     st.sampled_from(['ProductViewed'] * 4 + ['CartItemAdded', 'CartItemRemoved',
@@ -319,67 +349,20 @@ def test_bump_top_keeps_top_viewed_after_every_view(products, limit):
 def test_frequently_viewed_takes_a_state_kept_as_a_plain_dict():
   """States written before the ranking was kept incrementally were {product: views}."""
   h = FrequentlyViewedHandler(limit=2)
-  new, out = h.apply({'a': 3, 'b': 1, 'c': 2}, views(['b'])[0])
+  new, _ = h.apply({'a': 3, 'b': 1, 'c': 2}, views(['b'])[0])
   assert isinstance(new, ViewCounts) and new.counts == {'a': 3, 'b': 2, 'c': 2}
-  assert out[0]['products'] == [{'product_id': 'a', 'views': 3}, {'product_id': 'b', 'views': 2}]
+  assert h.record(views(['b'])[0], new)['products'] == [{'product_id': 'a', 'views': 3}, {'product_id': 'b', 'views': 2}]
 
 
 @settings(max_examples=150, deadline=None)
 @given(RETAIL_USER_EVENTS)
-def test_deferred_records_build_what_apply_gives(spec):
-  """DeferredRecords changes state with the same steps, and each pending record, built
-  whenever, equals the record apply gave for that event; states are never changed in place."""
-  events = user_events(spec)
-  live = CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])
-  deferred = DeferredRecords(
-      CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()]))
-  s_live, s_def = live.initial_state('u1'), deferred.initial_state('u1')
-  want, pending = [], []
-  for e in events:
-    s_live, out = live.apply(s_live, e)
-    want.extend(out)
-    snapshot = repr(s_def)
-    s2, outs = deferred.apply(s_def, e)
-    assert repr(s_def) == snapshot  # the input state is untouched
-    s_def = s2
-    assert all(isinstance(o, PendingRecord) for o in outs)
-    pending.extend(outs)
-  assert s_def == s_live
-  assert [p['view'] for p in pending] == [r['view'] for r in want]
-  assert [built(p) for p in pending] == want  # built late, from the states they hold
-
-
-def test_deferred_records_for_one_handler_and_what_cannot_defer():
-  ev = Stream()
-  image = ev('ProductImageAdded', product_id='p1', image_url='http://i')
-  h = DeferredRecords(CatalogHandler())
-  s, out = h.apply(h.initial_state('p1'), image)
-  assert built(out[0]) == CatalogHandler().apply(CatalogHandler().initial_state('p1'), image)[1][0]
-  assert h.apply(s, ev('ProductViewed', user_id='u', product_id='p1')) == (s, [])
-  assert built({'plain': 1}) == {'plain': 1}
-
-  class Custom:
-    def initial_state(self, key):
-      return 0
-
-    def apply(self, state, event):
-      return state + 1, [state]
-
-  assert not defers_records(Custom()) and not defers_records(CombinedHandler([Custom()]))
-  with pytest.raises(TypeError, match='no step/record'):
-    DeferredRecords(CombinedHandler([CartHandler(), Custom()]))
-
-
-def test_combined_handler_still_calls_handlers_without_event_types():
-  class Counter:
-    def initial_state(self, key):
-      return 0
-
-    def apply(self, state, event):
-      return state + 1, []
-
-  h = CombinedHandler([CartHandler(), Counter()])
-  ev = Stream()
-  state, _ = fold(h, [ev('UserLoggedIn', user_id='u1', name='x'),
-                      ev('CartItemAdded', user_id='u1', product_id='p', quantity=1)])
-  assert state[1] == 2 and state[0].items.value() == {'p': 1}
+def test_states_are_values_never_changed_in_place(spec):
+  """The ordering core keeps a key's old state when a handler raises, and a view's final
+  record is built from the state it was given: a step never changes its input state."""
+  for handler in (CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()):
+    state = handler.initial_state('u1')
+    for e in user_events(spec):
+      before = repr(state)
+      new, _ = handler.apply(state, e)
+      assert repr(state) == before
+      state = new

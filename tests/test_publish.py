@@ -9,6 +9,7 @@ import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from tests.test_validation import BAD, good
 from sourcebeam.transforms.publish import PublishEvents
 
@@ -28,7 +29,7 @@ def test_publish_events_splits_every_line_into_exactly_one_output():
   lines = [as_line(good(event_id=f'e{i}', sequence=i)) for i in range(1, 6)] + [
       as_line(raw) for raw, _ in BAD]
   with TestPipeline() as p:
-    result = p | beam.Create(lines) | PublishEvents()
+    result = p | beam.Create(lines) | PublishEvents(REG)
     assert_that(result.published | 'Ids' >> beam.Map(lambda e: e['event_id']),
                 equal_to([f'e{i}' for i in range(1, 6)]), label='published')
     assert_that(result.dead_letters | 'Reasons' >> beam.Map(lambda d: bool(d['reason'])),

@@ -14,11 +14,11 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.generators.riders import rider_events
 from sourcebeam.schemas.envelope import iso_to_millis, make_envelope, to_avro_record, to_json
-from sourcebeam.schemas.registry import registry
 from sourcebeam.schemas.validation import publish_raw
-from sourcebeam.transforms.riders import (LocateRiders, TaxiJoin, TaxiOccupancy, ZoneRiderCounts,
+from sourcebeam.demo.riders import (LocateRiders, TaxiJoin, TaxiOccupancy, ZoneRiderCounts,
                                join_taxi_events, rider_located_id, rider_occupancy,
                                sequence_rider, taxi_of)
 
@@ -35,7 +35,7 @@ class Events:
     self.n += 1
     key = data.get('rider_id', str(data.get('taxi_id')))
     self.seq[key] += 1
-    return make_envelope(event_type, data, event_id=f'e{self.n:03d}', sequence=self.seq[key],
+    return make_envelope(REG, event_type, data, event_id=f'e{self.n:03d}', sequence=self.seq[key],
                          event_time=T0 + t, origin='test')
 
 
@@ -121,7 +121,7 @@ def test_rider_located_envelopes_are_valid_deterministic_and_sequenced():
   ev = Events()
   events = [pickup(ev, 0), position(ev, 5 * S, -73.1), position(ev, 10 * S, -73.2)]
   located, _ = join_taxi_events(JOIN, 7, events)
-  envs = sequence_rider(reversed(located))
+  envs = sequence_rider(REG, reversed(located))
   assert [e['sequence'] for e in envs] == [1, 2]
   assert [e['follows_from'] for e in envs] == [events[1]['event_id'], events[2]['event_id']]
   assert envs[0]['event_id'] == rider_located_id('r1', events[1]['event_id'])
@@ -129,9 +129,9 @@ def test_rider_located_envelopes_are_valid_deterministic_and_sequenced():
   assert envs[0]['data'] == {'rider_id': 'r1', 'taxi_id': 7, 'lon': -73.1, 'lat': 40.7,
                              'located_at': T0 + 5 * S}
   for e in envs:
-    published, dead, repairs = publish_raw(to_json(e))
+    published, dead, repairs = publish_raw(to_json(e), REG)
     assert dead is None and repairs == [] and published == e
-    fastavro.schemaless_writer(io.BytesIO(), registry().parsed_envelope, to_avro_record(e))
+    fastavro.schemaless_writer(io.BytesIO(), REG.parsed_envelope, to_avro_record(e, REG))
 
 
 # --- generated riders and taxis -------------------------------------------------------------
@@ -157,7 +157,7 @@ def generated():
   by_rider = collections.defaultdict(list)
   for l in located:
     by_rider[l.rider_id].append(l)
-  envelopes = [e for locs in by_rider.values() for e in sequence_rider(locs)]
+  envelopes = [e for locs in by_rider.values() for e in sequence_rider(REG, locs)]
   return events, envelopes, unmatched
 
 
@@ -191,7 +191,7 @@ def test_locate_riders_bounded_matches_plain_python(generated):
   shuffled = list(events)
   random.Random(9).shuffle(shuffled)
   with TestPipeline() as p:
-    out = p | beam.Create(shuffled) | LocateRiders()
+    out = p | beam.Create(shuffled) | LocateRiders(REG)
     assert_that(out.located, equal_to(envelopes))
     assert_that(out.unmatched | beam.Map(lambda u: (u['kind'], u['event_id'])),
                 equal_to([(u['kind'], u['event_id']) for u in unmatched]), label='unmatched')
@@ -205,7 +205,7 @@ def test_locate_riders_streaming_with_watermarks_between_events():
             pickup(ev, 21 * S, rider='r2', taxi=8),  # taxi 8 never reports
             position(ev, 30 * S, -73.3), dropoff(ev, 35 * S), position(ev, 40 * S, -73.4)]
   located, _ = join_taxi_events(JOIN, 7, [e for e in events if taxi_of(e) == 7])
-  expected = sequence_rider(located)
+  expected = sequence_rider(REG, located)
   assert len(expected) == 3
   stream = (TestStream()
             .advance_watermark_to((T0) / 1000)
@@ -222,7 +222,7 @@ def test_locate_riders_streaming_with_watermarks_between_events():
   options = PipelineOptions()
   options.view_as(StandardOptions).streaming = True
   with TestPipeline(options=options) as p:
-    out = p | stream | LocateRiders(max_position_age_ms=30 * S, pickup_timeout_ms=60 * S)
+    out = p | stream | LocateRiders(REG, max_position_age_ms=30 * S, pickup_timeout_ms=60 * S)
     assert_that(out.located, equal_to(expected))
     assert_that(out.unmatched | beam.Map(lambda u: (u['kind'], u['partition_key'], u['reason'])),
                 equal_to([('pickup', 'r2', 'no position of taxi 8 within 60000 ms of pickup'),
@@ -284,7 +284,7 @@ def test_locate_riders_streaming_late_position_is_unmatched_not_lost():
   options = PipelineOptions()
   options.view_as(StandardOptions).streaming = True
   with TestPipeline(options=options) as p:
-    out = p | stream | LocateRiders(max_position_age_ms=30 * S, pickup_timeout_ms=60 * S)
+    out = p | stream | LocateRiders(REG, max_position_age_ms=30 * S, pickup_timeout_ms=60 * S)
     assert_that(out.located | beam.Map(lambda e: (e['sequence'], e['data']['lon'])),
                 equal_to([(1, -73.1), (2, -73.2)]))
     assert_that(out.unmatched | beam.Map(lambda u: (u['kind'], u['event_id'], u['reason'])),

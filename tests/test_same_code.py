@@ -19,11 +19,11 @@ import pytest
 
 from sourcebeam.generators import retail, riders, taxi
 from sourcebeam.generators.jsonl import encode_line
-from sourcebeam.pipelines.consumers import JOINED_TOPIC_SUFFIX
-from sourcebeam.pipelines.stream import joined_topic
+from sourcebeam.pipelines.stream import output_topic
 from sourcebeam.schemas.envelope import iso_to_millis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIVE_OUTPUTS = ('taxi/joined', 'riders/rider_located')  # the demo's consumers send these live
 COMPARED = ['retail/cart.jsonl', 'retail/catalog.jsonl', 'retail/recently_viewed.jsonl',
             'retail/frequently_viewed.jsonl', 'taxi/joined.jsonl', 'taxi/alerts.jsonl',
             'taxi/hourly_tips.jsonl', 'taxi/rides_in_nyc.jsonl', 'riders/rider_located.jsonl',
@@ -92,10 +92,10 @@ def stream_and_check(runner_args, replayed, topic, kafka, raw_events, out):
   from tests.service_fixtures import consume, create_topic
   published_topic, joined_prefix = f'published-{uuid.uuid4().hex[:8]}', f'joined-{uuid.uuid4().hex[:8]}'
   create_topic(kafka, published_topic, partitions=2)
-  for name in JOINED_TOPIC_SUFFIX:
-    create_topic(kafka, joined_topic(joined_prefix, name))
+  for name in LIVE_OUTPUTS:
+    create_topic(kafka, output_topic(joined_prefix, name))
   run_cli('stream', '--source', f'kafka://{kafka}/{topic}', '--max-records', str(len(raw_events)),
-          '--out', str(out), '--publish-topic', published_topic, '--joined-topic-prefix',
+          '--out', str(out), '--publish-topic', published_topic, '--output-topic-prefix',
           joined_prefix, f'--group-id=same-code-{uuid.uuid4().hex[:8]}', *runner_args)
   check_same(replayed, out, len(raw_events))
   # The published stream also went back to Kafka, keyed by partition key,
@@ -105,11 +105,11 @@ def stream_and_check(runner_args, replayed, topic, kafka, raw_events, out):
   assert all(json.loads(v)['partition_key'] == k for k, v in back)
   # and so did the joined streams, keyed by what they joined on.
   rides = lines(replayed / 'replay' / 'taxi' / 'joined.jsonl')
-  back = consume(kafka, f'{joined_prefix}.taxi-joined', len(rides))
+  back = consume(kafka, f'{joined_prefix}.taxi.joined', len(rides))
   assert sorted(v for _, v in back) == rides
   assert all(str(json.loads(v)['ride']['rideId']) == k for k, v in back)
   located = lines(replayed / 'replay' / 'riders' / 'rider_located.jsonl')
-  back = consume(kafka, f'{joined_prefix}.rider-located', len(located))
+  back = consume(kafka, f'{joined_prefix}.riders.rider_located', len(located))
   assert sorted(v for _, v in back) == located
   assert all(json.loads(v)['partition_key'] == k for k, v in back)
 
@@ -156,26 +156,26 @@ def test_the_replay_is_the_same_on_every_runner(runner, replayed, tmp_path, requ
 
 @pytest.mark.integration
 def test_a_live_run_sends_the_joins_to_kafka_as_they_happen(replayed, topic, kafka, tmp_path):
-  """Unbounded (no --max-records) on Prism: the live run computes only the joins (no file
-  outputs) and sends them to Kafka; every ride the replay joined arrives, and every rider
-  located live is one the replay located too."""
+  """Unbounded (no --max-records) on Prism: the live run writes no files and sends the
+  consumers' live outputs (the joins) to Kafka; every ride the replay joined arrives, and
+  every rider located live is one the replay located too."""
   import signal
   from tests.service_fixtures import consume, create_topic
   prefix = f'live-joined-{uuid.uuid4().hex[:8]}'
-  for name in JOINED_TOPIC_SUFFIX:
-    create_topic(kafka, joined_topic(prefix, name))
+  for name in LIVE_OUTPUTS:
+    create_topic(kafka, output_topic(prefix, name))
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',
                            f'kafka://{kafka}/{topic}', '--out', str(tmp_path / 'out'),
-                           '--joined-topic-prefix', prefix, f'--group-id=live-{prefix}',
+                           '--output-topic-prefix', prefix, f'--group-id=live-{prefix}',
                            '--runner=PrismRunner'],
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     rides = lines(replayed / 'replay' / 'taxi' / 'joined.jsonl')
-    back = consume(kafka, f'{prefix}.taxi-joined', len(rides), timeout_ms=240000)
+    back = consume(kafka, f'{prefix}.taxi.joined', len(rides), timeout_ms=240000)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     assert sorted(v for _, v in back) == rides
     located = set(lines(replayed / 'replay' / 'riders' / 'rider_located.jsonl'))
-    live = consume(kafka, f'{prefix}.rider-located', len(located), timeout_ms=20000)
+    live = consume(kafka, f'{prefix}.riders.rider_located', len(located), timeout_ms=20000)
     assert live and {v for _, v in live} <= located
   finally:
     proc.send_signal(signal.SIGTERM)

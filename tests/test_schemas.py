@@ -9,9 +9,10 @@ import fastavro
 import pytest
 import re
 
-from sourcebeam.schemas import SchemaError, partition_key_rules, registry
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
+from sourcebeam.schemas import SchemaError
 from sourcebeam.schemas.envelope import from_json, iso_to_millis, make_envelope, millis_to_iso, to_avro_record, to_json
-from sourcebeam.schemas.registry import SCHEMA_DIR, Registry
+from sourcebeam.schemas.registry import Registry
 
 RETAIL = ['ProductCreated', 'ProductImageAdded', 'ProductViewed', 'ProductPurchased', 'CartItemAdded',
           'CartItemRemoved', 'UserLoggedIn', 'PhoneNumberUpdated', 'RoleAdded']
@@ -20,7 +21,7 @@ IRREGULAR_PAST = {'Paid'}
 
 
 def test_every_event_type_the_domain_needs_is_there_and_past_tense():
-  types = registry().event_types
+  types = REG.event_types
   for name in RETAIL + TAXI:
     assert name in types
   for name in types:
@@ -30,7 +31,7 @@ def test_every_event_type_the_domain_needs_is_there_and_past_tense():
 
 
 def test_key_rules_are_declared_in_the_schemas():
-  rules = partition_key_rules()
+  rules = REG.partition_key_rules()
   assert rules['CartItemAdded'] == 'user_id'
   assert rules['CartItemRemoved'] == 'user_id'
   assert rules['ProductPurchased'] == 'user_id'
@@ -41,26 +42,26 @@ def test_key_rules_are_declared_in_the_schemas():
 
 
 def test_envelope_fields_match_the_contract():
-  names = [f['name'] for f in registry().envelope_json['fields']]
+  names = [f['name'] for f in REG.envelope_json['fields']]
   assert names == ['event_id', 'event_type', 'schema_version', 'partition_key', 'sequence',
                    'event_time', 'origin', 'follows_from', 'data']
 
 
 def test_avro_round_trip_keeps_look_alike_types_apart():
-  added = make_envelope('CartItemAdded', {'user_id': 'u', 'product_id': 'p', 'quantity': 1},
+  added = make_envelope(REG, 'CartItemAdded', {'user_id': 'u', 'product_id': 'p', 'quantity': 1},
                         event_id='a', sequence=1, event_time=1_700_000_000_000, origin='web')
-  removed = make_envelope('CartItemRemoved', {'user_id': 'u', 'product_id': 'p', 'quantity': 1},
+  removed = make_envelope(REG, 'CartItemRemoved', {'user_id': 'u', 'product_id': 'p', 'quantity': 1},
                           event_id='b', sequence=2, event_time=1_700_000_000_001, origin='web',
                           follows_from='a')
   buf = io.BytesIO()
-  fastavro.writer(buf, registry().parsed_envelope, [to_avro_record(added), to_avro_record(removed)])
+  fastavro.writer(buf, REG.parsed_envelope, [to_avro_record(added, REG), to_avro_record(removed, REG)])
   buf.seek(0)
   back = list(fastavro.reader(buf))
   assert back == [added, removed]
 
 
 def test_json_form_round_trips():
-  env = make_envelope('RideStarted', {
+  env = make_envelope(REG, 'RideStarted', {
       'rideId': 2**40, 'isStart': True, 'eventTime': 1_700_000_000_000, 'startLon': -73.9,
       'startLat': 40.7, 'endLon': -73.95, 'endLat': 40.75, 'passengerCnt': 2, 'taxiId': 7,
       'driverId': 9}, event_id='r', sequence=1, event_time=1_700_000_000_000, origin='taxi-meter')
@@ -77,9 +78,9 @@ def test_time_conversions():
 
 
 def test_a_schema_without_key_rule_is_refused(tmp_path):
-  for f in os.listdir(SCHEMA_DIR):
+  for f in os.listdir(DEMO_SCHEMAS):
     if f.endswith('.avsc'):
-      shutil.copy(os.path.join(SCHEMA_DIR, f), tmp_path / f)
+      shutil.copy(os.path.join(DEMO_SCHEMAS, f), tmp_path / f)
   broken = json.loads((tmp_path / 'RoleAdded.avsc').read_text())
   broken['partition_key'] = 'nope'
   (tmp_path / 'RoleAdded.avsc').write_text(json.dumps(broken))
@@ -87,12 +88,53 @@ def test_a_schema_without_key_rule_is_refused(tmp_path):
     Registry(str(tmp_path))
 
 
-def test_an_event_type_missing_from_the_envelope_union_is_refused(tmp_path):
-  for f in os.listdir(SCHEMA_DIR):
+def test_the_envelope_union_is_built_from_the_schema_folder(tmp_path):
+  for f in os.listdir(DEMO_SCHEMAS):
     if f.endswith('.avsc'):
-      shutil.copy(os.path.join(SCHEMA_DIR, f), tmp_path / f)
+      shutil.copy(os.path.join(DEMO_SCHEMAS, f), tmp_path / f)
   new = json.loads((tmp_path / 'RoleAdded.avsc').read_text())
   new['name'] = 'RoleRevoked'
   (tmp_path / 'RoleRevoked.avsc').write_text(json.dumps(new))
-  with pytest.raises(SchemaError, match='lacks event types'):
+  reg = Registry(str(tmp_path))
+  union = reg.envelope_json['fields'][-1]['type']
+  assert 'sourcebeam.retail.RoleRevoked' in union and len(union) == len(REG.current) + 1
+  assert union == sorted(union)  # one order, whatever the folder listing
+  fastavro.parse_schema(reg.envelope_schema())  # a complete, valid Avro schema
+
+
+@pytest.mark.parametrize('files, message', [
+    ({}, 'holds no event schemas'),
+    ({'A.avsc': '{not json'}, 'cannot read schema'),
+    ({'A.avsc': '{"type": "enum", "name": "A"}'}, 'not an Avro record schema'),
+    ({'A.avsc': '{"type": "record", "name": "lower", "namespace": "n", "version": 1, '
+                '"partition_key": "k", "fields": [{"name": "k", "type": "string"}]}'},
+     'must be letters and digits'),
+    ({'A.avsc': '{"type": "record", "name": "A", "namespace": "n", "version": 0, '
+                '"partition_key": "k", "fields": [{"name": "k", "type": "string"}]}'},
+     'whole number >= 1'),
+    ({'A.avsc': '{"type": "record", "name": "A", "namespace": "n", "version": 1, '
+                '"partition_key": "k", "event_time_field": "t", '
+                '"fields": [{"name": "k", "type": "string"}]}'}, 'event_time_field'),
+])
+def test_a_bad_schema_folder_is_refused_naming_the_problem(tmp_path, files, message):
+  for name, text in files.items():
+    (tmp_path / name).write_text(text)
+  with pytest.raises(SchemaError, match=message):
     Registry(str(tmp_path))
+  with pytest.raises(SchemaError, match='does not exist'):
+    Registry(str(tmp_path / 'missing'))
+
+
+def test_key_spaces_group_types_by_their_key_field_unless_a_schema_names_its_own():
+  spaces = REG.key_spaces()
+  assert spaces['user_id'] >= {'CartItemAdded', 'ProductViewed', 'UserLoggedIn'}
+  assert spaces['product_id'] == {'ProductCreated', 'ProductImageAdded'}
+  assert 'RiderLocated' in spaces['rider_located']  # an output stream numbers its own events
+  assert 'RiderLocated' not in spaces['rider_id']
+
+
+def test_a_registry_pickles_with_its_schemas_not_their_folder(tmp_path):
+  import pickle
+  back = pickle.loads(pickle.dumps(REG))
+  assert back.fingerprint == REG.fingerprint and back.event_types == REG.event_types
+  assert back.parsed_envelope  # rebuilt on first use

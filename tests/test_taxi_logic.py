@@ -6,7 +6,8 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sourcebeam.transforms import taxi_logic as logic
+from sourcebeam.demo import taxi_logic as logic
+from sourcebeam.transforms.joins import Sides, pair_on_arrival, pair_on_expiry
 from sourcebeam.schemas.envelope import millis_to_iso
 
 T0 = 1_795_651_200_000  # 2026-11-26T00:00:00Z
@@ -79,33 +80,39 @@ def test_cleansing_needs_both_ends_inside():
 R = logic.parse('ride', json.dumps(ride()))
 F = logic.parse('fare', json.dumps(fare()))
 EXPIRE = 30 * logic.MINUTE_MS
+SIDES = Sides('ride', 'fare', 'rideId', logic.RIDE_AND_FARE_LABELS)
+
+
+def arrive(state, side, record):
+  """The taxi join's step: sourcebeam's pair join with the taxi's sides, keys and words."""
+  return pair_on_arrival(state, side, record, logic.event_time(side, record), EXPIRE, SIDES)
 
 
 @pytest.mark.parametrize('first,second', [(('ride', R), ('fare', F)), (('fare', F), ('ride', R))])
 def test_join_matches_whichever_side_comes_first_and_clears_state(first, second):
-  s1 = logic.join_on_arrival(None, *first, EXPIRE)
-  assert s1.state == first and s1.joined is None and s1.timer == T0 + EXPIRE
-  s2 = logic.join_on_arrival(s1.state, *second, EXPIRE)
+  s1 = arrive(None, *first)
+  assert s1.state[:2] == first and s1.joined is None and s1.timer == T0 + EXPIRE
+  s2 = arrive(s1.state, *second)
   assert s2.joined == {'ride': R, 'fare': F}
   assert s2.state is None and s2.timer is None and not s2.unmatched
 
 
 def test_join_expiry_sends_waiting_side_to_unmatched():
-  s1 = logic.join_on_arrival(None, 'fare', F, EXPIRE)
-  s2 = logic.join_on_expiry(s1.state, EXPIRE)
+  s1 = arrive(None, 'fare', F)
+  s2 = pair_on_expiry(s1.state, EXPIRE, SIDES)
   assert s2.state is None and s2.timer is None and s2.joined is None
   [u] = s2.unmatched
-  assert u.side == 'fare' and u.reason == 'no START ride within 30 min'
-  assert u.to_json_dict()['record']['startTime'] == '2026-11-26T00:00:00.000Z'
-  assert logic.join_on_expiry(None, EXPIRE).unmatched == []
+  assert u['side'] == 'fare' and u['reason'] == 'no START ride within 30 min'
+  assert logic.unmatched_to_json_dict(u)['record']['startTime'] == '2026-11-26T00:00:00.000Z'
+  assert pair_on_expiry(None, EXPIRE, SIDES).unmatched == ()
 
 
 def test_join_duplicate_side_is_unmatched_and_the_original_keeps_waiting():
-  s1 = logic.join_on_arrival(None, 'ride', R, EXPIRE)
-  s2 = logic.join_on_arrival(s1.state, 'ride', R, EXPIRE)
+  s1 = arrive(None, 'ride', R)
+  s2 = arrive(s1.state, 'ride', R)
   assert s2.state == s1.state and s2.timer == s1.timer
-  assert [u.reason for u in s2.unmatched] == ['duplicate ride for this rideId']
-  assert logic.join_on_arrival(s2.state, 'fare', F, EXPIRE).joined == {'ride': R, 'fare': F}
+  assert [u['reason'] for u in s2.unmatched] == ['duplicate ride for this rideId']
+  assert arrive(s2.state, 'fare', F).joined == {'ride': R, 'fare': F}
 
 
 # --- long rides -----------------------------------------------------------------------------

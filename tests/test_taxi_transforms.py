@@ -13,8 +13,8 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 
-from sourcebeam.transforms import taxi_logic as logic
-from sourcebeam.transforms.taxi import (CleanseRides, HourlyTips, JoinRidesAndFares, LongRideAlerts,
+from sourcebeam.demo import taxi_logic as logic
+from sourcebeam.demo.taxi import (CleanseRides, HourlyTips, JoinRidesAndFares, LongRideAlerts,
                              ParseTaxiRecords)
 from sourcebeam.schemas.envelope import millis_to_iso
 

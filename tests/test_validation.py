@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.schemas.validation import publish_raw
 
 
@@ -26,7 +27,7 @@ DROP = object()
 
 def publish(obj):
   line = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-  return publish_raw(line, source='test.jsonl')
+  return publish_raw(line, REG, source='test.jsonl')
 
 
 def refused(obj, reason_part):

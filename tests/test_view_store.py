@@ -1,7 +1,8 @@
 """The view store on SQLite and on a real PostgreSQL server (started by scripts/postgres.sh).
 
-The view records come from the real retail handlers, so the store is tested on
-what the streaming pipeline will give it.
+The view rows come from the demo application's real retail views (the same key
+space handlers and records a pipeline runs), so the store is tested on what the
+streaming pipeline will give it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
+from tests.demo import DEMO_APP, REG
 from sourcebeam.schemas.envelope import make_envelope
+from sourcebeam.transforms.consumers import key_space_handlers
+from sourcebeam.transforms.keyspace import ViewChange
+from sourcebeam.transforms.view_store import StoreError, ViewStore, WriteViewsToStore, redact, view_row
 
-from sourcebeam.transforms.projections import (CartHandler, CatalogHandler, CombinedHandler,
-                                    FrequentlyViewedHandler, RecentlyViewedHandler)
-from sourcebeam.transforms.view_store import StoreError, ViewStore, WriteViewsToStore, redact
+SPACES = {t: ks for ks in key_space_handlers(DEMO_APP) for t in ks.event_types}
+CONSUMERS = dict(enumerate(DEMO_APP.per_key))
+VIEWS = [v.name for v in DEMO_APP.views]
+CART, CATALOG = 'retail/cart', 'retail/catalog'
+RECENT, FREQUENT = 'retail/recently_viewed', 'retail/frequently_viewed'
 
 TOPIC = 'retail'
 T0 = 1_790_000_000_000
@@ -32,22 +39,24 @@ def dsn(request, tmp_path) -> str:
 
 def changelog(events: List[Tuple[str, Dict[str, Any]]], partition: int = 0,
               first_offset: int = 0) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
-  """(record, source) pairs: each event at the next offset, through the real handlers."""
-  user = CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])
-  catalog = CatalogHandler()
-  states: Dict[str, Any] = {}
+  """(row, source) pairs: each event at the next offset, through the app's real views."""
+  states: Dict[Tuple[str, str], Any] = {}
   seqs: Dict[str, int] = {}
   out = []
   for i, (event_type, data) in enumerate(events):
-    handler = catalog if event_type.startswith('Product') and 'user_id' not in data else user
-    key = data.get('user_id') or data['product_id']
+    space = SPACES[event_type]
+    key = REG.get(event_type).key_of(data)
     seqs[key] = seqs.get(key, 0) + 1
-    env = make_envelope(event_type, data, event_id=f'e{first_offset + i}', sequence=seqs[key],
+    env = make_envelope(REG, event_type, data, event_id=f'e{first_offset + i}', sequence=seqs[key],
                         event_time=T0 + i, origin='test')
-    state = states.get(key, handler.initial_state(key))
-    states[key], records = handler.apply(state, env)
+    state = states.get((space.name, key), space.handler.initial_state(key))
+    states[(space.name, key)], changes = space.handler.apply(state, env)
     source = {'topic': TOPIC, 'partition': partition, 'offset': first_offset + i}
-    out.extend((r, source) for r in records)
+    for c in changes:
+      assert type(c) is ViewChange
+      view = CONSUMERS[c.consumer]
+      out.append((view_row(view.name, key, view.record(key, c.state, c.event), c.event,
+                           view.index), source))
   return out
 
 
@@ -67,36 +76,36 @@ EVENTS = [
 
 
 def snapshot(store: ViewStore) -> Dict[str, Any]:
-  return {'cart': store.cart('u1'), 'recent': store.recently_viewed('u1'),
-          'frequent': store.frequently_viewed('u1'),
-          'shoes': store.products_by_category('shoes'), 'positions': store.positions()}
+  return {'cart': store.get(CART, 'u1'), 'recent': store.get(RECENT, 'u1'),
+          'frequent': store.get(FREQUENT, 'u1'),
+          'shoes': store.by_index(CATALOG, 'shoes'), 'positions': store.positions()}
 
 
 def test_apply_and_query(dsn):
-  with ViewStore(dsn) as store:
+  with ViewStore(dsn, VIEWS) as store:
     counts = store.apply(changelog(EVENTS))
     assert counts == {'applied': 11, 'skipped': 0}  # 3 catalog + 3x2 viewed + 2 cart
-    cart = store.cart('u1')
+    cart = store.get(CART, 'u1')
     assert cart['items'] == [{'product_id': 'p1', 'quantity': 2}, {'product_id': 'p2', 'quantity': 1}]
     assert cart['as_of_sequence'] == 5
-    assert store.recently_viewed('u1')['products'] == ['p1', 'p2']
-    assert store.frequently_viewed('u1')['products'] == [
+    assert store.get(RECENT, 'u1')['products'] == ['p1', 'p2']
+    assert store.get(FREQUENT, 'u1')['products'] == [
         {'product_id': 'p1', 'views': 2}, {'product_id': 'p2', 'views': 1}]
-    assert [p['product_id'] for p in store.products_by_category('shoes')] == ['p0', 'p1']
-    assert store.products_by_category('socks') == []
-    assert store.cart('nobody') is None
+    assert [p['product_id'] for p in store.by_index(CATALOG, 'shoes')] == ['p0', 'p1']
+    assert store.by_index(CATALOG, 'socks') == []
+    assert store.get(CART, 'nobody') is None
     assert store.positions() == [
-        {'view': 'cart', 'topic': TOPIC, 'partition': 0, 'offset': 7},
-        {'view': 'catalog', 'topic': TOPIC, 'partition': 0, 'offset': 2},
-        {'view': 'frequently_viewed', 'topic': TOPIC, 'partition': 0, 'offset': 5},
-        {'view': 'recently_viewed', 'topic': TOPIC, 'partition': 0, 'offset': 5}]
-    assert store.position('cart', TOPIC, 0) == 7
-    assert store.position('cart', TOPIC, 1) is None
+        {'view': CART, 'topic': TOPIC, 'partition': 0, 'offset': 7},
+        {'view': CATALOG, 'topic': TOPIC, 'partition': 0, 'offset': 2},
+        {'view': FREQUENT, 'topic': TOPIC, 'partition': 0, 'offset': 5},
+        {'view': RECENT, 'topic': TOPIC, 'partition': 0, 'offset': 5}]
+    assert store.position(CART, TOPIC, 0) == 7
+    assert store.position(CART, TOPIC, 1) is None
 
 
 def test_redelivered_events_change_views_once(dsn):
   records = changelog(EVENTS)
-  with ViewStore(dsn) as store:
+  with ViewStore(dsn, VIEWS) as store:
     store.apply(records[:6])
     store.apply(records)  # a restart re-delivers the first six
     before = snapshot(store)
@@ -104,32 +113,32 @@ def test_redelivered_events_change_views_once(dsn):
     assert store.apply(list(reversed(records))) == {'applied': 0, 'skipped': len(records)}
     assert snapshot(store) == before
   # A second connection (a restarted pipeline) sees the same and skips the same.
-  with ViewStore(dsn) as store:
+  with ViewStore(dsn, VIEWS) as store:
     assert store.apply(records[3:]) == {'applied': 0, 'skipped': len(records) - 3}
     assert snapshot(store) == before
 
 
 def test_older_record_never_rolls_a_view_back(dsn):
-  records = [r for r in changelog(EVENTS) if r[0]['view'] == 'cart']
-  with ViewStore(dsn) as store:
+  records = [r for r in changelog(EVENTS) if r[0]['view'] == CART]
+  with ViewStore(dsn, VIEWS) as store:
     store.apply(records[1:])  # the newer cart first
     assert store.apply(records[:1]) == {'applied': 0, 'skipped': 1}
-    assert len(store.cart('u1')['items']) == 2
+    assert len(store.get(CART, 'u1')['items']) == 2
     # Within one batch the newest offset of a key wins whatever the batch order.
-  with ViewStore(dsn) as store:
+  with ViewStore(dsn, VIEWS) as store:
     store.apply(list(reversed(changelog(EVENTS, partition=3))))
-    assert store.position('cart', TOPIC, 3) == 7
+    assert store.position(CART, TOPIC, 3) == 7
 
 
 def test_a_failing_batch_changes_neither_views_nor_positions(dsn):
   records = changelog(EVENTS)
-  with ViewStore(dsn) as store:
+  with ViewStore(dsn, VIEWS) as store:
     store.apply(records[:3])
     before = snapshot(store)
     later = changelog(EVENTS, first_offset=100)
     bad = ({'view': 'wishlist', 'key': 'u1', 'as_of_sequence': 1, 'event_time': T0},
            {'topic': TOPIC, 'partition': 0, 'offset': 999})  # sorts last: after real writes
-    with pytest.raises(StoreError, match='unknown view'):
+    with pytest.raises(StoreError, match='has no value'):
       store.apply(later + [bad])
     assert snapshot(store) == before
     with pytest.raises(StoreError, match='offset'):
@@ -137,30 +146,29 @@ def test_a_failing_batch_changes_neither_views_nor_positions(dsn):
     assert snapshot(store) == before
     # The store is still usable after a rollback.
     assert store.apply(later)['applied'] == len(later)
-    assert store.position('cart', TOPIC, 0) == 107
+    assert store.position(CART, TOPIC, 0) == 107
 
 
 def test_positions_per_partition_and_topic(dsn):
-  with ViewStore(dsn) as store:
+  with ViewStore(dsn, VIEWS) as store:
     store.apply(changelog(EVENTS[:3], partition=0) + changelog(EVENTS[3:], partition=1,
                                                                first_offset=40))
     assert {(p['view'], p['partition']): p['offset'] for p in store.positions()} == {
-        ('catalog', 0): 2, ('cart', 1): 44, ('recently_viewed', 1): 42,
-        ('frequently_viewed', 1): 42}
-    assert [p['view'] for p in store.positions('cart')] == ['cart']
+        (CATALOG, 0): 2, (CART, 1): 44, (RECENT, 1): 42, (FREQUENT, 1): 42}
+    assert [p['view'] for p in store.positions(CART)] == [CART]
 
 
 def test_sink_in_a_beam_pipeline(dsn):
   records = changelog(EVENTS)
   # Each element twice, as a runner retrying bundles would deliver them.
   with TestPipeline() as p:
-    _ = (p | beam.Create(records + records) | WriteViewsToStore(dsn, batch_size=4))
-  with ViewStore(dsn) as store:
-    assert store.cart('u1')['items'] == [{'product_id': 'p1', 'quantity': 2},
+    _ = (p | beam.Create(records + records) | WriteViewsToStore(dsn, VIEWS, batch_size=4))
+  with ViewStore(dsn, VIEWS) as store:
+    assert store.get(CART, 'u1')['items'] == [{'product_id': 'p1', 'quantity': 2},
                                          {'product_id': 'p2', 'quantity': 1}]
-    assert store.position('cart', TOPIC, 0) == 7
-    assert [p['product_id'] for p in store.products_by_category('shoes')] == ['p0', 'p1']
-    assert store.frequently_viewed('u1')['products'][0] == {'product_id': 'p1', 'views': 2}
+    assert store.position(CART, TOPIC, 0) == 7
+    assert [p['product_id'] for p in store.by_index(CATALOG, 'shoes')] == ['p0', 'p1']
+    assert store.get(FREQUENT, 'u1')['products'][0] == {'product_id': 'p1', 'views': 2}
 
 
 def test_redact_hides_the_password():
@@ -174,7 +182,7 @@ def test_sqlite_dsn_forms(tmp_path):
     store.apply(changelog(EVENTS[:1]))
   assert os.path.exists(path)
   with ViewStore(path) as store:
-    assert store.position('catalog', TOPIC, 0) == 0
+    assert store.position(CATALOG, TOPIC, 0) == 0
 
 
 # --- per-event mode: (source, [records]) per Kafka message, contiguous watermarks ----------------
@@ -191,32 +199,30 @@ def outcomes(events, partition: int = 0, first_offset: int = 0):
 
 def test_per_event_positions_are_contiguous_watermarks(dsn):
   done = outcomes(EVENTS)  # offsets 0..7; offsets 0..2 change only the catalog
-  with ViewStore(dsn) as store:
+  with ViewStore(dsn, VIEWS) as store:
     # A parallel pipeline finished offsets 0, 1, 6 and 7 first: the watermark stops at 1.
     store.apply_events([done[i] for i in (0, 1, 6, 7)])
-    assert {p['view']: p['offset'] for p in store.positions()} == {v: 1 for v in
-                                                                   ('cart', 'catalog', 'recently_viewed', 'frequently_viewed')}
-    assert store.cart('u1')['as_of_sequence'] == 5  # the records themselves are in
+    assert {p['view']: p['offset'] for p in store.positions()} == {v: 1 for v in VIEWS}
+    assert store.get(CART, 'u1')['as_of_sequence'] == 5  # the records themselves are in
     # The rest arrives (one event twice): every view is at 7, even those 2..5 did not touch.
     counts = store.apply_events([done[i] for i in (5, 2, 3, 4, 4)])
     assert counts['events'] == 5
-    assert {p['view']: p['offset'] for p in store.positions()} == {v: 7 for v in
-                                                                   ('cart', 'catalog', 'recently_viewed', 'frequently_viewed')}
+    assert {p['view']: p['offset'] for p in store.positions()} == {v: 7 for v in VIEWS}
     before = snapshot(store)
     assert store.apply_events(done)['applied'] == 0  # a replay changes nothing
     assert snapshot(store) == before
     # An event that changed no view still moves the watermark: (source, []).
     store.apply_events([({'topic': TOPIC, 'partition': 0, 'offset': 8}, [])])
-    assert store.position('cart', TOPIC, 0) == 8
+    assert store.position(CART, TOPIC, 0) == 8
     # A bad record rolls back the batch, watermark included.
-    bad = ({'topic': TOPIC, 'partition': 0, 'offset': 9}, [{'view': 'cart', 'key': ''}])
+    bad = ({'topic': TOPIC, 'partition': 0, 'offset': 9}, [{'view': CART, 'key': ''}])
     with pytest.raises(StoreError):
       store.apply_events([({'topic': TOPIC, 'partition': 0, 'offset': 10}, []), bad])
-    assert store.position('cart', TOPIC, 0) == 8
+    assert store.position(CART, TOPIC, 0) == 8
     # A partition read from a later start offset.
     store.apply_events([({'topic': TOPIC, 'partition': 5, 'offset': 1000}, [])],
                        start_offsets={(TOPIC, 5): 1000})
-    assert store.position('catalog', TOPIC, 5) == 1000
+    assert store.position(CATALOG, TOPIC, 5) == 1000
 
 
 def test_view_changes_and_sink_in_a_beam_pipeline(dsn):
@@ -226,11 +232,11 @@ def test_view_changes_and_sink_in_a_beam_pipeline(dsn):
   for i, (event_type, data) in enumerate(EVENTS):
     key = data.get('user_id') or data['product_id']
     user[key] = user.get(key, 0) + 1
-    env = make_envelope(event_type, data, event_id=f'e{i}', sequence=user[key],
+    env = make_envelope(REG, event_type, data, event_id=f'e{i}', sequence=user[key],
                         event_time=T0 + i, origin='test')
     messages.append((env, {'topic': TOPIC, 'partition': 0, 'offset': i}))
   n = len(messages)
-  ride = make_envelope('RideStarted', _ride_data(), event_id='r1', sequence=1,
+  ride = make_envelope(REG, 'RideStarted', _ride_data(), event_id='r1', sequence=1,
                        event_time=T0, origin='test')
   messages += [
       (None, {'topic': TOPIC, 'partition': 0, 'offset': n}),          # dead-lettered at publish
@@ -239,18 +245,17 @@ def test_view_changes_and_sink_in_a_beam_pipeline(dsn):
   ]
   with TestPipeline() as p:
     from sourcebeam.transforms.view_store import ViewChanges
-    _ = p | beam.Create(messages) | ViewChanges() | WriteViewsToStore(dsn, batch_size=3)
-  with ViewStore(dsn) as store:
-    assert store.cart('u1')['items'] == [{'product_id': 'p1', 'quantity': 2},
+    _ = p | beam.Create(messages) | ViewChanges(DEMO_APP) | WriteViewsToStore(dsn, VIEWS, batch_size=3)
+  with ViewStore(dsn, VIEWS) as store:
+    assert store.get(CART, 'u1')['items'] == [{'product_id': 'p1', 'quantity': 2},
                                          {'product_id': 'p2', 'quantity': 1}]
     assert {p['view']: p['offset'] for p in store.positions()} == {
-        v: n + 2 for v in ('cart', 'catalog', 'recently_viewed', 'frequently_viewed')}
-    assert [p['product_id'] for p in store.products_by_category('shoes')] == ['p0', 'p1']
+        v: n + 2 for v in VIEWS}
+    assert [p['product_id'] for p in store.by_index(CATALOG, 'shoes')] == ['p0', 'p1']
 
 
 def _ride_data():
-  from sourcebeam.schemas.registry import registry
-  et = registry().get('RideStarted')
+  et = REG.get('RideStarted')
   sample = {'string': 'x', 'int': 1, 'long': T0, 'double': 1.0, 'float': 1.0, 'boolean': True}
   return {f.name: sample[f.type] for f in et.fields}
 
@@ -265,7 +270,7 @@ def test_concurrent_sinks_on_one_partition_leave_no_hole(dsn):
 
   def worker(offsets):
     try:
-      with ViewStore(dsn) as store:
+      with ViewStore(dsn, VIEWS) as store:
         for i in offsets:
           store.apply_events([done[i]])
     except Exception as e:  # surfaced below
@@ -277,17 +282,17 @@ def test_concurrent_sinks_on_one_partition_leave_no_hole(dsn):
   for t in threads:
     t.join()
   assert not errors
-  with ViewStore(dsn) as store:
-    assert store.position('cart', TOPIC, 0) == n - 1
+  with ViewStore(dsn, VIEWS) as store:
+    assert store.position(CART, TOPIC, 0) == n - 1
 
 
 def test_kafka_message_shapes_and_dead_letters():
   from sourcebeam.schemas.envelope import to_json
   from sourcebeam.transforms.view_store import kafka_message
-  env = make_envelope('CartItemAdded', {'user_id': 'u1', 'product_id': 'p1', 'quantity': 1},
+  env = make_envelope(REG, 'CartItemAdded', {'user_id': 'u1', 'product_id': 'p1', 'quantity': 1},
                       event_id='e1', sequence=1, event_time=T0, origin='test')
   row = beam.Row(topic=TOPIC, partition=2, offset=41, key=b'u1', value=to_json(env).encode())
-  assert kafka_message(row) == (env, {'topic': TOPIC, 'partition': 2, 'offset': 41})
+  assert kafka_message(row, REG) == (env, {'topic': TOPIC, 'partition': 2, 'offset': 41})
   bad = {'topic': TOPIC, 'partition': 2, 'offset': 42, 'value': b'{"not": "an envelope"}'}
-  assert kafka_message(bad) == (None, {'topic': TOPIC, 'partition': 2, 'offset': 42})
-  assert kafka_message(dict(bad, value=None))[0] is None  # a tombstone
+  assert kafka_message(bad, REG) == (None, {'topic': TOPIC, 'partition': 2, 'offset': 42})
+  assert kafka_message(dict(bad, value=None), REG)[0] is None  # a tombstone

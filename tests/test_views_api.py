@@ -23,7 +23,8 @@ from sourcebeam.pipelines.serve import make_server
 from sourcebeam.pipelines.views_service import ViewsApi
 
 from tests.service_fixtures import free_port
-from tests.test_view_store import EVENTS, TOPIC, changelog
+from tests.demo import DEMO_APP, REG
+from tests.test_view_store import EVENTS, TOPIC, VIEWS, changelog
 from sourcebeam.transforms.view_store import ViewStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ def dsn(request, tmp_path) -> str:
 
 class Api:
   def __init__(self, dsn: str, max_wait_ms: int = 3000, **kw):
-    self.api = ViewsApi(dsn, max_wait_ms=max_wait_ms, poll_ms=10, **kw)
+    self.api = ViewsApi(DEMO_APP, dsn, max_wait_ms=max_wait_ms, poll_ms=10, **kw)
     self.server = make_server(self.api, '127.0.0.1', 0)
     self.port = self.server.server_address[1]
     threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.1},
@@ -71,7 +72,7 @@ RECORDS = changelog(EVENTS)  # offsets 0..7 on partition 0; cart changes at 6 an
 
 
 def apply(dsn: str, upto_offset: int, partition_records=RECORDS) -> None:
-  with ViewStore(dsn) as store:
+  with ViewStore(dsn, VIEWS) as store:
     store.apply([r for r in partition_records if r[1]['offset'] <= upto_offset])
 
 
@@ -86,7 +87,7 @@ def test_without_after_answers_at_once_with_positions(api, dsn):
   assert body['positions'] == [{'topic': TOPIC, 'partition': 0, 'offset': 6}]
   assert body['waited_ms'] == 0  # without after= it never waits
   status, body, _ = api.get('/products?category=shoes')
-  assert [p['product_id'] for p in body['products']] == ['p0', 'p1']
+  assert [p['product_id'] for p in body['values']] == ['p0', 'p1']
   assert body['positions'] == [{'topic': TOPIC, 'partition': 0, 'offset': 2}]
   status, body, _ = api.get('/users/u1/recently-viewed')
   assert body['value']['products'] == ['p1', 'p2']
@@ -94,7 +95,8 @@ def test_without_after_answers_at_once_with_positions(api, dsn):
   assert body['value']['products'][0] == {'product_id': 'p1', 'views': 2}
   status, body, _ = api.get('/positions')
   assert {(p['view'], p['offset']) for p in body['positions']} == {
-      ('cart', 6), ('catalog', 2), ('recently_viewed', 5), ('frequently_viewed', 5)}
+      ('retail/cart', 6), ('retail/catalog', 2), ('retail/recently_viewed', 5),
+      ('retail/frequently_viewed', 5)}
   status, body, _ = api.get('/health')
   assert status == 200 and body['status'] == 'ok'
   password = urllib.parse.urlsplit(dsn).password
@@ -180,7 +182,7 @@ def test_bad_requests_get_clear_4xx(api):
   for path in ('/carts', '/carts/', '/users/u1', '/users/u1/wishlist', '/nope', '/'):
     status, body, _ = api.get(path)
     assert status == 404, path
-    assert '/carts/{user_id}' in body['routes']
+    assert '/carts/{key}' in body['routes']
   status, body, headers = api.get('/carts/u1', method='POST', body=b'{"x": 1}')
   assert status == 405 and headers['Allow'] == 'GET'
   status, body, _ = api.get('/carts/' + 'u' * 300)
@@ -287,8 +289,8 @@ def test_writer_receipts_are_honoured_by_views_built_from_the_topic(kafka, tmp_p
       c.close()
     assert len(messages) == 4
     with TestPipeline() as p:
-      _ = (p | beam.Create(messages) | beam.Map(kafka_message) | ViewChanges()
-           | WriteViewsToStore(db))
+      _ = (p | beam.Create(messages) | beam.Map(kafka_message, REG) | ViewChanges(DEMO_APP)
+           | WriteViewsToStore(db, VIEWS))
     reader.join(30)
     status, cart, _ = answers['cart']
     assert status == 200, cart
@@ -296,7 +298,7 @@ def test_writer_receipts_are_honoured_by_views_built_from_the_topic(kafka, tmp_p
                                       {'product_id': 'p9', 'quantity': 1}]
     assert {'topic': topic, 'partition': added['partition'], 'offset': added['offset']} in cart['positions']
     status, shoes, _ = answers['shoes']
-    assert status == 200 and [x['product_id'] for x in shoes['products']] == ['p1']
+    assert status == 200 and [x['product_id'] for x in shoes['values']] == ['p1']
     # One past the last write of u1's partition: the view has not got there.
     status, body, _ = api.get(f'/carts/u1?after={topic}:{added["partition"]}:{added["offset"] + 1}'
                               '&wait_ms=100')

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
+from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.pipelines import writer_service
 from sourcebeam.pipelines.serve import make_server
 from sourcebeam.schemas.envelope import from_json, make_envelope, to_json
@@ -35,7 +36,7 @@ class Running:
   """A writer serving on a free loopback port in this process."""
 
   def __init__(self, bootstrap: str, topic: str, state: str, **kw):
-    self.writer = writer_service.build(bootstrap, topic, state, {TOKEN}, partitions=3, **kw)
+    self.writer = writer_service.build(bootstrap, topic, state, {TOKEN}, REG, partitions=3, **kw)
     self.server = make_server(self.writer, '127.0.0.1', 0)
     self.port = self.server.server_address[1]
     self.thread = threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.1},
@@ -279,7 +280,7 @@ def test_events_acknowledged_but_not_recorded_are_recovered_at_start(kafka, topi
   finally:
     w.stop()
   # What the dead writer had appended: u9's next event, straight into Kafka.
-  lost = make_envelope('CartItemAdded', {'user_id': 'u9', 'product_id': 'p2', 'quantity': 1},
+  lost = make_envelope(REG, 'CartItemAdded', {'user_id': 'u9', 'product_id': 'p2', 'quantity': 1},
                        event_id='lost-1', sequence=2, event_time=1_790_000_000_000, origin='web')
   produce(kafka, topic, [('u9', to_json(lost))])
   w = Running(kafka, topic, state)

@@ -30,7 +30,7 @@ import json
 import logging
 import re
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -42,7 +42,7 @@ from apache_beam.transforms import window as beam_window
 from sourcebeam.transforms import storage
 from sourcebeam.transforms.errors import ConfigError
 from sourcebeam.schemas.envelope import Envelope
-from sourcebeam.schemas.registry import SCHEMA_DIR, Registry, registry as load_registry
+from sourcebeam.schemas.registry import Registry
 from sourcebeam.transforms.archive_format import (
     AVRO_CODECS, DEFAULT_BUCKETS, DEFAULT_MAX_EVENTS_PER_FILE, LAYOUT_VERSION,
     MANIFEST_NAME, SORT_ORDER, ArchiveFile, CorruptArchiveFile, IncompatibleSchema,
@@ -52,31 +52,23 @@ from sourcebeam.transforms.archive_format import (
 __all__ = [
     'WriteArchive', 'ReadArchive', 'check_archive_path', 'read_archive_file', 'iter_archive',
     'list_archive_files', 'archive_partitions', 'iter_partition', 'read_manifest',
-    'CorruptArchiveFile', 'IncompatibleSchema', 'EVENTS', 'CORRUPT']
+    'known_events', 'CorruptArchiveFile', 'IncompatibleSchema', 'EVENTS', 'CORRUPT',
+    'UNKNOWN_TYPE']
 
 EVENTS = 'events'
 CORRUPT = 'corrupt'
+UNKNOWN_TYPE = 'unknown_type'
 _LOCAL_SCHEMES = (None, 'file')
 _RUN_ID_RE = re.compile(r'^[A-Za-z0-9_.]{1,64}$')
 _LOG = logging.getLogger(__name__)
 
-RegistryArg = Union[None, str, Registry]
 
 
-def _schema_dir(reg: RegistryArg) -> str:
-  if reg is None:
-    return SCHEMA_DIR
-  if isinstance(reg, Registry):
-    return reg.schema_dir
-  return str(reg)
-
-
-def _registry_for(reg: RegistryArg) -> Registry:
-  """The Registry object for a registry argument (the process-wide one by default)."""
-  if isinstance(reg, Registry):
-    return reg
-  d = _schema_dir(reg)
-  return load_registry() if d == SCHEMA_DIR else load_registry(d)
+def _require_registry(reg: Any) -> Registry:
+  if not isinstance(reg, Registry):
+    raise TypeError(f'registry must be the application\'s schema Registry (app.registry), '
+                    f'got {type(reg).__name__}')
+  return reg
 
 
 def new_run_id() -> str:
@@ -171,12 +163,14 @@ def list_archive_files(path: str, fmt: Optional[str] = None) -> List[ArchiveFile
   return sorted((f for f in files if f is not None), key=lambda f: (f.hour, f.bucket, f.path))
 
 
-def read_archive_file(path: str, registry: RegistryArg = None) -> List[Envelope]:
+def read_archive_file(path: str, registry: Registry) -> List[Envelope]:
   """Every event of one archive file, resolved to ``registry``'s current schemas.
 
+  Events of types ``registry`` does not know (written by an application with
+  more types) are returned as written; :func:`known_events` separates them.
   Raises CorruptArchiveFile (one-line reason) or IncompatibleSchema.
   """
-  reg = _registry_for(registry)
+  reg = _require_registry(registry)
   fmt = 'parquet' if path.endswith('.parquet') else 'avro'
   ensure_storage_options()
   try:
@@ -200,17 +194,31 @@ def _open_for_read(path: str):
   return io.BytesIO(client.get_object(Bucket=bucket, Key=key)['Body'].read())
 
 
-def iter_archive(path: str, registry: RegistryArg = None) -> Iterator[Envelope]:
+def known_events(events: List[Envelope], registry: Registry
+                 ) -> Tuple[List[Envelope], List[Envelope]]:
+  """``(events of types registry knows, the others)``: the others were written by an
+  application with more event types, and are counted and skipped, not read as corrupt."""
+  current = registry.current
+  if all(e['event_type'] in current for e in events):
+    return events, []
+  known, unknown = [], []
+  for e in events:
+    (known if e['event_type'] in current else unknown).append(e)
+  return known, unknown
+
+
+def iter_archive(path: str, registry: Registry) -> Iterator[Envelope]:
   """Every event of an archive, file by file in (hour, bucket) order; no Beam.
 
-  Within a file events are in (partition_key, sequence) order. Raises
+  Within a file events are in (partition_key, sequence) order; events of types
+  ``registry`` does not know are skipped (see :func:`known_events`). Raises
   ConfigError for a missing archive and CorruptArchiveFile / IncompatibleSchema
   at the first bad file.
   """
   manifest = check_archive_path(path)
-  reg = _registry_for(registry)
+  reg = _require_registry(registry)
   for f in list_archive_files(path, manifest['format']):
-    yield from read_archive_file(f.path, reg)
+    yield from known_events(read_archive_file(f.path, reg), reg)[0]
 
 
 def archive_partitions(path: str) -> Dict[Tuple[str, int], List[ArchiveFile]]:
@@ -221,13 +229,13 @@ def archive_partitions(path: str) -> Dict[Tuple[str, int], List[ArchiveFile]]:
   return parts
 
 
-def iter_partition(files: Sequence[ArchiveFile], registry: RegistryArg = None) -> Iterator[Envelope]:
+def iter_partition(files: Sequence[ArchiveFile], registry: Registry) -> Iterator[Envelope]:
   """The events of one (hour, bucket) in (partition_key, sequence) order, across all its files.
 
   Every file is sorted, so a k-way merge suffices: what a replay that keeps
   per-key order without a shuffle does with the files of several runs.
   """
-  reg = _registry_for(registry)
+  reg = _require_registry(registry)
   yield from heapq.merge(*(read_archive_file(f.path, reg) for f in files), key=sort_key)
 
 
@@ -256,16 +264,13 @@ def _check_existing_manifest(path: str, fmt: str, buckets: int) -> None:
 class _WritePartitionFiles(beam.DoFn):
   """Sorts one (hour, bucket) group by (partition_key, sequence) and writes its files."""
 
-  def __init__(self, path: str, fmt: str, run_id: str, schema_dir: str, codec: str,
+  def __init__(self, path: str, fmt: str, run_id: str, registry: Registry, codec: str,
                max_events_per_file: int, with_sources: bool = False):
     self._path, self._fmt, self._run_id = path, fmt, run_id
-    self._schema_dir, self._codec, self._max = schema_dir, codec, max_events_per_file
+    self._reg, self._codec, self._max = registry, codec, max_events_per_file
     self._with_sources = with_sources
     self._files = Metrics.counter('archive', 'files_written')
     self._events = Metrics.counter('archive', 'events_written')
-
-  def setup(self):
-    self._reg = _registry_for(self._schema_dir)
 
   def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
     (hour, bucket), events = element
@@ -327,7 +332,7 @@ class WriteArchive(beam.PTransform):
   """
 
   def __init__(self, path: str, format: str = 'avro', buckets: int = DEFAULT_BUCKETS, *,
-               registry: RegistryArg = None, codec: str = 'deflate',
+               registry: Registry, codec: str = 'deflate',
                max_events_per_file: int = DEFAULT_MAX_EVENTS_PER_FILE,
                run_id: Optional[str] = None, with_sources: bool = False):
     super().__init__()
@@ -342,7 +347,7 @@ class WriteArchive(beam.PTransform):
       raise ValueError(f'run_id {run_id!r} must be 1-64 letters, digits, "_" or "."')
     self._path = path.rstrip('/')
     self._fmt, self._buckets, self._codec = format, buckets, codec
-    self._schema_dir = _schema_dir(registry)
+    self._registry = _require_registry(registry)
     self._max = max_events_per_file
     self.run_id = run_id
 
@@ -355,7 +360,7 @@ class WriteArchive(beam.PTransform):
             lambda x: (partition_of(x[0] if with_sources else x, buckets), x))
         | 'GroupPartitions' >> beam.GroupByKey()
         | 'SortAndWrite' >> beam.ParDo(_WritePartitionFiles(
-            self._path, self._fmt, self.run_id, self._schema_dir, self._codec, self._max,
+            self._path, self._fmt, self.run_id, self._registry, self._codec, self._max,
             self._with_sources)))
     _ = (
         pcoll.pipeline
@@ -371,13 +376,11 @@ class WriteArchive(beam.PTransform):
 class _DecodeArchiveFile(beam.DoFn):
   """Decodes one archive file; a file that cannot be read goes to ``corrupt``."""
 
-  def __init__(self, schema_dir: str, with_timestamps: bool):
-    self._schema_dir, self._with_timestamps = schema_dir, with_timestamps
+  def __init__(self, registry: Registry, with_timestamps: bool):
+    self._reg, self._with_timestamps = registry, with_timestamps
     self._events = Metrics.counter('archive', 'events_read')
     self._corrupt = Metrics.counter('archive', 'corrupt_files')
-
-  def setup(self):
-    self._reg = _registry_for(self._schema_dir)
+    self._unknown = Metrics.counter('archive', 'unknown_type')
 
   def process(self, metadata):
     path = metadata.path
@@ -391,7 +394,11 @@ class _DecodeArchiveFile(beam.DoFn):
       _LOG.warning('archive file %s not read: %s', path, reason)
       yield beam.pvalue.TaggedOutput(CORRUPT, {'path': path, 'reason': reason})
       return
+    events, unknown = known_events(events, self._reg)
     self._events.inc(len(events))
+    for env in unknown:  # an application with fewer types than the writer's: counted, skipped
+      self._unknown.inc()
+      yield beam.pvalue.TaggedOutput(UNKNOWN_TYPE, env['event_type'])
     if self._with_timestamps:
       for env in events:
         yield beam_window.TimestampedValue(env, env['event_time'] / 1000.0)
@@ -402,7 +409,9 @@ class _DecodeArchiveFile(beam.DoFn):
 class ReadArchive(beam.PTransform):
   """The bounded source of a replay: every event of the archive at ``path``.
 
-  Returns ``{'events': PCollection[envelope], 'corrupt': PCollection[{'path', 'reason'}]}``.
+  Returns ``{'events': PCollection[envelope], 'corrupt': PCollection[{'path', 'reason'}],
+  'unknown_type': PCollection[event type name]}``: the last names, once per event, the
+  events skipped because ``registry`` does not know their type.
   Events carry their ``event_time`` as element timestamp (so windows and
   event-time timers behave as they would live), unless ``with_timestamps`` is
   False. ``registry`` (a Registry or a schema directory) gives the reader
@@ -411,10 +420,10 @@ class ReadArchive(beam.PTransform):
   The archive must exist when the pipeline is built (ConfigError otherwise).
   """
 
-  def __init__(self, path: str, *, registry: RegistryArg = None, with_timestamps: bool = True):
+  def __init__(self, path: str, *, registry: Registry, with_timestamps: bool = True):
     super().__init__()
     self._path = path.rstrip('/')
-    self._schema_dir = _schema_dir(registry)
+    self._registry = _require_registry(registry)
     self._with_timestamps = with_timestamps
 
   def expand(self, pbegin):
@@ -423,6 +432,7 @@ class ReadArchive(beam.PTransform):
         pbegin
         | 'MatchFiles' >> match_data_files(self._path, manifest)
         | 'SpreadFiles' >> beam.Reshuffle()
-        | 'Decode' >> beam.ParDo(_DecodeArchiveFile(self._schema_dir, self._with_timestamps))
-        .with_outputs(CORRUPT, main=EVENTS))
-    return {EVENTS: results[EVENTS], CORRUPT: results[CORRUPT]}
+        | 'Decode' >> beam.ParDo(_DecodeArchiveFile(self._registry, self._with_timestamps))
+        .with_outputs(CORRUPT, UNKNOWN_TYPE, main=EVENTS))
+    return {EVENTS: results[EVENTS], CORRUPT: results[CORRUPT],
+            UNKNOWN_TYPE: results[UNKNOWN_TYPE]}

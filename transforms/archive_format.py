@@ -35,7 +35,7 @@ Formats:
 * **Parquet** (pyarrow): the envelope's scalar fields as columns
   (``event_time`` stays int64 epoch millis, exactly as in the envelope) and
   ``data`` as a struct with one child struct per event type (named by type,
-  e.g. ``data.CartItemAdded.user_id``), null except for the row's own type.
+  e.g. ``data.OrderPlaced.order_id``), null except for the row's own type.
   Parquet has no union type; this "sparse union" keeps every event field typed
   and columnar (so a replay can decode and validate Arrow batches per type,
   issue 7), round-trips ints, longs, floats and nulls exactly (JSON would turn
@@ -75,7 +75,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sourcebeam.schemas.envelope import ENVELOPE_FIELDS, Envelope, to_avro_record
-from sourcebeam.schemas.registry import Registry, SchemaError, registry as default_registry
+from sourcebeam.schemas.registry import Registry, SchemaError
 
 LAYOUT_VERSION = 1
 MANIFEST_NAME = '_archive.json'
@@ -261,8 +261,10 @@ def check_compatible(writer_envelope: Mapping[str, Any], reg: Registry) -> None:
 
   The rules are Avro's resolution rules for the schemas Sourcebeam has
   (records of primitive, optionally nullable fields): a field the reader added
-  needs a default, a changed type must be a promotion (int -> long -> double),
-  and every event type in the file must be known to the reader.
+  needs a default, and a changed type must be a promotion (int -> long ->
+  double). Event types in the file that the reader does not know are not a
+  problem: the decoder reads them as written and the replay counts and skips
+  them (an application reading an archive of an application with more types).
   """
   reader_env = reg.envelope_schema()
   problems = _compare_record('sourcebeam.Envelope', writer_envelope, reader_env, '')
@@ -276,8 +278,7 @@ def check_compatible(writer_envelope: Mapping[str, Any], reg: Registry) -> None:
     full = wt['name'] if '.' in wt['name'] else f'{wt.get("namespace", "")}.{wt["name"]}'
     et = reader_types.get(full)
     if et is None:
-      problems.append(f'event type {full} in the file is unknown to the reader\'s schemas')
-      continue
+      continue  # unknown to the reader: read as written, then counted and skipped
     versions = f' (file v{wt.get("version", "?")}, reader v{et.version})'
     problems.extend(_compare_record(et.name, wt, et.schema, versions))
   if problems:
@@ -289,17 +290,9 @@ class _CompatCache:
 
   def __init__(self):
     self._ok: Dict[Tuple[str, str], Optional[str]] = {}
-    self._reader_fp: 'weakref.WeakKeyDictionary[Registry, str]' = weakref.WeakKeyDictionary()
-
-  def _fingerprint(self, reg: Registry) -> str:
-    fp = self._reader_fp.get(reg)
-    if fp is None:
-      fp = hashlib.sha1(json.dumps(reg.envelope_schema(), sort_keys=True).encode()).hexdigest()
-      self._reader_fp[reg] = fp
-    return fp
 
   def check(self, writer_json: str, reg: Registry) -> None:
-    key = (self._fingerprint(reg), hashlib.sha1(writer_json.encode('utf-8')).hexdigest())
+    key = (reg.fingerprint, hashlib.sha1(writer_json.encode('utf-8')).hexdigest())
     if key not in self._ok:
       try:
         check_compatible(json.loads(writer_json), reg)
@@ -381,11 +374,7 @@ def encode_avro(events: Sequence[Envelope], reg: Registry, *, codec: str = 'defl
 
 
 def _avro_record(env: Envelope, reg: Registry) -> Dict[str, Any]:
-  if reg is default_registry():
-    return to_avro_record(env)
-  rec = dict(env)  # same tagging as to_avro_record, with this registry's types
-  rec['data'] = (reg.get(env['event_type']).fullname, env['data'])
-  return rec
+  return to_avro_record(env, reg)
 
 
 _AVRO_MAGIC = b'Obj\x01'
@@ -404,6 +393,39 @@ def _own_writer_schema(reg: Registry) -> str:
 
 
 _SAME_AS_OWN: Dict[Tuple[str, str], bool] = {}
+_READER_SCHEMAS: Dict[Tuple[str, str], Any] = {}
+
+
+def _reader_schema(writer_json: str, reg: Registry) -> Any:
+  """The reader schema for a file written with another envelope: ``reg``'s envelope, with
+  the writer's event types that ``reg`` does not know appended to the ``data`` union as
+  written, so their events decode (to be counted and skipped) instead of failing the file.
+  Cached per (reader, writer header)."""
+  key = (reg.fingerprint, hashlib.sha1(writer_json.encode('utf-8')).hexdigest())
+  schema = _READER_SCHEMAS.get(key)
+  if schema is None:
+    try:
+      writer = json.loads(writer_json)
+      wdata = _record_fields(writer).get('data', {}).get('type', [])
+    except (ValueError, AttributeError):
+      wdata = []
+    known = set(reg.by_fullname)
+    extra = []
+    for wt in wdata if isinstance(wdata, list) else []:
+      if isinstance(wt, dict) and wt.get('type') == 'record':
+        full = wt['name'] if '.' in wt['name'] else f'{wt.get("namespace", "")}.{wt["name"]}'
+        if full not in known:
+          extra.append(wt)
+    if not extra:
+      schema = reg.parsed_envelope
+    else:
+      env = reg.envelope_schema()
+      env['fields'][-1]['type'] = list(env['fields'][-1]['type']) + extra
+      schema = fastavro.parse_schema(env)
+    if len(_READER_SCHEMAS) > 1000:
+      _READER_SCHEMAS.clear()
+    _READER_SCHEMAS[key] = schema
+  return schema
 
 
 def _is_own_writer_schema(writer_json: str, reg: Registry) -> bool:
@@ -451,7 +473,7 @@ def decode_avro(blob: bytes, reg: Registry, path: str) -> List[Envelope]:
         _COMPAT.check(writer_json, reg)
       except IncompatibleSchema as e:
         raise IncompatibleSchema(f'{path}: {e}') from None
-      reader = fastavro.reader(io.BytesIO(blob), reader_schema=reg.parsed_envelope)
+      reader = fastavro.reader(io.BytesIO(blob), reader_schema=_reader_schema(writer_json, reg))
   except IncompatibleSchema:
     raise
   except SchemaResolutionError as e:
@@ -556,9 +578,9 @@ def decode_parquet(blob: bytes, reg: Registry, path: str) -> List[Envelope]:
         raise CorruptArchiveFile(path, f'rows of type {t!r} but no data.{t} column')
       child = data_col.field(t).take(pa.array(idx, type=pa.int64()))
       values = child.to_pylist()
-      et = reg.get(t)
+      et = reg.current.get(t)
       wnames = [f.name for f in written[t].type]
-      if tuple(wnames) != et.field_names:
+      if et is not None and tuple(wnames) != et.field_names:  # unknown types: as written
         defaults = {f.name: f.default for f in et.fields}
         values = [{n: (v[n] if n in v else defaults[n]) for n in et.field_names}
                   for v in values]

@@ -56,6 +56,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from sourcebeam.schemas.envelope import from_json, to_avro_record, to_json
+from sourcebeam.schemas.registry import Registry
 from sourcebeam.transforms.archive_format import (
     DEFAULT_BUCKETS, LAYOUT_VERSION, MANIFEST_NAME, SORT_ORDER, bucket_of, file_name, hour_of,
     join, make_manifest, partition_dir)
@@ -142,14 +143,14 @@ class AvroFiles:
   """
   BLOCK_RECORDS = 2_000
 
-  def __init__(self, codec: str = 'null'):
+  def __init__(self, registry: Registry, codec: str = 'null'):
     if codec not in ARCHIVE_CODECS:
       raise ValueError(f'archive sink codec must be one of {ARCHIVE_CODECS}, not {codec!r}')
     self._codec = codec
+    self._registry = registry
     import fastavro
     from fastavro.write import schemaless_writer
-    from sourcebeam.schemas.registry import registry
-    self._schema = registry().parsed_envelope
+    self._schema = registry.parsed_envelope
     self._schemaless = schemaless_writer
     # The schema text fastavro writes (once, not per file: dumping it cost more than the data).
     head = io.BytesIO()
@@ -158,7 +159,7 @@ class AvroFiles:
 
   def datum(self, env: Dict[str, Any]) -> bytes:
     buf = io.BytesIO()
-    self._schemaless(buf, self._schema, to_avro_record(env))
+    self._schemaless(buf, self._schema, to_avro_record(env, self._registry))
     return buf.getvalue()
 
   def header(self, metadata: Dict[str, str], sync: bytes) -> bytes:
@@ -197,11 +198,11 @@ class _ArchiveBuffer:
   """One worker's pending archive deliveries: events once, with the subscribers they go to."""
 
   def __init__(self, subscribers: Sequence[Subscriber], run_id: str, buckets: int,
-               codec: str = 'null'):
+               registry: Registry, codec: str = 'null'):
     self._subs, self._run_id, self._buckets = subscribers, run_id, buckets
     self._hours: Dict[int, str] = {}  # hour_of's strftime cost more than the rest of add()
     self._pending: List[Tuple[Tuple[str, int, str, int, str], bytes, Tuple[int, ...]]] = []
-    self._avro = AvroFiles(codec)
+    self._avro = AvroFiles(registry, codec)
     # Files are named by worker and flush number, so one worker's files of a partition sort in
     # the order it delivered them.
     self._worker, self._flushes = uuid.uuid4().hex[:8], 0
@@ -315,16 +316,19 @@ class _KafkaSinks:
 class _Deliver(beam.DoFn):
   """Ordered (key, event) in; each event to every matching subscriber's sink; counts out."""
 
-  def __init__(self, subscribers: Sequence[Subscriber], run_id: str, buckets: int, max_buffered: int,
+  def __init__(self, subscribers: Sequence[Subscriber], registry: Registry, run_id: str,
+               buckets: int, max_buffered: int,
                codec: str):
     self._subs = list(subscribers)
+    self._registry = registry
     self._run_id, self._buckets, self._max, self._codec = run_id, buckets, max_buffered, codec
 
   def setup(self):
     self._matcher = Matcher(self._subs)
     self._is_kafka = [s.sink.kind == 'kafka' for s in self._subs]
     self._kafka = _KafkaSinks(self._subs) if any(self._is_kafka) else None
-    self._archive = (_ArchiveBuffer(self._subs, self._run_id, self._buckets, self._codec)
+    self._archive = (_ArchiveBuffer(self._subs, self._run_id, self._buckets, self._registry,
+                                    self._codec)
                      if not all(self._is_kafka) else None)
 
   def start_bundle(self):
@@ -382,12 +386,28 @@ class _Deliver(beam.DoFn):
       self._kafka.close()
 
 
-def _str_key(env: Dict[str, Any]) -> str:
-  """Fan-out matches and writes keys as text: anything else is an invalid key (reported)."""
-  key = env['partition_key']
-  if not isinstance(key, str):
-    raise TypeError(f'partition_key must be a string, got {type(key).__name__}')
-  return key
+class _SpaceKey:
+  """The ordering key of an event: its key space and partition key (``user_id:u-1``), since
+  sequences are per key space. Keys must be text: anything else is an invalid key (reported)."""
+
+  def __init__(self, registry: Registry):
+    self._spaces = {name: et.key_space for name, et in registry.current.items()}
+
+  def __call__(self, env: Dict[str, Any]) -> str:
+    key = env['partition_key']
+    if not isinstance(key, str):
+      raise TypeError(f'partition_key must be a string, got {type(key).__name__}')
+    return f'{self._spaces.get(env.get("event_type"), "")}:{key}'
+
+
+def _report_key(rec: Dict[str, Any]) -> Dict[str, Any]:
+  """A status or unprocessed record of the ordering, with ``key`` the partition key again and
+  ``key_space`` beside it (``user_id:u-1`` -> ``u-1`` and ``user_id``)."""
+  key = rec.get('key')
+  if isinstance(key, str) and ':' in key:
+    space, _, partition_key = key.partition(':')
+    return dict(rec, key=partition_key, key_space=space)
+  return rec
 
 
 class FanOut(beam.PTransform):
@@ -396,6 +416,8 @@ class FanOut(beam.PTransform):
   Args:
     subscribers: from :func:`transforms.fanout_core.load_subscribers`. Archive
       sinks need their manifests first (:func:`prepare_archive_sinks`).
+    registry: the application's schemas (``app.registry``): each event is ordered
+      within its key space, and archive sinks are written with these schemas.
     run_id: names the files of archive sinks (default: a fresh id).
     gap_timeout: seconds of event time a key waits for a missing sequence
       before moving on (reported in ``unprocessed`` as ``gap_timeout``);
@@ -410,7 +432,8 @@ class FanOut(beam.PTransform):
   invalid key or sequence, gap), or held on a gap (``status.buffered``).
   """
 
-  def __init__(self, subscribers: Sequence[Subscriber], *, run_id: Optional[str] = None,
+  def __init__(self, subscribers: Sequence[Subscriber], *, registry: Registry,
+               run_id: Optional[str] = None,
                gap_timeout: Optional[float] = None, buckets: int = DEFAULT_BUCKETS,
                max_buffered: int = DEFAULT_MAX_BUFFERED, archive_codec: str = 'null',
                expansion: str = 'auto', label: Optional[str] = None):
@@ -419,6 +442,7 @@ class FanOut(beam.PTransform):
       raise ValueError('FanOut needs at least one subscriber')
     from sourcebeam.transforms.archive import new_run_id
     self._subs = list(subscribers)
+    self._registry = registry
     self._run_id = run_id or new_run_id()
     self._gap_timeout, self._buckets = gap_timeout, buckets
     self._max, self._expansion = max_buffered, expansion
@@ -428,12 +452,16 @@ class FanOut(beam.PTransform):
 
   def expand(self, events: beam.PCollection) -> FanOutResult:
     ordered = events | 'OrderPerKey' >> ProcessInOrder(
-        PassThrough(), key_fn=_str_key, gap_timeout=self._gap_timeout,
+        PassThrough(), key_fn=_SpaceKey(self._registry), gap_timeout=self._gap_timeout,
         gap_policy='skip' if self._gap_timeout is not None else 'hold',
         expansion=self._expansion)
+    # Reports name the partition key, and the key space apart (the ordering key joins them).
+    status = ordered.status | 'StatusKeys' >> beam.Map(_report_key)
+    reported = ordered.unprocessed | 'UnprocessedKeys' >> beam.Map(_report_key)
     delivered = ordered.outputs | 'Deliver' >> beam.ParDo(
-        _Deliver(self._subs, self._run_id, self._buckets, self._max, self._codec)).with_outputs(
+        _Deliver(self._subs, self._registry, self._run_id, self._buckets, self._max,
+                 self._codec)).with_outputs(
             UNDELIVERABLE, main='counts')
-    unprocessed = ((ordered.unprocessed, delivered[UNDELIVERABLE])
+    unprocessed = ((reported, delivered[UNDELIVERABLE])
                    | 'Unprocessed' >> beam.Flatten())
-    return FanOutResult(delivered.counts, unprocessed, ordered.status)
+    return FanOutResult(delivered.counts, unprocessed, status)

@@ -5,16 +5,16 @@ declared which events it wanted. Here subscribers are declared in one file
 (JSON, or TOML for a ``.toml`` file: both read with the standard library)::
 
     {"subscribers": [
-      {"name": "cart-service",
-       "event_types": ["CartItemAdded", "CartItemRemoved"],
-       "keys": ["u-00001*"],
-       "sink": "kafka://127.0.0.1:9092/cart-service"},
-      {"name": "catalog-history", "event_types": ["ProductCreated"],
-       "sink": "s3://bucket/fanout/catalog-history"}
+      {"name": "shipping",
+       "event_types": ["OrderPlaced", "OrderCancelled"],
+       "keys": ["o-00001*"],
+       "sink": "kafka://127.0.0.1:9092/shipping"},
+      {"name": "order-history", "event_types": ["OrderPlaced"],
+       "sink": "s3://bucket/fanout/order-history"}
     ]}
 
 * ``name`` (required): letters, digits, ``.``, ``_``, ``-``; unique in the file.
-* ``event_types`` (optional, default: every type): names from ``schemas/``;
+* ``event_types`` (optional, default: every type): names of the application's event types;
   an unknown name is an error (a typo would otherwise silently match nothing).
 * ``keys`` (optional, default: every key): exact partition keys and/or glob
   patterns (``*``, ``?``, ``[...]``); ``prefix*`` is matched as a prefix.
@@ -181,11 +181,9 @@ def _check_sinks_unique(subs: Sequence[Subscriber], where: str) -> None:
     owner[k] = s.name
 
 
-def load_subscribers(path: str, known_types: Optional[Sequence[str]] = None) -> List[Subscriber]:
-  """Read and validate the subscriber file at ``path`` (``.toml`` is TOML, anything else JSON)."""
-  if known_types is None:
-    from sourcebeam.schemas.registry import registry
-    known_types = registry().event_types
+def load_subscribers(path: str, known_types: Sequence[str]) -> List[Subscriber]:
+  """Read and validate the subscriber file at ``path`` (``.toml`` is TOML, anything else JSON)
+  against the application's event types ``known_types``."""
   if not os.path.isfile(path):
     raise ConfigError(f'subscriber file {path} does not exist')
   try:

@@ -44,6 +44,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window as beam_window
 
+from sourcebeam.schemas.registry import Registry
 from sourcebeam.transforms.errors import ConfigError
 from sourcebeam.transforms.archive import check_archive_path, ensure_storage_options, read_archive_file
 from sourcebeam.transforms.archive_format import join
@@ -306,9 +307,12 @@ class ReadKafkaFrom(beam.PTransform):
 class _ReplayFile(beam.DoFn):
   """One archive file's events whose offsets the plan gives it: ``(envelope, SourceRef)``."""
 
+  def __init__(self, registry: Registry):
+    self._registry = registry
+
   def process(self, item: ReplayItem):
     body = parse_sidecar(_read(item.sidecar), item.sidecar)
-    events = read_archive_file(item.data_file)  # CorruptArchiveFile fails the run: see below
+    events = read_archive_file(item.data_file, self._registry)  # CorruptArchiveFile fails the run: see below
     if len(events) != len(body['sources']):
       # The file and its offsets disagree: replaying part would miss or double events.
       raise HandoffError(f'cannot hand off: {item.data_file} has {len(events)} events but its '
@@ -335,7 +339,8 @@ class HandoffResult(NamedTuple):
 class ReplayThenLive(beam.PTransform):
   """PBegin -> the archive's events up to the recorded offsets, then Kafka from them.
 
-  ``source`` is ``(bootstrap, topic)`` (e.g. :class:`transforms.kafka_url.KafkaTopic`).
+  ``source`` is ``(bootstrap, topic)`` (e.g. :class:`transforms.kafka_url.KafkaTopic`);
+  ``registry`` the application's schemas (archived events are read, live ones published, with them).
   Returns a :class:`HandoffResult`; its ``published`` is the published stream:
   every offset of the topic from the archive's first recorded one, exactly once.
   Archived events carry their event time as timestamp; Kafka ones their CreateTime.
@@ -345,9 +350,10 @@ class ReplayThenLive(beam.PTransform):
   recorded offsets, recorded another topic, or Kafka no longer holds an offset.
   """
 
-  def __init__(self, archive_path: str, source: Tuple[str, str], *,
+  def __init__(self, archive_path: str, source: Tuple[str, str], *, registry: Registry,
                max_records: Optional[int] = None, expansion_service=None):
     super().__init__()
+    self._registry = registry
     self._expansion_service = expansion_service
     self._archive = archive_path.rstrip('/')
     self._bootstrap, self._topic = source[0], source[1]
@@ -359,11 +365,11 @@ class ReplayThenLive(beam.PTransform):
     archived = (pbegin
                 | 'ArchiveFiles' >> beam.Create(plan.items)
                 | 'SpreadFiles' >> beam.Reshuffle()
-                | 'ReplayFiles' >> beam.ParDo(_ReplayFile()))
+                | 'ReplayFiles' >> beam.ParDo(_ReplayFile(self._registry)))
     messages = pbegin | 'Live' >> ReadKafkaFrom(self._bootstrap, self._topic, plan.offsets,
                                                  max_records=self._max_records,
                                                  expansion_service=self._expansion_service)
-    live = messages | 'PublishLive' >> PublishKafkaMessages()
+    live = messages | 'PublishLive' >> PublishKafkaMessages(self._registry)
     refs = (archived, live.published_refs) | 'AllPublished' >> beam.Flatten()
     return HandoffResult(
         published=refs | 'Envelopes' >> beam.Map(lambda pair: pair[0]),

@@ -50,6 +50,7 @@ from apache_beam.utils.timestamp import Duration
 from sourcebeam.transforms.archive import WriteArchive, write_bytes
 from sourcebeam.transforms.archive_format import DEFAULT_BUCKETS, join
 from sourcebeam.transforms.publish import DEAD_LETTERS, _PublishFn  # the one publishing boundary
+from sourcebeam.schemas.registry import Registry
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
 
 __all__ = [
@@ -166,15 +167,18 @@ class Published(NamedTuple):
 
 
 class PublishKafkaMessages(beam.PTransform):
-  """Kafka records -> :class:`Published`: the publishing boundary, keeping each message's offset."""
+  """Kafka records -> :class:`Published`: the publishing boundary (against ``registry``, the
+  application's schemas), keeping each message's offset."""
 
-  def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES):
+  def __init__(self, registry: Registry, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES):
     super().__init__()
+    self._registry = registry
     self._max_event_bytes = max_event_bytes
 
   def expand(self, messages):
     results = messages | 'Publish' >> beam.ParDo(
-        _PublishWithSource(self._max_event_bytes)).with_outputs(DEAD_LETTERS, main='published')
+        _PublishWithSource(self._registry, self._max_event_bytes)).with_outputs(
+            DEAD_LETTERS, main='published')
     refs, dead_refs = results.published, results[DEAD_LETTERS]
     return Published(refs | 'Envelopes' >> beam.Map(lambda pair: pair[0]),
                      dead_refs | 'DeadLetters' >> beam.Map(lambda pair: pair[0]),
@@ -240,13 +244,14 @@ class ArchiveLive(beam.PTransform):
                flush_seconds: int = DEFAULT_FLUSH_SECONDS,
                allowed_lateness_seconds: int = DEFAULT_ALLOWED_LATENESS_SECONDS,
                format: str = 'avro', buckets: int = DEFAULT_BUCKETS,
-               run_id: Optional[str] = None):
+               run_id: Optional[str] = None, registry: Optional[Registry] = None):
     super().__init__()
     if window_seconds < 1 or flush_seconds < 1 or allowed_lateness_seconds < 0:
       raise ValueError('window and flush must be at least one second, lateness not negative')
     self._path = path.rstrip('/')
     self._window, self._flush, self._lateness = window_seconds, flush_seconds, allowed_lateness_seconds
-    self._write = WriteArchive(self._path, format, buckets, run_id=run_id, with_sources=True)
+    self._write = WriteArchive(self._path, format, buckets, registry=registry, run_id=run_id,
+                               with_sources=True)
     self.run_id = self._write.run_id
 
   def expand(self, pcolls):

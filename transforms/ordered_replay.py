@@ -20,7 +20,9 @@ Events are applied in sequence order per key; duplicates, events below the
 initial sequence and handler errors are reported exactly as ``ProcessInOrder``
 reports them (the same core, fed the same way: ``receive`` without event
 times, then ``finish``), and keys left waiting on a gap are counted in the
-bucket's stats. Different buckets run in parallel; within a bucket, memory
+bucket's stats. Events of types the reader's registry does not know (written
+by an application with more types) are counted as ``unknown_type`` and skipped;
+events of types no key space orders and no one asked for are ``unclaimed``. Different buckets run in parallel; within a bucket, memory
 holds the key states and one hour's files, never the whole bucket.
 
 What is read is checked, not trusted: a file whose events are not in its
@@ -34,7 +36,8 @@ Parallelism is one work item per bucket, so the archive's bucket count (16 by
 default, fixed when the archive is first written) caps how many workers a
 replay can use; archives meant for big replays want more buckets.
 
-Scale-out (``run.py replay`` uses this transform for the retail views)::
+Scale-out (``run.py replay`` uses this transform for every application's views and
+projections, through :class:`sourcebeam.transforms.consumers.ReplayApp`)::
 
     # A bigger Flink cluster, archive on S3 (credentials from the environment, as
     # boto3 reads them on every worker; SOURCEBEAM_S3_ENDPOINT only for non-AWS S3).
@@ -55,11 +58,13 @@ Scale-out (``run.py replay`` uses this transform for the retail views)::
 
 Usage::
 
-    replay = p | ReplayRetailProjections('s3://bucket/archive')
-    replay.views.cart        # one final record per user (as RetailProjections gives)
-    replay.views.unprocessed # duplicates and the like, as ProcessInOrder reports them
-    replay.corrupt           # {path, reason} per file not read
-    replay.stats             # one record per bucket: files, events, by_type, ...
+    replay = p | OrderedArchiveReplay('s3://bucket/archive', [KeySpace('user', types, handler)],
+                                      registry=app.registry)
+    replay.outputs      # (key, output) of the handlers, in each key's order
+    replay.unprocessed  # duplicates and the like, as ProcessInOrder reports them
+    replay.corrupt      # {path, reason} per file not read
+    replay.stats        # one record per bucket: files, events, by_type, unknown_type, ...
+    replay.passthrough  # the events asked for by type (for consumers that are not per key)
 """
 
 from __future__ import annotations
@@ -81,58 +86,35 @@ from apache_beam.transforms.window import GlobalWindows, TimestampCombiner
 from sourcebeam.schemas.envelope import Envelope
 from sourcebeam.schemas.registry import Registry
 from sourcebeam.transforms.archive import (CorruptArchiveFile, IncompatibleSchema, check_archive_path,
-                                match_data_files, read_archive_file, _registry_for, _schema_dir)
-from sourcebeam.transforms.archive_format import (ArchiveFile, bucket_of,
-                                       parse_file_path, sort_key)
+                                           match_data_files, read_archive_file, _require_registry)
+from sourcebeam.transforms.archive_format import ArchiveFile, bucket_of, parse_file_path, sort_key
 from sourcebeam.transforms.ordering_core import DictBuffer, Handler, KeyState, Orderer, OrderingConfig
-from sourcebeam.transforms.projections import (VIEWS, CartHandler, CatalogHandler, CombinedHandler,
-                                    DeferredRecords, FrequentlyViewedHandler, PRODUCT_EVENT_TYPES,
-                                    ProjectionViews, RecentlyViewedHandler, USER_EVENT_TYPES, built)
 
-__all__ = ['KeySpace', 'BucketReplay', 'replay_bucket', 'read_checked_file', 'retail_key_spaces',
-           'OrderedArchiveReplay', 'ReplayRetailProjections', 'ReplayResult', 'RetailReplay',
-           'OUTPUTS', 'UNPROCESSED', 'STATUS', 'CORRUPT', 'STATS', 'UNCLAIMED']
+__all__ = ['KeySpace', 'BucketReplay', 'replay_bucket', 'read_checked_file', 'OrderedArchiveReplay',
+           'ReplayResult', 'OUTPUTS', 'UNPROCESSED', 'STATUS', 'CORRUPT', 'STATS', 'PASSTHROUGH']
 
 OUTPUTS = 'outputs'
 UNPROCESSED = 'unprocessed'
 STATUS = 'status'
 CORRUPT = 'corrupt'
 STATS = 'stats'
-UNCLAIMED = 'unclaimed'
+PASSTHROUGH = 'passthrough'
 
-LatestBy = Callable[[Any, Any], Hashable]
+# latest_by(key, output): the identity under which only the last output is kept (a view's
+# final value per key), or None to keep every output.
+LatestBy = Callable[[Any, Any], Optional[Hashable]]
 
 
 @dataclasses.dataclass(frozen=True)
 class KeySpace:
   """A handler and the event types it orders per partition key.
 
-  Like one ``ProcessInOrder(handler)`` applied to the events of those types:
-  RetailProjections orders user events and product events separately, so it is
-  two key spaces. An event type belongs to at most one key space.
+  Like one ``ProcessInOrder(handler)`` applied to the events of those types. An
+  event type belongs to at most one key space.
   """
   name: str
   event_types: FrozenSet[str]
   handler: Handler
-
-
-def retail_key_spaces(deferred: bool = False) -> Tuple[KeySpace, ...]:
-  """The key spaces of :class:`transforms.projections.RetailProjections`, same handlers.
-
-  ``deferred=True`` wraps them in :class:`DeferredRecords`: the same state
-  changes, but a record is built only for the output a final view keeps (use
-  it with ``latest_by``; :class:`BucketReplay` builds what it hands out).
-  """
-  user = CombinedHandler([CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])
-  product = CatalogHandler()
-  if deferred:
-    user, product = DeferredRecords(user), DeferredRecords(product)
-  return (KeySpace('user', USER_EVENT_TYPES, user), KeySpace('product', PRODUCT_EVENT_TYPES, product))
-
-
-def latest_view_record(key: Any, record: Dict[str, Any]) -> Tuple[str, Any]:
-  """The retail views' identity of a record: one final record per (view, key)."""
-  return record['view'], key
 
 
 # ---------------------------------------------------------------------------
@@ -198,14 +180,18 @@ class BucketReplay:
   :class:`Orderer` of its event type's key space with its key's state, through
   ``Orderer.receive`` exactly as the batch expansion of ``ProcessInOrder``
   feeds it (no event times). ``finish`` ends the input like bounded input
-  ends. Outputs are ``(key, output)`` pairs; with ``latest_by`` only the last
-  output per ``latest_by(key, output)`` is kept (the final view), which is what
-  RetailProjections' ``LatestRecordFn`` keeps, since per key outputs come in
-  sequence order.
+  ends. Outputs are ``(key, output)`` pairs; where ``latest_by(key, output)``
+  gives an identity, only the last output per identity is kept (a view's final
+  value: per key, outputs come in sequence order), else every output is.
+
+  ``registry`` (optional) tells unknown event types from unclaimed ones;
+  ``passthrough`` (True, or event type names) selects the events ``feed``
+  also hands back for other consumers of the same read.
   """
 
   def __init__(self, key_spaces: Sequence[KeySpace], config: OrderingConfig = OrderingConfig(),
-               latest_by: Optional[LatestBy] = None, final_status: bool = False):
+               latest_by: Optional[LatestBy] = None, final_status: bool = False,
+               registry: Optional[Registry] = None, passthrough: Any = False):
     route: Dict[str, int] = {}
     for i, ks in enumerate(key_spaces):
       for t in ks.event_types:
@@ -214,11 +200,15 @@ class BucketReplay:
                            f'and {ks.name}; give each type one key space')
         route[t] = i
     self.key_spaces = tuple(key_spaces)
+    self._names = [ks.name for ks in key_spaces]
     self._route = route
     self._orderers = [Orderer(ks.handler, config) for ks in key_spaces]
     self._keys: List[Dict[Any, Tuple[KeyState, DictBuffer]]] = [{} for _ in key_spaces]
     self._latest_by = latest_by
     self._final_status = final_status
+    self._known = None if registry is None else frozenset(registry.current)
+    self._pass_all = passthrough is True
+    self._pass = frozenset() if passthrough in (True, False, None) else frozenset(passthrough)
     self.latest: Dict[Hashable, Tuple[Any, Any]] = {}
     self.outputs: List[Tuple[Any, Any]] = []
     self.unprocessed: List[Dict[str, Any]] = []
@@ -226,10 +216,12 @@ class BucketReplay:
     self.events = 0
     self.by_type: Dict[str, int] = {}
     self.unclaimed = 0
+    self.unknown_type = 0
 
-  def feed(self, events: Iterable[Envelope], unclaimed: Optional[List[Envelope]] = None) -> None:
-    """Route each event to its key space's orderer; events of no key space are
-    counted (and appended to ``unclaimed`` when given).
+  def feed(self, events: Iterable[Envelope], passthrough: Optional[List[Envelope]] = None) -> None:
+    """Route each event to its key space's orderer; the events asked for by type are also
+    appended to ``passthrough`` (when given); events of unknown types are counted and
+    skipped, and those nobody reads counted as unclaimed.
 
     The cyclic garbage collector is paused for the call (one hour's files):
     with a bucket's key states alive, its full collections cost ~15% of the
@@ -240,25 +232,31 @@ class BucketReplay:
     if paused:
       gc.disable()
     try:
-      self._feed(events, unclaimed)
+      self._feed(events, passthrough)
     finally:
       if paused:
         gc.enable()
 
-  def _feed(self, events: Iterable[Envelope], unclaimed: Optional[List[Envelope]]) -> None:
+  def _feed(self, events: Iterable[Envelope], passthrough: Optional[List[Envelope]]) -> None:
     route, orderers, keys = self._route, self._orderers, self._keys
-    latest_by, latest, outputs = self._latest_by, self.latest, self.outputs
     unprocessed, by_type = self.unprocessed, self.by_type
+    known, pass_all, pass_types = self._known, self._pass_all, self._pass
+    collect, names = self._collect_outputs, self._names
     n = 0
     for env in events:
       n += 1
       etype = env['event_type']
+      if known is not None and etype not in known:
+        self.unknown_type += 1
+        continue
       by_type[etype] = by_type.get(etype, 0) + 1
+      passed = pass_all or etype in pass_types
+      if passed and passthrough is not None:
+        passthrough.append(env)
       i = route.get(etype)
       if i is None:
-        self.unclaimed += 1
-        if unclaimed is not None:
-          unclaimed.append(env)
+        if not passed:
+          self.unclaimed += 1
         continue
       key = env['partition_key']
       cell = keys[i].get(key)
@@ -266,35 +264,39 @@ class BucketReplay:
         cell = keys[i][key] = (orderers[i].new_state(key), DictBuffer())
       act = orderers[i].receive(cell[0], cell[1], env['sequence'], env)
       if act.outputs:
-        if latest_by is None:
-          outputs.extend(act.outputs)
-        else:
-          for kv in act.outputs:
-            latest[latest_by(kv[0], kv[1])] = kv
+        collect(act.outputs)
       if act.unprocessed:
-        unprocessed.extend(act.unprocessed)
+        unprocessed.extend(dict(r, key_space=names[i]) for r in act.unprocessed)
       while cell[0].backlog:  # only with max_events_per_activation: drain as the batch path does
-        self._collect(orderers[i].drain(cell[0], cell[1]))
+        self._collect(orderers[i].drain(cell[0], cell[1]), names[i])
     self.events += n
 
-  def _collect(self, act) -> None:
-    if self._latest_by is None:
-      self.outputs.extend(act.outputs)
-    else:
-      for kv in act.outputs:
-        self.latest[self._latest_by(kv[0], kv[1])] = kv
-    self.unprocessed.extend(act.unprocessed)
-    self.status.extend(act.status)
+  def _collect_outputs(self, outputs: List[Tuple[Any, Any]]) -> None:
+    latest_by = self._latest_by
+    if latest_by is None:
+      self.outputs.extend(outputs)
+      return
+    for kv in outputs:
+      ident = latest_by(kv[0], kv[1])
+      if ident is None:
+        self.outputs.append(kv)
+      else:
+        self.latest[ident] = kv
+
+  def _collect(self, act, key_space: str) -> None:
+    self._collect_outputs(act.outputs)
+    self.unprocessed.extend(dict(r, key_space=key_space) for r in act.unprocessed)
+    self.status.extend(dict(r, key_space=key_space) for r in act.status)
 
   def finish(self) -> Dict[str, int]:
     """End of input: finish every key (gap timeouts as bounded input has them) and
     return counts of keys and of keys still waiting on a gap."""
     keys = waiting = buffered = 0
-    for orderer, cells in zip(self._orderers, self._keys):
+    for name, orderer, cells in zip(self._names, self._orderers, self._keys):
       for st, buf in cells.values():
-        self._collect(orderer.finish(st, buf))
+        self._collect(orderer.finish(st, buf), name)
         if self._final_status:
-          self.status.append(orderer.status(st, buf, 'final'))
+          self.status.append(dict(orderer.status(st, buf, 'final'), key_space=name))
         keys += 1
         if st.buffered:
           waiting += 1
@@ -302,24 +304,16 @@ class BucketReplay:
     return {'keys': keys, 'keys_waiting_on_gap': waiting, 'events_left_buffered': buffered}
 
   def take(self) -> Tuple[List[Tuple[Any, Any]], List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """What has been produced since the last take (final outputs only after finish).
-
-    Outputs are handed out built (:func:`transforms.projections.built`), as the
-    handler's ``apply`` would have given them.
-    """
-    if self._latest_by is None:
-      outs = [(k, built(v)) for k, v in self.outputs]
-      self.outputs = []
-    else:
-      outs = []
+    """What has been produced since the last take (outputs kept by ``latest_by`` only come
+    out of :meth:`take_latest`, after :meth:`finish`)."""
+    outs, self.outputs = self.outputs, []
     unp, self.unprocessed = self.unprocessed, []
     status, self.status = self.status, []
     return outs, unp, status
 
   def take_latest(self) -> List[Tuple[Any, Any]]:
-    """The last output per ``latest_by``, built (only these records are ever built
-    when the key spaces' handlers defer them)."""
-    outs = [(k, built(v)) for k, v in self.latest.values()]
+    """The last output per ``latest_by`` identity."""
+    outs = list(self.latest.values())
     self.latest = {}
     return outs
 
@@ -334,13 +328,13 @@ Reader = Callable[[ArchiveFile], List[Envelope]]
 
 
 def replay_bucket(files: Iterable[ArchiveFile], replay: BucketReplay, reader: Reader,
-                  with_unclaimed: bool = False) -> Iterator[Tuple[str, Any]]:
+                  with_passthrough: bool = False) -> Iterator[Tuple[str, Any]]:
   """Replay one bucket's files hour by hour; yields ``(tag, value)`` as produced.
 
   Tags: OUTPUTS ``(key, output)``, UNPROCESSED, STATUS, CORRUPT ``{path,
-  reason}``, UNCLAIMED (events of no key space, when asked) and, last, STATS.
-  Only one hour's files are decoded at a time: a file's events are released
-  once fed, and what the replay keeps is its keys' states.
+  reason}``, PASSTHROUGH (the events asked for by type, when ``with_passthrough``)
+  and, last, STATS. Only one hour's files are decoded at a time: a file's
+  events are released once fed, and what the replay keeps is its keys' states.
   """
   stats: Dict[str, Any] = {'files': 0, 'corrupt_files': 0}
   bucket = None
@@ -359,18 +353,18 @@ def replay_bucket(files: Iterable[ArchiveFile], replay: BucketReplay, reader: Re
         yield CORRUPT, {'path': f.path, 'reason': reason}
     events = decoded[0] if len(decoded) == 1 else heapq.merge(*decoded, key=sort_key)
     del decoded
-    unclaimed: Optional[List[Envelope]] = [] if with_unclaimed else None
-    replay.feed(events, unclaimed)
+    passed: Optional[List[Envelope]] = [] if with_passthrough else None
+    replay.feed(events, passed)
     del events
-    for env in unclaimed or ():
-      yield UNCLAIMED, env
+    for env in passed or ():
+      yield PASSTHROUGH, env
     yield from _tagged(replay.take())
   stats.update(replay.finish())
   yield from _tagged(replay.take())
   for kv in replay.take_latest():
     yield OUTPUTS, kv
   stats.update(bucket=bucket, events=replay.events, by_type=dict(sorted(replay.by_type.items())),
-               unclaimed=replay.unclaimed)
+               unclaimed=replay.unclaimed, unknown_type=replay.unknown_type)
   yield STATS, stats
 
 
@@ -392,17 +386,14 @@ class _ReplayBucket(beam.DoFn):
   """One bucket's files -> ordered handler outputs, reports and stats."""
 
   def __init__(self, key_spaces: Sequence[KeySpace], config: OrderingConfig,
-               latest_by: Optional[LatestBy], final_status: bool, schema_dir: str,
-               buckets: int, with_unclaimed: bool):
+               latest_by: Optional[LatestBy], final_status: bool, registry: Registry,
+               buckets: int, passthrough: Any):
     self._key_spaces, self._config = tuple(key_spaces), config
     self._latest_by, self._final_status = latest_by, final_status
-    self._schema_dir, self._buckets = schema_dir, buckets
-    self._with_unclaimed = with_unclaimed
+    self._reg, self._buckets = registry, buckets
+    self._passthrough = passthrough
     self._events = Metrics.counter('ordered_replay', 'events_read')
     self._corrupt = Metrics.counter('ordered_replay', 'corrupt_files')
-
-  def setup(self):
-    self._reg = _registry_for(self._schema_dir)
 
   def _read(self, f: ArchiveFile) -> List[Envelope]:
     return read_checked_file(f, self._reg, self._buckets)
@@ -410,8 +401,10 @@ class _ReplayBucket(beam.DoFn):
   def process(self, element):
     _, paths = element
     files = [f for f in (parse_file_path(p) for p in paths) if f is not None]
-    replay = BucketReplay(self._key_spaces, self._config, self._latest_by, self._final_status)
-    for tag, value in replay_bucket(files, replay, self._read, self._with_unclaimed):
+    replay = BucketReplay(self._key_spaces, self._config, self._latest_by, self._final_status,
+                          self._reg, self._passthrough)
+    with_passthrough = self._passthrough not in (False, None) and self._passthrough != frozenset()
+    for tag, value in replay_bucket(files, replay, self._read, with_passthrough):
       if tag == OUTPUTS:
         yield value
       else:
@@ -429,7 +422,7 @@ class ReplayResult(NamedTuple):
   status: beam.PCollection       # final status per key (final_status=True)
   corrupt: beam.PCollection      # {path, reason}
   stats: beam.PCollection        # one record per bucket
-  unclaimed: beam.PCollection    # events of no key space (with_unclaimed=True)
+  passthrough: beam.PCollection  # the events asked for by type (passthrough=...)
 
 
 class OrderedArchiveReplay(beam.PTransform):
@@ -438,20 +431,20 @@ class OrderedArchiveReplay(beam.PTransform):
   Args:
     path: the archive (local, ``s3://``, ``gs://``).
     key_spaces: which handler orders which event types (:class:`KeySpace`).
+    registry: the reader's schemas (the application's ``app.registry``).
     latest_by: keep only the last output per ``latest_by(key, output)`` (a
-      final view); None keeps every output.
+      final view) where it gives an identity; None keeps every output.
     final_status: one status record per key and key space at the end.
-    with_unclaimed: emit events of no key space (for other consumers of the
-      same read) instead of only counting them.
-    registry: reader schemas (a Registry or a schema directory).
+    passthrough: True, or event type names: also emit those events (for
+      consumers of the same read that are not per key).
     ordering: ``ProcessInOrder``'s per-key options: ``initial_sequence``,
       ``gap_timeout`` (seconds; bounded input skips or marks gaps at the end),
       ``gap_policy``, ``continue_on_handler_error``, ``max_buffered_per_key``.
   """
 
-  def __init__(self, path: str, key_spaces: Sequence[KeySpace], *,
+  def __init__(self, path: str, key_spaces: Sequence[KeySpace], *, registry: Registry,
                latest_by: Optional[LatestBy] = None, final_status: bool = False,
-               with_unclaimed: bool = False, registry: Any = None, initial_sequence: int = 1,
+               passthrough: Any = False, initial_sequence: int = 1,
                max_buffered_per_key: Optional[int] = None, gap_timeout: Optional[float] = None,
                gap_policy: str = 'hold', continue_on_handler_error: bool = False):
     super().__init__()
@@ -459,8 +452,8 @@ class OrderedArchiveReplay(beam.PTransform):
     self._key_spaces = tuple(key_spaces)
     BucketReplay(self._key_spaces)  # validates the key spaces now, not on a worker
     self._latest_by, self._final_status = latest_by, final_status
-    self._with_unclaimed = with_unclaimed
-    self._schema_dir = _schema_dir(registry)
+    self._registry = _require_registry(registry)
+    self._passthrough = passthrough if passthrough in (True, False, None) else frozenset(passthrough)
     self._config = OrderingConfig(
         initial_sequence=initial_sequence, max_buffered_per_key=max_buffered_per_key,
         gap_timeout_event_time=None if gap_timeout is None else int(round(gap_timeout * 1e6)),
@@ -482,40 +475,7 @@ class OrderedArchiveReplay(beam.PTransform):
         | 'GroupBucketFiles' >> beam.GroupByKey()
         | 'ReplayBucket' >> beam.ParDo(_ReplayBucket(
             self._key_spaces, self._config, self._latest_by, self._final_status,
-            self._schema_dir, manifest['buckets'], self._with_unclaimed))
-        .with_outputs(UNPROCESSED, STATUS, CORRUPT, STATS, UNCLAIMED, main=OUTPUTS))
+            self._registry, manifest['buckets'], self._passthrough))
+        .with_outputs(UNPROCESSED, STATUS, CORRUPT, STATS, PASSTHROUGH, main=OUTPUTS))
     return ReplayResult(results[OUTPUTS], results[UNPROCESSED], results[STATUS],
-                        results[CORRUPT], results[STATS], results[UNCLAIMED])
-
-
-class RetailReplay(NamedTuple):
-  """The retail views from an archive, and what the read found."""
-  views: ProjectionViews
-  corrupt: beam.PCollection
-  stats: beam.PCollection
-  unclaimed: beam.PCollection
-
-
-class ReplayRetailProjections(beam.PTransform):
-  """The fast path of ``archive | ReadArchive | RetailProjections()`` on bounded input.
-
-  Same handlers, same final view records (one per view and key) and same
-  unprocessed records, without shuffling events: see the module docstring.
-  ``with_unclaimed=True`` also emits the events the retail views do not use
-  (rides, riders...) so other consumers can share the one read.
-  """
-
-  def __init__(self, path: str, *, with_unclaimed: bool = False, registry: Any = None, **ordering):
-    super().__init__()
-    self._replay = OrderedArchiveReplay(path, retail_key_spaces(deferred=True),
-                                        latest_by=latest_view_record,
-                                        with_unclaimed=with_unclaimed, registry=registry,
-                                        **ordering)
-
-  def expand(self, pbegin) -> RetailReplay:
-    result = pbegin | 'OrderedReplay' >> self._replay
-    split = (result.outputs
-             | 'DropKey' >> beam.Map(lambda kv: kv[1])
-             | 'ByView' >> beam.Partition(lambda r, n: VIEWS.index(r['view']), len(VIEWS)))
-    views = ProjectionViews(unprocessed=result.unprocessed, **dict(zip(VIEWS, split)))
-    return RetailReplay(views, result.corrupt, result.stats, result.unclaimed)
+                        results[CORRUPT], results[STATS], results[PASSTHROUGH])

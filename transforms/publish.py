@@ -16,6 +16,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
+from sourcebeam.schemas.registry import Registry
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES, publish_raw
 
 PUBLISHED = 'published'
@@ -27,7 +28,8 @@ RawLine = Union[bytes, str, Tuple[str, bytes]]
 class _PublishFn(beam.DoFn):
   """One raw line to one published envelope or one dead letter."""
 
-  def __init__(self, max_event_bytes: int):
+  def __init__(self, registry: Registry, max_event_bytes: int):
+    self._registry = registry
     self._max_event_bytes = max_event_bytes
     self._repaired = Metrics.counter('publish', 'repaired')
     self._dead = Metrics.counter('publish', 'dead_lettered')
@@ -37,7 +39,7 @@ class _PublishFn(beam.DoFn):
     source = None
     if isinstance(element, tuple):
       source, element = element
-    env, dead, repairs = publish_raw(element, source, self._max_event_bytes)
+    env, dead, repairs = publish_raw(element, self._registry, source, self._max_event_bytes)
     if env is None:
       self._dead.inc()
       yield pvalue.TaggedOutput(DEAD_LETTERS, dead)
@@ -51,17 +53,19 @@ class _PublishFn(beam.DoFn):
 class PublishEvents(beam.PTransform):
   """Raw lines (bytes, str, or ``(source, bytes)``) to ``published`` and ``dead_letters``.
 
+  Events are checked against ``registry``, the application's schemas (``app.registry``).
   The result has attributes ``published`` (envelope dicts) and ``dead_letters``
   (dicts with ``reason``, ``raw``, and ``source`` when known).
   """
 
-  def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES):
+  def __init__(self, registry: Registry, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES):
     super().__init__()
+    self._registry = registry
     self._max_event_bytes = max_event_bytes
 
   def expand(self, raw_lines):
     return raw_lines | 'ValidateAndRepair' >> beam.ParDo(
-        _PublishFn(self._max_event_bytes)).with_outputs(DEAD_LETTERS, main=PUBLISHED)
+        _PublishFn(self._registry, self._max_event_bytes)).with_outputs(DEAD_LETTERS, main=PUBLISHED)
 
 
 def dead_letter_json(dead_letter: dict) -> str:

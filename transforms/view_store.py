@@ -1,4 +1,4 @@
-"""The view store: the four retail views in a real database, with per-partition positions.
+"""The view store: an application's views in a real database, with per-partition positions.
 
 Why a store and not files: the view API (``run.py serve views``) must answer "does
 this view include my write yet?" for a write receipt ``(topic, partition,
@@ -12,48 +12,52 @@ Backends (chosen by the DSN):
   WAL mode so the view API reads while the pipeline writes.
 * PostgreSQL: ``postgresql://user:password@host:port/database`` (driver: pg8000).
 
-Tables::
+Tables (one set for every view of every application; a view is a name)::
 
-    view_cart, view_recently_viewed, view_frequently_viewed, view_catalog
-        (key PRIMARY KEY, value JSON text, as_of_sequence, event_time,
-         source_topic, source_partition, source_offset [, category for the catalog])
+    view_rows (view, key) -> value JSON text, as_of_sequence, event_time, index_value,
+                             source_topic, source_partition, source_offset
     positions (view, topic, kafka_partition) -> applied_offset
     partition_progress, pending_offsets   (per-event mode: the watermark and offsets done past it)
 
+A row is one key of one view: ``{view, key, value, as_of_sequence, event_time[, index]}``
+where ``value`` is the view's record of that key (what ``GET /views/<view>/<key>``
+answers), ``as_of_sequence`` and ``event_time`` those of the last event it applied,
+and ``index`` the value of the view's index field (``GET /views/<view>?<index>=V``
+lists a view's keys by it). :class:`ViewChanges` makes rows from an application's
+views.
+
 Two input shapes, one per store (both applied in one transaction per batch):
 
-* **per-event mode** (recommended for a live pipeline): ``(source, [records])``,
-  one element per Kafka message consumed, with the view records that message
-  produced (possibly none). :meth:`ViewStore.apply_events`; :class:`ViewChanges`
-  turns ``(envelope or None, source)`` messages into this shape with the retail
-  handlers. The store then knows which offsets are done, so a view's position is
-  the partition's *contiguous* watermark: ``position >= offset`` proves the write
-  at ``offset`` is in the view however a parallel runner interleaves a
-  partition's keys, and also after an event that changed no view.
-* **records mode**: ``(record, source)``, one element per view record, e.g.
-  ``RetailProjections(final=False)``'s records tagged with their event's source.
+* **per-event mode** (recommended for a live pipeline): ``(source, [rows])``,
+  one element per Kafka message consumed, with the rows that message produced
+  (possibly none). :meth:`ViewStore.apply_events`; :class:`ViewChanges` turns
+  ``(envelope or None, source)`` messages into this shape with an app's views.
+  The store then knows which offsets are done, so a view's position is the
+  partition's *contiguous* watermark: ``position >= offset`` proves the write at
+  ``offset`` is in the view however a parallel runner interleaves a partition's
+  keys, and also after an event that changed no view.
+* **records mode**: ``(row, source)``, one element per row.
   :meth:`ViewStore.apply`. The position is the highest offset applied (a
-  high-water mark): it proves inclusion only if each partition's records reach
-  the sink in offset order, and it does not move for events that changed no view.
+  high-water mark): it proves inclusion only if each partition's rows reach the
+  sink in offset order, and it does not move for events that changed no view.
 
-``record`` is a view record of :mod:`transforms.projections` (each the new full
-value of one view key: ``{view, key, ..., as_of_sequence, event_time}``) and
-``source`` the Kafka position of the message that produced it, ``{'topic': str,
-'partition': int, 'offset': int}`` (a ``(topic, partition, offset)`` tuple is
+``source`` is the Kafka position of the message that produced a row, ``{'topic':
+str, 'partition': int, 'offset': int}`` (a ``(topic, partition, offset)`` tuple is
 accepted too).
 
-Idempotency: every record is a full value, and a key's events all live in one
-partition, in order. A record is skipped when its key's row already holds a
-record from the same partition at the same or a later offset, so an event
-delivered twice (a restarted pipeline, a retried bundle) changes a view once,
-and an old record replayed after a newer one never rolls a view back. This
-per-key rule equals "skip offset <= position" when a partition arrives in offset
-order, and stays right when a parallel pipeline interleaves a partition's keys.
+Idempotency: every row is a full value, and a key's events all live in one
+partition, in order. A row is skipped when its key's row already holds a value
+from the same partition at the same or a later offset, so an event delivered
+twice (a restarted pipeline, a retried bundle) changes a view once, and an old
+value replayed after a newer one never rolls a view back. This per-key rule
+equals "skip offset <= position" when a partition arrives in offset order, and
+stays right when a parallel pipeline interleaves a partition's keys.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 import urllib.parse
@@ -61,8 +65,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import apache_beam as beam
 
-VIEWS = ('cart', 'catalog', 'recently_viewed', 'frequently_viewed')
-TABLES = {view: f'view_{view}' for view in VIEWS}
+from sourcebeam.schemas.registry import Registry
+from sourcebeam.transforms.keyspace import Failed, ViewChange, json_default
+
+ROWS_TABLE = 'view_rows'
+_LOG = logging.getLogger(__name__)
 
 Record = Mapping[str, Any]
 Source = Tuple[str, int, int]  # (topic, partition, offset)
@@ -126,16 +133,28 @@ def normalise_source(source: Any) -> Source:
 
 def _check_record(record: Any) -> Tuple[str, str]:
   if not isinstance(record, Mapping):
-    raise StoreError(f'a view record must be a dict, got {type(record).__name__}')
+    raise StoreError(f'a view row must be a dict, got {type(record).__name__}')
   view, key = record.get('view'), record.get('key')
-  if view not in TABLES:
-    raise StoreError(f'unknown view {view!r}; views: {list(VIEWS)}')
+  if not isinstance(view, str) or not view:
+    raise StoreError(f'a view row needs a view name, got {view!r}')
   if not isinstance(key, str) or not key:
-    raise StoreError(f'{view} record without a key')
+    raise StoreError(f'{view} row without a key')
+  if 'value' not in record:
+    raise StoreError(f'{view} row of {key!r} has no value')
   for f in ('as_of_sequence', 'event_time'):
     if isinstance(record.get(f), bool) or not isinstance(record.get(f), int):
-      raise StoreError(f'{view} record of {key!r}: {f} must be a whole number')
+      raise StoreError(f'{view} row of {key!r}: {f} must be a whole number')
   return view, key
+
+
+def view_row(view: str, key: str, value: Any, event: Mapping[str, Any],
+             index: Optional[str] = None) -> Dict[str, Any]:
+  """The store's row for one key of one view: its record ``value`` as of ``event``."""
+  row = {'view': view, 'key': key, 'value': value, 'as_of_sequence': event['sequence'],
+         'event_time': event['event_time']}
+  if index is not None and isinstance(value, Mapping):
+    row['index'] = value.get(index)
+  return row
 
 
 # --- the store ----------------------------------------------------------------------------
@@ -146,8 +165,9 @@ class ViewStore:
   Every statement is parameterised; values never become SQL text.
   """
 
-  def __init__(self, dsn: str):
+  def __init__(self, dsn: str, views: Sequence[str] = ()):
     self.dsn = dsn
+    self.views = tuple(views)  # whose positions per-event batches move (every view of the app)
     self.postgres = is_postgres(dsn)
     if self.postgres:
       self.conn = _connect_postgres(dsn)
@@ -211,14 +231,14 @@ class ViewStore:
         # Concurrent CREATE TABLE IF NOT EXISTS can collide in PostgreSQL's catalog: serialise
         # schema creation between connections (sink workers start together).
         cur.execute('SELECT pg_advisory_xact_lock(7261001)')
-      for view, table in TABLES.items():
-        extra = ', category TEXT' if view == 'catalog' else ''
-        cur.execute(f'CREATE TABLE IF NOT EXISTS {table} ('
-                    'key TEXT PRIMARY KEY, value TEXT NOT NULL, '
-                    'as_of_sequence BIGINT NOT NULL, event_time BIGINT NOT NULL, '
-                    'source_topic TEXT NOT NULL, source_partition INTEGER NOT NULL, '
-                    f'source_offset BIGINT NOT NULL{extra})')
-      cur.execute('CREATE INDEX IF NOT EXISTS view_catalog_category ON view_catalog (category, key)')
+      cur.execute(f'CREATE TABLE IF NOT EXISTS {ROWS_TABLE} ('
+                  'view TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, '
+                  'as_of_sequence BIGINT NOT NULL, event_time BIGINT NOT NULL, '
+                  'index_value TEXT, source_topic TEXT NOT NULL, '
+                  'source_partition INTEGER NOT NULL, source_offset BIGINT NOT NULL, '
+                  'PRIMARY KEY (view, key))')
+      cur.execute(f'CREATE INDEX IF NOT EXISTS view_rows_index ON {ROWS_TABLE} '
+                  '(view, index_value, key)')
       cur.execute('CREATE TABLE IF NOT EXISTS positions ('
                   'view TEXT NOT NULL, topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, '
                   'applied_offset BIGINT NOT NULL, PRIMARY KEY (view, topic, kafka_partition))')
@@ -272,7 +292,7 @@ class ViewStore:
 
     The per-event mode: the pipeline hands over one element per Kafka message it
     consumed, with the view records that message produced (none for a message
-    that changed no view, was not a retail event, or was dead-lettered). The
+    that changed no view, was of a type no view reads, or was dead-lettered). The
     store then knows which offsets are done, and every view's position for a
     partition is its *contiguous* watermark: the highest offset such that every
     offset from the partition's start up to it is done. So ``position >= offset``
@@ -331,7 +351,7 @@ class ViewStore:
                                   'kafka_partition = ? AND kafka_offset <= ?'), (topic, partition, w))
           cur.execute(self._sql('UPDATE partition_progress SET watermark = ? WHERE topic = ? AND '
                                 'kafka_partition = ?'), (w, topic, partition))
-          for view in VIEWS:
+          for view in self.views:
             self._raise_position(cur, view, topic, partition, w)
       self._commit()
     except BaseException:
@@ -361,39 +381,36 @@ class ViewStore:
           (old[1], old[2]) != (entry[1], entry[2]) and
           entry[0]['as_of_sequence'] > old[0]['as_of_sequence']):
         newest[k] = entry
-    by_view: Dict[str, List[Tuple[Any, str, int, int]]] = {}
-    for (view, _), entry in newest.items():
-      by_view.setdefault(view, []).append(entry)
+    rows = list(newest.values())
     written = set()
-    for view, rows in sorted(by_view.items()):
-      table = TABLES[view]
-      cols = ['key', 'value', 'as_of_sequence', 'event_time',
-              'source_topic', 'source_partition', 'source_offset']
-      if view == 'catalog':
-        cols.append('category')
-      updates = ', '.join(f'{c} = excluded.{c}' for c in cols[1:])
-      for i in range(0, len(rows), rows_per_statement):
-        chunk = rows[i:i + rows_per_statement]
-        params: List[Any] = []
-        for record, topic, partition, offset in chunk:
-          params += [record['key'], json.dumps(record, sort_keys=True, separators=(',', ':')),
-                     record['as_of_sequence'], record['event_time'], topic, partition, offset]
-          if view == 'catalog':
-            params.append(record.get('category'))
-        one = '(' + ', '.join('?' * len(cols)) + ')'
-        cur.execute(self._sql(
-            f'INSERT INTO {table} ({", ".join(cols)}) VALUES {", ".join([one] * len(chunk))} '
-            f'ON CONFLICT (key) DO UPDATE SET {updates} WHERE '
-            # Same partition: the offset decides (a redelivered or older event is skipped).
-            f'({table}.source_topic = excluded.source_topic AND '
-            f'{table}.source_partition = excluded.source_partition AND '
-            f'{table}.source_offset < excluded.source_offset) OR '
-            # The key moved partition (a re-partitioned topic): the sequence decides.
-            f'(({table}.source_topic <> excluded.source_topic OR '
-            f'{table}.source_partition <> excluded.source_partition) AND '
-            f'{table}.as_of_sequence < excluded.as_of_sequence) '
-            'RETURNING key'), params)
-        written.update((view, r[0]) for r in cur.fetchall())
+    cols = ['view', 'key', 'value', 'as_of_sequence', 'event_time', 'index_value',
+            'source_topic', 'source_partition', 'source_offset']
+    updates = ', '.join(f'{c} = excluded.{c}' for c in cols[2:])
+    t = ROWS_TABLE
+    one = '(' + ', '.join('?' * len(cols)) + ')'
+    for i in range(0, len(rows), rows_per_statement):
+      chunk = rows[i:i + rows_per_statement]
+      params: List[Any] = []
+      for record, topic, partition, offset in chunk:
+        index = record.get('index')
+        params += [record['view'], record['key'],
+                   json.dumps(record['value'], sort_keys=True, separators=(',', ':'),
+                              default=json_default),
+                   record['as_of_sequence'], record['event_time'],
+                   None if index is None else str(index), topic, partition, offset]
+      cur.execute(self._sql(
+          f'INSERT INTO {t} ({", ".join(cols)}) VALUES {", ".join([one] * len(chunk))} '
+          f'ON CONFLICT (view, key) DO UPDATE SET {updates} WHERE '
+          # Same partition: the offset decides (a redelivered or older event is skipped).
+          f'({t}.source_topic = excluded.source_topic AND '
+          f'{t}.source_partition = excluded.source_partition AND '
+          f'{t}.source_offset < excluded.source_offset) OR '
+          # The key moved partition (a re-partitioned topic): the sequence decides.
+          f'(({t}.source_topic <> excluded.source_topic OR '
+          f'{t}.source_partition <> excluded.source_partition) AND '
+          f'{t}.as_of_sequence < excluded.as_of_sequence) '
+          'RETURNING view, key'), params)
+      written.update((r[0], r[1]) for r in cur.fetchall())
     for k, n in group.items():
       counts['applied' if k in written else 'skipped'] += n
     return views
@@ -419,25 +436,14 @@ class ViewStore:
     return [tuple(r) for r in rows]
 
   def get(self, view: str, key: str) -> Optional[Dict[str, Any]]:
-    """The current record of one view key, or None."""
-    if view not in TABLES:
-      raise StoreError(f'unknown view {view!r}')
-    rows = self._rows(f'SELECT value FROM {TABLES[view]} WHERE key = ?', (key,))
+    """The current value (the view's record) of one key of one view, or None."""
+    rows = self._rows(f'SELECT value FROM {ROWS_TABLE} WHERE view = ? AND key = ?', (view, key))
     return json.loads(rows[0][0]) if rows else None
 
-  def cart(self, user_id: str) -> Optional[Dict[str, Any]]:
-    return self.get('cart', user_id)
-
-  def recently_viewed(self, user_id: str) -> Optional[Dict[str, Any]]:
-    return self.get('recently_viewed', user_id)
-
-  def frequently_viewed(self, user_id: str) -> Optional[Dict[str, Any]]:
-    return self.get('frequently_viewed', user_id)
-
-  def products_by_category(self, category: str, limit: int = 1000) -> List[Dict[str, Any]]:
-    """Catalog records of one category, sorted by product id."""
-    rows = self._rows('SELECT value FROM view_catalog WHERE category = ? ORDER BY key LIMIT ?',
-                      (category, limit))
+  def by_index(self, view: str, value: str, limit: int = 1000) -> List[Dict[str, Any]]:
+    """The values of one view whose index field equals ``value``, sorted by key."""
+    rows = self._rows(f'SELECT value FROM {ROWS_TABLE} WHERE view = ? AND index_value = ? '
+                      'ORDER BY key LIMIT ?', (view, value, limit))
     return [json.loads(r[0]) for r in rows]
 
   def positions(self, view: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -460,7 +466,7 @@ class ViewStore:
 # --- Beam: the sink ----------------------------------------------------------------------------
 
 def is_record_pair(element: Any) -> bool:
-  """``(record, source)`` (records mode) rather than ``(source, [records])`` (per-event mode)."""
+  """``(row, source)`` (records mode) rather than ``(source, [rows])`` (per-event mode)."""
   return isinstance(element[0], Mapping) and 'view' in element[0]
 
 
@@ -469,9 +475,10 @@ class _WriteViewsFn(beam.DoFn):
   source)`` pairs with :meth:`ViewStore.apply`, ``(source, [records])`` with
   :meth:`ViewStore.apply_events`."""
 
-  def __init__(self, dsn: str, batch_size: int,
+  def __init__(self, dsn: str, views: Sequence[str], batch_size: int,
                start_offsets: Optional[Mapping[Tuple[str, int], int]] = None):
     self.dsn = dsn
+    self.views = tuple(views)
     self.batch_size = batch_size
     self.start_offsets = dict(start_offsets or {})
     self.applied = beam.metrics.Metrics.counter('view_store', 'applied')
@@ -479,7 +486,7 @@ class _WriteViewsFn(beam.DoFn):
     self.events = beam.metrics.Metrics.counter('view_store', 'events')
 
   def setup(self):
-    self.store = ViewStore(self.dsn)
+    self.store = ViewStore(self.dsn, self.views)
 
   def start_bundle(self):
     self.records: List[Tuple[Record, Any]] = []
@@ -510,7 +517,8 @@ class _WriteViewsFn(beam.DoFn):
 
 
 class WriteViewsToStore(beam.PTransform):
-  """Writes view records to the view store; the sink of a live projections pipeline.
+  """Writes view rows to the view store; the sink of a live views pipeline. ``views``: the
+  names of every view the pipeline keeps (their positions move together in per-event mode).
 
   Input, either shape (one per store; see the module docstring):
 
@@ -527,16 +535,17 @@ class WriteViewsToStore(beam.PTransform):
   ``view_store/skipped``, ``view_store/events``).
   """
 
-  def __init__(self, dsn: str, batch_size: int = 500,
+  def __init__(self, dsn: str, views: Sequence[str], batch_size: int = 500,
                start_offsets: Optional[Mapping[Tuple[str, int], int]] = None):
     super().__init__()
     self.dsn = dsn
+    self.views = tuple(views)
     self.batch_size = batch_size
     self.start_offsets = start_offsets
 
   def expand(self, pairs):
     return pairs | 'ApplyToViewStore' >> beam.ParDo(
-        _WriteViewsFn(self.dsn, self.batch_size, self.start_offsets))
+        _WriteViewsFn(self.dsn, self.views, self.batch_size, self.start_offsets))
 
 
 # --- Beam: from Kafka messages to per-event outcomes ----------------------------------------------
@@ -544,15 +553,15 @@ class WriteViewsToStore(beam.PTransform):
 SOURCE_FIELD = '_source'  # where ViewChanges carries a message's source inside its envelope
 
 
-def kafka_message(message: Any) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any]]:
+def kafka_message(message: Any, registry: Registry) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any]]:
   """One consumed Kafka message -> ``(envelope or None, source)``: :class:`ViewChanges`' input.
 
   ``message`` is what ``ReadFromKafka(..., with_metadata=True)`` yields (a Beam
   Row with ``topic``, ``partition``, ``offset``, ``value``...) or a dict with
   those keys. The value (the envelope's JSON form, as the event writer and the
-  publish pipeline write it) goes through the publishing boundary again
-  (:func:`schemas.validation.publish_raw`): a message that is not a valid
-  envelope gives ``None``, so its offset still counts as done.
+  publish pipeline write it) goes through the publishing boundary again with the
+  app's ``registry`` (:func:`schemas.validation.publish_raw`): a message that is
+  not a valid envelope gives ``None``, so its offset still counts as done.
   """
   from sourcebeam.schemas.validation import publish_raw
   get = message.get if isinstance(message, Mapping) else (lambda k: getattr(message, k))
@@ -561,16 +570,16 @@ def kafka_message(message: Any) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any
   value = get('value')
   envelope = None
   if value is not None:
-    envelope, _, _ = publish_raw(bytes(value) if not isinstance(value, str) else value)
+    envelope, _, _ = publish_raw(bytes(value) if not isinstance(value, str) else value, registry)
   return envelope, {'topic': topic, 'partition': partition, 'offset': offset}
 
 
 class PerEventRecords:
-  """A handler wrapper: each applied event gives exactly one output, ``(source, records)``.
+  """A handler wrapper: each applied event gives exactly one output, ``(source, outputs)``.
 
-  The source rides in the event under :data:`SOURCE_FIELD` (an extra key that the
-  retail handlers never read), so the records a message produced stay together
-  with its offset through ``ProcessInOrder``.
+  The source rides in the event under :data:`SOURCE_FIELD` (an extra key that
+  handlers never read), so what a message produced stays together with its
+  offset through ``ProcessInOrder``.
   """
 
   def __init__(self, handler: Any):
@@ -585,67 +594,84 @@ class PerEventRecords:
 
 
 class _RouteMessages(beam.DoFn):
-  """``(envelope or None, source)`` -> user / product events tagged with their source, or
-  ``(source, [])`` at once for a message no view projects (dead letter, other domain)."""
+  """``(envelope or None, source)`` -> the event tagged with its source, to its key space's
+  ordering, or ``(source, [])`` at once for a message no view reads (dead letter, other types)."""
 
-  def __init__(self, user_types: Iterable[str], product_types: Iterable[str]):
-    self.user_types, self.product_types = frozenset(user_types), frozenset(product_types)
+  def __init__(self, routes: Mapping[str, str]):
+    self.routes = dict(routes)  # event type -> key space
 
   def process(self, pair):
     envelope, source = pair
     topic, partition, offset = normalise_source(source)
     source = {'topic': topic, 'partition': partition, 'offset': offset}
-    kind = envelope.get('event_type') if isinstance(envelope, Mapping) else None
-    if kind in self.user_types:
-      yield beam.pvalue.TaggedOutput('user', dict(envelope, **{SOURCE_FIELD: source}))
-    elif kind in self.product_types:
-      yield beam.pvalue.TaggedOutput('product', dict(envelope, **{SOURCE_FIELD: source}))
-    else:
+    space = self.routes.get(envelope.get('event_type')) if isinstance(envelope, Mapping) else None
+    if space is None:
       yield source, []
+    else:
+      yield beam.pvalue.TaggedOutput(space, dict(envelope, **{SOURCE_FIELD: source}))
+
+
+class _Rows(beam.DoFn):
+  """``(key, (source, per-key outputs))`` -> ``(source, [view rows])``; a view whose handler
+  failed on the event is logged and left as it was (the offset is still done)."""
+
+  def __init__(self, views: Mapping[int, Any]):
+    self.views = dict(views)  # consumer id -> View
+
+  def process(self, kv):
+    key, (source, outs) = kv
+    rows = []
+    for out in outs:
+      view = self.views[out.consumer]
+      if type(out) is ViewChange:
+        rows.append(view_row(view.name, key, view.record(key, out.state, out.event), out.event,
+                             view.index))
+      elif type(out) is Failed:
+        _LOG.warning('view %s could not apply event %s of key %r: %s', view.name,
+                     out.event.get('event_id'), key, out.error)
+    yield source, rows
 
 
 def _unprocessed_outcome(rec: Mapping[str, Any]):
-  """An event ordering did not apply (duplicate, handler error...) is done, with no records."""
+  """An event ordering did not apply (a duplicate...) is done, with no rows."""
   event = rec.get('event')
   if isinstance(event, Mapping) and SOURCE_FIELD in event:
     yield event[SOURCE_FIELD], []
 
 
 class ViewChanges(beam.PTransform):
-  """Kafka messages -> one ``(source, [view records])`` per message: WriteViewsToStore's input.
+  """Kafka messages -> one ``(source, [view rows])`` per message: WriteViewsToStore's input.
 
   Input: ``(envelope, source)`` per consumed Kafka message, ``envelope`` the
   published envelope (``None`` for a message the publishing boundary refused),
-  ``source`` its ``{'topic', 'partition', 'offset'}``. The retail handlers of
-  :mod:`transforms.projections` run under ``ProcessInOrder`` (user events and
-  product events, as in ``RetailProjections``), wrapped in
-  :class:`PerEventRecords`. Every message comes out exactly once: with the
-  records it produced, or with none (not a retail event, refused, a duplicate, a
-  handler error); a message whose key waits on a sequence gap comes out when the
-  gap fills or times out, so the partition's watermark waits for it too.
-  ``ordering`` passes options to ``ProcessInOrder`` (default
-  ``continue_on_handler_error=True``: one bad event must not stop a partition).
+  ``source`` its ``{'topic', 'partition', 'offset'}``. The app's views run under
+  ``ProcessInOrder``, one ordering per key space, behind the same
+  :class:`~sourcebeam.transforms.keyspace.KeySpaceHandler` a replay uses, wrapped
+  in :class:`PerEventRecords`. Every message comes out exactly once: with the
+  rows it produced, or with none (no view reads its type, refused, a duplicate,
+  a handler error); a message whose key waits on a sequence gap comes out when
+  the gap fills or times out, so the partition's watermark waits for it too.
+  ``ordering`` passes options to ``ProcessInOrder``.
   """
 
-  def __init__(self, **ordering):
+  def __init__(self, app: Any, **ordering):
     super().__init__()
-    self.ordering = dict({'continue_on_handler_error': True}, **ordering)
+    self.app = app
+    self.ordering = dict(ordering, continue_on_handler_error=True)
 
   def expand(self, messages):
+    from sourcebeam.transforms.consumers import key_space_handlers
     from sourcebeam.transforms.ordering import ProcessInOrder
-    from sourcebeam.transforms.projections import (PRODUCT_EVENT_TYPES, USER_EVENT_TYPES, CartHandler,
-                                        CatalogHandler, CombinedHandler, FrequentlyViewedHandler,
-                                        RecentlyViewedHandler)
-    routed = messages | 'Route' >> beam.ParDo(
-        _RouteMessages(USER_EVENT_TYPES, PRODUCT_EVENT_TYPES)).with_outputs(
-            'user', 'product', main='none')
-    users = routed.user | 'OrderPerUser' >> ProcessInOrder(PerEventRecords(CombinedHandler(
-        [CartHandler(), RecentlyViewedHandler(), FrequentlyViewedHandler()])), **self.ordering)
-    products = routed.product | 'OrderPerProduct' >> ProcessInOrder(
-        PerEventRecords(CatalogHandler()), **self.ordering)
-    return ((routed.none,
-             users.outputs | 'UserOutcomes' >> beam.Values(),
-             products.outputs | 'ProductOutcomes' >> beam.Values(),
-             users.unprocessed | 'UserLeftovers' >> beam.FlatMap(_unprocessed_outcome),
-             products.unprocessed | 'ProductLeftovers' >> beam.FlatMap(_unprocessed_outcome))
-            | 'AllOutcomes' >> beam.Flatten())
+    spaces = key_space_handlers(self.app, kinds=('view',))
+    routes = {t: ks.name for ks in spaces for t in ks.event_types}
+    views = {i: c for i, c in enumerate(self.app.per_key) if c.kind == 'view'}
+    routed = messages | 'Route' >> beam.ParDo(_RouteMessages(routes)).with_outputs(
+        *[ks.name for ks in spaces], main='none')
+    outcomes = [routed.none]
+    for ks in spaces:
+      ordered = routed[ks.name] | f'Order {ks.name}' >> ProcessInOrder(
+          PerEventRecords(ks.handler), **self.ordering)
+      outcomes.append(ordered.outputs | f'Rows {ks.name}' >> beam.ParDo(_Rows(views)))
+      outcomes.append(ordered.unprocessed | f'Leftovers {ks.name}' >> beam.FlatMap(
+          _unprocessed_outcome))
+    return tuple(outcomes) | 'AllOutcomes' >> beam.Flatten()

@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from sourcebeam.schemas.envelope import iso_to_millis, millis_to_iso
+from sourcebeam import iso_to_millis, millis_to_iso
 
 RIDE_FIELDS: Dict[str, str] = {
     'rideId': 'int', 'isStart': 'bool', 'eventTime': 'time', 'startLon': 'number',
@@ -115,53 +115,14 @@ def starts_and_ends_in_nyc(ride: Mapping[str, Any]) -> bool:
           in_nyc(ride['endLon'], ride['endLat']))
 
 
-# --- rides and fares: the enrichment join ------------------------------------------
+# --- rides and fares: the enrichment join (sourcebeam's JoinPairs, with the taxi's words) -----
 
-class Unmatched(NamedTuple):
-  side: str      # 'ride' or 'fare'
-  reason: str
-  record: Record
-
-  def to_json_dict(self) -> Record:
-    return {'side': self.side, 'reason': self.reason,
-            'record': to_output(self.side, self.record)}
+RIDE_AND_FARE_LABELS = {'ride': 'START ride', 'fare': 'fare'}
 
 
-class JoinStep(NamedTuple):
-  state: Optional[Tuple[str, Record]]    # the waiting side, or None
-  joined: Optional[Record]               # {'ride': ..., 'fare': ...}
-  unmatched: List[Unmatched]
-  timer: Optional[int]                   # expiry time to set; None: clear the timer
-
-
-def join_on_arrival(state: Optional[Tuple[str, Record]], side: str, record: Record,
-                    expire_after_ms: int) -> JoinStep:
-  """One START ride or one fare arrives for its rideId.
-
-  The first side waits in state with an expiry timer; the other side completes
-  the join and clears state and timer. A second copy of a side that is already
-  waiting is unmatched ('duplicate'), never silently dropped.
-  """
-  if state is None:
-    return JoinStep((side, record), None, [],
-                    event_time(side, record) + expire_after_ms)
-  waiting_side, waiting = state
-  if waiting_side == side:
-    return JoinStep(state, None, [Unmatched(side, f'duplicate {side} for this rideId', record)],
-                    event_time(waiting_side, waiting) + expire_after_ms)
-  ride, fare = (record, waiting) if side == 'ride' else (waiting, record)
-  return JoinStep(None, {'ride': ride, 'fare': fare}, [], None)
-
-
-def join_on_expiry(state: Optional[Tuple[str, Record]], expire_after_ms: int) -> JoinStep:
-  """The expiry timer fired: the waiting side's partner did not come in time."""
-  if state is None:
-    return JoinStep(None, None, [], None)
-  side, record = state
-  other = 'fare' if side == 'ride' else 'START ride'
-  minutes = expire_after_ms / MINUTE_MS
-  return JoinStep(None, None, [Unmatched(side, f'no {other} within {minutes:g} min', record)],
-                  None)
+def unmatched_to_json_dict(u: Mapping[str, Any]) -> Record:
+  """A join's unmatched record with its ride or fare as the outputs show it (times as ISO)."""
+  return {'side': u['side'], 'reason': u['reason'], 'record': to_output(u['side'], u['record'])}
 
 
 def joined_to_json_dict(joined: Mapping[str, Record]) -> Record:

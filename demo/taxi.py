@@ -1,6 +1,8 @@
 """The taxi exercises as Beam transforms, shared by batch and streaming pipelines.
 
-Each composite wraps the plain-Python logic of :mod:`transforms.taxi_logic`:
+Part of the demo application, written with Sourcebeam's public API (``sourcebeam``).
+
+Each composite wraps the plain-Python logic of :mod:`taxi_logic` (beside this module):
 
 * :class:`ParseTaxiRecords`: JSON lines -> timestamped records + dead letters;
 * :class:`CleanseRides`: rides that start and end inside New York City;
@@ -15,13 +17,9 @@ On bounded input the watermark jumps to the end of time after the last
 element, so every timer fires then, after every START, END and fare has been
 seen: a bounded run gives the exact answer.
 
-Timer output and lateness: an event-time timer's output carries the timer's
-time, which is behind the watermark when the timer fires as the watermark jumps
-(the end of a bounded stream, a burst after a stall). A downstream
-``GroupByKey`` with no allowed lateness drops such output as late. So every
-output PCollection that timers write to is re-windowed into the global window
-with :data:`TIMER_OUTPUT_LATENESS` of allowed lateness; a consumer that groups
-it in its own windows must allow lateness too.
+Timer output and lateness: every output PCollection that timers write to is
+re-windowed with sourcebeam's ``timer_output_windowing``; a consumer that groups it in its own windows must allow
+lateness too.
 """
 
 from __future__ import annotations
@@ -36,34 +34,18 @@ from apache_beam.transforms import window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (ReadModifyWriteStateSpec, TimerSpec,
                                               on_timer)
-from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.timestamp import Duration
 
-from sourcebeam.transforms import taxi_logic as logic
+from sourcebeam import JoinPairs, millis_of_ts as _millis, timer_output_windowing, ts_of_millis as _ts
+
+from . import taxi_logic as logic
 
 DEAD_LETTERS = 'dead_letters'
 UNMATCHED = 'unmatched'
 IGNORED = 'ignored'
 
-# Longer than one day, so that output in the global window (whose end is a day
-# before the end of time) is not late even when the watermark reaches the end of time.
-TIMER_OUTPUT_LATENESS = Duration(seconds=7 * 24 * 3600)
-
-
 # Rides are keyed by their integer rideId: a deterministic key coder for the stateful DoFns.
 RideKeyed = Tuple[int, Any]
-
-def _ts(millis: int) -> Timestamp:
-  return Timestamp(micros=millis * 1000)
-
-
-def _millis(ts: Timestamp) -> int:
-  return ts.micros // 1000
-
-
-def timer_output_windowing(label: str) -> beam.PTransform:
-  """Global window with enough allowed lateness that timer output is never dropped."""
-  return label >> beam.WindowInto(window.GlobalWindows(),
-                                  allowed_lateness=TIMER_OUTPUT_LATENESS)
 
 
 # --- parsing ------------------------------------------------------------------------
@@ -118,51 +100,13 @@ class CleanseRides(beam.PTransform):
 
 # --- rides and fares --------------------------------------------------------------------
 
-class _JoinFn(beam.DoFn):
-  """Per rideId: the first side waits (with an expiry timer) for the other."""
-
-  WAITING = ReadModifyWriteStateSpec('waiting', PickleCoder())
-  EXPIRY = TimerSpec('expiry', TimeDomain.WATERMARK)
-
-  def __init__(self, expire_after_ms: int):
-    self.expire_after_ms = expire_after_ms
-
-  def process(self, element: Tuple[int, Tuple[str, Dict[str, Any]]],
-              waiting=beam.DoFn.StateParam(WAITING),
-              expiry=beam.DoFn.TimerParam(EXPIRY)):
-    _, (side, record) = element
-    step = logic.join_on_arrival(waiting.read(), side, record, self.expire_after_ms)
-    yield from self._apply(step, waiting, expiry)
-
-  @on_timer(EXPIRY)
-  def expire(self, waiting=beam.DoFn.StateParam(WAITING),
-             expiry=beam.DoFn.TimerParam(EXPIRY)):
-    yield from self._apply(logic.join_on_expiry(waiting.read(), self.expire_after_ms),
-                           waiting, expiry)
-
-  @staticmethod
-  def _apply(step: logic.JoinStep, waiting, expiry) -> Iterable:
-    if step.state is None:
-      waiting.clear()
-    else:
-      waiting.write(step.state)
-    if step.timer is None:
-      expiry.clear()
-    else:
-      expiry.set(_ts(step.timer))
-    if step.joined is not None:
-      yield step.joined
-    for u in step.unmatched:
-      yield pvalue.TaggedOutput(UNMATCHED, u.to_json_dict())
-
-
 class JoinResult(NamedTuple):
   joined: beam.PCollection     # {'ride': record, 'fare': record}, times as millis
   unmatched: beam.PCollection  # {'side', 'reason', 'record'}, times as ISO
 
 
 class JoinRidesAndFares(beam.PTransform):
-  """The enrichment join of START rides with fares by rideId.
+  """The enrichment join of START rides with fares by rideId (sourcebeam's JoinPairs).
 
   Input: ``(rides, fares)`` of parsed records (END rides are passed over).
   Whichever side arrives first waits in state; the match clears state and
@@ -172,23 +116,18 @@ class JoinRidesAndFares(beam.PTransform):
 
   def __init__(self, expire_after_ms: int = logic.HOUR_MS):
     super().__init__()
-    if expire_after_ms <= 0:
-      raise ValueError(f'expire_after_ms must be positive, not {expire_after_ms}')
-    self.expire_after_ms = expire_after_ms
+    self.join = JoinPairs(
+        'ride', 'fare', left_key=lambda r: r['rideId'], right_key=lambda f: f['rideId'],
+        left_time=lambda r: logic.event_time('ride', r),
+        right_time=lambda f: logic.event_time('fare', f), expire_after_ms=expire_after_ms,
+        key_type=int, key_name='rideId', labels=logic.RIDE_AND_FARE_LABELS)
 
   def expand(self, rides_and_fares):
     rides, fares = rides_and_fares
-    keyed_rides = (rides
-                   | 'StartsOnly' >> beam.Filter(lambda r: r['isStart'])
-                   | 'KeyRide' >> beam.Map(lambda r: (r['rideId'], ('ride', r))).with_output_types(RideKeyed))
-    keyed_fares = fares | 'KeyFare' >> beam.Map(lambda f: (f['rideId'], ('fare', f))).with_output_types(RideKeyed)
-    out = ((keyed_rides, keyed_fares)
-           | 'Both' >> beam.Flatten()
-           | 'Global' >> beam.WindowInto(window.GlobalWindows())
-           | 'Join' >> beam.ParDo(_JoinFn(self.expire_after_ms)).with_outputs(
-               UNMATCHED, main='joined'))
-    return JoinResult(out.joined | timer_output_windowing('JoinedWindowing'),
-                      out[UNMATCHED] | timer_output_windowing('UnmatchedWindowing'))
+    starts = rides | 'StartsOnly' >> beam.Filter(lambda r: r['isStart'])
+    out = (starts, fares) | 'JoinPairs' >> self.join
+    return JoinResult(out.joined,
+                      out.unmatched | 'UnmatchedAsOutput' >> beam.Map(logic.unmatched_to_json_dict))
 
 
 # --- long rides ---------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Riders and taxis: a join across partition keys into the canonical ``RiderLocated``.
 
+Part of the demo application, written with Sourcebeam's public API (``sourcebeam``).
+
 Rider events are keyed by rider (``RideRequested``, ``RiderPickedUp`` naming its
 taxi, ``RiderDroppedOff``); positions are keyed by taxi
 (``TaxiLocationReported``). Where is each rider? Re-key the pickups and
@@ -48,11 +50,8 @@ from apache_beam.transforms import window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (BagStateSpec, ReadModifyWriteStateSpec,
                                               TimerSpec, on_timer)
-from apache_beam.utils.timestamp import Timestamp
-
-from sourcebeam.schemas.envelope import make_envelope
-from sourcebeam.transforms.crdt import MergeCRDTs, ORSet, PNCounter
-from sourcebeam.transforms.taxi import TIMER_OUTPUT_LATENESS
+from sourcebeam import TIMER_OUTPUT_LATENESS, MergeCRDTs, ORSet, PNCounter, Registry, make_envelope
+from sourcebeam import ts_of_millis as _ts
 
 Envelope = Dict[str, Any]
 
@@ -247,26 +246,22 @@ def join_taxi_events(join: TaxiJoin, taxi_id: int, events: Iterable[Envelope]):
   return located + loc, unmatched + un
 
 
-def rider_located_envelope(loc: Located, sequence: int) -> Envelope:
+def rider_located_envelope(registry: Registry, loc: Located, sequence: int) -> Envelope:
   return make_envelope(
-      'RiderLocated',
+      registry, 'RiderLocated',
       {'rider_id': loc.rider_id, 'taxi_id': loc.taxi_id, 'lon': loc.lon, 'lat': loc.lat,
        'located_at': loc.located_at},
       event_id=rider_located_id(loc.rider_id, loc.location_event_id), sequence=sequence,
       event_time=loc.located_at, origin=ORIGIN, follows_from=loc.location_event_id)
 
 
-def sequence_rider(located: Iterable[Located]) -> List[Envelope]:
+def sequence_rider(registry: Registry, located: Iterable[Located]) -> List[Envelope]:
   """One rider's locations -> RiderLocated envelopes sequenced from 1 by time."""
   ordered = sorted(located, key=lambda l: (l.located_at, l.location_event_id))
-  return [rider_located_envelope(l, i) for i, l in enumerate(ordered, 1)]
+  return [rider_located_envelope(registry, l, i) for i, l in enumerate(ordered, 1)]
 
 
 # --- Beam ------------------------------------------------------------------------------
-
-def _ts(millis: int) -> Timestamp:
-  return Timestamp(micros=millis * 1000)
-
 
 class _StreamingTaxiJoinFn(beam.DoFn):
   """Per taxi: buffer events, apply them in event-time order as the watermark passes."""
@@ -331,11 +326,14 @@ class _StreamingSequenceFn(beam.DoFn):
 
   COUNT = ReadModifyWriteStateSpec('count', PickleCoder())
 
+  def __init__(self, registry: Registry):
+    self.registry = registry
+
   def process(self, element, count=beam.DoFn.StateParam(COUNT)):
     _, loc = element
     n = (count.read() or 0) + 1
     count.write(n)
-    yield rider_located_envelope(loc, n)
+    yield rider_located_envelope(self.registry, loc, n)
 
 
 class RidersResult(NamedTuple):
@@ -347,13 +345,15 @@ class LocateRiders(beam.PTransform):
   """Published envelopes -> RiderLocated envelopes, and unmatched pickups and positions.
 
   Only RiderPickedUp, RiderDroppedOff and TaxiLocationReported take part; other
-  event types are passed over. ``expansion``: 'auto' (batch for bounded input),
-  'batch' or 'streaming'.
+  event types are passed over. ``registry``: the app's schemas (RiderLocated is one
+  of its types). ``expansion``: 'auto' (batch for bounded input), 'batch' or 'streaming'.
   """
 
-  def __init__(self, max_position_age_ms: int = 60_000, pickup_timeout_ms: int = 120_000,
-               max_trip_ms: int = 6 * 3_600_000, expansion: str = 'auto'):
+  def __init__(self, registry: Registry, max_position_age_ms: int = 60_000,
+               pickup_timeout_ms: int = 120_000, max_trip_ms: int = 6 * 3_600_000,
+               expansion: str = 'auto'):
     super().__init__()
+    self.registry = registry
     if expansion not in ('auto', 'batch', 'streaming'):
       raise ValueError(f"expansion must be 'auto', 'batch' or 'streaming', not {expansion!r}")
     self.join = TaxiJoin(max_position_age_ms, pickup_timeout_ms, max_trip_ms)
@@ -368,7 +368,7 @@ class LocateRiders(beam.PTransform):
     batch = (self.expansion == 'batch' or
              (self.expansion == 'auto' and envelopes.is_bounded))
     if batch:
-      join = self.join
+      join, registry = self.join, self.registry
       joined = (by_taxi
                 | 'PerTaxi' >> beam.GroupByKey()
                 | 'Join' >> beam.FlatMapTuple(lambda taxi, evs: _tag(
@@ -376,13 +376,14 @@ class LocateRiders(beam.PTransform):
       located = (joined.located
                  | 'ByRider' >> beam.Map(lambda l: (l.rider_id, l))
                  | 'PerRider' >> beam.GroupByKey()
-                 | 'Sequence' >> beam.FlatMapTuple(lambda rider, locs: sequence_rider(locs)))
+                 | 'Sequence' >> beam.FlatMapTuple(
+                     lambda rider, locs: sequence_rider(registry, locs)))
       return RidersResult(located, joined[UNMATCHED])
     joined = by_taxi | 'Join' >> beam.ParDo(_StreamingTaxiJoinFn(self.join)).with_outputs(
         UNMATCHED, main='located')
     located = (joined.located
                | 'ByRider' >> beam.Map(lambda l: (l.rider_id, l))
-               | 'Sequence' >> beam.ParDo(_StreamingSequenceFn()))
+               | 'Sequence' >> beam.ParDo(_StreamingSequenceFn(self.registry)))
     return RidersResult(
         located | 'LocatedWindowing' >> beam.WindowInto(
             window.GlobalWindows(), allowed_lateness=TIMER_OUTPUT_LATENESS),
