@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 
 from sourcebeam.pipelines import writer_service
-from sourcebeam.pipelines.serve import make_server
+from sourcebeam.pipelines.serve import Running as Serving
 from sourcebeam.schemas.envelope import from_json, make_envelope, to_json
 from tests.service_fixtures import consume, create_topic, free_port, produce
 
@@ -32,15 +32,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Running:
-  """A writer serving on a free loopback port in this process."""
+  """A writer serving on a free loopback port in this process (its own event loop)."""
 
-  def __init__(self, bootstrap: str, topic: str, state: str, **kw):
+  def __init__(self, bootstrap: str, topic: str, state: str, server_options: Optional[Dict] = None,
+               **kw):
     self.writer = writer_service.build(bootstrap, topic, state, {TOKEN}, partitions=3, **kw)
-    self.server = make_server(self.writer, '127.0.0.1', 0)
-    self.port = self.server.server_address[1]
-    self.thread = threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.1},
-                                   daemon=True)
-    self.thread.start()
+    self.server = Serving(self.writer, '127.0.0.1', 0, **(server_options or {}))
+    self.port = self.server.port
 
   def request(self, method: str, path: str, body: Any = None, headers: Optional[Dict] = None,
               raw: Optional[bytes] = None) -> Tuple[int, Dict[str, Any], Dict[str, str]]:
@@ -57,9 +55,7 @@ class Running:
     return self.request('POST', '/events', body, **kw)
 
   def stop(self) -> None:
-    self.server.shutdown()
-    self.server.server_close()
-    self.writer.close()
+    self.server.stop()
 
 
 @pytest.fixture
@@ -242,7 +238,7 @@ def test_bad_input_gets_clear_4xx_and_writes_nothing(writer, kafka, topic):
   status, body, _ = writer.request('GET', '/nowhere')
   assert status == 404 and '/events' in body['routes']
   status, body, headers = writer.request('GET', '/events')
-  assert status == 405 and headers['Allow'] == 'POST'
+  assert status == 405 and headers['Allow'] == 'POST, OPTIONS'
   status, body, _ = writer.request('DELETE', '/health')
   assert status == 405
   status, body, _ = writer.request('GET', '/health')
@@ -295,10 +291,7 @@ def test_events_acknowledged_but_not_recorded_are_recovered_at_start(kafka, topi
 
 
 def _serve_cmd(*args: str) -> List[str]:
-  code = ('import sys; from pipelines.cli import run_command; import pipelines.serve as s, argparse; '
-          'p = argparse.ArgumentParser(); s.add_arguments(p); a, b = p.parse_known_args(sys.argv[1:]); '
-          'sys.exit(run_command(s, a, b))')
-  return [sys.executable, '-c', code, *args]
+  return [sys.executable, os.path.join(ROOT, 'run.py'), 'serve', *args]
 
 
 def test_cli_needs_tokens_and_serves_until_sigterm(kafka, topic, tmp_path):
