@@ -106,10 +106,13 @@ def _iso(millis: int) -> str:
 
 
 def _duration(ms: int) -> str:
-  for unit, size in (('d', 86_400_000), ('h', 3_600_000), ('min', 60_000), ('s', 1000)):
-    if ms >= size and ms % size == 0:
-      return f'{ms // size} {unit}'
-  return f'{ms} ms'
+  """``1 h``, ``59 min 55 s``, ``250 ms``: the two largest units that are not zero."""
+  parts = []
+  for unit, size in (('d', 86_400_000), ('h', 3_600_000), ('min', 60_000), ('s', 1000), ('ms', 1)):
+    if ms >= size:
+      parts.append(f'{ms // size} {unit}')
+      ms %= size
+  return ' '.join(parts[:2]) or '0 ms'
 
 
 class EventTimeLimits:
