@@ -217,8 +217,10 @@ def _protocol_error(status: int, exc: Optional[BaseException], message: Optional
     return 431, f'more than {MAX_HEADERS} request headers'
   if isinstance(exc, BadHttpMethod):
     line = re.search(r"b'([^']*)'", text)
-    method = line.group(1).split(' ', 1)[0] if line else ''
-    if method and _TOKEN_CHARS.fullmatch(method):
+    parts = line.group(1).split(' ') if line else []
+    method = parts[0] if parts else ''
+    # A well-formed request line with a method we do not know: 501. Anything else: 400.
+    if len(parts) == 3 and parts[2].startswith('HTTP/') and _TOKEN_CHARS.fullmatch(method):
       return 501, f'method {method} is not implemented; use one of {", ".join(KNOWN_METHODS)}'
     return 400, 'not an HTTP/1.1 request'
   if isinstance(exc, BadStatusLine) and 'version' in text.lower():
