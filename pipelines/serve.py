@@ -52,7 +52,7 @@ import re
 import signal
 import sys
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from sourcebeam.pipelines.cli import DataError, UsageError
 

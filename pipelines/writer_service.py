@@ -64,10 +64,10 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 from sourcebeam.pipelines.cli import UsageError
-from sourcebeam.pipelines.serve import (Answer, CorsPolicy, HttpError, check_http_arguments, check_token,
+from sourcebeam.pipelines.serve import (Answer, HttpError, check_http_arguments, check_token,
                                         load_tokens as _load_tokens, method_not_allowed, not_found,
                                         serve_until_stopped, token_given)
 from sourcebeam.pipelines.writer_lease import LEASE_MS, WriterLease, lease_topic
