@@ -15,6 +15,7 @@ BENCHMARKS = {
     'replay': ('sourcebeam.benchmarks.replay', 'archive replay against raw decode and a naive Beam pipeline'),
     'fanout': ('sourcebeam.benchmarks.fanout', 'fan-out throughput as subscribers grow'),
     'causal': ('sourcebeam.benchmarks.causal', 'POST-to-visible latency and read-your-writes with receipts'),
+    'services': ('sourcebeam.benchmarks.services', 'the writer and the view API under waiting reads, bursts and slow clients'),
 }
 
 

@@ -7,32 +7,76 @@
   read able to wait for a receipt (``after=topic:partition:offset``)
   (:mod:`pipelines.views_service`).
 
-Both are small ``http.server`` services (the standard library, threaded): each
-request is plain Python logic returning ``(status, JSON payload)``, so the logic
-is testable without sockets and the HTTP layer stays thin. What they share lives
-here: JSON answers, JSON errors (never a traceback), body limits, and a server
-that stops cleanly on SIGTERM.
+Both run on aiohttp's low-level HTTP/1.1 server (one asyncio event loop per
+process): a read waiting for a receipt is a suspended coroutine, not a thread, so
+hundreds of them cost no more than their sockets. Blocking work (the database,
+validation of a large batch) runs in each service's bounded thread pool, never on
+the event loop.
+
+Each service is an *app* of plain Python: it names the methods of a path
+(``methods``), refuses a request before its body is read (``check``: route, token)
+and answers it (``handle`` -> ``(status, JSON payload, headers)``). What the two
+share lives here, in one place:
+
+* every answer is JSON, errors included: those of the app (:class:`HttpError`)
+  and those of the HTTP layer itself (malformed requests 400, unknown methods 501,
+  request target too long 414, headers too large 431, HTTP versions other than
+  1.0/1.1 505), never HTML and never a traceback;
+* a real listen backlog (``--backlog``, default 1024; the standard library's is 5);
+* per-connection timeouts: a connection that has not sent a whole request head
+  within ``--idle-timeout`` seconds (also between keep-alive requests) is closed,
+  and a body that has not arrived within ``--body-timeout`` seconds is answered
+  408 and the connection closed;
+* a body is read only after the request passed ``check`` (a request without a
+  valid token is answered 401 before one byte of its body is read), only with a
+  Content-Length within the app's limit (413 otherwise, 411 without one); a GET,
+  HEAD or OPTIONS with a body is refused (400) and its connection closed, so one
+  connection never carries two answers to one request;
+* HEAD is answered like GET without the body; OPTIONS with the methods allowed
+  (``Allow``) and the CORS policy (:class:`CorsPolicy`);
+* numbers in requests are read with ASCII digits only (:func:`parse_uint`);
+* bearer tokens (:func:`load_tokens`, :func:`check_token`), compared in constant
+  time, never logged.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hmac
+import ipaddress
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from sourcebeam.pipelines.apps import add_app_argument
-from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.pipelines.cli import DataError, UsageError
 
 log = logging.getLogger('sourcebeam.serve')
 
-DRAIN_LIMIT = 16 << 20  # bytes of an oversized body read and dropped before a 413
-
 Answer = Tuple[int, Dict[str, Any], Dict[str, str]]  # status, JSON body, extra headers
+
+# Limits of the HTTP layer. The request target and a header field get different limits so a
+# too-long line can be told apart (414 for the target, 431 for a header).
+MAX_TARGET_BYTES = 8192
+MAX_FIELD_BYTES = 8190
+MAX_HEADERS = 100
+DEFAULT_BACKLOG = 1024
+DEFAULT_IDLE_TIMEOUT = 15.0
+DEFAULT_BODY_TIMEOUT = 10.0
+# After an answer that leaves a body unread (401, 413, a refused GET body...), at most this
+# long is spent draining what the client still sends, so it can read the answer before the
+# connection closes (closing on unread data would reset it); then the connection is closed.
+LINGER_SECONDS = 2.0
+SERVER_NAME = 'Sourcebeam'
+KNOWN_METHODS = ('GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS')
+_TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: a method's syntax
+_ASCII_UINT = re.compile(r'[0-9]+')
 
 
 class HttpError(Exception):
@@ -47,155 +91,404 @@ class HttpError(Exception):
     return self.status, {'error': self.error, **self.detail}, self.headers
 
 
-class JsonHandler(BaseHTTPRequestHandler):
-  """Routes each request to ``app.handle(method, path, headers, body) -> Answer``.
-
-  ``app.check(method, path, headers)`` runs first and may refuse the request
-  (unknown route, wrong method, missing token) before its body is read.
-  The body is read here, within ``app.max_body_bytes``: a larger body is refused
-  with 413 before it is read. Any unexpected error is a 500 with one line, logged
-  with its traceback on the server side only.
-  """
-
-  server_version = 'Sourcebeam'
-  protocol_version = 'HTTP/1.1'  # keep-alive: a client doing many reads reuses its connection
-  # Headers and body go out in two writes; with Nagle's algorithm and the client's delayed ACK
-  # every keep-alive answer would wait ~40 ms.
-  disable_nagle_algorithm = True
-  app: Any = None  # set by make_server
-
-  def _dispatch(self, method: str) -> None:
-    try:
-      body = b''
-      try:
-        # Route and authorise before reading a body: a stranger cannot make us read one.
-        self.app.check(method, self.path, self.headers)
-      except HttpError:
-        self._drop_body()
-        raise
-      if method in ('POST', 'PUT', 'PATCH'):
-        body = self._read_body()
-      status, payload, headers = self.app.handle(method, self.path, self.headers, body)
-    except HttpError as e:
-      status, payload, headers = e.answer()
-    except Exception:  # a bug, not bad input: say so briefly, keep the details in the log
-      log.exception('unexpected error on %s %s', method, self.path.split('?', 1)[0])
-      status, payload, headers = 500, {'error': 'internal error; see the server log'}, {}
-    self._send(status, payload, headers)
-
-  def _drop_body(self) -> None:
-    """Reads and drops a refused request's body (up to DRAIN_LIMIT), so the client can read
-    our answer: closing on unread data would reset the connection under it."""
-    try:
-      n = int(self.headers.get('Content-Length') or 0)
-    except ValueError:
-      n = -1
-    if n < 0 or n > DRAIN_LIMIT or self.headers.get('Transfer-Encoding'):
-      self.close_connection = True
-      return
-    while n > 0:
-      chunk = self.rfile.read(min(n, 65536))
-      if not chunk:
-        break
-      n -= len(chunk)
-
-  def _read_body(self) -> bytes:
-    length = self.headers.get('Content-Length')
-    if self.headers.get('Transfer-Encoding', '').lower() == 'chunked':
-      self.close_connection = True
-      raise HttpError(411, 'chunked bodies are not accepted; send Content-Length')
-    if length is None:
-      self.close_connection = True
-      raise HttpError(411, 'Content-Length is required')
-    try:
-      n = int(length)
-      if n < 0:
-        raise ValueError
-    except ValueError:
-      self.close_connection = True
-      raise HttpError(400, f'bad Content-Length {length!r}') from None
-    limit = self.app.max_body_bytes
-    if n > limit:
-      self._drop_body()
-      raise HttpError(413, f'body of {length} bytes is over the limit of {limit} bytes',
-                      limit_bytes=limit)
-    return self.rfile.read(n)
-
-  def _send(self, status: int, payload: Dict[str, Any], headers: Dict[str, str]) -> None:
-    data = json.dumps(payload, separators=(',', ':'), ensure_ascii=False).encode('utf-8')
-    try:
-      self.send_response(status)
-      self.send_header('Content-Type', 'application/json')
-      self.send_header('Content-Length', str(len(data)))
-      for k, v in headers.items():
-        self.send_header(k, v)
-      if self.close_connection:
-        self.send_header('Connection', 'close')
-      self.end_headers()
-      self.wfile.write(data)
-    except (BrokenPipeError, ConnectionResetError):
-      pass  # the client went away; nothing to answer
-
-  def do_GET(self):
-    self._dispatch('GET')
-
-  def do_POST(self):
-    self._dispatch('POST')
-
-  def do_PUT(self):
-    self._dispatch('PUT')
-
-  def do_DELETE(self):
-    self._dispatch('DELETE')
-
-  def do_PATCH(self):
-    self._dispatch('PATCH')
-
-  def log_message(self, format: str, *args: Any) -> None:
-    # The request line only (never headers: they carry the bearer token).
-    log.debug('%s %s', self.address_string(), format % args)
+def method_not_allowed(method: str, allowed: Sequence[str]) -> HttpError:
+  allow = ', '.join(allowed)
+  return HttpError(405, f'{method} is not allowed here; use {allow}', {'Allow': allow},
+                   allowed=list(allowed))
 
 
-def method_not_allowed(method: str, allowed: str) -> HttpError:
-  return HttpError(405, f'{method} is not allowed here; use {allowed}', {'Allow': allowed},
-                   allowed=allowed.split(', '))
-
-
-def not_found(path: str, routes: Any) -> HttpError:
+def not_found(path: str, routes: Iterable[str]) -> HttpError:
   return HttpError(404, f'no such route {path!r}', routes=list(routes))
 
 
-def make_server(app: Any, host: str = '127.0.0.1', port: int = 0) -> ThreadingHTTPServer:
-  """A threaded HTTP server for ``app`` (port 0: a free port; see ``server.server_address``)."""
-  handler = type('Handler', (JsonHandler,), {'app': app})
-  server = ThreadingHTTPServer((host, port), handler)
-  server.daemon_threads = True
-  return server
+def parse_uint(text: str, what: str, max_digits: int = 18) -> int:
+  """A whole number >= 0 written with ASCII digits only (``int()`` and ``str.isdigit`` also
+  take ``²``, ``٣`` or ``１``, and ``int()`` takes ``_`` and spaces); HttpError 400 otherwise."""
+  if not isinstance(text, str) or not _ASCII_UINT.fullmatch(text) or len(text) > max_digits:
+    raise HttpError(400, f'{what} must be a whole number >= 0 written with the digits 0-9 '
+                         f'(at most {max_digits}), got {text!r}')
+  return int(text)
 
 
-def serve_until_stopped(server: ThreadingHTTPServer, on_stop: Callable[[], None],
-                        what: str) -> int:
-  """Serves until SIGTERM or Ctrl-C, then closes the server and ``on_stop``."""
-  host, port = server.server_address[:2]
-  print(f'{what} listening on http://{host}:{port}', file=sys.stderr, flush=True)
+# --- tokens ------------------------------------------------------------------------------------
 
-  def stop(signum, frame):
-    threading.Thread(target=server.shutdown, daemon=True).start()
+def load_tokens(env_var: str, tokens_file: Optional[str] = None,
+                environ: Mapping[str, str] = os.environ) -> Set[str]:
+  """Bearer tokens from a file (one a line, ``#`` comments) or ``$env_var`` (comma-separated);
+  empty if neither has any. UsageError for an unreadable file or a token under 16 characters."""
+  if tokens_file:
+    try:
+      with open(tokens_file, encoding='utf-8') as f:
+        lines = f.read().splitlines()
+    except OSError as e:
+      raise UsageError(f'cannot read the tokens file {tokens_file}: {e.strerror}') from None
+    tokens = {line.strip() for line in lines if line.strip() and not line.lstrip().startswith('#')}
+  else:
+    tokens = {t.strip() for t in environ.get(env_var, '').split(',') if t.strip()}
+  short = [t for t in tokens if len(t) < 16]
+  if short:
+    raise UsageError(f'{len(short)} configured token(s) shorter than 16 characters; use longer ones')
+  return tokens
 
-  previous = signal.signal(signal.SIGTERM, stop)
+
+def check_token(headers: Mapping[str, str], tokens: Iterable[str]) -> None:
+  """401 unless the Authorization header carries one of ``tokens`` (compared in constant time)."""
+  challenge = {'WWW-Authenticate': 'Bearer realm="sourcebeam"'}
+  auth = headers.get('Authorization') or ''
+  scheme, _, given = auth.partition(' ')
+  if scheme.lower() != 'bearer' or not given.strip():
+    raise HttpError(401, 'a bearer token is required (Authorization: Bearer <token>)', challenge)
+  given_b = given.strip().encode('utf-8')
+  ok = False
+  for t in tokens:
+    ok |= hmac.compare_digest(given_b, t.encode('utf-8'))
+  if not ok:
+    raise HttpError(401, 'the bearer token is not valid', challenge)
+
+
+def token_given(headers: Mapping[str, str], tokens: Iterable[str]) -> bool:
+  """For routes open to all (``/health``): False without an Authorization header, True with a
+  valid token, 401 with an invalid one."""
+  if not headers.get('Authorization'):
+    return False
+  check_token(headers, tokens)
+  return True
+
+
+def is_loopback(host: str) -> bool:
+  """Whether listening on ``host`` reaches this machine only (127.0.0.0/8, ::1, localhost)."""
+  if host == 'localhost':
+    return True
   try:
-    server.serve_forever(poll_interval=0.2)
-  except KeyboardInterrupt:
-    pass
+    return ipaddress.ip_address(host.strip('[]')).is_loopback
+  except ValueError:
+    return False  # a host name: it may resolve to anything
+
+
+class CorsPolicy:
+  """Which web origins a browser may call the service from.
+
+  Default: none. No CORS header is ever sent, so a browser lets only pages served
+  from the service's own origin read its answers. ``origins`` (exact
+  ``scheme://host[:port]`` strings, or ``*`` for any) are answered with
+  ``Access-Control-Allow-Origin`` naming the caller's origin; preflights
+  (``OPTIONS``) also get the route's methods, the ``Authorization`` and
+  ``Content-Type`` request headers, and a 10-minute cache. Credentials (cookies)
+  are never allowed: tokens travel in the Authorization header.
+  """
+
+  def __init__(self, origins: Sequence[str] = ()):
+    self.origins = tuple(o.rstrip('/') for o in origins)
+    for o in self.origins:
+      if o != '*' and not re.fullmatch(r'https?://[^/\s]+', o):
+        raise UsageError(f'--cors-origin {o!r} is not an origin (scheme://host[:port]) or *')
+
+  def describe(self) -> str:
+    return ('no cross-origin browser access' if not self.origins else
+            'cross-origin reads from ' + ', '.join(self.origins))
+
+  def allows(self, origin: Optional[str]) -> bool:
+    return bool(origin) and ('*' in self.origins or origin in self.origins)
+
+  def headers(self, origin: Optional[str], preflight_methods: Optional[Sequence[str]] = None
+              ) -> Dict[str, str]:
+    if not self.allows(origin):
+      return {}
+    out = {'Access-Control-Allow-Origin': origin, 'Vary': 'Origin'}
+    if preflight_methods is not None:
+      out.update({'Access-Control-Allow-Methods': ', '.join(preflight_methods),
+                  'Access-Control-Allow-Headers': 'Authorization, Content-Type',
+                  'Access-Control-Max-Age': '600'})
+    return out
+
+
+# --- the HTTP layer (aiohttp's low-level server) ------------------------------------------------
+
+def _protocol_error(status: int, exc: Optional[BaseException], message: Optional[str]
+                    ) -> Tuple[int, str]:
+  """What a request the HTTP parser refused gets: (status, one-line error)."""
+  from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, LineTooLong
+  text = str(getattr(exc, 'message', '') or message or exc or '').strip()
+  first = text.splitlines()[0][:200] if text else 'malformed request'
+  if isinstance(exc, LineTooLong):
+    if len(exc.args) > 1 and exc.args[1] == MAX_TARGET_BYTES:
+      return 414, f'the request target is longer than {MAX_TARGET_BYTES} bytes'
+    return 431, f'a request header is longer than {MAX_FIELD_BYTES} bytes'
+  if 'too many headers' in text.lower():
+    return 431, f'more than {MAX_HEADERS} request headers'
+  if isinstance(exc, BadHttpMethod):
+    line = re.search(r"b'([^']*)'", text)
+    parts = line.group(1).split(' ') if line else []
+    method = parts[0] if parts else ''
+    # A well-formed request line with a method we do not know: 501. Anything else: 400.
+    if len(parts) == 3 and parts[2].startswith('HTTP/') and _TOKEN_CHARS.fullmatch(method):
+      return 501, f'method {method} is not implemented; use one of {", ".join(KNOWN_METHODS)}'
+    return 400, 'not an HTTP/1.1 request'
+  if isinstance(exc, BadStatusLine) and 'version' in text.lower():
+    return 505, 'HTTP version not supported; use HTTP/1.1'
+  if status >= 500:
+    return 500, 'internal error; see the server log'
+  return 400, f'malformed request: {first}'
+
+
+def _json_response(status: int, payload: Optional[Dict[str, Any]], headers: Mapping[str, str],
+                   close: bool = False):
+  from aiohttp import web
+  resp = web.Response(status=status)
+  if payload is not None and status not in (204, 304):
+    resp.body = json.dumps(payload, separators=(',', ':'), ensure_ascii=False).encode('utf-8')
+    resp.headers['Content-Type'] = 'application/json'
+  resp.headers['Server'] = SERVER_NAME
+  resp.headers['Cache-Control'] = 'no-store'
+  for k, v in headers.items():
+    resp.headers[k] = v
+  if close:
+    resp.force_close()
+  return resp
+
+
+def _server_class():
+  """aiohttp's low-level server whose protocol answers its own errors as JSON."""
+  from aiohttp import web_server
+  from aiohttp.web_protocol import RequestHandler
+
+  class JsonErrorsProtocol(RequestHandler):
+    def handle_error(self, request, status=500, exc=None, message=None):
+      status, error = _protocol_error(status, exc, message)
+      if status == 500:
+        log.error('error handling a request', exc_info=exc)
+      else:
+        log.debug('refused a malformed request: %s', error)
+      if request.writer.output_size > 0:
+        raise ConnectionError('an answer was already being sent')
+      return _json_response(status, {'error': error}, {}, close=True)
+
+  class JsonErrorsServer(web_server.Server):
+    def __call__(self):
+      return JsonErrorsProtocol(self, loop=self._loop, **self._kwargs)
+
+  return JsonErrorsServer
+
+
+class Service:
+  """One app served on one event loop. ``await start()``, ``port``, ``await stop()``.
+
+  The app provides ``methods(path) -> [methods]`` (HttpError 404 for no such
+  route), ``check(method, target, headers)`` (before any body is read),
+  ``async handle(method, target, headers, body) -> Answer`` and
+  ``max_body_bytes``; optionally ``async start()`` / ``async stop()`` (on the loop).
+  HEAD reaches the app as GET.
+  """
+
+  def __init__(self, app: Any, host: str = '127.0.0.1', port: int = 0, *,
+               backlog: int = DEFAULT_BACKLOG, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, cors: Optional[CorsPolicy] = None,
+               linger: float = LINGER_SECONDS):
+    self.app, self.host, self.requested_port = app, host, port
+    self.backlog, self.idle_timeout, self.body_timeout = backlog, idle_timeout, body_timeout
+    self.cors = cors or CorsPolicy()
+    self.linger = linger
+    self.port: Optional[int] = None
+    self._server = self._listener = None
+
+  async def start(self) -> None:
+    if hasattr(self.app, 'start'):
+      await self.app.start()
+    self._server = _server_class()(
+        self._dispatch, handler_cancellation=True, keepalive_timeout=self.idle_timeout,
+        lingering_time=self.linger, max_line_size=MAX_TARGET_BYTES,
+        max_field_size=MAX_FIELD_BYTES, max_headers=MAX_HEADERS, access_log=None)
+    loop = asyncio.get_running_loop()
+    try:
+      self._listener = await loop.create_server(self._server, self.host, self.requested_port,
+                                                backlog=self.backlog, reuse_address=True)
+    except BaseException:
+      if hasattr(self.app, 'stop'):
+        await self.app.stop()
+      raise
+    self.port = self._listener.sockets[0].getsockname()[1]
+
+  async def stop(self, timeout: float = 5.0) -> None:
+    if self._listener is not None:
+      self._listener.close()
+      self._server.pre_shutdown()
+      await self._server.shutdown(timeout)
+      await self._listener.wait_closed()
+      self._listener = None
+    if hasattr(self.app, 'stop'):
+      await self.app.stop()
+
+  async def _dispatch(self, request) -> Any:
+    headers = request.headers
+    origin = headers.get('Origin')
+    method = request.method
+    close = False
+    body_read = False
+    has_body = bool(request.content_length) or 'Transfer-Encoding' in headers
+    try:
+      if request.version not in ((1, 0), (1, 1)):
+        raise HttpError(505, 'HTTP version not supported; use HTTP/1.1')
+      target = request.raw_path
+      path = target.split('?', 1)[0]
+      allowed = list(self.app.methods(path))  # 404 for no such route
+      allowed = allowed + (['HEAD'] if 'GET' in allowed else []) + ['OPTIONS']
+      if has_body and method in ('GET', 'HEAD', 'OPTIONS'):
+        close = True
+        raise HttpError(400, f'a {method} request carries no body; this one declares one')
+      if method == 'OPTIONS':
+        return _json_response(204, None, dict(self.cors.headers(origin, allowed),
+                                              Allow=', '.join(allowed)))
+      if method not in allowed:
+        raise method_not_allowed(method, allowed)
+      as_method = 'GET' if method == 'HEAD' else method
+      # Route and authorise before reading a body: a stranger cannot make us read one.
+      self.app.check(as_method, target, headers)
+      body = b''
+      if method in ('POST', 'PUT', 'PATCH'):
+        body = await self._read_body(request)
+        body_read = True
+      status, payload, extra = await self.app.handle(as_method, target, headers, body)
+    except HttpError as e:
+      status, payload, extra = e.answer()
+      close = close or e.status in (408, 411, 413)
+    except asyncio.CancelledError:
+      raise  # the client went away
+    except Exception:  # a bug, not bad input: say so briefly, keep the details in the log
+      log.exception('unexpected error on %s %s', method, request.path)
+      status, payload, extra = 500, {'error': 'internal error; see the server log'}, {}
+    if has_body and not body_read:
+      close = True  # never read: drained briefly after the answer, then the connection closes
+    return _json_response(status, payload, dict(self.cors.headers(origin), **extra), close)
+
+  async def _read_body(self, request) -> bytes:
+    if request.headers.get('Transfer-Encoding'):
+      raise HttpError(411, 'chunked bodies are not accepted; send Content-Length')
+    n = request.content_length
+    if n is None:
+      raise HttpError(411, 'Content-Length is required')
+    limit = self.app.max_body_bytes
+    if n > limit:
+      raise HttpError(413, f'body of {n} bytes is over the limit of {limit} bytes', limit_bytes=limit)
+    if request.version == (1, 1) and request.headers.get('Expect', '').lower() == '100-continue':
+      await request.writer.write(b'HTTP/1.1 100 Continue\r\n\r\n')
+    try:
+      return await asyncio.wait_for(request.content.readexactly(n), self.body_timeout)
+    except asyncio.TimeoutError:
+      raise HttpError(408, f'the body did not arrive within {self.body_timeout:g} s') from None
+    except asyncio.IncompleteReadError:
+      raise HttpError(400, f'the body ended before its Content-Length of {n} bytes') from None
+
+
+class Running:
+  """A service on its own event loop in a background thread: for tests and embedding.
+
+  ``port`` once started; ``stop()`` stops serving, then calls the app's ``close()``.
+  """
+
+  def __init__(self, app: Any, host: str = '127.0.0.1', port: int = 0, **options: Any):
+    self.app = app
+    self.loop = asyncio.new_event_loop()
+    self.service = Service(app, host, port, **options)
+    self._started = threading.Event()
+    self._error: Optional[BaseException] = None
+    self.thread = threading.Thread(target=self._run, name='http-service', daemon=True)
+    self.thread.start()
+    self._started.wait()
+    if self._error is not None:
+      self.thread.join()
+      raise self._error
+    self.port = self.service.port
+
+  def _run(self) -> None:
+    asyncio.set_event_loop(self.loop)
+    try:
+      self.loop.run_until_complete(self.service.start())
+    except BaseException as e:
+      self._error = e
+      self._started.set()
+      self.loop.close()
+      return
+    self._started.set()
+    self.loop.run_forever()
+    self.loop.close()
+
+  def stop(self, close_app: bool = True) -> None:
+    if self.thread.is_alive():
+      asyncio.run_coroutine_threadsafe(self.service.stop(), self.loop).result(60)
+      self.loop.call_soon_threadsafe(self.loop.stop)
+      self.thread.join(60)
+    if close_app and hasattr(self.app, 'close'):
+      self.app.close()
+
+
+def serve_until_stopped(app: Any, args: argparse.Namespace, what: str,
+                        cors: Optional[CorsPolicy] = None) -> int:
+  """Serves ``app`` until SIGTERM or Ctrl-C (exit 0), or until the app gives up
+  (``app.fatal``, an asyncio-free callback it may call from any thread: exit 1 with its reason)."""
+  reason: List[str] = []
+
+  async def main() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    service = Service(app, args.host, args.port, backlog=args.backlog,
+                      idle_timeout=args.idle_timeout, body_timeout=args.body_timeout, cors=cors)
+    try:
+      await service.start()
+    except OSError as e:
+      raise UsageError(f'cannot listen on {args.host}:{args.port}: {e.strerror}') from None
+
+    def give_up(why: str) -> None:
+      reason.append(why)
+      loop.call_soon_threadsafe(stop.set)
+
+    app.fatal = give_up
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      loop.add_signal_handler(sig, stop.set)
+    print(f'{what} listening on http://{args.host}:{service.port}', file=sys.stderr, flush=True)
+    try:
+      await stop.wait()
+    finally:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+      await service.stop()
+
+  try:
+    asyncio.run(main())
   finally:
-    signal.signal(signal.SIGTERM, previous)
-    server.server_close()
-    on_stop()
+    app.close()
+  if reason:
+    raise DataError(f'{what} stopped: {reason[0]}')
   print(f'{what} stopped', file=sys.stderr, flush=True)
   return 0
 
 
 # --- the command line ---------------------------------------------------------------------------
+
+def _add_http_arguments(p: argparse.ArgumentParser, default_port: int, tokens_env: str) -> None:
+  p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
+  p.add_argument('--port', type=int, default=default_port,
+                 help=f'port to listen on (default {default_port}; 0: any)')
+  p.add_argument('--backlog', type=int, default=DEFAULT_BACKLOG,
+                 help=f'connections the kernel queues before they are accepted (default {DEFAULT_BACKLOG})')
+  p.add_argument('--idle-timeout', type=float, default=DEFAULT_IDLE_TIMEOUT,
+                 help='seconds a connection may take to send a request head, or stay idle between '
+                      f'keep-alive requests, before it is closed (default {DEFAULT_IDLE_TIMEOUT:g})')
+  p.add_argument('--body-timeout', type=float, default=DEFAULT_BODY_TIMEOUT,
+                 help='seconds a request body may take to arrive before a 408 '
+                      f'(default {DEFAULT_BODY_TIMEOUT:g})')
+  p.add_argument('--tokens-file', help=f'bearer tokens, one a line (else ${tokens_env}, '
+                                       'comma-separated)')
+  p.set_defaults(tokens_env=tokens_env)
+  p.add_argument('--cors-origin', action='append', default=[], metavar='ORIGIN',
+                 help='a web origin (scheme://host[:port], or *) browsers may call from; repeat '
+                      'for more (default: none, no cross-origin access)')
+
+
+def check_http_arguments(args: argparse.Namespace) -> CorsPolicy:
+  if args.backlog < 1 or args.idle_timeout <= 0 or args.body_timeout <= 0:
+    raise UsageError('--backlog must be >= 1, --idle-timeout and --body-timeout > 0')
+  return CorsPolicy(args.cors_origin)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   sub = parser.add_subparsers(dest='service', metavar='SERVICE')
@@ -204,30 +497,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   w.add_argument('--topic', required=True, help='the topic events are appended to')
   w.add_argument('--partitions', type=int, default=3,
                  help='partitions of the topic if the writer has to create it (default 3)')
-  w.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
-  w.add_argument('--port', type=int, default=8700, help='port to listen on (default 8700; 0: any)')
-  w.add_argument('--tokens-file', help='bearer tokens, one a line (else $SOURCEBEAM_WRITER_TOKENS, '
-                                       'comma-separated)')
   w.add_argument('--state', default='.cache/writer/writer.db',
                  help='SQLite file of receipts and per-key sequences (default .cache/writer/writer.db)')
   w.add_argument('--max-body-bytes', type=int, default=1 << 20,
                  help='largest request body accepted (default 1 MiB)')
   w.add_argument('--max-batch', type=int, default=1000, help='most events in one POST (default 1000)')
   w.add_argument('--ack-timeout', type=float, default=30.0,
-                 help='seconds to wait for the broker to acknowledge a write (default 30)')
+                 help='seconds to wait for the broker to acknowledge a write (default 30); a writer '
+                      'taking over the topic from one that did not stop cleanly waits this plus '
+                      'the lease (5 s) before it writes')
+  _add_http_arguments(w, 8700, 'SOURCEBEAM_WRITER_TOKENS')
   add_app_argument(w)
-  v = sub.add_parser('views', help="the view API: an application's views, each read able to wait "
-                                   'for write receipts')
+  v = sub.add_parser('views', help="the view API: an application's views, each read able to "
+                                   'wait for write receipts')
   v.add_argument('--db', required=True,
                  help='the view store: a SQLite file path, or postgresql://user:password@host:port/db')
-  v.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1)')
-  v.add_argument('--port', type=int, default=8701, help='port to listen on (default 8701; 0: any)')
   v.add_argument('--max-wait-ms', type=int, default=5000,
                  help='longest a read waits for its after= receipts before a 504 (default 5000)')
-  v.add_argument('--poll-ms', type=int, default=20,
-                 help='how often a waiting read checks the view positions (default 20)')
+  v.add_argument('--poll-ms', type=int, default=10,
+                 help='how often the one position watcher reads the view positions while reads '
+                      'wait (default 10)')
   v.add_argument('--max-connections', type=int, default=16,
-                 help='most database connections in use at once (default 16)')
+                 help='database connections (and threads using them) at most (default 16)')
+  v.add_argument('--no-auth', action='store_true',
+                 help='serve without tokens on an address beyond loopback (a warning is printed)')
+  _add_http_arguments(v, 8701, 'SOURCEBEAM_VIEWS_TOKENS')
   add_app_argument(v)
 
 

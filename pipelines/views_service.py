@@ -1,25 +1,37 @@
 """The view API: an application's views, each read able to wait for write receipts.
 
-Routes (all GET)::
+Routes (GET and HEAD; OPTIONS answers the methods and the CORS policy), all in
+one table built from the app (:func:`routes_of`)::
 
-    /views                     the app's views: name, index, route
+    /views                     the app's views: name, index, route, event types
     /views/{view}/{key}        one key of a view (a view name may hold "/": retail/cart)
     /views/{view}?{index}=...  the keys of a view whose index field has that value
+    ...each view's own route   (the demo: /carts/{key}, /products?category=...,
+                                /users/{key}/recently-viewed, /users/{key}/frequently-viewed)
     /positions                 how far every view has applied every partition
-    /health
-    ...and each view's own ``route`` (the demo: /carts/{key}, /products?category=...,
-    /users/{key}/recently-viewed, /users/{key}/frequently-viewed)
+    /health                    liveness; with a valid token also the store and the waiting reads
 
 Effect after cause: each view read takes ``after=<receipt>``, one or more, as the
 writer's compact receipt ``topic:partition:offset`` (repeat the parameter or
 separate receipts with commas: ``after=retail:0:41,retail:2:7``). The read answers
 only once the view's stored position for each receipt's partition is at or past
-the receipt's offset, checking every ``--poll-ms`` for at most ``--max-wait-ms``
-(a request may ask for less with ``wait_ms``); past that, 504 with the positions
-the view has reached. Without ``after`` it answers at once with what it has and
-its positions. The value is read *after* the positions are seen, and the store
-moves a view and its positions in one transaction, so a satisfied receipt's
-write is in the answer.
+the receipt's offset, for at most ``--max-wait-ms`` (a request may ask for less
+with ``wait_ms``); past that, 504 with the positions the view has reached.
+Without ``after`` it answers at once with what it has and its positions. The
+value is read *after* the positions are seen, and the store moves a view and its
+positions in one transaction, so a satisfied receipt's write is in the answer.
+
+Waiting costs no thread: a waiting read is a coroutine on the event loop, and one
+:class:`PositionWatcher` per process reads the positions every ``--poll-ms`` while
+any read waits and wakes the reads whose receipts are met, so N waiting reads
+cost one poll loop, not N. The store (sqlite3 or pg8000, both blocking) is used
+only from a bounded thread pool of ``--max-connections`` threads, each with its
+own connection.
+
+Tokens: with ``$SOURCEBEAM_VIEWS_TOKENS`` (comma-separated) or ``--tokens-file``,
+every route but ``/health`` needs ``Authorization: Bearer <token>`` (401 before
+anything else). Without tokens the API is open, which ``serve views`` allows only
+on a loopback address unless ``--no-auth`` says so (and then it warns).
 
 With the store fed in per-event mode (``ViewChanges`` -> ``WriteViewsToStore``) a
 position is the partition's contiguous watermark, so a satisfied receipt proves
@@ -35,38 +47,144 @@ proves it only when each partition reaches the sink in offset order (see
 from __future__ import annotations
 
 import argparse
-import contextlib
+import asyncio
+import concurrent.futures
+import dataclasses
 import logging
-import queue
 import re
+import sys
 import threading
 import time
 import urllib.parse
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
 
 from sourcebeam.pipelines.apps import load_app
 from sourcebeam.pipelines.cli import UsageError
-from sourcebeam.pipelines.serve import (Answer, HttpError, make_server, method_not_allowed, not_found,
-                             serve_until_stopped)
+from sourcebeam.pipelines.serve import (Answer, HttpError, check_http_arguments, check_token,
+                                        is_loopback, load_tokens, not_found, parse_uint,
+                                        serve_until_stopped, token_given)
 from sourcebeam.transforms.app import App
 from sourcebeam.transforms.view_store import ViewStore, redact
 
 log = logging.getLogger('sourcebeam.views')
 
+TOKENS_ENV = 'SOURCEBEAM_VIEWS_TOKENS'
 MAX_RECEIPTS = 100
 MAX_KEY_CHARS = 256
-TOPIC_RE = re.compile(r'^[A-Za-z0-9._-]{1,249}$')  # Kafka's legal topic names
+TOPIC_RE = re.compile(r'[A-Za-z0-9._-]{1,249}')  # Kafka's legal topic names (fullmatch only)
 
 Receipts = Dict[Tuple[str, int], int]  # (topic, partition) -> offset the view must reach
+
+
+# --- routes: the one table ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+  """One route. ``pattern`` segments in braces match one non-empty path segment (URL-decoded).
+
+  ``kind``: ``view`` (a view read that may wait for receipts), ``views`` (the list),
+  ``positions`` or ``health``. A view route names its ``view``, or takes it from the ``{view}``
+  path parameter; its key is the ``{key_param}`` path parameter, or the query
+  parameter ``key_query``. ``read`` picks how the store is read (see :data:`READERS`).
+  """
+  pattern: str
+  kind: str = 'view'
+  view: Optional[str] = None
+  key_param: Optional[str] = None
+  key_query: Optional[str] = None
+  read: str = 'get'
+
+  @property
+  def segments(self) -> Tuple[str, ...]:
+    return tuple(self.pattern.strip('/').split('/'))
+
+  @property
+  def query(self) -> FrozenSet[str]:
+    """The query parameters this route takes."""
+    if self.kind != 'view':
+      return frozenset()
+    return frozenset({'after', 'wait_ms'} | ({self.key_query} if self.key_query else set()))
+
+
+STATIC_ROUTES: Tuple[Route, ...] = (
+    Route('/views', kind='views'),
+    Route('/positions', kind='positions'),
+    Route('/health', kind='health'),
+)
+
+
+def routes_of(app: App) -> Tuple[Route, ...]:
+  """The one route table of an app's view API: each view by name (one key, and the listing by
+  its index if it has one), each view's own route, and the static routes."""
+  routes: List[Route] = []
+  seen: Dict[str, str] = {}
+  for v in app.views:
+    own = [Route(f'/views/{v.name}/{{key}}', view=v.name, key_param='key')]
+    if v.index:
+      own.append(Route(f'/views/{v.name}', view=v.name, key_query=v.index, read='by_index'))
+    if v.route:
+      own.append(Route(v.route, view=v.name, key_param='key') if '{key}' in v.route else
+                 Route(v.route, view=v.name, key_query=v.index, read='by_index'))
+    for r in own:
+      if r.pattern in seen:
+        raise UsageError(f'views {seen[r.pattern]} and {v.name} both answer {r.pattern}')
+      seen[r.pattern] = v.name
+    routes.extend(own)
+  return tuple(routes) + STATIC_ROUTES
+
+
+# How a view route reads the store: (store, route, view, key) -> the answer's fields.
+READERS: Dict[str, Callable[[ViewStore, Route, str, str], Dict[str, Any]]] = {
+    'get': lambda store, route, view, key: _found(store.get(view, key), view, key),
+    'by_index': lambda store, route, view, key: {
+        'view': view, 'index': route.key_query, route.key_query: key,
+        'values': store.by_index(view, key)},
+}
+
+
+def _found(value: Any, view: str, key: str) -> Dict[str, Any]:
+  return {'view': view, 'key': key, 'found': value is not None, 'value': value}
+
+
+def match(path: str, routes: Tuple[Route, ...]) -> Tuple[Route, Dict[str, str]]:
+  """(route, path parameters) of a raw path; HttpError 404 for no route, 400 for a bad key."""
+  parts = path[1:].split('/') if path.startswith('/') else None
+  for route in routes:
+    segs = route.segments
+    if parts is None or len(parts) != len(segs):
+      continue
+    params = {}
+    for want, got in zip(segs, parts):
+      if want.startswith('{') and want.endswith('}'):
+        if not got:
+          break
+        params[want[1:-1]] = got
+      elif want != got:
+        break
+    else:
+      return route, {k: _key(v, k) for k, v in params.items()}
+  raise not_found(path, [r.pattern + (f'?{r.key_query}=...' if r.key_query else '') for r in routes])
+
+
+def _key(segment: str, what: str) -> str:
+  try:
+    key = urllib.parse.unquote(segment, errors='strict')
+  except UnicodeDecodeError:
+    raise HttpError(400, f'{what} is not UTF-8 once %-decoded') from None
+  if not key or len(key) > MAX_KEY_CHARS:
+    raise HttpError(400, f'{what} must be 1 to {MAX_KEY_CHARS} characters')
+  return key
 
 
 def parse_receipts(values: List[str]) -> Receipts:
   """``after`` values (repeated, each possibly comma-separated) -> {(topic, partition): offset}.
 
-  Several receipts for one partition need only the highest. HttpError 400 on a bad one.
+  Several receipts for one partition need only the highest. Partition and offset are
+  read with ASCII digits only; a topic is a whole Kafka topic name (no newline). HttpError
+  400 on a bad one.
   """
   out: Receipts = {}
-  items = [item.strip() for v in values for item in v.split(',')]
+  items = [item.strip(' ') for v in values for item in v.split(',')]
   if len(items) > MAX_RECEIPTS:
     raise HttpError(400, f'{len(items)} receipts; at most {MAX_RECEIPTS} per request')
   for item in items:
@@ -75,186 +193,252 @@ def parse_receipts(values: List[str]) -> Receipts:
       raise HttpError(400, f'bad receipt {item!r}: expected topic:partition:offset',
                       example='retail:0:42')
     topic, partition, offset = parts
-    if not TOPIC_RE.match(topic):
+    if not TOPIC_RE.fullmatch(topic):
       raise HttpError(400, f'bad receipt {item!r}: {topic!r} is not a Kafka topic name')
-    if not (partition.isdigit() and offset.isdigit()) or len(partition) > 9 or len(offset) > 18:
-      raise HttpError(400, f'bad receipt {item!r}: partition and offset must be whole numbers >= 0')
-    k = (topic, int(partition))
-    out[k] = max(out.get(k, -1), int(offset))
+    try:
+      k = (topic, parse_uint(partition, 'partition', 9))
+      o = parse_uint(offset, 'offset', 18)
+    except HttpError:
+      raise HttpError(400, f'bad receipt {item!r}: partition and offset must be whole numbers '
+                           '>= 0 written with the digits 0-9') from None
+    out[k] = max(out.get(k, -1), o)
   return out
 
 
-def _key(segment: str, what: str) -> str:
-  key = urllib.parse.unquote(segment)
-  if not key or len(key) > MAX_KEY_CHARS:
-    raise HttpError(400, f'{what} must be 1 to {MAX_KEY_CHARS} characters')
-  return key
+@dataclasses.dataclass
+class Read:
+  """A parsed request: the route, the view and key, the receipts to wait for, and how long."""
+  route: Route
+  view: Optional[str] = None
+  key: Optional[str] = None
+  receipts: Receipts = dataclasses.field(default_factory=dict)
+  wait_ms: int = 0
 
+
+def pending_receipts(receipts: Receipts, positions: List[Dict[str, Any]]) -> List[Tuple[str, int, int]]:
+  """The receipts a view's positions have not reached yet."""
+  reached = {(p['topic'], p['partition']): p['offset'] for p in positions}
+  return [(t, p, o) for (t, p), o in sorted(receipts.items()) if reached.get((t, p), -1) < o]
+
+
+# --- waiting: one watcher per process ------------------------------------------------------------
+
+class PositionWatcher:
+  """Reads the view positions every ``poll_s`` while any read waits, and wakes the reads
+  whose receipts are met: N waiting reads cost one poll loop. Lives on the event loop."""
+
+  def __init__(self, fetch: Callable[[], Awaitable[List[Dict[str, Any]]]], poll_s: float):
+    self.fetch, self.poll_s = fetch, poll_s
+    self.waiters: Dict['asyncio.Future[List[Dict[str, Any]]]', Tuple[str, Receipts]] = {}
+    self.task: Optional['asyncio.Task[None]'] = None
+    self.polls = 0
+    self.errors = 0
+
+  async def wait(self, view: str, receipts: Receipts, timeout: float) -> List[Dict[str, Any]]:
+    """The view's positions once they meet ``receipts``; asyncio.TimeoutError after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    fut: 'asyncio.Future[List[Dict[str, Any]]]' = loop.create_future()
+    self.waiters[fut] = (view, receipts)
+    if self.task is None or self.task.done():
+      self.task = loop.create_task(self._run())
+    try:
+      return await asyncio.wait_for(fut, timeout)
+    finally:
+      self.waiters.pop(fut, None)
+
+  async def _run(self) -> None:
+    while any(not f.done() for f in self.waiters):
+      try:
+        positions = await self.fetch()
+      except Exception as e:  # the waiting reads time out with 504 if this goes on
+        self.errors += 1
+        log.warning('reading the view positions failed: %s', e)
+      else:
+        self.polls += 1
+        by_view: Dict[str, List[Dict[str, Any]]] = {}
+        for p in positions:
+          by_view.setdefault(p['view'], []).append(p)
+        for fut, (view, receipts) in list(self.waiters.items()):
+          mine = by_view.get(view, [])
+          if not fut.done() and not pending_receipts(receipts, mine):
+            fut.set_result(mine)
+      if any(not f.done() for f in self.waiters):
+        await asyncio.sleep(self.poll_s)
+
+  async def stop(self) -> None:
+    if self.task is not None and not self.task.done():
+      self.task.cancel()
+      try:
+        await self.task
+      except asyncio.CancelledError:
+        pass
+
+
+# --- the API -------------------------------------------------------------------------------------
 
 class ViewsApi:
-  """Plain-Python request handling; ``handle`` gives ``(status, body, headers)``.
-
-  Store connections are pooled (at most ``max_connections`` in use): sqlite3 and
-  pg8000 connections must not be shared between threads at once.
-  """
+  """Plain-Python request handling: :meth:`parse` (sync, no I/O) and :meth:`handle` (async;
+  the store through a bounded thread pool, waiting through the one watcher)."""
 
   max_body_bytes = 0  # GET only: any body is refused
 
-  def __init__(self, app: App, dsn: str, max_wait_ms: int = 5000, poll_ms: int = 20,
-               max_connections: int = 16):
+  def __init__(self, app: App, dsn: str, max_wait_ms: int = 5000, poll_ms: int = 10,
+               max_connections: int = 16, tokens: Optional[Set[str]] = None,
+               routes: Optional[Tuple[Route, ...]] = None):
     self.app = app
-    self.views = {v.name: v for v in app.views}
-    self.routes = view_routes(app)
     self.dsn, self.max_wait_ms, self.poll_ms = dsn, max_wait_ms, poll_ms
-    self.pool: 'queue.LifoQueue[ViewStore]' = queue.LifoQueue()
-    # At most this many connections at once (a PostgreSQL server has few to give); a waiting
-    # read holds one only while it looks, never while it sleeps.
-    self.slots = threading.BoundedSemaphore(max_connections)
-    self.pool.put(ViewStore(dsn))  # fail at start-up, not at the first request, on a bad DSN
+    self.tokens = set(tokens or ())
+    self.routes = routes_of(app) if routes is None else routes
+    self.executor = concurrent.futures.ThreadPoolExecutor(max_connections,
+                                                          thread_name_prefix='views-db')
+    self._local = threading.local()
+    self._stores: List[ViewStore] = []
+    self._stores_lock = threading.Lock()
+    self.watcher: Optional[PositionWatcher] = None
+    self.fatal: Callable[[str], None] = lambda reason: None
+    try:  # fail at start-up, not at the first request, on a bad DSN
+      self.executor.submit(self._with_store, lambda s: s.positions()).result()
+    except BaseException:
+      self.close()
+      raise
 
-  @contextlib.contextmanager
-  def store(self) -> Iterator[ViewStore]:
-    with self.slots:
-      try:
-        store = self.pool.get_nowait()
-      except queue.Empty:
-        store = ViewStore(self.dsn)
-      try:
-        yield store
-      except HttpError:
-        self.pool.put(store)
-        raise
-      except Exception:
-        store.close()  # a broken connection is not put back
-        raise
-      else:
-        self.pool.put(store)
+  # --- the store, from the pool's threads only ---------------------------------------------
+
+  def _with_store(self, fn: Callable[[ViewStore], Any]) -> Any:
+    store = getattr(self._local, 'store', None)
+    if store is None:
+      store = ViewStore(self.dsn)
+      self._local.store = store
+      with self._stores_lock:
+        self._stores.append(store)
+    try:
+      return fn(store)
+    except Exception:
+      self._local.store = None  # a broken connection is not used again
+      with self._stores_lock:
+        if store in self._stores:
+          self._stores.remove(store)
+      store.close()
+      raise
+
+  async def db(self, fn: Callable[[ViewStore], Any]) -> Any:
+    try:
+      return await asyncio.get_running_loop().run_in_executor(self.executor, self._with_store, fn)
+    except Exception as e:
+      log.warning('the view store failed: %s: %s', type(e).__name__,
+                  str(e).replace(self.dsn, redact(self.dsn)))
+      raise HttpError(503, 'the view store did not answer; retry') from None
+
+  async def start(self) -> None:
+    self.watcher = PositionWatcher(lambda: self.db(lambda s: s.positions()), self.poll_ms / 1000)
+
+  async def stop(self) -> None:
+    if self.watcher is not None:
+      await self.watcher.stop()
 
   def close(self) -> None:
-    while True:
-      try:
-        self.pool.get_nowait().close()
-      except queue.Empty:
-        return
+    self.executor.shutdown(wait=True)
+    with self._stores_lock:
+      stores, self._stores = self._stores, []
+    for store in stores:
+      store.close()
 
-  def _route(self, path: str) -> Tuple[str, Optional[str]]:
-    """(view or special route, key; None to list by the view's index) for a path; 404 else."""
-    if path in ('/positions', '/health', '/views'):
-      return path[1:], None
-    if path.startswith('/views/'):
-      rest = path[len('/views/'):]
-      if rest in self.views:
-        if self.views[rest].index is None:
-          raise HttpError(404, f'view {rest} has no index to list by: ask for one key, '
-                               f'/views/{rest}/{{key}}')
-        return rest, None
-      name, _, segment = rest.rpartition('/')
-      if name in self.views and segment:
-        return name, _key(segment, 'key')
-      raise HttpError(404, f'no view {name or rest!r} in app {self.app.name}',
-                      views=sorted(self.views))
-    parts = path.split('/')
-    for template, view in self.routes:
-      if len(template) == len(parts) and all(t == p or (t == '{key}' and p)
-                                               for t, p in zip(template, parts)):
-        i = template.index('{key}') if '{key}' in template else None
-        return view, None if i is None else _key(parts[i], 'key')
-    raise not_found(path, ['/views', '/views/{view}/{key}', '/views/{view}?{index}=...',
-                           '/positions', '/health'] + ['/'.join(t) for t, _ in self.routes])
+  # --- requests --------------------------------------------------------------------------------
 
-  def check(self, method: str, path: str, headers: Mapping[str, str]) -> None:
-    self._route(urllib.parse.urlsplit(path).path)
-    if method != 'GET':
-      raise method_not_allowed(method, 'GET')
+  def methods(self, path: str) -> List[str]:
+    match(path, self.routes)  # 404 for no such route
+    return ['GET']
 
-  def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
-    self.check(method, path, headers)
-    url = urllib.parse.urlsplit(path)
-    view, key = self._route(url.path)
+  def check(self, method: str, target: str, headers: Mapping[str, str]) -> None:
+    """Route and token, before anything is read."""
+    route, _ = match(urllib.parse.urlsplit(target).path, self.routes)
+    if self.tokens and route.kind != 'health':
+      check_token(headers, self.tokens)
+
+  def parse(self, target: str) -> Read:
+    """A request target -> :class:`Read` (plain Python, no I/O); HttpError 4xx when bad."""
+    url = urllib.parse.urlsplit(target)
+    route, params = match(url.path, self.routes)
     try:
-      params = urllib.parse.parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query),
-                                     max_num_fields=MAX_RECEIPTS + 10)
-    except ValueError as e:
+      query = urllib.parse.parse_qs(url.query, keep_blank_values=True,
+                                    strict_parsing=bool(url.query), errors='strict',
+                                    max_num_fields=MAX_RECEIPTS + 10)
+    except (ValueError, UnicodeDecodeError) as e:
       raise HttpError(400, f'bad query string: {e}') from None
-    special = view in ('positions', 'health', 'views')
-    index = None if special or key is not None else self.views[view].index
-    allowed = {'after', 'wait_ms'} | ({index} if index else set())
-    unknown = sorted(set(params) - allowed)
-    if unknown or special and params:
-      raise HttpError(400, f'unknown query parameter(s) {unknown or sorted(params)}',
-                      allowed=sorted(allowed) if not special else [])
-    if view == 'views':
+    unknown = sorted(set(query) - route.query)
+    if unknown:
+      raise HttpError(400, f'unknown query parameter(s) {unknown}', allowed=sorted(route.query))
+    if route.kind != 'view':
+      return Read(route)
+    view = route.view or params.get('view')
+    if route.key_query:
+      values = query.get(route.key_query, [])
+      if len(values) != 1 or not values[0]:
+        raise HttpError(400, f'give exactly one {route.key_query}: {route.pattern}?{route.key_query}=...')
+      key = values[0]
+      if len(key) > MAX_KEY_CHARS:
+        raise HttpError(400, f'{route.key_query} must be 1 to {MAX_KEY_CHARS} characters')
+    else:
+      key = params[route.key_param or 'key']
+    wait_ms = self.max_wait_ms
+    if 'wait_ms' in query:
+      wait_ms = min(parse_uint(query['wait_ms'][-1], 'wait_ms', 9), self.max_wait_ms)
+    return Read(route, view, key, parse_receipts(query.get('after', [])), wait_ms)
+
+  async def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Answer:
+    self.check(method, target, headers)
+    read = self.parse(target)
+    if read.route.kind == 'health':
+      return await self._health(bool(self.tokens) and token_given(headers, self.tokens))
+    if read.route.kind == 'positions':
+      return 200, {'positions': await self.db(lambda s: s.positions())}, {}
+    if read.route.kind == 'views':
       return 200, {'app': self.app.name, 'views': [
           {'name': v.name, 'index': v.index, 'route': v.route, 'event_types': sorted(v.event_types)}
-          for v in self.views.values()]}, {}
-    if view == 'health':
-      with self.store() as store:
-        store.positions()  # a round trip to the database
-      return 200, {'status': 'ok', 'db': redact(self.dsn)}, {}
-    if view == 'positions':
-      with self.store() as store:
-        return 200, {'positions': store.positions()}, {}
-    if index is not None:
-      values = params.get(index, [])
-      if len(values) != 1 or not values[0]:
-        raise HttpError(400, f'give exactly one {index}: ?{index}=...')
-      key = values[0]
-    receipts = parse_receipts(params.get('after', []))
-    wait_ms = self.max_wait_ms
-    if 'wait_ms' in params:
-      w = params['wait_ms'][-1]
-      if not w.isdigit():
-        raise HttpError(400, f'wait_ms must be a whole number of milliseconds, got {w!r}')
-      wait_ms = min(int(w), self.max_wait_ms)
-    return self._read(view, key, index, receipts, wait_ms)
+          for v in self.app.views]}, {}
+    return await self._read(read)
 
-  def _read(self, view: str, key: str, index: Optional[str], receipts: Receipts,
-            wait_ms: int) -> Answer:
+  async def _health(self, detailed: bool) -> Answer:
+    if not detailed:
+      return 200, {'status': 'ok'}, {}  # liveness only: nothing about the store or the views
+    positions = await self.db(lambda s: s.positions())
+    watcher = self.watcher
+    return 200, {'status': 'ok', 'db': redact(self.dsn), 'views': sorted({p['view'] for p in positions}),
+                 'waiting_reads': len(watcher.waiters) if watcher else 0,
+                 'position_polls': watcher.polls if watcher else 0}, {}
+
+  async def _read(self, read: Read) -> Answer:
+    view, key, receipts = read.view, read.key, read.receipts
+    route = read.route
+    read_store = lambda s: READERS[route.read](s, route, view, key)
     start = time.monotonic()
-    deadline = start + wait_ms / 1000
-    slept = False
-    while True:
-      with self.store() as store:
-        positions = store.positions(view)
-      reached = {(p['topic'], p['partition']): p['offset'] for p in positions}
-      pending = [(t, p, o) for (t, p), o in sorted(receipts.items())
-                 if reached.get((t, p), -1) < o]
-      if not pending:
-        break
-      if time.monotonic() >= deadline:
-        waited = int((time.monotonic() - start) * 1000)
-        raise HttpError(
-            504, f'the {view} view has not applied {len(pending)} receipt(s) after {waited} ms',
-            view=view, waited_ms=waited,
-            pending=[{'after': f'{t}:{p}:{o}', 'position': reached.get((t, p))}
-                     for t, p, o in pending],
-            positions=_positions(positions))
-      time.sleep(min(self.poll_ms / 1000, max(0.0, deadline - time.monotonic())))
-      slept = True
-    waited_ms = int((time.monotonic() - start) * 1000) if slept else 0
-    # Read the value after the positions: the write the receipt names is in it.
-    with self.store() as store:
-      if index is not None:
-        body = {'view': view, 'index': index, index: key, 'values': store.by_index(view, key)}
-      else:
-        value = store.get(view, key)
-        body = {'view': view, 'key': key, 'found': value is not None, 'value': value}
+    waited_ms = 0
+    if receipts:
+      positions = await self.db(lambda s: s.positions(view))
+      if pending_receipts(receipts, positions):
+        timeout = max(0.0, read.wait_ms / 1000 - (time.monotonic() - start))
+        try:
+          positions = await self.watcher.wait(view, receipts, timeout)
+        except asyncio.TimeoutError:
+          positions = await self.db(lambda s: s.positions(view))
+          pending = pending_receipts(receipts, positions)
+          if pending:
+            reached = {(p['topic'], p['partition']): p['offset'] for p in positions}
+            waited = int((time.monotonic() - start) * 1000)
+            raise HttpError(
+                504, f'the {view} view has not applied {len(pending)} receipt(s) after {waited} ms',
+                view=view, waited_ms=waited,
+                pending=[{'after': f'{t}:{p}:{o}', 'position': reached.get((t, p))}
+                         for t, p, o in pending],
+                positions=_positions(positions))
+        waited_ms = int((time.monotonic() - start) * 1000)
+      # Read the value after the positions: the write the receipt names is in it.
+      body = await self.db(read_store)
+    else:
+      positions, body = await self.db(lambda s: (s.positions(view), read_store(s)))
     body['positions'] = _positions(positions)
     body['waited_ms'] = waited_ms  # time spent waiting for receipts; 0 when none had to wait
     return 200, body, {}
-
-
-def view_routes(app: App) -> List[Tuple[List[str], str]]:
-  """Each view's own ``route`` as (path segments, view); two views may not share one."""
-  routes, seen = [], {}
-  for v in app.views:
-    if v.route is None:
-      continue
-    if v.route in seen:
-      raise UsageError(f'views {seen[v.route]} and {v.name} both declare route {v.route}')
-    seen[v.route] = v.name
-    routes.append((v.route.split('/'), v.name))
-  return routes
 
 
 def _positions(positions: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -263,18 +447,26 @@ def _positions(positions: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-  """``serve views``: open the store, serve until stopped."""
+  """``serve views``: check the options and the token policy, open the store, serve until stopped."""
   if args.max_wait_ms < 0 or args.poll_ms < 1 or args.max_connections < 1:
     raise UsageError('--max-wait-ms must be >= 0, --poll-ms and --max-connections >= 1')
+  cors = check_http_arguments(args)
+  tokens = load_tokens(TOKENS_ENV, args.tokens_file)
+  if tokens and args.no_auth:
+    raise UsageError(f'--no-auth contradicts the configured tokens (${TOKENS_ENV} / --tokens-file)')
+  if not tokens and not is_loopback(args.host):
+    if not args.no_auth:
+      raise UsageError(f'--host {args.host} is reachable beyond this machine: set ${TOKENS_ENV} '
+                       '(comma-separated) or --tokens-file so reads need a bearer token, or pass '
+                       '--no-auth to serve every view to anyone who can connect')
+    print(f'warning: the view API listens on {args.host} without tokens: anyone who can reach it '
+          f'reads every view (set ${TOKENS_ENV} to require a bearer token)', file=sys.stderr, flush=True)
   try:
     api = ViewsApi(load_app(args.app), args.db, args.max_wait_ms, args.poll_ms,
-                   args.max_connections)
+                   args.max_connections, tokens)
   except Exception as e:  # the password never appears: the message names the redacted DSN
     raise UsageError(f'cannot open the view store {redact(args.db)}: '
                      f'{type(e).__name__}: {str(e).replace(args.db, redact(args.db))}') from None
-  try:
-    server = make_server(api, args.host, args.port)
-  except OSError as e:
-    api.close()
-    raise UsageError(f'cannot listen on {args.host}:{args.port}: {e.strerror}') from None
-  return serve_until_stopped(server, api.close, f'view API ({redact(args.db)})')
+  auth = 'bearer tokens' if tokens else 'no tokens'
+  return serve_until_stopped(api, args, f'view API ({redact(args.db)}; {auth}; CORS: '
+                                        f'{cors.describe()})', cors)

@@ -8,42 +8,53 @@ own write (effect after cause).
 A request (one event, or a JSON array of events: a batch) goes through:
 
 1. a bearer token (``SOURCEBEAM_WRITER_TOKENS`` or ``--tokens-file``; never in code,
-   never logged): 401 without one or with a wrong one;
-2. the publishing boundary (:func:`schemas.validation.validate_envelope`, the same
-   rules as the publish pipeline): any invalid event refuses the whole batch, 400
-   with the reason of each; ``event_id`` is assigned (a UUID) where missing;
+   never logged): 401 without one or with a wrong one, before the body is read;
+2. the door, all-or-nothing for a batch: the publishing boundary
+   (:func:`schemas.validation.validate_envelope`, the same rules as the publish
+   pipeline; numbers sent as strings must use ASCII digits), and an ``event_time``
+   the topic accepts (:class:`EventTimeLimits`: Kafka refuses a message whose
+   timestamp is too far from the broker's clock, by default more than an hour ahead).
+   Any event refused here refuses the whole batch: 400 with the index and reason of
+   each, nothing written. ``event_id`` is assigned (a UUID) where missing;
 3. in one append thread, so sequences and Kafka order agree (concurrent requests
-   are appended together: one producer flush, one SQLite commit): events whose ``event_id``
-   already has a receipt are answered with that first receipt and not appended
-   again; the others get the key's next ``sequence`` where missing, and are
-   produced with the partition key as the Kafka message key (so a key's events
-   land in one partition, in order; murmur2, like Java clients) by an idempotent
-   producer with ``acks=all``;
+   are appended together: one producer flush, one SQLite commit): events whose
+   ``event_id`` already has a receipt are answered with that first receipt and not
+   appended again. **Sequences belong to the writer**: an event without ``sequence``
+   gets its key's next one; an event with one is accepted only if it is exactly
+   the key's next (optimistic concurrency, like an expected version): otherwise the
+   request is refused, 409 with the expected sequence, nothing of it written.
+   Events are produced with the partition key as the Kafka message key (one
+   partition per key, in order; murmur2, like Java clients) by an idempotent
+   producer with ``acks=all``, and only while the writer holds its lease on the
+   topic (:mod:`pipelines.writer_lease`: a second writer fences the first, so two
+   writers never number one key);
 4. only after the broker acknowledged every event: receipts and the keys' last
    sequences are recorded in one SQLite transaction (``--state``), then answered.
 
 Guarantees, and the crash window. Kafka is the source of truth, the SQLite file
 a cache of it. A crash (or a lost acknowledgement) between the broker's ack and
-the SQLite commit leaves events in Kafka without receipts; so at start-up, and
-before the next write after any failed or timed-out produce, the writer reads
-each partition from past its last recorded offset to the end and records the
-receipts and sequences of what it finds there. Hence, with a single writer per
-topic: every acknowledged event is in Kafka exactly once per ``event_id`` (a
-retry with the same ``event_id`` returns the first receipt, even across a crash
-and restart); sequences of a key never repeat and never skip after a restart.
-An event whose produce failed is answered 503 and may or may not be in Kafka;
-retrying it with the same ``event_id`` is always safe. A batch is all-or-nothing
-at validation; at append, Kafka has no multi-partition atomicity here, so on a
-broker failure the 503 lists the receipts of the events that were acknowledged
-and the ``event_id`` of those that were not (retry the batch: done ones answer
-with their receipts). A retried ``event_id`` whose content differs is still
-answered with the first receipt: the first write wins.
+the SQLite commit leaves events in Kafka without receipts; so at start-up (after
+taking the lease), and before the next write after any failed or timed-out
+produce, the writer reads each partition from past its last recorded offset to
+the end and records the receipts and sequences of what it finds there. Hence:
+every acknowledged event is in Kafka exactly once per ``event_id`` (a retry with
+the same ``event_id`` returns the first receipt, even across a crash and
+restart); a key's sequences are 1, 2, 3... in offset order, never repeated or
+skipped. An event whose produce failed is answered 503 and may or may not be in
+Kafka; retrying it with the same ``event_id`` is always safe. Kafka has no
+multi-partition atomicity for non-transactional writes, so on a broker failure
+the 503 lists the receipts of the events that were acknowledged and the
+``event_id`` of those that were not (retry the batch: done ones answer with their
+receipts). A retried ``event_id`` whose content differs is still answered with the
+first receipt: the first write wins.
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
+import asyncio
+import concurrent.futures
+import datetime
 import json
 import logging
 import os
@@ -53,12 +64,14 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 from sourcebeam.pipelines.apps import load_app
 from sourcebeam.pipelines.cli import UsageError
-from sourcebeam.pipelines.serve import (Answer, HttpError, make_server, method_not_allowed, not_found,
-                             serve_until_stopped)
+from sourcebeam.pipelines.serve import (Answer, HttpError, check_http_arguments, check_token,
+                                        load_tokens as _load_tokens, method_not_allowed, not_found,
+                                        serve_until_stopped, token_given)
+from sourcebeam.pipelines.writer_lease import LEASE_MS, WriterLease, lease_topic
 from sourcebeam.schemas.envelope import to_json
 from sourcebeam.schemas.registry import Registry
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES, Invalid, validate_envelope
@@ -68,44 +81,109 @@ log = logging.getLogger('sourcebeam.writer')
 
 TOKENS_ENV = 'SOURCEBEAM_WRITER_TOKENS'
 ROUTES = {'/events': 'POST', '/health': 'GET'}
+LONG_MAX = 2**63 - 1
 
 
 # --- tokens ----------------------------------------------------------------------------------
 
 def load_tokens(tokens_file: Optional[str] = None,
                 environ: Mapping[str, str] = os.environ) -> Set[str]:
-  """Bearer tokens from a file (one a line, ``#`` comments) or ``$SOURCEBEAM_WRITER_TOKENS``."""
-  if tokens_file:
-    try:
-      with open(tokens_file, encoding='utf-8') as f:
-        lines = f.read().splitlines()
-    except OSError as e:
-      raise UsageError(f'cannot read the tokens file {tokens_file}: {e.strerror}') from None
-    tokens = {line.strip() for line in lines if line.strip() and not line.lstrip().startswith('#')}
-  else:
-    tokens = {t.strip() for t in environ.get(TOKENS_ENV, '').split(',') if t.strip()}
+  """Bearer tokens from a file (one a line, ``#`` comments) or ``$SOURCEBEAM_WRITER_TOKENS``;
+  writes always need one."""
+  tokens = _load_tokens(TOKENS_ENV, tokens_file, environ)
   if not tokens:
     raise UsageError(f'no bearer tokens configured: set ${TOKENS_ENV} (comma-separated) or '
                      'pass --tokens-file; writes need a token')
-  short = [t for t in tokens if len(t) < 16]
-  if short:
-    raise UsageError(f'{len(short)} configured token(s) shorter than 16 characters; use longer ones')
   return tokens
 
 
-def check_token(headers: Mapping[str, str], tokens: Iterable[str]) -> None:
-  """401 unless the Authorization header carries one of ``tokens`` (compared in constant time)."""
-  challenge = {'WWW-Authenticate': 'Bearer realm="sourcebeam"'}
-  auth = headers.get('Authorization') or ''
-  scheme, _, given = auth.partition(' ')
-  if scheme.lower() != 'bearer' or not given.strip():
-    raise HttpError(401, 'a bearer token is required (Authorization: Bearer <token>)', challenge)
-  given_b = given.strip().encode('utf-8')
-  ok = False
-  for t in tokens:
-    ok |= hmac.compare_digest(given_b, t.encode('utf-8'))
-  if not ok:
-    raise HttpError(401, 'the bearer token is not valid', challenge)
+# --- event times Kafka accepts -------------------------------------------------------------------
+
+def _iso(millis: int) -> str:
+  try:
+    t = datetime.datetime.fromtimestamp(millis / 1000, datetime.timezone.utc)
+  except (OverflowError, ValueError, OSError):
+    return f'{millis} ms'
+  return t.strftime('%Y-%m-%dT%H:%M:%S.') + f'{t.microsecond // 1000:03d}Z'
+
+
+def _duration(ms: int) -> str:
+  """``1 h``, ``59 min 55 s``, ``250 ms``: the two largest units that are not zero."""
+  parts = []
+  for unit, size in (('d', 86_400_000), ('h', 3_600_000), ('min', 60_000), ('s', 1000), ('ms', 1)):
+    if ms >= size:
+      parts.append(f'{ms // size} {unit}')
+      ms %= size
+  return ' '.join(parts[:2]) or '0 ms'
+
+
+class EventTimeLimits:
+  """The ``event_time`` values the topic accepts, checked at the door.
+
+  The writer uses ``event_time`` as the Kafka timestamp (so a streaming read's event
+  time is when things happened). With ``message.timestamp.type=CreateTime`` the
+  broker refuses a message whose timestamp is more than
+  ``message.timestamp.after.max.ms`` ahead of its clock (Kafka 4: one hour) or more
+  than ``message.timestamp.before.max.ms`` behind it (default: no limit), and it
+  would refuse a retry the same way. So such an event is refused here with 400,
+  the limit stated. Margins: ``skew_ms`` for clocks that disagree, and an event
+  must stay acceptable for ``settle_ms`` (the ack timeout) while it is appended.
+  ``LogAppendTime`` topics take any timestamp (the broker replaces it).
+  """
+
+  def __init__(self, topic: str, timestamp_type: str = 'CreateTime',
+               after_max_ms: int = 3_600_000, before_max_ms: int = LONG_MAX,
+               settle_ms: int = 30_000, skew_ms: int = 5_000):
+    self.topic, self.timestamp_type = topic, timestamp_type
+    self.after_max_ms, self.before_max_ms = after_max_ms, before_max_ms
+    self.settle_ms, self.skew_ms = settle_ms, skew_ms
+
+  @property
+  def max_ahead_ms(self) -> Optional[int]:
+    if self.timestamp_type != 'CreateTime' or self.after_max_ms >= LONG_MAX // 2:
+      return None
+    return max(0, self.after_max_ms - self.skew_ms)
+
+  @property
+  def max_behind_ms(self) -> Optional[int]:
+    if self.timestamp_type != 'CreateTime' or self.before_max_ms >= LONG_MAX // 2:
+      return None
+    return max(0, self.before_max_ms - self.skew_ms - self.settle_ms)
+
+  def describe(self) -> Dict[str, Any]:
+    return {'max_ahead_ms': self.max_ahead_ms, 'max_behind_ms': self.max_behind_ms,
+            'timestamp_type': self.timestamp_type}
+
+  def check(self, event_time: int, now_ms: Optional[int] = None) -> None:
+    """Invalid (the reason naming the limit) for an event time the topic would refuse."""
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    ahead, behind = self.max_ahead_ms, self.max_behind_ms
+    if ahead is not None and event_time > now + ahead:
+      raise Invalid(
+          f'event_time {_iso(event_time)} is {_duration(event_time - now)} ahead of the writer\'s '
+          f'clock; topic {self.topic} accepts event times at most {_duration(ahead)} ahead (Kafka\'s '
+          f'message.timestamp.after.max.ms is {_duration(self.after_max_ms)}, less '
+          f'{_duration(self.skew_ms)} for clock skew): the latest accepted now is {_iso(now + ahead)}')
+    if behind is not None and event_time < now - behind:
+      raise Invalid(
+          f'event_time {_iso(event_time)} is {_duration(now - event_time)} behind the writer\'s '
+          f'clock; topic {self.topic} accepts event times at most {_duration(behind)} behind (Kafka\'s '
+          f'message.timestamp.before.max.ms is {_duration(self.before_max_ms)}, less margins for '
+          f'clock skew and the append): the earliest accepted now is {_iso(now - behind)}')
+
+
+def _ascii_numbers(obj: Mapping[str, Any], repairs: List[str]) -> None:
+  """Numbers sent as strings must use ASCII digits: the publishing boundary converts them
+  with ``int()``/``float()``, which also take ``٣`` or ``１``."""
+  for repair in repairs:
+    if not repair.endswith(' converted from a string'):
+      continue
+    where = repair[:-len(' converted from a string')]
+    value: Any = obj
+    for part in where.split('.'):
+      value = value.get(part) if isinstance(value, Mapping) else None
+    if isinstance(value, str) and not value.isascii():
+      raise Invalid(f'{where} {value!r} is not written with the digits 0-9')
 
 
 # --- receipts and sequences (SQLite) -------------------------------------------------------------
@@ -198,9 +276,14 @@ def make_receipt(topic: str, partition: int, offset: int, event_id: str, partiti
 
 # --- Kafka -------------------------------------------------------------------------------------
 
+# The broker's refusals that a retry meets again: the event itself is at fault, not the broker.
+_PERMANENT = ('INVALID_TIMESTAMP', 'MSG_SIZE_TOO_LARGE', 'INVALID_RECORD', 'RECORD_LIST_TOO_LARGE',
+              'INVALID_REQUIRED_ACKS', 'TOPIC_AUTHORIZATION_FAILED')
+
+
 class KafkaLog:
-  """The topic, through confluent-kafka: an idempotent producer (acks=all) and a reader of
-  partition tails for reconciliation."""
+  """The topic, through confluent-kafka: an idempotent producer (acks=all), a reader of
+  partition tails for reconciliation, and the topic's timestamp limits."""
 
   def __init__(self, bootstrap: str, topic: str, partitions: int, ack_timeout: float):
     from confluent_kafka import Producer
@@ -216,36 +299,59 @@ class KafkaLog:
         'socket.timeout.ms': 10000,
         'logger': log,  # librdkafka's messages through Python logging, not raw stderr
     })
-    self.partitions = self._ensure_topic(partitions)
+    self.partitions = self.ensure_topic(topic, partitions)
+    self.limits = self._event_time_limits()
 
-  def _ensure_topic(self, partitions: int) -> List[int]:
+  def ensure_topic(self, name: str, partitions: int,
+                   config: Optional[Dict[str, str]] = None) -> List[int]:
+    """The topic's partitions, creating it first if it does not exist; waits for leaders."""
     from confluent_kafka.admin import AdminClient, NewTopic
     md = self.producer.list_topics(timeout=15)
-    t = md.topics.get(self.topic)
+    t = md.topics.get(name)
     if t is None or t.error is not None:
       admin = AdminClient({'bootstrap.servers': self.bootstrap, 'logger': log})
-      futures = admin.create_topics([NewTopic(self.topic, partitions, 1)], request_timeout=15)
+      futures = admin.create_topics([NewTopic(name, partitions, 1, config=dict(config or {}))],
+                                    request_timeout=15)
       try:
-        futures[self.topic].result(timeout=30)
+        futures[name].result(timeout=30)
       except Exception as e:  # TOPIC_ALREADY_EXISTS from a concurrent creation is fine
         if 'already exists' not in str(e).lower():
           raise
       deadline = time.monotonic() + 30
       while True:
-        t = self.producer.list_topics(self.topic, timeout=15).topics.get(self.topic)
+        t = self.producer.list_topics(name, timeout=15).topics.get(name)
         # A new topic's partitions exist before their leaders are elected; reading an
         # offset before then is NOT_LEADER_FOR_PARTITION.
         if (t is not None and t.error is None and t.partitions and
             all(pm.leader >= 0 for pm in t.partitions.values())):
           break
         if time.monotonic() > deadline:
-          raise RuntimeError(f'topic {self.topic} did not appear after creating it')
+          raise RuntimeError(f'topic {name} did not appear after creating it')
         time.sleep(0.2)
     return sorted(t.partitions)
 
-  def append(self, messages: List[Tuple[bytes, bytes, int]]) -> List[Tuple[Optional[Tuple[int, int]], Optional[str]]]:
+  def _event_time_limits(self) -> EventTimeLimits:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+    admin = AdminClient({'bootstrap.servers': self.bootstrap, 'logger': log})
+    resource = ConfigResource(ConfigResource.Type.TOPIC, self.topic)
+    settle = int(self.ack_timeout * 1000)
+    try:
+      config = list(admin.describe_configs([resource], request_timeout=15).values())[0].result(30)
+      get = lambda k, default: config[k].value if k in config and config[k].value is not None else default
+      return EventTimeLimits(self.topic, get('message.timestamp.type', 'CreateTime'),
+                             int(get('message.timestamp.after.max.ms', 3_600_000)),
+                             int(get('message.timestamp.before.max.ms', LONG_MAX)), settle)
+    except Exception as e:  # no right to describe configs: assume Kafka 4's defaults
+      log.warning('could not read the timestamp limits of topic %s (%s); assuming Kafka\'s defaults '
+                  '(at most 1 h ahead)', self.topic, e)
+      return EventTimeLimits(self.topic, settle_ms=settle)
+
+  def append(self, messages: List[Tuple[bytes, bytes, int]],
+             may_append: Callable[[], bool] = lambda: True
+             ) -> List[Tuple[Optional[Tuple[int, int]], Optional[str], bool]]:
     """Produces ``(key, value, timestamp_ms)`` messages in order; per message
-    ``((partition, offset), None)`` once acknowledged, or ``(None, reason)``.
+    ``((partition, offset), None, False)`` once acknowledged, or ``(None, reason, permanent)``.
+    ``may_append`` is asked before each message is handed to the producer (the lease).
 
     The Kafka timestamp is the event's ``event_time``: a streaming pipeline reads it
     as the element's event time (``run.py stream``), so windows and watermarks follow
@@ -254,10 +360,14 @@ class KafkaLog:
 
     def done(i):
       def cb(err, msg):
-        results[i] = (None, str(err)) if err is not None else ((msg.partition(), msg.offset()), None)
+        results[i] = ((None, f'{err.name()}: {err.str()}', err.name() in _PERMANENT)
+                      if err is not None else ((msg.partition(), msg.offset()), None, False))
       return cb
 
     for i, (key, value, timestamp) in enumerate(messages):
+      if not may_append():
+        results[i] = (None, 'the writer lost its lease on the topic before appending', False)
+        continue
       while True:
         try:
           self.producer.produce(self.topic, key=key, value=value, timestamp=timestamp,
@@ -267,7 +377,7 @@ class KafkaLog:
           self.producer.poll(0.05)
     remaining = self.producer.flush(self.ack_timeout + 5)
     return [r if r is not None else
-            (None, f'no acknowledgement within {self.ack_timeout}s ({remaining} pending)')
+            (None, f'no acknowledgement within {self.ack_timeout}s ({remaining} pending)', False)
             for r in results]
 
   def read_tail(self, partition: int, start: int) -> Tuple[Iterator[Any], int]:
@@ -318,44 +428,53 @@ class KafkaLog:
     except Exception:
       return False
 
-  def close(self) -> None:
+  def close(self) -> bool:
+    """Flushes and closes the producer; whether nothing was left in flight."""
+    remaining = 0
     if self.producer is not None:
-      self.producer.flush(5)
+      remaining = self.producer.flush(5)
       self.producer = None  # librdkafka's client is destroyed with its last reference
+    return remaining == 0
 
 
 # --- the writer -----------------------------------------------------------------------------------
 
 class _Request:
-  """One POST waiting for the append thread: its envelopes, and its answer when done."""
+  """One POST for the append thread: its envelopes, and a future of its answer."""
 
   def __init__(self, envelopes: List[Tuple[Dict[str, Any], bool, List[str]]], single: bool):
     self.envelopes, self.single = envelopes, single
-    self.done = threading.Event()
-    self.answer: Optional[Answer] = None
-    self.error: Optional[BaseException] = None
+    self.future: 'concurrent.futures.Future[Answer]' = concurrent.futures.Future()
 
 
 class Writer:
-  """The plain-Python writer behind ``POST /events``; :meth:`handle` gives ``(status, body, headers)``.
+  """The plain-Python writer behind ``POST /events``.
 
-  Request threads validate; one append thread does everything that must be in
-  order (receipt look-ups, sequence assignment, produce, record). It takes every
-  request waiting when it starts a round (group commit: one producer flush and
-  one SQLite transaction for all of them), so concurrent clients share flushes
-  instead of queueing behind each other's.
+  :meth:`post_events` (blocking) or the HTTP layer's :meth:`handle` (async) give
+  ``(status, body, headers)``. Validation runs in a small thread pool; one append
+  thread does everything that must be in order (receipt look-ups, sequence checks
+  and assignment, produce, record). It takes every request waiting when it starts
+  a round (group commit: one producer flush and one SQLite transaction for all of
+  them), so concurrent clients share flushes instead of queueing behind each other's.
+  A waiting POST holds no thread: it awaits its request's future.
   """
 
   def __init__(self, kafka_log: KafkaLog, state: WriterState, tokens: Set[str],
                registry: Registry, max_body_bytes: int = 1 << 20, max_batch: int = 1000,
-               max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, max_group_events: int = 5000):
+               max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, max_group_events: int = 5000,
+               lease: Optional[WriterLease] = None):
     self.log, self.state, self.tokens = kafka_log, state, tokens
     self.registry = registry  # the app's schemas: what the writer accepts
     self.max_body_bytes, self.max_batch, self.max_event_bytes = max_body_bytes, max_batch, max_event_bytes
     self.max_group_events = max_group_events
+    self.lease = lease
+    self.fatal: Callable[[str], None] = lambda reason: None  # serve_until_stopped: stop serving
+    if lease is not None:
+      lease.on_fenced = lambda reason: self.fatal(reason)
     self.state_lock = threading.Lock()  # the SQLite connection: append thread and /health
     self.needs_reconcile = True
     self._reconcile()
+    self.pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix='writer-validate')
     self.requests: 'queue.Queue[Optional[_Request]]' = queue.Queue()
     self.thread = threading.Thread(target=self._append_loop, name='writer-append', daemon=True)
     self.thread.start()
@@ -363,55 +482,96 @@ class Writer:
   def close(self) -> None:
     self.requests.put(None)
     self.thread.join(timeout=60)
-    self.log.close()
+    self.pool.shutdown(wait=True)
+    settled = self.log.close()
+    if self.lease is not None:
+      self.lease.release(clean=settled)
     self.state.close()
 
-  # Route and token, before the body is read.
-  def check(self, method: str, path: str, headers: Mapping[str, str]) -> None:
-    route = urllib.parse.urlsplit(path).path
-    if route not in ROUTES:
-      raise not_found(route, ROUTES)
-    if method != ROUTES[route]:
-      raise method_not_allowed(method, ROUTES[route])
+  # --- HTTP: routes and token before the body, then the answer ----------------------------
+
+  def methods(self, path: str) -> List[str]:
+    if path not in ROUTES:
+      raise not_found(path, ROUTES)
+    return [ROUTES[path]]
+
+  def check(self, method: str, target: str, headers: Mapping[str, str]) -> None:
+    route = urllib.parse.urlsplit(target).path
+    if method not in self.methods(route):
+      raise method_not_allowed(method, self.methods(route))
     if route == '/events':
       check_token(headers, self.tokens)
 
-  def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Answer:
-    self.check(method, path, headers)
-    if urllib.parse.urlsplit(path).path == '/health':
-      with self.state_lock:
-        count = self.state.count()
-      ok = self.log.healthy() and self.thread.is_alive()
-      return (200 if ok else 503), {'status': 'ok' if ok else 'kafka unreachable',
-                                    'topic': self.log.topic, 'partitions': self.log.partitions,
-                                    'receipts': count}, {}
-    return self.post_events(body)
+  async def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Answer:
+    self.check(method, target, headers)
+    loop = asyncio.get_running_loop()
+    if urllib.parse.urlsplit(target).path == '/health':
+      if token_given(headers, self.tokens):
+        return await loop.run_in_executor(self.pool, self.health, True)
+      return self.health(False)
+    request = await loop.run_in_executor(self.pool, self.prepare, body)
+    return await asyncio.wrap_future(self.submit(request))
+
+  def health(self, detailed: bool = False) -> Answer:
+    """Liveness for anyone; with a valid token also the topic, the lease and the counts."""
+    fenced = self.lease is not None and self.lease.fenced is not None
+    alive = self.thread.is_alive() and not fenced
+    if not detailed:
+      return (200 if alive else 503), {'status': 'ok' if alive else 'unavailable'}, {}
+    with self.state_lock:
+      count = self.state.count()
+    kafka_ok = self.log.healthy()
+    ok = alive and kafka_ok
+    body: Dict[str, Any] = {
+        'status': 'ok' if ok else ('fenced' if fenced else 'kafka unreachable' if not kafka_ok
+                                   else 'append thread stopped'),
+        'topic': self.log.topic, 'partitions': self.log.partitions, 'receipts': count,
+        'event_time_limits': self.log.limits.describe()}
+    if self.lease is not None:
+      prev = self.lease.previous or {}
+      body['lease'] = {'holder': self.lease.holder, 'valid': self.lease.valid(),
+                       'lease_topic': lease_topic(self.log.topic), 'renewals': self.lease.renewals,
+                       'took_over_from': prev.get('holder'), 'waited_s': round(self.lease.waited_s, 3)}
+      if fenced:
+        body['lease']['fenced'] = self.lease.fenced
+    return (200 if ok else 503), body, {}
+
+  # --- the request, without HTTP ------------------------------------------------------------
 
   def post_events(self, body: bytes) -> Answer:
+    """A POST's body -> its answer (blocking); HttpError for a refusal."""
+    return self.submit(self.prepare(body)).result()
+
+  def prepare(self, body: bytes) -> _Request:
+    """Parses and validates a body at the door, all-or-nothing: HttpError 400 if any event is
+    refused (each listed with its index and reason), nothing written."""
     events, single = parse_body(body, self.max_batch)
     envelopes, errors = [], []
+    now_ms = int(time.time() * 1000)
     for i, obj in enumerate(events):
       try:
-        envelopes.append(self._validate(obj))
+        envelopes.append(self._validate(obj, now_ms))
       except Invalid as e:
         errors.append({'index': i, 'reason': str(e)})
     if errors:
-      raise HttpError(400, f'{len(errors)} of {len(events)} event(s) are invalid; nothing was written',
-                      events=errors)
+      detail: Dict[str, Any] = {'events': errors}
+      if any('event_time' in e['reason'] and 'accepts event times' in e['reason'] for e in errors):
+        detail['event_time_limits'] = self.log.limits.describe()
+      raise HttpError(400, f'{len(errors)} of {len(events)} event(s) are invalid; nothing was '
+                           'written (a batch is all-or-nothing at the door)', **detail)
     ids = [env['event_id'] for env, _, _ in envelopes]
     dup = sorted({e for e in ids if ids.count(e) > 1})
     if dup:
       raise HttpError(400, f'event_id(s) repeated within one batch: {dup}; nothing was written')
+    return _Request(envelopes, single)
+
+  def submit(self, request: _Request) -> 'concurrent.futures.Future[Answer]':
     if not self.thread.is_alive():
       raise HttpError(503, 'the writer is shutting down')
-    request = _Request(envelopes, single)
     self.requests.put(request)
-    request.done.wait()
-    if request.error is not None:
-      raise request.error
-    return request.answer
+    return request.future
 
-  def _validate(self, obj: Any) -> Tuple[Dict[str, Any], bool, List[str]]:
+  def _validate(self, obj: Any, now_ms: int) -> Tuple[Dict[str, Any], bool, List[str]]:
     """(envelope, sequence_given, repairs) or Invalid; assigns a UUID event_id where missing."""
     if not isinstance(obj, dict):
       raise Invalid(f'an event must be a JSON object, got {type(obj).__name__}')
@@ -426,7 +586,9 @@ class Writer:
     raw = json.dumps(obj, separators=(',', ':'), ensure_ascii=False).encode('utf-8')
     if len(raw) > self.max_event_bytes:
       raise Invalid(f'event is {len(raw)} bytes, over the limit of {self.max_event_bytes} bytes')
-    env = validate_envelope(obj, raw, repairs, self.registry)
+    env = validate_envelope(obj, raw, repairs, self.registry)  # the one call of the publishing boundary
+    _ascii_numbers(obj, repairs)
+    self.log.limits.check(env['event_time'], now_ms)
     if not seq_given:
       repairs.append('sequence assigned')
     return env, seq_given, [r for r in repairs if r != 'schema_version set to the current version']
@@ -438,7 +600,7 @@ class Writer:
       first = self.requests.get()
       if first is None:
         return
-      group, n, stop = [first], len(first.envelopes), False
+      taken, n, stop = [first], len(first.envelopes), False
       while n < self.max_group_events:
         try:
           more = self.requests.get_nowait()
@@ -447,21 +609,26 @@ class Writer:
         if more is None:
           stop = True
           break
-        group.append(more)
+        taken.append(more)
         n += len(more.envelopes)
+      # A request whose client went away before its turn is dropped: nothing of it written.
+      group = [r for r in taken if r.future.set_running_or_notify_cancel()]
       try:
-        self._append_group(group)
+        if group:
+          self._append_group(group)
       except BaseException as e:  # answer every waiting request, whatever happened
-        log.exception('appending a group of %d request(s) failed', len(group))
+        if not isinstance(e, HttpError):
+          log.exception('appending a group of %d request(s) failed', len(group))
         for r in group:
-          if not r.done.is_set():
-            r.error = e if isinstance(e, HttpError) else HttpError(
-                500, 'internal error while appending; retry with the same event_id (safe)')
-            r.done.set()
+          if not r.future.done():
+            r.future.set_exception(e if isinstance(e, HttpError) else HttpError(
+                500, 'internal error while appending; retry with the same event_id (safe)'))
       if stop:
         return
 
   def _append_group(self, group: List[_Request]) -> None:
+    if self.lease is not None and not self.lease.valid():
+      raise HttpError(503, f'{self.lease.why_not()}; nothing was written')
     if self.needs_reconcile:
       try:
         self._reconcile()
@@ -469,37 +636,36 @@ class Writer:
         log.warning('reconciling with Kafka failed: %s', e)
         raise HttpError(503, 'the writer cannot reach Kafka to reconcile its receipts; '
                              'retry later (safe: no duplicates)') from None
-    # Per request and event: a receipt already recorded, or the index of a message to append.
-    plan: List[List[Tuple[str, Any]]] = []
+    # Per request (None: refused) and event: a receipt already recorded, or the index of a
+    # message to append.
+    plan: List[Optional[List[Tuple[str, Any]]]] = []
     messages: List[Tuple[bytes, bytes, int]] = []
     pending: List[Tuple[Dict[str, Any], List[str]]] = []
     in_group: Dict[str, int] = {}
-    next_seq: Dict[str, int] = {}
+    next_seq: Dict[str, int] = {}  # key -> last sequence given out in this group
     with self.state_lock:
       for request in group:
-        steps = []
-        for env, seq_given, repairs in request.envelopes:
-          event_id = env['event_id']
-          first = self.state.receipt(event_id)
-          if first is not None:
-            steps.append(('recorded', first))
-            continue
-          if event_id in in_group:  # the same event sent concurrently: appended once
-            steps.append(('again', in_group[event_id]))
-            continue
-          key = env['partition_key']
-          last = next_seq.get(key, self.state.last_sequence(key))
-          if not seq_given:
-            env['sequence'] = last + 1
-          next_seq[key] = max(last, env['sequence'])
-          in_group[event_id] = len(messages)
-          steps.append(('new', len(messages)))
-          messages.append((key.encode('utf-8'), to_json(env).encode('utf-8'), env['event_time']))
-          pending.append((env, repairs))
-        plan.append(steps)
-    results = self.log.append(messages) if messages else []
+        steps = self._plan(request, next_seq, in_group)
+        if steps is None:
+          plan.append(None)
+          continue
+        final = []
+        for kind, ref in steps:
+          if kind == 'new':
+            env, repairs = ref
+            in_group[env['event_id']] = len(messages)
+            next_seq[env['partition_key']] = env['sequence']
+            final.append(('new', len(messages)))
+            messages.append((env['partition_key'].encode('utf-8'), to_json(env).encode('utf-8'),
+                             env['event_time']))
+            pending.append((env, repairs))
+          else:
+            final.append((kind, ref))
+        plan.append(final)
+    may_append = self.lease.valid if self.lease is not None else (lambda: True)
+    results = self.log.append(messages, may_append) if messages else []
     receipts: List[Optional[Dict[str, Any]]] = []
-    for (env, _), (where, _) in zip(pending, results):
+    for (env, _), (where, _, _) in zip(pending, results):
       receipts.append(None if where is None else make_receipt(
           self.log.topic, where[0], where[1], env['event_id'], env['partition_key'], env['sequence']))
     acked = [r for r in receipts if r is not None]
@@ -518,8 +684,53 @@ class Writer:
     if not complete:
       self.needs_reconcile = True  # a failed produce may still have reached the log
     for request, steps in zip(group, plan):
-      request.answer, request.error = self._answer(request, steps, pending, results, receipts)
-      request.done.set()
+      if steps is None or request.future.done():
+        continue
+      answer, error = self._answer(request, steps, pending, results, receipts)
+      if error is not None:
+        request.future.set_exception(error)
+      else:
+        request.future.set_result(answer)
+
+  def _plan(self, request: _Request, next_seq: Dict[str, int], in_group: Dict[str, int]
+            ) -> Optional[List[Tuple[str, Any]]]:
+    """One request's steps, or None after refusing it (409: a sequence that is not its key's
+    next). Sequences are given out only to a request accepted whole."""
+    steps: List[Tuple[str, Any]] = []
+    conflicts: List[Dict[str, Any]] = []
+    mine: Dict[str, int] = {}  # key -> last sequence within this request
+    for i, (env, seq_given, repairs) in enumerate(request.envelopes):
+      event_id = env['event_id']
+      first = self.state.receipt(event_id)
+      if first is not None:
+        steps.append(('recorded', first))
+        continue
+      if event_id in in_group:  # the same event sent concurrently: appended once
+        steps.append(('again', in_group[event_id]))
+        continue
+      key = env['partition_key']
+      last = mine[key] if key in mine else (
+          next_seq[key] if key in next_seq else self.state.last_sequence(key))
+      expected = last + 1
+      if seq_given and env['sequence'] != expected:
+        conflicts.append({'index': i, 'event_id': event_id, 'partition_key': key,
+                          'sequence': env['sequence'], 'expected_sequence': expected})
+        continue
+      mine[key] = expected
+      steps.append(('new', (dict(env, sequence=expected), repairs)))
+    if not conflicts:
+      return steps
+    if request.single:
+      c = conflicts[0]
+      error = HttpError(409, f'sequence {c["sequence"]} is not the next of key {c["partition_key"]!r}: '
+                             f'expected {c["expected_sequence"]}; nothing was written',
+                        expected_sequence=c['expected_sequence'], partition_key=c['partition_key'],
+                        conflicts=conflicts)
+    else:
+      error = HttpError(409, f'{len(conflicts)} of {len(request.envelopes)} event(s) do not carry '
+                             "their key's next sequence; nothing was written", conflicts=conflicts)
+    request.future.set_exception(error)
+    return None
 
   def _answer(self, request: _Request, steps, pending, results, receipts):
     out, failed, appended = [], [], False
@@ -528,7 +739,7 @@ class Writer:
         out.append(dict(ref, duplicate=True))
       elif receipts[ref] is None:
         failed.append({'index': i, 'event_id': pending[ref][0]['event_id'],
-                       'reason': results[ref][1]})
+                       'reason': results[ref][1], 'retriable': not results[ref][2]})
       elif kind == 'again':
         out.append(dict(receipts[ref], duplicate=True))
       else:
@@ -538,6 +749,10 @@ class Writer:
         out.append(r)
         appended = True
     if failed:
+      if all(not f['retriable'] for f in failed):
+        return None, HttpError(
+            400, f'Kafka refused {len(failed)} of {len(steps)} event(s) for good; '
+                 'a retry would be refused the same way', receipts=out, failed=failed)
       return None, HttpError(
           503, f'the broker did not acknowledge {len(failed)} of {len(steps)} event(s); '
                'retry with the same event_id (safe: no duplicates)', receipts=out, failed=failed)
@@ -599,28 +814,40 @@ def parse_body(body: bytes, max_batch: int) -> Tuple[List[Any], bool]:
 
 def build(bootstrap: str, topic: str, state_path: str, tokens: Set[str], registry: Registry,
           partitions: int = 3, max_body_bytes: int = 1 << 20, max_batch: int = 1000,
-          ack_timeout: float = 30.0) -> Writer:
-  return Writer(KafkaLog(bootstrap, topic, partitions, ack_timeout), WriterState(state_path),
-                tokens, registry, max_body_bytes=max_body_bytes, max_batch=max_batch)
+          ack_timeout: float = 30.0, lease_ms: int = LEASE_MS) -> Writer:
+  """Connects to Kafka, takes the writer lease on ``topic`` (fencing any earlier writer, and
+  waiting for its appends to settle if it did not release the lease), reconciles, and
+  returns the writer."""
+  kafka_log = KafkaLog(bootstrap, topic, partitions, ack_timeout)
+  lease = WriterLease(bootstrap, topic, ack_timeout, lease_ms)
+  try:
+    lease.acquire(kafka_log.ensure_topic)
+    return Writer(kafka_log, WriterState(state_path), tokens, registry,
+                  max_body_bytes=max_body_bytes, max_batch=max_batch, lease=lease)
+  except BaseException:
+    lease.release(clean=False)
+    kafka_log.close()
+    raise
 
 
 def run(args: argparse.Namespace) -> int:
-  """``serve writer``: validate the options, connect to Kafka, serve until stopped."""
+  """``serve writer``: validate the options, connect to Kafka, take the lease, serve until stopped."""
   tokens = load_tokens(args.tokens_file)
+  cors = check_http_arguments(args)
   if ':' in args.topic or ',' in args.topic:
     raise UsageError(f'topic {args.topic!r} may not contain ":" or "," (receipts use them)')
+  if len(lease_topic(args.topic)) > 249:
+    raise UsageError(f'topic {args.topic!r} is too long: its lease topic '
+                     f'{lease_topic(args.topic)!r} must fit in 249 characters')
   for name in ('max_body_bytes', 'max_batch', 'partitions'):
     if getattr(args, name) < 1:
       raise UsageError(f'--{name.replace("_", "-")} must be at least 1')
+  if args.ack_timeout <= 0:
+    raise UsageError('--ack-timeout must be > 0')
   app = load_app(args.app)
   try:
     writer = build(args.bootstrap, args.topic, args.state, tokens, app.registry, args.partitions,
                    args.max_body_bytes, args.max_batch, args.ack_timeout)
   except Exception as e:  # Kafka unreachable, unwritable state file...
     raise UsageError(f'the writer could not start: {e}') from None
-  try:
-    server = make_server(writer, args.host, args.port)
-  except OSError as e:
-    writer.close()
-    raise UsageError(f'cannot listen on {args.host}:{args.port}: {e.strerror}') from None
-  return serve_until_stopped(server, writer.close, f'event writer (topic {args.topic})')
+  return serve_until_stopped(writer, args, f'event writer (topic {args.topic})', cors)

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import pytest
 
-from sourcebeam.pipelines.serve import make_server
+from sourcebeam.pipelines.serve import Running
 from sourcebeam.pipelines.views_service import ViewsApi
 
 from tests.service_fixtures import free_port
@@ -38,27 +38,26 @@ def dsn(request, tmp_path) -> str:
 
 
 class Api:
-  def __init__(self, dsn: str, max_wait_ms: int = 3000, **kw):
-    self.api = ViewsApi(DEMO_APP, dsn, max_wait_ms=max_wait_ms, poll_ms=10, **kw)
-    self.server = make_server(self.api, '127.0.0.1', 0)
-    self.port = self.server.server_address[1]
-    threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.1},
-                     daemon=True).start()
+  """The view API serving on a free loopback port, on its own event loop in this process."""
 
-  def get(self, path: str, method: str = 'GET', body: Optional[bytes] = None
-          ) -> Tuple[int, Dict[str, Any], Dict[str, str]]:
+  def __init__(self, dsn: str, max_wait_ms: int = 3000, server_options: Optional[Dict] = None, **kw):
+    self.api = ViewsApi(DEMO_APP, dsn, max_wait_ms=max_wait_ms, poll_ms=10, **kw)
+    self.server = Running(self.api, '127.0.0.1', 0, **(server_options or {}))
+    self.port = self.server.port
+
+  def get(self, path: str, method: str = 'GET', body: Optional[bytes] = None,
+          headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, Any], Dict[str, str]]:
     conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=30)
     try:
-      conn.request(method, path, body=body)
+      conn.request(method, path, body=body, headers=headers or {})
       resp = conn.getresponse()
-      return resp.status, json.loads(resp.read()), dict(resp.getheaders())
+      raw = resp.read()
+      return resp.status, (json.loads(raw) if raw else None), dict(resp.getheaders())
     finally:
       conn.close()
 
   def stop(self):
-    self.server.shutdown()
-    self.server.server_close()
-    self.api.close()
+    self.server.stop()
 
 
 @pytest.fixture
@@ -98,10 +97,16 @@ def test_without_after_answers_at_once_with_positions(api, dsn):
       ('retail/cart', 6), ('retail/catalog', 2), ('retail/recently_viewed', 5),
       ('retail/frequently_viewed', 5)}
   status, body, _ = api.get('/health')
-  assert status == 200 and body['status'] == 'ok'
+  assert (status, body) == (200, {'status': 'ok'})  # liveness only without a token
   password = urllib.parse.urlsplit(dsn).password
-  if password:  # PostgreSQL: the DSN is shown redacted
-    assert password not in json.dumps(body) and '***' in body['db']
+  if password:  # PostgreSQL: the DSN a token holder sees on /health is redacted
+    token = 'views-token-' + os.urandom(8).hex()
+    a = Api(dsn, tokens={token})
+    try:
+      status, body, _ = a.get('/health', headers={'Authorization': f'Bearer {token}'})
+    finally:
+      a.stop()
+    assert status == 200 and password not in json.dumps(body) and '***' in body['db']
 
 
 def test_after_waits_until_the_view_includes_the_write(api, dsn):
@@ -184,7 +189,7 @@ def test_bad_requests_get_clear_4xx(api):
     assert status == 404, path
     assert '/carts/{key}' in body['routes']
   status, body, headers = api.get('/carts/u1', method='POST', body=b'{"x": 1}')
-  assert status == 405 and headers['Allow'] == 'GET'
+  assert status == 405 and headers['Allow'] == 'GET, HEAD, OPTIONS'
   status, body, _ = api.get('/carts/' + 'u' * 300)
   assert status == 400
   # Keys are data, never SQL: a hostile key is just a key that has no cart.
@@ -193,10 +198,7 @@ def test_bad_requests_get_clear_4xx(api):
 
 
 def _serve_cmd(*args: str):
-  code = ('import sys; from pipelines.cli import run_command; import pipelines.serve as s, argparse; '
-          'p = argparse.ArgumentParser(); s.add_arguments(p); a, b = p.parse_known_args(sys.argv[1:]); '
-          'sys.exit(run_command(s, a, b))')
-  return [sys.executable, '-c', code, *args]
+  return [sys.executable, os.path.join(ROOT, 'run.py'), 'serve', *args]
 
 
 def test_cli_serves_views_until_sigterm(tmp_path):
@@ -305,3 +307,148 @@ def test_writer_receipts_are_honoured_by_views_built_from_the_topic(kafka, tmp_p
     assert status == 504 and body['pending'][0]['position'] == added['offset']
   finally:
     api.stop()
+
+
+# --- numbers, tokens, the loopback policy (issue 15, items 9 and 12) -------------------------------
+
+def test_numbers_are_read_with_ascii_digits_only_without_a_server():
+  """Plain Python, no server: the parsing the API does before any store access."""
+  from sourcebeam.pipelines.serve import HttpError, parse_uint
+  from sourcebeam.pipelines.views_service import parse_receipts
+  assert parse_receipts(['retail:0:41,retail:2:7', 'retail:0:3']) == {('retail', 0): 41, ('retail', 2): 7}
+  for bad in ('t:0:²', 't:²:1', 't:0:٣', 't:0:１', 't\n:0:1', 't:0:1\n', 't:0: 1', 't:0:1_0',
+              't:0:+1', 't:0:-1', 'ｔ:0:1'):
+    with pytest.raises(HttpError) as e:
+      parse_receipts([bad])
+    assert e.value.status == 400, bad
+  for bad in ('²', '٣', '１', ' 5', '5 ', '1_000', '+5', '', '1e3'):
+    with pytest.raises(HttpError) as e:
+      parse_uint(bad, 'wait_ms')
+    assert e.value.status == 400 and 'digits 0-9' in e.value.error
+  assert parse_uint('0042', 'wait_ms') == 42
+
+
+def test_numbers_with_other_digits_are_400_not_500(api, dsn):
+  apply(dsn, 7)
+  for query in ('after=t:0:%C2%B2', 'wait_ms=%C2%B2', 'after=t:0:%D9%A3', 'after=t:0:%EF%BC%91',
+                'wait_ms=%D9%A3', 'after=t%0A:0:1', 'after=t:0:1%0A', 'wait_ms=1%0A', 'after=t:%EF%BC%91:1'):
+    status, body, _ = api.get(f'/carts/u1?{query}')
+    assert status == 400, (query, body)
+    assert 'digits 0-9' in body['error'] or 'topic name' in body['error'], body
+  status, body, _ = api.get(f'/carts/u1?after={TOPIC}:0:7&wait_ms=0100')
+  assert status == 200 and len(body['value']['items']) == 2
+
+
+def test_tokens_guard_every_route_but_health_which_then_shows_only_liveness(dsn):
+  token = 'views-token-' + os.urandom(8).hex()
+  a = Api(dsn, tokens={token})
+  auth = {'Authorization': f'Bearer {token}'}
+  try:
+    apply(dsn, 7)
+    for path in ('/carts/u1', '/products?category=shoes', '/users/u1/recently-viewed', '/positions'):
+      status, body, headers = a.get(path)
+      assert status == 401 and headers['WWW-Authenticate'].startswith('Bearer'), path
+      status, _, _ = a.get(path, headers={'Authorization': 'Bearer not-the-token-0123456789'})
+      assert status == 401
+      status, _, _ = a.get(path, headers=auth)
+      assert status == 200, path
+    # A token is checked before the query: a stranger learns nothing, not even a 400.
+    assert a.get('/carts/u1?after=nonsense')[0] == 401
+    status, body, _ = a.get('/health')
+    assert (status, body) == (200, {'status': 'ok'})  # liveness only: no database, no views
+    status, body, _ = a.get('/health', headers=auth)
+    assert status == 200 and body['views'] == sorted(VIEWS)
+    assert body['waiting_reads'] == 0 and 'db' in body
+    assert a.get('/health', headers={'Authorization': 'Bearer not-the-token-0123456789'})[0] == 401
+  finally:
+    a.stop()
+  # Without tokens (loopback's default), /health is liveness only too.
+  a = Api(dsn)
+  try:
+    assert a.get('/health')[1] == {'status': 'ok'}
+  finally:
+    a.stop()
+
+
+def test_routes_live_in_one_table_built_from_the_app():
+  from sourcebeam.pipelines.serve import HttpError
+  from sourcebeam.pipelines.views_service import Route, match, routes_of
+  routes = routes_of(DEMO_APP)
+  assert match('/carts/u%2F1', routes)[1] == {'key': 'u/1'}  # a key may hold an encoded slash
+  assert match('/users/u1/recently-viewed', routes)[0].view == 'retail/recently_viewed'
+  assert match('/views/retail/cart/u1', routes)[0].view == 'retail/cart'  # every view by name
+  by_index = match('/views/retail/catalog', routes)[0]
+  assert (by_index.view, by_index.key_query, by_index.read) == ('retail/catalog', 'category',
+                                                                 'by_index')
+  for path in ('/carts', '/carts/', '/carts/u1/', '//carts/u1', 'carts/u1', '/views/retail/cart',
+               '/views/nope/u1'):
+    with pytest.raises(HttpError) as e:
+      match(path, routes)
+    assert e.value.status == 404, path
+  # A new route is a row: here a generic one taking the view from the path.
+  extended = routes + (Route('/any/{view}/{key}'),)
+  route, params = match('/any/cart/u9', extended)
+  assert route.kind == 'view' and params == {'view': 'cart', 'key': 'u9'}
+
+
+def test_the_views_route_lists_the_apps_views(api):
+  status, body, _ = api.get('/views')
+  assert status == 200 and body['app'] == 'demo'
+  assert [v['name'] for v in body['views']] == [v.name for v in DEMO_APP.views]
+  assert {v['name']: v['route'] for v in body['views']}['retail/cart'] == '/carts/{key}'
+
+
+def test_any_view_by_name_and_by_index(api, dsn):
+  apply(dsn, 7)
+  status, body, _ = api.get('/views/retail/cart/u1')
+  assert status == 200 and body['view'] == 'retail/cart' and body['found']
+  assert body['value']['items'] == [{'product_id': 'p1', 'quantity': 2},
+                                    {'product_id': 'p2', 'quantity': 1}]
+  status, body, _ = api.get('/views/retail/catalog?category=shoes')
+  assert status == 200 and body['index'] == 'category' and body['category'] == 'shoes'
+  assert [p['product_id'] for p in body['values']] == ['p0', 'p1']
+
+
+def test_cli_beyond_loopback_needs_tokens_or_says_no_auth_and_warns(tmp_path):
+  db = str(tmp_path / 'views.db')
+  apply(db, 7)
+  env = {k: v for k, v in os.environ.items() if k != 'SOURCEBEAM_VIEWS_TOKENS'}
+  refused = subprocess.run(_serve_cmd('views', '--db', db, '--host', '0.0.0.0', '--port', '0'),
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert refused.returncode == 2 and 'reachable beyond this machine' in refused.stderr
+  assert 'SOURCEBEAM_VIEWS_TOKENS' in refused.stderr and 'Traceback' not in refused.stderr
+  port = free_port()
+  proc = subprocess.Popen(_serve_cmd('views', '--db', db, '--host', '0.0.0.0', '--port', str(port),
+                                     '--no-auth'), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+  try:
+    warning = proc.stderr.readline()
+    assert warning.startswith('warning: the view API listens on 0.0.0.0 without tokens'), warning
+    assert 'listening on' in proc.stderr.readline()
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+  assert proc.returncode == 0
+
+
+def test_cli_tokens_from_the_environment(tmp_path):
+  db = str(tmp_path / 'views.db')
+  apply(db, 7)
+  token = 'views-token-' + os.urandom(8).hex()
+  port = free_port()
+  proc = subprocess.Popen(_serve_cmd('views', '--db', db, '--port', str(port)), cwd=ROOT,
+                          env=dict(os.environ, SOURCEBEAM_VIEWS_TOKENS=token),
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stderr.readline()
+    assert 'listening on' in line and 'bearer tokens' in line and token not in line
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+    conn.request('GET', '/carts/u1')
+    resp = conn.getresponse()
+    assert resp.status == 401 and 'bearer token' in json.loads(resp.read())['error']
+    conn.request('GET', '/carts/u1', headers={'Authorization': f'Bearer {token}'})
+    resp = conn.getresponse()
+    assert resp.status == 200 and len(json.loads(resp.read())['value']['items']) == 2
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=30)[1]
+  assert proc.returncode == 0 and token not in rest

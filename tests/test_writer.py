@@ -19,10 +19,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.pipelines import writer_service
-from sourcebeam.pipelines.serve import make_server
+from sourcebeam.pipelines.serve import Running as Serving
 from sourcebeam.schemas.envelope import from_json, make_envelope, to_json
+from tests.demo import REG
 from tests.service_fixtures import consume, create_topic, free_port, produce
 
 pytestmark = pytest.mark.integration
@@ -33,15 +33,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Running:
-  """A writer serving on a free loopback port in this process."""
+  """A writer serving on a free loopback port in this process (its own event loop)."""
 
-  def __init__(self, bootstrap: str, topic: str, state: str, **kw):
+  def __init__(self, bootstrap: str, topic: str, state: str, server_options: Optional[Dict] = None,
+               **kw):
     self.writer = writer_service.build(bootstrap, topic, state, {TOKEN}, REG, partitions=3, **kw)
-    self.server = make_server(self.writer, '127.0.0.1', 0)
-    self.port = self.server.server_address[1]
-    self.thread = threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.1},
-                                   daemon=True)
-    self.thread.start()
+    self.server = Serving(self.writer, '127.0.0.1', 0, **(server_options or {}))
+    self.port = self.server.port
 
   def request(self, method: str, path: str, body: Any = None, headers: Optional[Dict] = None,
               raw: Optional[bytes] = None) -> Tuple[int, Dict[str, Any], Dict[str, str]]:
@@ -58,9 +56,7 @@ class Running:
     return self.request('POST', '/events', body, **kw)
 
   def stop(self) -> None:
-    self.server.shutdown()
-    self.server.server_close()
-    self.writer.close()
+    self.server.stop()
 
 
 @pytest.fixture
@@ -243,7 +239,7 @@ def test_bad_input_gets_clear_4xx_and_writes_nothing(writer, kafka, topic):
   status, body, _ = writer.request('GET', '/nowhere')
   assert status == 404 and '/events' in body['routes']
   status, body, headers = writer.request('GET', '/events')
-  assert status == 405 and headers['Allow'] == 'POST'
+  assert status == 405 and headers['Allow'] == 'POST, OPTIONS'
   status, body, _ = writer.request('DELETE', '/health')
   assert status == 405
   status, body, _ = writer.request('GET', '/health')
@@ -296,10 +292,7 @@ def test_events_acknowledged_but_not_recorded_are_recovered_at_start(kafka, topi
 
 
 def _serve_cmd(*args: str) -> List[str]:
-  code = ('import sys; from pipelines.cli import run_command; import pipelines.serve as s, argparse; '
-          'p = argparse.ArgumentParser(); s.add_arguments(p); a, b = p.parse_known_args(sys.argv[1:]); '
-          'sys.exit(run_command(s, a, b))')
-  return [sys.executable, '-c', code, *args]
+  return [sys.executable, os.path.join(ROOT, 'run.py'), 'serve', *args]
 
 
 def test_cli_needs_tokens_and_serves_until_sigterm(kafka, topic, tmp_path):
@@ -333,7 +326,7 @@ def test_cli_needs_tokens_and_serves_until_sigterm(kafka, topic, tmp_path):
 
 def _wait_listening(proc: subprocess.Popen) -> str:
   lines = []
-  for _ in range(20):
+  for _ in range(500):
     lines.append(proc.stderr.readline())
     if 'listening on' in lines[-1] or not lines[-1]:
       break
@@ -371,7 +364,7 @@ def test_killed_mid_batch_every_acknowledged_event_is_in_kafka_exactly_once(kafk
   env = dict(os.environ, **{writer_service.TOKENS_ENV: TOKEN})
   port = free_port()
   cmd = _serve_cmd('writer', '--bootstrap', kafka, '--topic', topic, '--port', str(port),
-                   '--state', str(tmp_path / 'w.db'))
+                   '--state', str(tmp_path / 'w.db'), '--ack-timeout', '5')
   batches = [[event(f'k{(b * 20 + i) % 7}', f'p{i}', event_id=f'b{b}-{i}') for i in range(20)]
              for b in range(40)]
   acked: Dict[str, Dict[str, Any]] = {}
@@ -411,7 +404,9 @@ def test_killed_mid_batch_every_acknowledged_event_is_in_kafka_exactly_once(kafk
   assert 100 <= len(before) < 800, len(before)
   proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
   try:
-    _wait_listening(proc)  # after reconciling: a 'recovered N receipt(s)' line may come first
+    # After taking over from the killed writer (it never released its lease: a settle wait,
+    # logged) and reconciling (a 'recovered N receipt(s)' line may come too).
+    assert 'taking over topic' in _wait_listening(proc)
     after = {}
     for batch in batches:  # the client retries everything
       after.update((r['event_id'], r) for r in post(batch)['receipts'])
@@ -430,3 +425,268 @@ def test_killed_mid_batch_every_acknowledged_event_is_in_kafka_exactly_once(kafk
     by_key.setdefault(env_['partition_key'], []).append((m.offset(), env_['sequence']))
   for key, seqs in by_key.items():
     assert [s for _, s in sorted(seqs)] == list(range(1, len(seqs) + 1)), key
+
+
+# --- sequences belong to the writer (issue 15, item 1) ---------------------------------------------
+
+def _sequences_by_key(bootstrap: str, topic: str) -> Dict[str, List[int]]:
+  """Each key's sequences in offset order, as an independent consumer reads the topic."""
+  by_key: Dict[str, List[Tuple[int, int, int]]] = {}
+  for m in _all_messages(bootstrap, topic):
+    env_ = json.loads(m.value())
+    by_key.setdefault(env_['partition_key'], []).append((m.partition(), m.offset(), env_['sequence']))
+  return {k: [s for _, _, s in sorted(v)] for k, v in by_key.items()}
+
+
+def test_a_client_sequence_is_accepted_only_if_it_is_the_keys_next(writer, kafka, topic):
+  s, r, _ = writer.post(event('u1'))
+  assert s == 201 and r['sequence'] == 1
+  # A repeated sequence and a gap are refused with the expected one; nothing is written.
+  for sent in (1, 3, 100):
+    s, body, _ = writer.post(event('u1', sequence=sent))
+    assert s == 409, body
+    assert body['expected_sequence'] == 2 and body['partition_key'] == 'u1'
+    assert body['conflicts'] == [{'index': 0, 'event_id': body['conflicts'][0]['event_id'],
+                                  'partition_key': 'u1', 'sequence': sent, 'expected_sequence': 2}]
+  s, r, _ = writer.post(event('u1', sequence=2))
+  assert s == 201 and r['sequence'] == 2
+  # Within one batch: two events claiming 3 -> the batch is refused whole (the second needed 4).
+  s, body, _ = writer.post([event('u1', sequence=3), event('u1', sequence=3), event('u2')])
+  assert s == 409 and 'nothing was written' in body['error']
+  assert [(c['index'], c['expected_sequence']) for c in body['conflicts']] == [(1, 4)]
+  # An auto-numbered event takes the next one first; an explicit one after it must follow it.
+  s, body, _ = writer.post([event('u1'), event('u1', sequence=3)])
+  assert s == 409 and body['conflicts'][0]['expected_sequence'] == 4
+  s, body, _ = writer.post([event('u1', sequence=3), event('u1'), event('u1', sequence=5)])
+  assert s == 201 and [r['sequence'] for r in body['receipts']] == [3, 4, 5]
+  # A sequence sent as a string is read with ASCII digits only.
+  s, body, _ = writer.post(event('u1', sequence='６'))
+  assert s == 400 and 'digits 0-9' in body['events'][0]['reason']
+  s, r, _ = writer.post(event('u1', sequence='6'))
+  assert s == 201 and r['sequence'] == 6
+  # A retried event_id is answered with its first receipt, whatever sequence it carries now.
+  s, r2, _ = writer.post(event('u1', event_id=r['event_id'], sequence=99))
+  assert s == 200 and r2['duplicate'] and r2['offset'] == r['offset'] and r2['sequence'] == 6
+  assert _sequences_by_key(kafka, topic) == {'u1': [1, 2, 3, 4, 5, 6]}
+
+
+def test_explicit_sequences_racing_auto_numbered_ones_never_repeat_or_skip(writer, kafka, topic):
+  """The issue's race: clients sending explicit sequences (retrying on 409 with the expected
+  one, like an expected-version loop) against clients letting the writer number; all on one key."""
+  accepted: List[Dict[str, Any]] = []
+  conflicts, errors = [0], []
+  lock = threading.Lock()
+
+  def explicit(n: int) -> None:
+    expected = 1
+    try:
+      for _ in range(n):
+        while True:
+          s, body, _ = writer.post(event('racer', sequence=expected))
+          if s == 201:
+            with lock:
+              accepted.append(body)
+            expected = body['sequence'] + 1
+            break
+          assert s == 409, body
+          with lock:
+            conflicts[0] += 1
+          expected = body['expected_sequence']
+    except Exception as e:  # surfaced below
+      errors.append(e)
+
+  def auto(n: int) -> None:
+    try:
+      for _ in range(n):
+        s, body, _ = writer.post(event('racer'))
+        assert s == 201, body
+        with lock:
+          accepted.append(body)
+    except Exception as e:
+      errors.append(e)
+
+  threads = ([threading.Thread(target=explicit, args=(10,)) for _ in range(4)] +
+             [threading.Thread(target=auto, args=(10,)) for _ in range(4)])
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(120)
+  assert not errors, errors[:3]
+  assert len(accepted) == 80
+  assert conflicts[0] > 0, 'no explicit sequence ever lost a race: the test raced nothing'
+  assert sorted(r['sequence'] for r in accepted) == list(range(1, 81))
+  assert _sequences_by_key(kafka, topic) == {'racer': list(range(1, 81))}
+
+
+# --- one writer per topic: the lease ------------------------------------------------------------
+
+def _health(w: Running, token: bool = True):
+  headers = HEADERS if token else {}
+  return w.request('GET', '/health', headers=headers)
+
+
+def test_a_second_writer_fences_the_first_and_no_key_is_numbered_twice(kafka, topic, tmp_path):
+  """Writer A serves a client posting to one key; writer B starts on the same topic (its own
+  state file). B fences A at once and waits for A's last appends to settle before it numbers
+  anything; from then on A refuses every write (503), B continues the key's sequences, and
+  the topic holds each key's sequences once, without gaps."""
+  a = Running(kafka, topic, str(tmp_path / 'a.db'), ack_timeout=2, lease_ms=1500)
+  acked_by_a: List[Dict[str, Any]] = []
+  refused_by_a: List[Dict[str, Any]] = []
+  stop = threading.Event()
+
+  def client_of_a() -> None:
+    while not stop.is_set():
+      try:
+        s, body, _ = a.post(event('shared-key'))
+      except OSError:
+        continue
+      (acked_by_a if s == 201 else refused_by_a).append(body)
+      if refused_by_a and refused_by_a[-1].get('error', '').startswith('another writer'):
+        stop.wait(0.05)
+
+  client = threading.Thread(target=client_of_a)
+  client.start()
+  b = None
+  try:
+    deadline = time.monotonic() + 30
+    while len(acked_by_a) < 20 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert len(acked_by_a) >= 20, 'writer A did not write'
+    started = time.monotonic()
+    b = Running(kafka, topic, str(tmp_path / 'b.db'), ack_timeout=2)
+    took = time.monotonic() - started
+    # B waited for A's lease (1.5 s) + ack timeout (2 s) + margin (2 s) after fencing it.
+    assert took >= 5.5, took
+    s, health, _ = _health(b)
+    assert s == 200 and health['lease']['took_over_from'] == a.writer.lease.holder
+    # A learns it was fenced at its next renewal (every second): its writes are refused.
+    deadline = time.monotonic() + 10
+    while not any('another writer took over' in r.get('error', '') for r in refused_by_a):
+      assert time.monotonic() < deadline, refused_by_a[-3:]
+      time.sleep(0.05)
+    n_a = len(acked_by_a)
+    s, body, _ = a.post(event('shared-key'))
+    assert s == 503 and 'another writer took over' in body['error']
+    s, health, _ = _health(a)
+    assert s == 503 and health['status'] == 'fenced'
+    s, live, _ = _health(a, token=False)
+    assert (s, live) == (503, {'status': 'unavailable'})
+    # B continues the key where A's acknowledged writes ended.
+    s, r, _ = b.post(event('shared-key'))
+    assert s == 201 and r['sequence'] == n_a + 1, (r, n_a)
+  finally:
+    stop.set()
+    client.join(30)
+    if b is not None:
+      b.stop()
+    a.stop()
+  assert len(acked_by_a) == n_a  # nothing acknowledged by A after it was fenced
+  assert _sequences_by_key(kafka, topic) == {'shared-key': list(range(1, n_a + 2))}
+
+
+def test_a_writer_that_stopped_cleanly_is_taken_over_at_once(kafka, topic, tmp_path):
+  a = Running(kafka, topic, str(tmp_path / 'w.db'))
+  try:
+    holder = a.writer.lease.holder
+    assert a.post(event('u1'))[0] == 201
+  finally:
+    a.stop()
+  started = time.monotonic()
+  b = Running(kafka, topic, str(tmp_path / 'w.db'))
+  try:
+    assert time.monotonic() - started < 5.5  # no settle wait: A said it released the lease
+    s, health, _ = _health(b)
+    assert health['lease']['took_over_from'] == holder and health['lease']['waited_s'] == 0
+    assert b.post(event('u1'))[1]['sequence'] == 2
+  finally:
+    b.stop()
+
+
+def test_cli_writer_exits_1_when_another_writer_takes_its_topic(kafka, topic, tmp_path):
+  env = dict(os.environ, **{writer_service.TOKENS_ENV: TOKEN})
+  port = free_port()
+  proc = subprocess.Popen(_serve_cmd('writer', '--bootstrap', kafka, '--topic', topic, '--port',
+                                     str(port), '--state', str(tmp_path / 'cli.db'),
+                                     '--ack-timeout', '2'),
+                          env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  b = None
+  try:
+    _wait_listening(proc)
+    b = Running(kafka, topic, str(tmp_path / 'b.db'), ack_timeout=2)
+    rest = proc.communicate(timeout=60)[1]
+  finally:
+    proc.kill()
+    if b is not None:
+      b.stop()
+  assert proc.returncode == 1, rest
+  assert 'another writer took over topic' in rest and 'Traceback' not in rest
+
+
+# --- event_time: what the log accepts, at the door (issue 15, item 5) ----------------------------
+
+def _iso_in(seconds: float) -> str:
+  import datetime
+  t = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)
+  return t.strftime('%Y-%m-%dT%H:%M:%S.%fZ')
+
+
+def test_an_event_time_kafka_would_refuse_is_400_at_the_door_and_sinks_no_retry(writer, kafka, topic):
+  """Kafka 4 refuses timestamps more than an hour ahead of the broker's clock
+  (message.timestamp.after.max.ms), and would refuse every retry. The writer refuses such an
+  event with 400 naming the limit; a batch is all-or-nothing at the door, so the batch holding
+  it writes nothing and says which event is at fault; the good events alone then go through."""
+  far = event('u1', 'p9', event_time=_iso_in(2 * 3600))
+  s, body, _ = writer.post(far)
+  assert s == 400, body
+  reason = body['events'][0]['reason']
+  assert 'ahead of the writer\'s clock' in reason and 'at most 59 min 55 s ahead' in reason
+  assert 'message.timestamp.after.max.ms is 1 h' in reason
+  assert body['event_time_limits']['max_ahead_ms'] == 3_595_000
+  good = [event('u1', 'p1', event_time=_iso_in(0)), event('u2', 'p2', event_time=_iso_in(50 * 60))]
+  s, body, _ = writer.post([good[0], far, good[1]])
+  assert s == 400 and 'all-or-nothing' in body['error']
+  assert [e['index'] for e in body['events']] == [1]
+  assert sum(end_offsets(kafka, topic)) == 0
+  # The same good events without the bad one: written (50 minutes ahead is within the limit,
+  # and Kafka itself accepts it).
+  s, body, _ = writer.post(good)
+  assert s == 201 and [r['sequence'] for r in body['receipts']] == [1, 1]
+  assert sum(end_offsets(kafka, topic)) == 2
+
+
+def test_a_topics_own_timestamp_limit_in_the_past_is_read_and_stated(kafka, tmp_path):
+  """A topic configured to refuse old timestamps (message.timestamp.before.max.ms = 1 day)."""
+  from confluent_kafka.admin import AdminClient, NewTopic
+  name = f'writer-old-{uuid.uuid4().hex[:8]}'
+  admin = AdminClient({'bootstrap.servers': kafka})
+  admin.create_topics([NewTopic(name, 3, 1, config={
+      'message.timestamp.before.max.ms': str(86_400_000)})])[name].result(30)
+  w = Running(kafka, name, str(tmp_path / 'w.db'), ack_timeout=5)
+  try:
+    s, body, _ = w.post(event('u1', event_time=_iso_in(-2 * 86400)))
+    assert s == 400, body
+    assert 'behind the writer\'s clock' in body['events'][0]['reason']
+    assert 'message.timestamp.before.max.ms is 1 d' in body['events'][0]['reason']
+    s, r, _ = w.post(event('u1', event_time=_iso_in(-3600)))
+    assert s == 201 and r['sequence'] == 1
+  finally:
+    w.stop()
+
+
+def test_numbers_sent_as_strings_need_ascii_digits(writer, kafka, topic):
+  for quantity in ('٣', '１', '²'):
+    s, body, _ = writer.post(event('u1', quantity=quantity))
+    assert s == 400, (quantity, body)
+  s, r, _ = writer.post(event('u1', quantity='3'))
+  assert s == 201 and 'data.quantity converted from a string' in r['repairs']
+  assert sum(end_offsets(kafka, topic)) == 1
+
+
+def test_health_without_a_token_shows_only_liveness(writer, topic):
+  s, body, headers = _health(writer, token=False)
+  assert (s, body) == (200, {'status': 'ok'})
+  s, body, _ = _health(writer)
+  assert s == 200 and body['topic'] == topic and 'receipts' in body
+  s, body, _ = writer.request('GET', '/health', headers={'Authorization': 'Bearer wrong-token-0123456789'})
+  assert s == 401
