@@ -4,7 +4,8 @@
 (a local path, a glob, ``s3://`` or ``gs://``), and writes:
 
 * ``DIR/published.jsonl``: clean envelopes in their JSON form;
-* ``DIR/dead_letters.jsonl``: each refused line whole, with a reason;
+* ``DIR/dead_letters.jsonl``: each refused line whole, with a reason (a line over
+  ``--max-event-bytes`` is cut off while it is read: its first bytes are kept);
 * ``DIR/summary.json``: counts, with ``in == published + dead_lettered`` always;
 * the archive at PATH when ``--archive`` is given (Avro by default).
 
@@ -20,7 +21,6 @@ import time
 from typing import Any, Dict, List, Optional
 
 import apache_beam as beam
-from apache_beam.coders import coders
 from apache_beam.io.filesystems import FileSystems
 
 from sourcebeam.pipelines import outputs
@@ -29,6 +29,7 @@ from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
 from sourcebeam.schemas.envelope import to_json
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
 from sourcebeam.transforms.counting import WriteCounts, read_counts
+from sourcebeam.transforms.line_reader import ReadRawLines
 from sourcebeam.transforms.publish import PublishEvents, dead_letter_json
 
 
@@ -58,15 +59,23 @@ def check_input(pattern: str) -> None:
 
 def build_publish(p: beam.Pipeline, input_pattern: str, out: str,
                   archive: Optional[str] = None, archive_format: str = 'avro',
-                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Dict[str, beam.PCollection]:
-  """Publish (and archive) raw lines; returns the PCollections to count."""
-  raw = p | 'ReadRaw' >> beam.io.ReadFromTextWithFilename(input_pattern, coder=coders.BytesCoder())
+                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                  source_name: Optional[str] = None) -> Dict[str, beam.PCollection]:
+  """Publish (and archive) raw lines; returns the PCollections to count.
+
+  Lines over ``max_event_bytes`` are cut off while they are read and dead-lettered
+  with their first bytes (:mod:`transforms.line_reader`); ``source_name`` names the
+  lines' source when the input is a temporary copy (of stdin, say)."""
+  read = p | 'ReadRaw' >> ReadRawLines(input_pattern, max_event_bytes, source_name=source_name)
+  raw = read.lines
   result = raw | 'Publish' >> PublishEvents(max_event_bytes)
+  dead_letters = (result.dead_letters, read.too_long) | 'AllDeadLetters' >> beam.Flatten()
   result.published | 'PublishedJson' >> beam.Map(to_json) | 'WritePublished' >> outputs.write_lines(
       out, 'published.jsonl')
-  result.dead_letters | 'DeadLetterJson' >> beam.Map(dead_letter_json) | 'WriteDeadLetters' >> (
+  dead_letters | 'DeadLetterJson' >> beam.Map(dead_letter_json) | 'WriteDeadLetters' >> (
       outputs.write_lines(out, 'dead_letters.jsonl'))
-  counts = {'in': raw, 'published': result.published, 'dead_lettered': result.dead_letters}
+  every_line = (raw, read.too_long) | 'EveryLine' >> beam.Flatten()
+  counts = {'in': every_line, 'published': result.published, 'dead_lettered': dead_letters}
   if archive:
     from sourcebeam.transforms.archive import WriteArchive
     files = result.published | 'Archive' >> WriteArchive(archive, format=archive_format)

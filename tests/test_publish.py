@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import apache_beam as beam
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -89,3 +90,39 @@ def test_publish_cli_bad_arguments_exit_2(tmp_path):
   proc = run_cli('publish', '--input', 'x', '--out', str(tmp_path), '--max-event-bytes', '0')
   assert proc.returncode == 2
   assert proc.stderr.strip() == 'error: --max-event-bytes must be positive'
+
+
+# ---------------------------------------------------------------------------
+# Input the command must never lose (issue 15)
+
+import run  # noqa: E402
+
+
+def run_main(capsys, *argv):
+  """``run.main`` in this process: (exit code, stdout, stderr)."""
+  code = run.main(list(argv))
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def raw_lines(n, start=1):
+  return [as_line(good(event_id=f'e{i}', sequence=i)) for i in range(start, start + n)]
+
+
+def test_publish_cuts_a_long_line_off_while_reading(tmp_path, capsys):
+  """A 16 MB line took 35 s and a 50 MB one did not finish: the whole line was read first."""
+  limit = 1000
+  long = b'{"event_type": "CartItemAdded", "pad": "' + b'x' * (3 * 1024 * 1024) + b'"}'
+  raw = tmp_path / 'raw.jsonl'
+  raw.write_bytes(b'\n'.join(raw_lines(2) + [long] + raw_lines(2, start=3)) + b'\n')
+  code, _, err = run_main(capsys, 'publish', '--input', str(raw), '--out', str(tmp_path / 'o'),
+                          '--max-event-bytes', str(limit))
+  assert code == 0, err
+  summary = json.loads((tmp_path / 'o' / 'summary.json').read_text())
+  assert (summary['in'], summary['published'], summary['dead_lettered']) == (5, 4, 1)
+  dead = json.loads((tmp_path / 'o' / 'dead_letters.jsonl').read_text())
+  assert dead['raw'].encode() == long[:limit]
+  assert dead['reason'] == (f'event is {len(long)} bytes, over the limit of {limit} bytes '
+                            f'(--max-event-bytes): cut off while reading, the first {limit} '
+                            'bytes kept')
+  assert (dead['line_bytes'], dead['kept_bytes'], dead['source']) == (len(long), limit, str(raw))
