@@ -1,7 +1,8 @@
 """Fix the stream: publish raw events, dead-letter what cannot be repaired, archive the rest.
 
 ``run.py publish --input RAW --out DIR [--archive PATH]`` reads raw JSON lines
-(a local path, a glob, ``s3://`` or ``gs://``), and writes:
+(a local path, a glob, ``s3://`` or ``gs://``; ``-`` or a named pipe is copied to
+a temporary file first, see :mod:`pipelines.inputs`), and writes:
 
 * ``DIR/published.jsonl``: clean envelopes in their JSON form;
 * ``DIR/dead_letters.jsonl``: each refused line whole, with a reason (a line over
@@ -25,6 +26,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from sourcebeam.pipelines import outputs
 from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.pipelines.inputs import check_input, raw_input  # noqa: F401 (check_input: API)
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
 from sourcebeam.schemas.envelope import to_json
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
@@ -35,7 +37,8 @@ from sourcebeam.transforms.publish import PublishEvents, dead_letter_json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--input', required=True, metavar='RAW',
-                      help='raw events as JSON lines: a file, a glob, or an s3:// or gs:// path')
+                      help='raw events as JSON lines: a file, a glob, an s3:// or gs:// path, '
+                           'or - (stdin) or a named pipe (copied to a temporary file first)')
   parser.add_argument('--out', required=True, metavar='DIR',
                       help='where published.jsonl, dead_letters.jsonl and summary.json go')
   parser.add_argument('--archive', metavar='PATH',
@@ -45,16 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='archive file format (default: avro)')
   parser.add_argument('--max-event-bytes', type=int, default=DEFAULT_MAX_EVENT_BYTES,
                       help=f'lines longer than this are dead-lettered (default: {DEFAULT_MAX_EVENT_BYTES})')
-
-
-def check_input(pattern: str) -> None:
-  """A one-line UsageError when the raw input does not exist."""
-  try:
-    matched = FileSystems.match([pattern])[0].metadata_list
-  except Exception as e:  # a filesystem's own error for a bad path or bucket
-    raise UsageError(f'cannot read input {pattern}: {str(e).splitlines()[0]}') from None
-  if not matched:
-    raise UsageError(f'input {pattern} does not exist (no file matches)')
 
 
 def build_publish(p: beam.Pipeline, input_pattern: str, out: str,
@@ -88,13 +81,14 @@ def run(input_pattern: str, out: str, beam_args: List[str], archive: Optional[st
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Dict[str, Any]:
   options = pipeline_options(beam_args)
   FileSystems.set_options(options)
-  check_input(input_pattern)
-  outputs.prepare(out)
-  started = time.monotonic()
-  with beam.Pipeline(options=options) as p:
-    counts = build_publish(p, input_pattern, out, archive, archive_format, max_event_bytes)
-    counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
-  stop_after_dry_run(p, beam_args)
+  with raw_input(input_pattern) as raw:  # stdin or a pipe: copied to a file first
+    outputs.prepare(out)
+    started = time.monotonic()
+    with beam.Pipeline(options=options) as p:
+      counts = build_publish(p, raw.pattern, out, archive, archive_format, max_event_bytes,
+                             source_name=raw.source_name)
+      counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
+    stop_after_dry_run(p, beam_args)
   seconds = time.monotonic() - started
   summary: Dict[str, Any] = read_counts(outputs.join(out, '_counts.json'))
   summary.update(seconds=round(seconds, 3),
@@ -103,6 +97,8 @@ def run(input_pattern: str, out: str, beam_args: List[str], archive: Optional[st
                           'dead_letters': outputs.join(out, 'dead_letters.jsonl')})
   if archive:
     summary['outputs']['archive'] = archive
+  if raw.spooled_bytes is not None:
+    summary['input'] = {'given': input_pattern, 'spooled_bytes': raw.spooled_bytes}
   if summary['in'] != summary['published'] + summary['dead_lettered']:
     raise AssertionError(f'events lost in publish: {summary}')
   outputs.write_json(out, 'summary.json', summary)
