@@ -468,9 +468,9 @@ class OrderedArchiveReplay(beam.PTransform):
 
   def expand(self, pbegin) -> ReplayResult:
     manifest = check_archive_path(self._path)
+    matched = pbegin | 'MatchFiles' >> match_data_files(self._path, manifest)
     results = (
-        pbegin
-        | 'MatchFiles' >> match_data_files(self._path, manifest)
+        matched.files  # files that do not fit the manifest and layout: in matched.corrupt
         | 'ByBucket' >> beam.Map(lambda m: (parse_file_path(m.path).bucket, m.path))
         # A grouping's output is stamped at the end of its window by default: the end of time
         # here, behind which every event (re-stamped at its event time downstream) would be
@@ -484,8 +484,9 @@ class OrderedArchiveReplay(beam.PTransform):
             self._key_spaces, self._config, self._latest_by, self._final_status,
             self._schema_dir, manifest['buckets'], self._with_unclaimed))
         .with_outputs(UNPROCESSED, STATUS, CORRUPT, STATS, UNCLAIMED, main=OUTPUTS))
+    corrupt = (matched.corrupt, results[CORRUPT]) | 'AllCorrupt' >> beam.Flatten()
     return ReplayResult(results[OUTPUTS], results[UNPROCESSED], results[STATUS],
-                        results[CORRUPT], results[STATS], results[UNCLAIMED])
+                        corrupt, results[STATS], results[UNCLAIMED])
 
 
 class RetailReplay(NamedTuple):
