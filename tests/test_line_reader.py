@@ -154,3 +154,39 @@ def test_read_raw_lines_in_a_pipeline(tmp_path):
                 label='lines')
     assert_that(read.too_long | beam.Map(lambda d: (d['raw'], d['line_bytes'])),
                 equal_to([('L' * 100, 500)]), label='too_long')
+
+
+OPENED = []  # module level: the source is pickled (by reference) before it reads
+
+
+class CountingSource(LimitedLineSource):
+  def open_file(self, file_name):
+    with open(file_name, 'rb') as f:
+      OPENED.append(CountingFile(f.read()))
+    return OPENED[-1]
+
+
+def test_a_line_over_many_ranges_is_read_once_not_once_per_range(tmp_path):
+  """Ranges that start inside a long line stop at their own end instead of scanning its rest."""
+  path = tmp_path / 'long.jsonl'
+  data = b'a\n' + b'x' * 100_000 + b'\nb\n'
+  path.write_bytes(data)
+  del OPENED[:]
+  source = CountingSource(str(path), 50, chunk_bytes=256)
+  splits = list(source.split(desired_bundle_size=1000))
+  assert len(splits) > 90
+  records = [r for s in splits
+             for r in source_test_utils.read_from_source(s.source, s.start_position, s.stop_position)]
+  assert sorted(records) == sorted([(str(path), b'a', 1), (str(path), b'x' * 50, 100_000),
+                                    (str(path), b'b', 1)])
+  # each range reads at most its own bytes and one chunk, plus the lines it owns
+  assert len(OPENED) == len(splits)
+  assert sum(f.handed_out for f in OPENED) <= 2 * len(data) + len(splits) * 256
+
+
+def test_compressed_input_is_read_whole(tmp_path):
+  import gzip
+  path = tmp_path / 'raw.jsonl.gz'
+  path.write_bytes(gzip.compress(b'one\n' + b'L' * 300 + b'\r\ntwo\n'))
+  got = source_test_utils.read_from_source(LimitedLineSource(str(path), 100))
+  assert got == [(str(path), b'one', 3), (str(path), b'L' * 100, 300), (str(path), b'two', 3)]
