@@ -598,3 +598,21 @@ def test_a_data_file_with_an_unexpected_name_is_reported_not_skipped(tmp_path, e
   summary = json.loads((tmp_path / 'r' / 'summary.json').read_text())
   assert summary['corrupt_files'] == [{'path': renamed, 'reason': reason}]
   assert summary['events'] == len(kept)
+
+
+def test_layout_problem_names_what_a_file_is_and_what_the_manifest_says():
+  from sourcebeam.transforms.archive_format import layout_problem
+  d = 'gs://b/a/hour=2026-11-26T10/bucket=001/'
+  assert layout_problem(d + 'events-r-0000.avro', 'avro') is None
+  assert layout_problem(d + '.tmp-9-events-r-0000.avro', 'avro') is None  # the writer's temporary
+  assert layout_problem(d, 'avro') is None  # an object store's folder marker
+  assert layout_problem(d + 'events-r-0000.parquet', 'avro', b'PAR1') == (
+      'the file is Parquet but the archive manifest (_archive.json) says "format": "avro", '
+      'so it was not read: the manifest and the files disagree')
+  assert 'the file is Avro (by its name)' in layout_problem(d + 'x.avro', 'parquet', None)
+  assert layout_problem(d + 'events-r-0000.parquet', 'avro', b'Obj\x01') == (
+      "file name 'events-r-0000.parquet' does not fit the archive layout "
+      "(events-<run id>-<chunk>.avro); it holds Avro data: not read")
+  assert layout_problem(d + 'notes.txt', 'parquet', b'hell') == (
+      "file name 'notes.txt' does not fit the archive layout (events-<run id>-<chunk>.parquet): "
+      'not read')

@@ -186,9 +186,11 @@ def sniff_format(head: bytes) -> Optional[str]:
 
 
 def is_hidden(path: str) -> bool:
-  """A name starting with '.': the writer's temporary files (renamed into place when
-  complete), never data files."""
-  return path.replace('\\', '/').rsplit('/', 1)[-1].startswith('.')
+  """A name starting with '.' (the writer's temporary files, renamed into place when
+  complete) or no name at all (an object store's folder marker, ``.../bucket=001/``):
+  never data files."""
+  name = path.replace('\\', '/').rsplit('/', 1)[-1]
+  return not name or name.startswith('.')
 
 
 def layout_problem(path: str, fmt: str, head: Optional[bytes] = None) -> Optional[str]:
@@ -208,8 +210,9 @@ def layout_problem(path: str, fmt: str, head: Optional[bytes] = None) -> Optiona
   name = path.replace('\\', '/').rsplit('/', 1)[-1]
   holds = sniff_format(head) if head is not None else None
   ext = name.rsplit('.', 1)[-1] if '.' in name else ''
-  if f is not None or ext in FORMATS and ext != fmt:
-    what = _FORMAT_NAMES[holds or ext]
+  what = holds or (f.format if f is not None else ext)
+  if (f is not None or ext in FORMATS) and what != fmt:
+    what = _FORMAT_NAMES[what]
     return (f'the file is {what}{"" if holds else " (by its name)"} but the archive manifest '
             f'({MANIFEST_NAME}) says "format": "{fmt}", so it was not read: the manifest and '
             'the files disagree')
