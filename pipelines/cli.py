@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 
 from sourcebeam.transforms.errors import ConfigError, DataError  # the library's: exit 2 and 1
@@ -48,11 +48,18 @@ def _terminate(signum: int, frame: Any) -> None:
   raise Terminated()
 
 
-def run_command(module: Any, args: Any, beam_args: List[str]) -> int:
+def run_command(module: Any, args: Any, beam_args: List[str],
+                own_options: Optional[List[str]] = None) -> int:
+  """Run a subcommand's ``main``; with ``own_options`` (its option strings), pass-through
+  options that look like misspellings of them or of Beam's are refused first
+  (:mod:`pipelines.pass_through`)."""
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
   if threading.current_thread() is threading.main_thread():
     signal.signal(signal.SIGTERM, _terminate)
   try:
+    if own_options is not None:
+      from sourcebeam.pipelines.pass_through import check_pass_through
+      check_pass_through(beam_args, own_options, getattr(args, 'command', None) or '')
     from sourcebeam.pipelines.runners import WORKER_PATH_ARGS, check_worker_paths
     check_worker_paths(beam_args, {name: getattr(args, name, None) for name in WORKER_PATH_ARGS})
     return int(module.main(args, beam_args) or 0)

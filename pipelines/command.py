@@ -6,7 +6,9 @@ through every pipeline, writing outputs and summary.json under out/.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)``
 and ``main(args, beam_args) -> int``. Arguments a subcommand does not know are
-Beam pipeline options (``--runner``, ``--flink_master``...) and pass through.
+Beam pipeline options (``--runner``, ``--flink_master``...) and pass through;
+one that looks like a misspelling of the subcommand's or Beam's is refused
+(exit 2, "did you mean ...?": ``pipelines/pass_through.py``).
 """
 
 from __future__ import annotations
@@ -57,4 +59,6 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser = build_parser(argv[0] if argv[0] in SUBCOMMANDS else None)
   args, beam_args = parser.parse_known_args(argv)
   from sourcebeam.pipelines.cli import run_command
-  return run_command(importlib.import_module(args._module), args, beam_args)
+  from sourcebeam.pipelines.pass_through import command_options
+  return run_command(importlib.import_module(args._module), args, beam_args,
+                     own_options=command_options(parser, args.command))

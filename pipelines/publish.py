@@ -1,11 +1,14 @@
 """Fix the stream: publish raw events, dead-letter what cannot be repaired, archive the rest.
 
 ``run.py publish --input RAW --out DIR [--archive PATH] [--app MODULE:ATTR]``
-reads raw JSON lines (a local path, a glob, ``s3://`` or ``gs://``), checks them
-against the application's schemas (the demo's without ``--app``), and writes:
+reads raw JSON lines (a local path, a glob, ``s3://`` or ``gs://``; ``-`` or a
+named pipe is copied to a temporary file first, see :mod:`pipelines.inputs`),
+checks them against the application's schemas (the demo's without ``--app``),
+and writes:
 
 * ``DIR/published.jsonl``: clean envelopes in their JSON form;
-* ``DIR/dead_letters.jsonl``: each refused line whole, with a reason;
+* ``DIR/dead_letters.jsonl``: each refused line whole, with a reason (a line over
+  ``--max-event-bytes`` is cut off while it is read: its first bytes are kept);
 * ``DIR/summary.json``: counts, with ``in == published + dead_lettered`` always;
 * the archive at PATH when ``--archive`` is given (Avro by default).
 
@@ -21,23 +24,25 @@ import time
 from typing import Any, Dict, List, Optional
 
 import apache_beam as beam
-from apache_beam.coders import coders
 from apache_beam.io.filesystems import FileSystems
 
 from sourcebeam.pipelines import outputs
 from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.pipelines.inputs import check_input, raw_input  # noqa: F401 (check_input: API)
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
 from sourcebeam.schemas.envelope import to_json
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
 from sourcebeam.transforms.app import App
 from sourcebeam.transforms.counting import WriteCounts, read_counts
+from sourcebeam.transforms.line_reader import ReadRawLines
 from sourcebeam.transforms.publish import PublishEvents, dead_letter_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--input', required=True, metavar='RAW',
-                      help='raw events as JSON lines: a file, a glob, or an s3:// or gs:// path')
+                      help='raw events as JSON lines: a file, a glob, an s3:// or gs:// path, '
+                           'or - (stdin) or a named pipe (copied to a temporary file first)')
   parser.add_argument('--out', required=True, metavar='DIR',
                       help='where published.jsonl, dead_letters.jsonl and summary.json go')
   parser.add_argument('--archive', metavar='PATH',
@@ -50,27 +55,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   add_app_argument(parser)
 
 
-def check_input(pattern: str) -> None:
-  """A one-line UsageError when the raw input does not exist."""
-  try:
-    matched = FileSystems.match([pattern])[0].metadata_list
-  except Exception as e:  # a filesystem's own error for a bad path or bucket
-    raise UsageError(f'cannot read input {pattern}: {str(e).splitlines()[0]}') from None
-  if not matched:
-    raise UsageError(f'input {pattern} does not exist (no file matches)')
+TOO_LONG_COUNT = 'in_too_long'
 
 
 def build_publish(p: beam.Pipeline, app: App, input_pattern: str, out: str,
                   archive: Optional[str] = None, archive_format: str = 'avro',
-                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Dict[str, beam.PCollection]:
-  """Publish (and archive) raw lines against ``app``'s schemas; returns the PCollections to count."""
-  raw = p | 'ReadRaw' >> beam.io.ReadFromTextWithFilename(input_pattern, coder=coders.BytesCoder())
+                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                  source_name: Optional[str] = None) -> Dict[str, beam.PCollection]:
+  """Publish (and archive) raw lines against ``app``'s schemas; returns the PCollections to count.
+
+  Lines over ``max_event_bytes`` are cut off while they are read and dead-lettered
+  with their first bytes (:mod:`transforms.line_reader`); ``source_name`` names the
+  lines' source when the input is a temporary copy (of stdin, say)."""
+  read = p | 'ReadRaw' >> ReadRawLines(input_pattern, max_event_bytes, source_name=source_name)
+  raw = read.lines
   result = raw | 'Publish' >> PublishEvents(app.registry, max_event_bytes)
+  dead_letters = (result.dead_letters, read.too_long) | 'AllDeadLetters' >> beam.Flatten()
   result.published | 'PublishedJson' >> beam.Map(to_json) | 'WritePublished' >> outputs.write_lines(
       out, 'published.jsonl')
-  result.dead_letters | 'DeadLetterJson' >> beam.Map(dead_letter_json) | 'WriteDeadLetters' >> (
+  dead_letters | 'DeadLetterJson' >> beam.Map(dead_letter_json) | 'WriteDeadLetters' >> (
       outputs.write_lines(out, 'dead_letters.jsonl'))
-  counts = {'in': raw, 'published': result.published, 'dead_lettered': result.dead_letters}
+  # 'in' is counted in two parts (summed by run): a Flatten of every raw line would make
+  # the local runners materialize the whole input between stages
+  counts = {'in': raw, TOO_LONG_COUNT: read.too_long, 'published': result.published,
+            'dead_lettered': dead_letters}
   if archive:
     from sourcebeam.transforms.archive import WriteArchive
     files = result.published | 'Archive' >> WriteArchive(archive, format=archive_format,
@@ -84,21 +92,25 @@ def run(input_pattern: str, out: str, beam_args: List[str], app: App,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Dict[str, Any]:
   options = pipeline_options(beam_args)
   FileSystems.set_options(options)
-  check_input(input_pattern)
-  outputs.prepare(out)
-  started = time.monotonic()
-  with beam.Pipeline(options=options) as p:
-    counts = build_publish(p, app, input_pattern, out, archive, archive_format, max_event_bytes)
-    counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
-  stop_after_dry_run(p, beam_args)
+  with raw_input(input_pattern) as raw:  # stdin or a pipe: copied to a file first
+    outputs.prepare(out)
+    started = time.monotonic()
+    with beam.Pipeline(options=options) as p:
+      counts = build_publish(p, app, raw.pattern, out, archive, archive_format, max_event_bytes,
+                             source_name=raw.source_name)
+      counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
+    stop_after_dry_run(p, beam_args)
   seconds = time.monotonic() - started
   summary: Dict[str, Any] = read_counts(outputs.join(out, '_counts.json'))
+  summary['in'] += summary.pop(TOO_LONG_COUNT, 0)  # lines cut off while read are input too
   summary.update(app=app.name, seconds=round(seconds, 3),
                  events_per_sec=round(summary['in'] / seconds, 1) if seconds else None,
                  outputs={'published': outputs.join(out, 'published.jsonl'),
                           'dead_letters': outputs.join(out, 'dead_letters.jsonl')})
   if archive:
     summary['outputs']['archive'] = archive
+  if raw.spooled_bytes is not None:
+    summary['input'] = {'given': input_pattern, 'spooled_bytes': raw.spooled_bytes}
   if summary['in'] != summary['published'] + summary['dead_lettered']:
     raise AssertionError(f'events lost in publish: {summary}')
   outputs.write_json(out, 'summary.json', summary)

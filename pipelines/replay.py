@@ -11,7 +11,10 @@ their types from the same read. Only the source differs from ``run.py stream``.
 
 A corrupt archive file does not stop the replay: it is listed with its path and
 reason in ``DIR/corrupt_files.jsonl`` and ``summary.json``, and the command
-exits 1. ``summary.json`` also says what the replay did not apply: events of
+exits 1. So is a file the replay does not read because it does not fit the
+archive: a data file of another format than the manifest's (the reason names
+both) or a file in a bucket folder whose name is not a data file's
+(:class:`transforms.archive.MatchArchiveFiles`). ``summary.json`` also says what the replay did not apply: events of
 types the application does not know (``unknown_type``: written by an app with
 more types; counted and skipped), events of types no consumer reads
 (``unclaimed``), and ``unprocessed`` events by reason.
@@ -113,5 +116,6 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   if summary['corrupt_files']:
     for c in summary['corrupt_files']:
       print(f'error: corrupt archive file {c["path"]}: {c["reason"]}', file=sys.stderr)
-    raise DataError(f'{len(summary["corrupt_files"])} corrupt archive file(s) skipped')
+    raise DataError(f'{len(summary["corrupt_files"])} archive file(s) not read: corrupt, or not '
+                    'what the archive\'s manifest and layout say (listed above and in summary.json)')
   return 0

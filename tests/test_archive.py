@@ -23,7 +23,8 @@ from sourcebeam.schemas.envelope import make_envelope
 from sourcebeam.schemas.registry import Registry
 from sourcebeam.transforms.archive import (
     CORRUPT, EVENTS, CorruptArchiveFile, archive_partitions, iter_partition, IncompatibleSchema, ReadArchive, WriteArchive,
-    check_archive_path, iter_archive, list_archive_files, read_archive_file, read_manifest)
+    check_archive_path, iter_archive, list_archive_files, read_archive_file, read_manifest,
+    scan_archive_files)
 from sourcebeam.transforms.archive_format import (
     bucket_of, encode_avro, encode_parquet, hour_of, parse_file_path, read_events, sort_key)
 
@@ -561,3 +562,93 @@ def test_avro_writer_schema_differing_only_in_key_order_takes_the_direct_decode(
   patched = blob.replace(own.encode(), shuffled.encode())  # same length: keys reordered only
   assert patched != blob and len(patched) == len(blob)
   assert decode_avro(patched, reg, 'x.avro') == decode_avro(blob, reg, 'x.avro')
+
+
+# ---------------------------------------------------------------------------
+# Files that disagree with the manifest or the layout are reported, never skipped (issue 15, 3)
+
+
+def _run_main(capsys, *argv):
+  import run
+  code = run.main(list(argv))
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def _set_manifest_format(path, fmt):
+  manifest_path = os.path.join(path, '_archive.json')
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  manifest['format'] = fmt
+  with open(manifest_path, 'w') as f:
+    json.dump(manifest, f)
+
+
+def test_a_manifest_naming_the_wrong_format_reports_every_file(tmp_path, events, capsys):
+  """`"format": "parquet"` in an Avro archive's manifest: replay exit 0 with 0 events before."""
+  path = str(tmp_path / 'archive')
+  files = write(path, events, fmt='avro')
+  _set_manifest_format(path, 'parquet')
+  found, misfits = scan_archive_files(path)
+  assert found == [] and [m['path'] for m in misfits] == sorted(f.path for f in files)
+  assert all(m['reason'] == (
+      'the file is Avro but the archive manifest (_archive.json) says "format": "parquet", '
+      'so it was not read: the manifest and the files disagree') for m in misfits)
+  with pytest.raises(CorruptArchiveFile, match='says "format": "parquet"'):
+    list(iter_archive(path, REG))
+  read_with_beam(path, [], expected_corrupt_paths=sorted(f.path for f in files))
+
+  code, _, err = _run_main(capsys, 'replay', '--archive', path, '--out', str(tmp_path / 'r'))
+  assert code == 1
+  assert f'error: corrupt archive file {files[0].path}: the file is Avro but the archive ' \
+         'manifest (_archive.json) says "format": "parquet"' in err
+  summary = json.loads((tmp_path / 'r' / 'summary.json').read_text())
+  assert sorted(c['path'] for c in summary['corrupt_files']) == sorted(f.path for f in files)
+  code, _, err = _run_main(capsys, 'keys', '--archive', path)
+  assert code == 1 and 'says "format": "parquet"' in err
+
+
+def test_a_data_file_with_an_unexpected_name_is_reported_not_skipped(tmp_path, events, capsys):
+  """A valid `random-name.avro` in a bucket folder was skipped: its events missing, exit 0."""
+  path = str(tmp_path / 'archive')
+  files = write(path, events, fmt='avro')
+  victim = files[0]
+  renamed = os.path.join(os.path.dirname(victim.path), 'random-name.avro')
+  os.rename(victim.path, renamed)
+  hidden = os.path.join(os.path.dirname(files[1].path), '.tmp-0123-events-x-0000.avro')
+  shutil.copy(files[1].path, hidden)  # a writer's temporary: not a data file, not reported
+  reason = ("file name 'random-name.avro' does not fit the archive layout "
+            "(events-<run id>-<chunk>.avro); it holds Avro data: not read")
+  found, misfits = scan_archive_files(path)
+  assert misfits == [{'path': renamed, 'reason': reason}]
+  assert len(found) == len(files) - 1
+  with pytest.raises(CorruptArchiveFile, match='does not fit the archive layout'):
+    list_archive_files(path)
+  kept = [e for f in files[1:] for e in read_archive_file(f.path, REG)]
+  read_with_beam(path, kept, expected_corrupt_paths=[renamed])
+
+  code, _, err = _run_main(capsys, 'replay', '--archive', path, '--out', str(tmp_path / 'r'))
+  assert code == 1
+  assert f'error: corrupt archive file {renamed}: {reason}' in err
+  assert err.strip().splitlines()[-1].startswith('error: 1 archive file(s) not read')
+  summary = json.loads((tmp_path / 'r' / 'summary.json').read_text())
+  assert summary['corrupt_files'] == [{'path': renamed, 'reason': reason}]
+  assert summary['events'] == len(kept)
+
+
+def test_layout_problem_names_what_a_file_is_and_what_the_manifest_says():
+  from sourcebeam.transforms.archive_format import layout_problem
+  d = 'gs://b/a/hour=2026-11-26T10/bucket=001/'
+  assert layout_problem(d + 'events-r-0000.avro', 'avro') is None
+  assert layout_problem(d + '.tmp-9-events-r-0000.avro', 'avro') is None  # the writer's temporary
+  assert layout_problem(d, 'avro') is None  # an object store's folder marker
+  assert layout_problem(d + 'events-r-0000.parquet', 'avro', b'PAR1') == (
+      'the file is Parquet but the archive manifest (_archive.json) says "format": "avro", '
+      'so it was not read: the manifest and the files disagree')
+  assert 'the file is Avro (by its name)' in layout_problem(d + 'x.avro', 'parquet', None)
+  assert layout_problem(d + 'events-r-0000.parquet', 'avro', b'Obj\x01') == (
+      "file name 'events-r-0000.parquet' does not fit the archive layout "
+      "(events-<run id>-<chunk>.avro); it holds Avro data: not read")
+  assert layout_problem(d + 'notes.txt', 'parquet', b'hell') == (
+      "file name 'notes.txt' does not fit the archive layout (events-<run id>-<chunk>.parquet): "
+      'not read')

@@ -30,7 +30,7 @@ import json
 import logging
 import re
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -46,14 +46,15 @@ from sourcebeam.schemas.registry import Registry
 from sourcebeam.transforms.archive_format import (
     AVRO_CODECS, DEFAULT_BUCKETS, DEFAULT_MAX_EVENTS_PER_FILE, LAYOUT_VERSION,
     MANIFEST_NAME, SORT_ORDER, ArchiveFile, CorruptArchiveFile, IncompatibleSchema,
-    chunks, data_file_pattern, encode_avro, encode_parquet, file_name, join, make_manifest,
-    parse_file_path, parse_manifest, partition_dir, partition_of, read_events, sort_key)
+    bucket_files_pattern, chunks, encode_avro, encode_parquet, file_name,
+    is_hidden, join, layout_problem, make_manifest, parse_file_path, parse_manifest,
+    partition_dir, partition_of, read_events, sort_key)
 
 __all__ = [
     'WriteArchive', 'ReadArchive', 'check_archive_path', 'read_archive_file', 'iter_archive',
-    'list_archive_files', 'archive_partitions', 'iter_partition', 'read_manifest',
-    'known_events', 'CorruptArchiveFile', 'IncompatibleSchema', 'EVENTS', 'CORRUPT',
-    'UNKNOWN_TYPE']
+    'list_archive_files', 'scan_archive_files', 'archive_partitions', 'iter_partition',
+    'read_manifest', 'match_data_files', 'MatchArchiveFiles', 'MatchedFiles', 'known_events',
+    'CorruptArchiveFile', 'IncompatibleSchema', 'EVENTS', 'CORRUPT', 'UNKNOWN_TYPE']
 
 EVENTS = 'events'
 CORRUPT = 'corrupt'
@@ -119,10 +120,76 @@ def read_manifest(path: str) -> Optional[Dict[str, Any]]:
     return parse_manifest(f.read(), mpath)
 
 
-def match_data_files(path: str, manifest: Dict[str, Any]) -> beam.PTransform:
-  """Every data file of the archive at ``path``; an empty archive matches nothing, not an error."""
-  return fileio.MatchFiles(data_file_pattern(path, manifest['format']),
-                           empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+def match_data_files(path: str, manifest: Dict[str, Any]) -> 'MatchArchiveFiles':
+  """Every data file of the archive at ``path``, and every file of its bucket folders that is
+  not one (reported, never skipped): see :class:`MatchArchiveFiles`."""
+  return MatchArchiveFiles(path, manifest)
+
+
+def _head(path: str, n: int = 4) -> Optional[bytes]:
+  """A file's first bytes (what it holds), None if it cannot be read."""
+  try:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      return f.read(n)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def misfit_reason(path: str, fmt: str) -> Optional[str]:
+  """Why a file in a bucket folder is not a data file of a ``fmt`` archive (None if it is
+  one, or hidden); the reason names what the file holds when it can be read."""
+  if layout_problem(path, fmt) is None:
+    return None
+  return layout_problem(path, fmt, _head(path))
+
+
+class MatchedFiles(NamedTuple):
+  """What :class:`MatchArchiveFiles` found."""
+  files: beam.PCollection    # FileMetadata of every data file the manifest and layout name
+  corrupt: beam.PCollection  # {'path', 'reason'}: files in bucket folders that are not
+
+
+class _CheckLayout(beam.DoFn):
+  """Data files through; anything else in a bucket folder to ``corrupt``, with the reason."""
+
+  def __init__(self, fmt: str):
+    self._fmt = fmt
+    self._misfits = Metrics.counter('archive', 'files_not_in_layout')
+
+  def process(self, metadata):
+    if is_hidden(metadata.path):
+      return
+    reason = misfit_reason(metadata.path, self._fmt)
+    if reason is None:
+      yield metadata
+      return
+    self._misfits.inc()
+    _LOG.warning('archive file %s not read: %s', metadata.path, reason)
+    yield beam.pvalue.TaggedOutput(CORRUPT, {'path': metadata.path, 'reason': reason})
+
+
+class MatchArchiveFiles(beam.PTransform):
+  """The files of the archive at ``path`` (whose manifest is ``manifest``).
+
+  Matches every file in the bucket folders, not only the names the manifest's
+  format gives, so that a file a replay would not read is reported instead of
+  silently missed: a data file of the other format (the manifest and the files
+  disagree) or a name that does not fit the layout goes to ``corrupt`` with its
+  reason. Hidden files (the writer's temporaries) are not data files. An empty
+  archive matches nothing, not an error.
+  """
+
+  def __init__(self, path: str, manifest: Dict[str, Any]):
+    super().__init__()
+    self._path, self._fmt = path.rstrip('/'), manifest['format']
+
+  def expand(self, pbegin) -> MatchedFiles:
+    checked = (
+        pbegin
+        | 'MatchFiles' >> fileio.MatchFiles(bucket_files_pattern(self._path),
+                                            empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+        | 'CheckLayout' >> beam.ParDo(_CheckLayout(self._fmt)).with_outputs(CORRUPT, main='files'))
+    return MatchedFiles(checked.files, checked[CORRUPT])
 
 
 def check_archive_path(path: str, beam_args: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -153,14 +220,38 @@ def check_archive_path(path: str, beam_args: Optional[Sequence[str]] = None) -> 
   return manifest
 
 
-def list_archive_files(path: str, fmt: Optional[str] = None) -> List[ArchiveFile]:
-  """The archive's data files, ordered by (hour, bucket, name): the replay order."""
+def scan_archive_files(path: str, fmt: Optional[str] = None
+                       ) -> Tuple[List[ArchiveFile], List[Dict[str, str]]]:
+  """The archive's data files in replay order, and ``{'path', 'reason'}`` for every other
+  file in its bucket folders (a file of the other format, a name outside the layout)."""
   if fmt is None:
     fmt = check_archive_path(path)['format']
-  pattern = data_file_pattern(path, fmt)
-  result = FileSystems.match([pattern])[0]
-  files = [parse_file_path(m.path) for m in result.metadata_list]
-  return sorted((f for f in files if f is not None), key=lambda f: (f.hour, f.bucket, f.path))
+  result = FileSystems.match([bucket_files_pattern(path)])[0]
+  files, misfits = [], []
+  for m in result.metadata_list:
+    if is_hidden(m.path):
+      continue
+    reason = misfit_reason(m.path, fmt)
+    if reason is None:
+      files.append(parse_file_path(m.path))
+    else:
+      misfits.append({'path': m.path, 'reason': reason})
+  files.sort(key=lambda f: (f.hour, f.bucket, f.path))
+  misfits.sort(key=lambda m: m['path'])
+  return files, misfits
+
+
+def list_archive_files(path: str, fmt: Optional[str] = None) -> List[ArchiveFile]:
+  """The archive's data files, ordered by (hour, bucket, name): the replay order.
+
+  Raises CorruptArchiveFile for the first file in a bucket folder that is not a data
+  file of the manifest's format (see :func:`scan_archive_files`): skipping it would
+  lose its events without a word.
+  """
+  files, misfits = scan_archive_files(path, fmt)
+  if misfits:
+    raise CorruptArchiveFile(misfits[0]['path'], misfits[0]['reason'])
+  return files
 
 
 def read_archive_file(path: str, registry: Registry) -> List[Envelope]:
@@ -428,11 +519,11 @@ class ReadArchive(beam.PTransform):
 
   def expand(self, pbegin):
     manifest = check_archive_path(self._path)
+    matched = pbegin | 'MatchFiles' >> match_data_files(self._path, manifest)
     results = (
-        pbegin
-        | 'MatchFiles' >> match_data_files(self._path, manifest)
+        matched.files
         | 'SpreadFiles' >> beam.Reshuffle()
         | 'Decode' >> beam.ParDo(_DecodeArchiveFile(self._registry, self._with_timestamps))
         .with_outputs(CORRUPT, UNKNOWN_TYPE, main=EVENTS))
-    return {EVENTS: results[EVENTS], CORRUPT: results[CORRUPT],
-            UNKNOWN_TYPE: results[UNKNOWN_TYPE]}
+    corrupt = (matched.corrupt, results[CORRUPT]) | 'AllCorrupt' >> beam.Flatten()
+    return {EVENTS: results[EVENTS], CORRUPT: corrupt, UNKNOWN_TYPE: results[UNKNOWN_TYPE]}

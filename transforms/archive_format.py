@@ -171,6 +171,56 @@ def data_file_pattern(path: str, fmt: str) -> str:
   return join(path, 'hour=*', 'bucket=*', f'events-*.{EXTENSIONS[fmt]}')
 
 
+def bucket_files_pattern(path: str) -> str:
+  """Every file in the archive's bucket folders: data files and anything else put there."""
+  return join(path, 'hour=*', 'bucket=*', '*')
+
+
+_MAGIC = {b'Obj\x01': 'avro', b'PAR1': 'parquet'}
+_FORMAT_NAMES = {'avro': 'Avro', 'parquet': 'Parquet'}
+
+
+def sniff_format(head: bytes) -> Optional[str]:
+  """'avro' or 'parquet' from a file's first four bytes, None for anything else."""
+  return _MAGIC.get(bytes(head[:4]))
+
+
+def is_hidden(path: str) -> bool:
+  """A name starting with '.' (the writer's temporary files, renamed into place when
+  complete) or no name at all (an object store's folder marker, ``.../bucket=001/``):
+  never data files."""
+  name = path.replace('\\', '/').rsplit('/', 1)[-1]
+  return not name or name.startswith('.')
+
+
+def layout_problem(path: str, fmt: str, head: Optional[bytes] = None) -> Optional[str]:
+  """Why a file found in a bucket folder is not one of the archive's data files, or None.
+
+  ``fmt`` is the manifest's format; ``head``, the file's first bytes when known,
+  says what the file holds. A data file of the other format means the manifest
+  and the files disagree; any other name does not fit the layout. Either way the
+  file is not read, and a reader must report it (a replay that skipped it would
+  silently miss its events). Hidden files (:func:`is_hidden`) are not data files.
+  """
+  if is_hidden(path):
+    return None
+  f = parse_file_path(path)
+  if f is not None and f.format == fmt:
+    return None
+  name = path.replace('\\', '/').rsplit('/', 1)[-1]
+  holds = sniff_format(head) if head is not None else None
+  ext = name.rsplit('.', 1)[-1] if '.' in name else ''
+  what = holds or (f.format if f is not None else ext)
+  if (f is not None or ext in FORMATS) and what != fmt:
+    what = _FORMAT_NAMES[what]
+    return (f'the file is {what}{"" if holds else " (by its name)"} but the archive manifest '
+            f'({MANIFEST_NAME}) says "format": "{fmt}", so it was not read: the manifest and '
+            'the files disagree')
+  content = f'; it holds {_FORMAT_NAMES[holds]} data' if holds else ''
+  return (f'file name {name!r} does not fit the archive layout '
+          f'(events-<run id>-<chunk>.{EXTENSIONS[fmt]}){content}: not read')
+
+
 # ---------------------------------------------------------------------------
 # Manifest
 

@@ -461,9 +461,9 @@ class OrderedArchiveReplay(beam.PTransform):
 
   def expand(self, pbegin) -> ReplayResult:
     manifest = check_archive_path(self._path)
+    matched = pbegin | 'MatchFiles' >> match_data_files(self._path, manifest)
     results = (
-        pbegin
-        | 'MatchFiles' >> match_data_files(self._path, manifest)
+        matched.files  # files that do not fit the manifest and layout: in matched.corrupt
         | 'ByBucket' >> beam.Map(lambda m: (parse_file_path(m.path).bucket, m.path))
         # A grouping's output is stamped at the end of its window by default: the end of time
         # here, behind which every event (re-stamped at its event time downstream) would be
@@ -477,5 +477,6 @@ class OrderedArchiveReplay(beam.PTransform):
             self._key_spaces, self._config, self._latest_by, self._final_status,
             self._registry, manifest['buckets'], self._passthrough))
         .with_outputs(UNPROCESSED, STATUS, CORRUPT, STATS, PASSTHROUGH, main=OUTPUTS))
+    corrupt = (matched.corrupt, results[CORRUPT]) | 'AllCorrupt' >> beam.Flatten()
     return ReplayResult(results[OUTPUTS], results[UNPROCESSED], results[STATUS],
-                        results[CORRUPT], results[STATS], results[PASSTHROUGH])
+                        corrupt, results[STATS], results[PASSTHROUGH])
