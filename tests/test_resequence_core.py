@@ -287,7 +287,7 @@ def test_same_raw_sequence_and_content_under_another_event_id_is_a_duplicate():
   r = Run().send(ev('k', 1), ev('k', 1, eid='other-id')).finish()
   assert r.published == [(1, 1, 'k-1')]
   [dup] = r.act.duplicates
-  assert (dup['event_id'], dup['by'], dup['duplicate_of'], dup['duplicate_of_sequence']) == (
+  assert (dup['event_id'], dup['by'], dup['duplicate_of'], dup['duplicate_of_raw_sequence']) == (
       'other-id', 'raw_sequence', 'k-1', 1)
 
 
@@ -388,7 +388,7 @@ def test_event_time_order_late_arrival_and_limits():
   r.send(ev('k', None, eid='a', t=1), ts=31 * S)   # sorts before b, which is out: late
   assert r.dead(LATE)[0]['event_id'] == 'a'
   r.send(ev('k', None, eid='b', t=2), ts=32 * S)   # a copy of b: a duplicate
-  assert r.act.duplicates[0]['duplicate_of_sequence'] == 1
+  assert r.act.duplicates[0]['duplicate_of'] == 'b' 
   r.finish()
   assert r.published == [(1, None, 'b'), (2, None, 'c')]
 

@@ -235,13 +235,21 @@ class _ResequenceStreamingBase(beam.DoFn):
     if not cell.finished and (self._stats or cell.st.held):
       due.append(_END_MICROS)
     et_due = min(min(due), _END_MICROS) if due else None
-    if et_due is not None and et_due != cell.et_due:
-      tick.set(Timestamp(micros=et_due))
+    if et_due != cell.et_due:
+      if et_due is None:
+        tick.clear()
+      else:
+        tick.set(Timestamp(micros=et_due))
     cell.et_due = et_due
     if tick_pt is not None:
+      # A pending processing-time timer keeps a pipeline running (Prism waits for it
+      # after the input ended): cleared as soon as the key holds nothing.
       pt_due = None if pt is None else _ceil_millis(pt)
-      if pt_due is not None and pt_due != cell.pt_due:
-        tick_pt.set(Timestamp(micros=pt_due))
+      if pt_due != cell.pt_due:
+        if pt_due is None:
+          tick_pt.clear()
+        else:
+          tick_pt.set(Timestamp(micros=pt_due))
       cell.pt_due = pt_due
 
   def on_element(self, element, ts: Timestamp, state, tick, tick_pt=None):
@@ -389,7 +397,7 @@ class Resequence(beam.PTransform):
       pcoll = pcoll | 'GlobalWindow' >> beam.WindowInto(window.GlobalWindows())
     keyed = (pcoll
              | 'KeyByPartition' >> beam.ParDo(_KeyEvents(self.config))
-             .with_output_types(Tuple[Any, Tuple[Any, Any]])
+             .with_output_types(Tuple[str, Tuple[Any, Any]])
              .with_outputs(DEAD_LETTERS, STATS, main='keyed'))
     if self.chosen_expansion(pcoll) == 'batch':
       out = (keyed.keyed
@@ -399,6 +407,7 @@ class Resequence(beam.PTransform):
     else:
       out = (keyed.keyed
              | 'DropTimestamps' >> beam.MapTuple(lambda k, v: (k, v[0]))
+             .with_output_types(Tuple[str, Any])
              | 'ResequenceEachKey' >> beam.ParDo(make_resequence_fn(self.config, self._stats))
              .with_outputs(DEAD_LETTERS, DUPLICATES, STATS, main=PUBLISHED))
     dead = (keyed[DEAD_LETTERS], out[DEAD_LETTERS]) | 'DeadLetters' >> beam.Flatten()

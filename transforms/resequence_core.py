@@ -288,12 +288,13 @@ class Resequencer:
     return dl
 
   def _duplicate(self, st: KeyState, act: Activation, event: Mapping[str, Any], by: str,
-                 of_event_id: str, of_raw: Any, of_published: Optional[int]) -> None:
+                 of_event_id: str, of_raw: Any) -> None:
+    """One record per copy dropped. Only what does not depend on arrival order (whether the
+    original was already published when the copy came), so bounded runs compare equal."""
     st.duplicates += 1
     act.duplicates.append({
         'key': st.key, 'raw_sequence': event.get('sequence'), 'event_id': event.get('event_id'),
-        'by': by, 'duplicate_of': of_event_id, 'duplicate_of_raw_sequence': of_raw,
-        'duplicate_of_sequence': of_published})
+        'by': by, 'duplicate_of': of_event_id, 'duplicate_of_raw_sequence': of_raw})
 
   def stats(self, st: KeyState) -> Dict[str, Any]:
     """The key's counters: ``received == published + duplicates_dropped + dead_lettered + held``."""
@@ -364,7 +365,7 @@ class Resequencer:
       if keep.fp == drop.fp:
         self._duplicate(st, act, drop.event,
                         'event_id' if keep.event_id == drop.event_id else 'raw_sequence',
-                        keep.event_id, raw, None)
+                        keep.event_id, raw)
       else:
         self._dead(st, act, CONFLICT, drop.event,
                    f'raw sequence {raw} of key {st.key!r} arrived twice with different content; '
@@ -385,7 +386,7 @@ class Resequencer:
       r_eid, r_fp, r_pub = rec
       if r_fp == fp:
         self._duplicate(st, act, event, 'raw_sequence' if r_eid != eid else 'event_id',
-                        r_eid, raw, r_pub)
+                        r_eid, raw)
       else:
         self._dead(st, act, CONFLICT, event,
                    f'raw sequence {raw} of key {st.key!r} was already taken by event_id '
@@ -426,7 +427,7 @@ class Resequencer:
       if prior is not None:
         p_eid, p_fp, p_pub = recent[prior]
         if p_fp == fp:
-          self._duplicate(st, act, event, 'event_id', eid, prior, p_pub)
+          self._duplicate(st, act, event, 'event_id', eid, prior)
         else:
           self._dead(st, act, CONFLICT, event,
                      f'event_id {eid!r} was already taken at raw sequence {prior} of key '
@@ -498,7 +499,7 @@ class Resequencer:
     if rec is not None:
       r_fp, r_pub = rec
       if r_fp == fp:
-        self._duplicate(st, act, event, 'event_id', eid, None, r_pub)
+        self._duplicate(st, act, event, 'event_id', eid, None)
       else:
         self._dead(st, act, CONFLICT, event,
                    f'event_id {eid!r} of key {st.key!r} was already published as sequence '
@@ -513,7 +514,7 @@ class Resequencer:
         self._unhold_by_time(st, eid)
         self._hold_by_time(st, new)
       if keep.fp == drop.fp:
-        self._duplicate(st, act, drop.event, 'event_id', eid, None, None)
+        self._duplicate(st, act, drop.event, 'event_id', eid, None)
       else:
         self._dead(st, act, CONFLICT, drop.event,
                    f'event_id {eid!r} of key {st.key!r} arrived twice with different content; '
@@ -704,14 +705,12 @@ def published_sequences(events: Iterable[Any], config: ResequenceConfig = Resequ
           for env in resequence(events, config).published}
 
 
-_KEY_TYPES = (str, int, bytes)
-
-
 def key_of(event: Any) -> Tuple[Any, Optional[str]]:
-  """``(partition_key, None)`` or ``(None, why it has none)``."""
+  """``(partition_key, None)`` or ``(None, why it has none)``; keys are non-empty strings,
+  as in the envelope."""
   if not isinstance(event, Mapping):
     return None, f'not an envelope: {type(event).__name__}'
   key = event.get('partition_key')
-  if key is None or key == '' or isinstance(key, bool) or not isinstance(key, _KEY_TYPES):
-    return None, f'partition_key must be a non-empty str, int or bytes, got {key!r}'
+  if not isinstance(key, str) or not key:
+    return None, f'partition_key must be a non-empty string, got {key!r}'
   return key, None
