@@ -2,6 +2,7 @@
 property tests over any interleaving and duplication of a key's raw events, and the
 edge cases one by one (holes, limits, copies, conflicts, the history window, options)."""
 
+import pickle
 import random
 from typing import Any, Dict, List
 
@@ -197,6 +198,39 @@ def test_property_under_any_timing_no_hole_no_repeat_and_nothing_lost(steps, his
   events_out = (len(act.published) + len(act.duplicates) +
                 len([d for d in act.dead_letters if d['reason'] != GAP]))
   assert total_in == events_out, 'every input ends in exactly one output'
+
+
+@given(timed_stream())
+@settings(max_examples=150, deadline=None)
+def test_property_a_key_state_pickled_at_any_point_decides_the_same(steps):
+  """The streaming expansion keeps KeyState in Beam state (pickled between bundles, history
+  as fingerprints, the event_id index rebuilt): it must decide exactly as the live object."""
+  cfg = ResequenceConfig(max_wait_event_time=10 * S, max_wait_processing_time=None, history=4)
+  rs = Resequencer(cfg)
+  live, stored = {}, {}
+  act_live, act_stored = Activation(), Activation()
+  clock = 0
+  for kind, e in steps:
+    clock += S
+    for states, act, roundtrip in ((live, act_live, False), (stored, act_stored, True)):
+      if kind == 'event':
+        k = e['partition_key']
+        st_ = states.setdefault(k, rs.new_state(k))
+        rs.receive(st_, e, clock, None, act)
+      else:
+        for st_ in states.values():
+          rs.on_time(st_, clock + 20 * S, None, act)
+      if roundtrip:
+        for k in states:
+          states[k] = pickle.loads(pickle.dumps(states[k]))
+    if kind != 'event':
+      clock += 20 * S
+  for states, act in ((live, act_live), (stored, act_stored)):
+    for st_ in states.values():
+      rs.finish(st_, act)
+  assert act_live.published == act_stored.published
+  assert act_live.dead_letters == act_stored.dead_letters
+  assert act_live.duplicates == act_stored.duplicates
 
 
 @st.composite

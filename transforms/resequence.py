@@ -198,14 +198,38 @@ class _ResequenceKeyBatch(beam.DoFn):
                                                                Timestamp(micros=latest)))
 
 
+try:  # Beam's SDK worker weighs what its state cache holds; CacheAware says how.
+  from apache_beam.runners.worker.statecache import CacheAware
+except ImportError:  # pragma: no cover - other SDK versions
+  CacheAware = object
+
+
 @dataclasses.dataclass
-class _Cell:
-  """What the streaming DoFn keeps per key in its one ReadModifyWrite state."""
+class _Cell(CacheAware):
+  """What the streaming DoFn keeps per key in its one ReadModifyWrite state.
+
+  The SDK worker's state cache measures each cached value by walking every object it
+  references (objsize), which for a key's held envelopes and history cost more than the
+  resequencing itself; the cell gives an estimate of its size instead."""
   st: KeyState
   et_due: Optional[int] = None   # micros the event-time timer is set for
   pt_due: Optional[int] = None
   last_ts: Optional[int] = None  # the key's latest input timestamp
   finished: bool = False
+
+  def get_referents_for_cache(self):
+    return []
+
+  def __sizeof__(self):
+    st = self.st
+    return (2048 + _HELD_EVENT_BYTES * len(st.held) +
+            _HISTORY_ENTRY_BYTES * (len(st.recent) + len(st.recent_ids) + len(st.gaps)))
+
+
+# Rough sizes for the state cache's weighing (an envelope with its data dict in memory; one
+# history entry: a slot, an event_id string and a tuple).
+_HELD_EVENT_BYTES = 1500
+_HISTORY_ENTRY_BYTES = 160
 
 
 class _ResequenceStreamingBase(beam.DoFn):

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from collections import abc
 import hashlib
 import json
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -152,34 +153,38 @@ class ResequenceConfig:
         raise ConfigError(f'{name} must be an int >= 0 (microseconds) or None, got {v!r}')
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(',', ':'), ensure_ascii=False,
+                              default=repr)
+
+
 def fingerprint(event: Mapping[str, Any]) -> int:
   """A 64-bit fingerprint of an envelope's content: every field but ``event_id``,
   ``sequence`` and ``raw_sequence``, in canonical JSON. Stable across processes."""
   content = {k: v for k, v in event.items() if k not in _CONTENT_EXCLUDED}
-  text = json.dumps(content, sort_keys=True, separators=(',', ':'), ensure_ascii=False,
-                    default=repr)
-  return int.from_bytes(hashlib.blake2b(text.encode('utf-8'), digest_size=8).digest(), 'big')
+  return int.from_bytes(hashlib.blake2b(_CANONICAL.encode(content).encode('utf-8'),
+                                        digest_size=8).digest(), 'big')
 
 
-class Held(tuple):
-  """A waiting event: (event, event_id, fingerprint, timestamp, arrival processing time)."""
-  __slots__ = ()
+# A waiting event is a plain tuple (cheap to build and to pickle):
+# (event, event_id, timestamp, arrival processing time).
+Held = Tuple[Dict[str, Any], str, Optional[int], Optional[int]]
+_EV, _ID, _TS, _PT = range(4)
 
-  def __new__(cls, event, event_id, fp, ts, pt):
-    return tuple.__new__(cls, (event, event_id, fp, ts, pt))
 
-  def __reduce__(self):
-    return (Held, tuple(self))
+def _fp(content: Any) -> int:
+  """History keeps a published event's content as the event itself until the key's state is
+  pickled (then as its fingerprint): fingerprints cost only where a copy needs comparing,
+  or where the state is stored (streaming)."""
+  return content if type(content) is int else fingerprint(content)
 
-  event = property(lambda self: self[0])
-  event_id = property(lambda self: self[1])
-  fp = property(lambda self: self[2])
-  ts = property(lambda self: self[3])
-  pt = property(lambda self: self[4])
 
-  @property
-  def order(self) -> Tuple[int, str]:
-    return (_event_time(self[0]), self[1])
+def _same(a: Any, b: Any) -> bool:
+  return a is b or _fp(a) == _fp(b)
+
+
+def _order(h: Held) -> Tuple[int, str]:
+  """Where a waiting event sorts among copies (raw order) or among all (event-time order)."""
+  return (_event_time(h[_EV]), h[_ID])
 
 
 def _event_time(event: Mapping[str, Any]) -> int:
@@ -199,8 +204,9 @@ class KeyState:
   held_order: List[Tuple[int, str]] = dataclasses.field(default_factory=list)  # event_time order
   wait_since_et: Optional[int] = None    # oldest timestamp among the held events
   wait_since_pt: Optional[int] = None    # oldest arrival among the held events
-  # History: raw_sequence order: slot -> (event_id, fp, published sequence or None);
-  # event_time order: event_id -> (fp, published sequence). Oldest first.
+  # History, oldest first: raw_sequence order: slot -> (event_id, content, published
+  # sequence or None); event_time order: event_id -> (event_id, content, published
+  # sequence). Content is the event, or its fingerprint once pickled (see _fp).
   recent: Dict[Any, Tuple] = dataclasses.field(default_factory=dict)
   recent_ids: Dict[str, int] = dataclasses.field(default_factory=dict)  # event_id -> slot
   gaps: List[Tuple[int, int]] = dataclasses.field(default_factory=list)  # declared, in window
@@ -213,6 +219,21 @@ class KeyState:
   by_reason: Dict[str, int] = dataclasses.field(default_factory=dict)
   gap_records: int = 0
   missing: int = 0
+
+  def __getstate__(self):
+    recent = self.recent
+    for k, v in recent.items():
+      if type(v[1]) is not int:
+        recent[k] = (v[0], fingerprint(v[1]), v[2])
+    state = dict(self.__dict__)
+    state.pop('recent_ids')   # rebuilt from recent on load
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    # Raw order: event_id -> slot. (Event-time order keys recent by event_id itself.)
+    self.recent_ids = ({v[0]: slot for slot, v in self.recent.items()}
+                       if self.recent and type(next(iter(self.recent))) is int else {})
 
 
 @dataclasses.dataclass
@@ -277,7 +298,7 @@ class Resequencer:
     """The publish step's dead-letter shape: ``reason``, ``raw`` (the event as a line the
     boundary accepts again), ``source`` when known, plus what to act on."""
     dl: Dict[str, Any] = {'reason': reason, 'detail': detail, 'key': key}
-    if isinstance(event, Mapping):
+    if isinstance(event, abc.Mapping):
       dl['raw_sequence'] = event.get('sequence')
       dl['event_id'] = event.get('event_id')
     dl.update(fields)
@@ -319,7 +340,7 @@ class Resequencer:
     """One of the key's events arrived (element timestamp ``ts``, wall clock ``pt``)."""
     act = Activation() if into is None else into
     st.received += 1
-    if not isinstance(event, Mapping):
+    if type(event) is not dict and not isinstance(event, abc.Mapping):
       self._dead(st, act, INVALID_EVENT, None,
                  f'not an envelope: {type(event).__name__}', event_repr=repr(event)[:1000])
       return act
@@ -350,41 +371,42 @@ class Resequencer:
       self._dead(st, act, BEFORE_START, event,
                  f'raw sequence {raw} is below the key\'s first raw sequence {st.start}')
       return
-    fp = fingerprint(event)
     if raw < st.next_raw:
-      self._passed_slot(st, act, event, eid, raw, fp)
+      self._passed_slot(st, act, event, eid, raw)
       return
     held = st.held.get(raw)
     if held is not None:
-      new = Held(event, eid, fp, ts, pt)
+      new = (event, eid, ts, pt)
       # Two copies wait for one slot: the smaller (event_time, event_id) keeps it.
-      keep, drop = (new, held) if (new.order < held.order) else (held, new)
+      keep, drop = (new, held) if _order(new) < _order(held) else (held, new)
       if keep is new:
         st.held[raw] = new
         self._recompute_wait(st)
-      if keep.fp == drop.fp:
-        self._duplicate(st, act, drop.event,
-                        'event_id' if keep.event_id == drop.event_id else 'raw_sequence',
-                        keep.event_id, raw)
+      if _same(keep[_EV], drop[_EV]):
+        self._duplicate(st, act, drop[_EV],
+                        'event_id' if keep[_ID] == drop[_ID] else 'raw_sequence', keep[_ID], raw)
       else:
-        self._dead(st, act, CONFLICT, drop.event,
+        self._dead(st, act, CONFLICT, drop[_EV],
                    f'raw sequence {raw} of key {st.key!r} arrived twice with different content; '
-                   f'kept event_id {keep.event_id!r}', conflicts_with=keep.event_id)
+                   f'kept event_id {keep[_ID]!r}', conflicts_with=keep[_ID])
       return
-    st.held[raw] = Held(event, eid, fp, ts, pt)
-    self._note_wait(st, ts, pt)
+    st.held[raw] = (event, eid, ts, pt)
+    if ts is not None and (st.wait_since_et is None or ts < st.wait_since_et):
+      st.wait_since_et = ts
+    if pt is not None and (st.wait_since_pt is None or pt < st.wait_since_pt):
+      st.wait_since_pt = pt
     if raw == st.next_raw:
       self._release_raw(st, act)
     else:
       while len(st.held) > self.config.max_held:
         self._skip_gap(st, act, MAX_HELD)
 
-  def _passed_slot(self, st, act, event, eid, raw, fp) -> None:
+  def _passed_slot(self, st, act, event, eid, raw) -> None:
     """A raw sequence the key already moved past: a copy, a conflict, or late."""
     rec = st.recent.get(raw)
     if rec is not None:
-      r_eid, r_fp, r_pub = rec
-      if r_fp == fp:
+      r_eid, r_content, r_pub = rec
+      if _same(r_content, event):
         self._duplicate(st, act, event, 'raw_sequence' if r_eid != eid else 'event_id',
                         r_eid, raw)
       else:
@@ -414,7 +436,7 @@ class Resequencer:
   def _recompute_wait(self, st: KeyState) -> None:
     st.wait_since_et = st.wait_since_pt = None
     for h in st.held.values():
-      self._note_wait(st, h.ts, h.pt)
+      self._note_wait(st, h[_TS], h[_PT])
 
   def _release_raw(self, st: KeyState, act: Activation) -> None:
     """Publish the run of held slots that continues the key's raw order."""
@@ -422,31 +444,32 @@ class Resequencer:
     slot = st.next_raw
     h = held.pop(slot, None)
     while h is not None:
-      event, eid, fp = h[0], h[1], h[2]
+      event, eid = h[0], h[1]
       prior = recent_ids.get(eid)
       if prior is not None:
-        p_eid, p_fp, p_pub = recent[prior]
-        if p_fp == fp:
+        p_eid, p_content, p_pub = recent[prior]
+        if _same(p_content, event):
           self._duplicate(st, act, event, 'event_id', eid, prior)
         else:
           self._dead(st, act, CONFLICT, event,
                      f'event_id {eid!r} was already taken at raw sequence {prior} of key '
                      f'{st.key!r} by different content', conflicts_with=eid,
                      conflicts_with_raw_sequence=prior, conflicts_with_sequence=p_pub)
-        recent[slot] = (eid, fp, None)
+        recent[slot] = (eid, event, None)
       else:
         out = dict(event)
         out['sequence'] = st.next_pub
         out['raw_sequence'] = slot
-        act.published.append((out, h[3]))
-        recent[slot] = (eid, fp, st.next_pub)
+        act.published.append((out, h[_TS]))
+        recent[slot] = (eid, event, st.next_pub)
         recent_ids[eid] = slot
         st.next_pub += 1
         st.published += 1
       slot += 1
       h = held.pop(slot, None)
     st.next_raw = slot
-    self._forget(st)
+    if len(recent) > self.config.history or st.gaps:
+      self._forget(st)
     if held:
       self._recompute_wait(st)
     else:
@@ -481,7 +504,7 @@ class Resequencer:
         missing=[lo, hi], count=hi - lo + 1, trigger=trigger,
         after_raw_sequence=lo - 1 if lo > st.start else None,
         after_event_id=after[0] if after is not None else None,
-        before_raw_sequence=first, before_event_id=st.held[first].event_id,
+        before_raw_sequence=first, before_event_id=st.held[first][_ID],
         published_before=st.next_pub - 1))
     st.next_raw = first
     self._release_raw(st, act)
@@ -494,11 +517,10 @@ class Resequencer:
       self._dead(st, act, INVALID_EVENT, event,
                  f"event_time must be epoch millis to order by it (order_by='event_time'), got {t!r}")
       return
-    fp = fingerprint(event)
     rec = st.recent.get(eid)
     if rec is not None:
-      r_fp, r_pub = rec
-      if r_fp == fp:
+      _, r_content, r_pub = rec
+      if _same(r_content, event):
         self._duplicate(st, act, event, 'event_id', eid, None)
       else:
         self._dead(st, act, CONFLICT, event,
@@ -506,21 +528,23 @@ class Resequencer:
                    f'{r_pub} with different content', conflicts_with=eid,
                    conflicts_with_sequence=r_pub)
       return
-    new = Held(event, eid, fp, ts, pt)
+    new = (event, eid, ts, pt)
     held = st.held.get(eid)
     if held is not None:
-      keep, drop = (new, held) if (new.order, new.fp) < (held.order, held.fp) else (held, new)
+      # Same event_id twice while waiting: the smaller (event_time, fingerprint) stays.
+      keep, drop = ((new, held) if (_order(new), _fp(event)) < (_order(held), _fp(held[_EV]))
+                    else (held, new))
       if keep is new:
         self._unhold_by_time(st, eid)
         self._hold_by_time(st, new)
-      if keep.fp == drop.fp:
-        self._duplicate(st, act, drop.event, 'event_id', eid, None)
+      if _same(keep[_EV], drop[_EV]):
+        self._duplicate(st, act, drop[_EV], 'event_id', eid, None)
       else:
-        self._dead(st, act, CONFLICT, drop.event,
+        self._dead(st, act, CONFLICT, drop[_EV],
                    f'event_id {eid!r} of key {st.key!r} arrived twice with different content; '
-                   f'kept the one at event_time {keep.order[0]}', conflicts_with=eid)
+                   f'kept the one at event_time {_order(keep)[0]}', conflicts_with=eid)
       return
-    order = new.order
+    order = _order(new)
     if st.last_order is not None and order <= st.last_order:
       self._dead(st, act, LATE, event,
                  f'event_time {order[0]} of key {st.key!r} arrived after the key published up to '
@@ -532,13 +556,13 @@ class Resequencer:
       self._release_by_time(st, act, len(st.held) - self.config.max_held)
 
   def _hold_by_time(self, st: KeyState, h: Held) -> None:
-    st.held[h.event_id] = h
-    bisect.insort(st.held_order, h.order)
-    self._note_wait(st, h.ts, h.pt)
+    st.held[h[_ID]] = h
+    bisect.insort(st.held_order, _order(h))
+    self._note_wait(st, h[_TS], h[_PT])
 
   def _unhold_by_time(self, st: KeyState, eid: str) -> None:
     h = st.held.pop(eid)
-    i = bisect.bisect_left(st.held_order, h.order)
+    i = bisect.bisect_left(st.held_order, _order(h))
     del st.held_order[i]
     self._recompute_wait(st)
 
@@ -547,11 +571,11 @@ class Resequencer:
     take, st.held_order = st.held_order[:count], st.held_order[count:]
     for order in take:
       h = st.held.pop(order[1])
-      out = dict(h.event)
+      out = dict(h[_EV])
       out['sequence'] = st.next_pub
-      out['raw_sequence'] = h.event.get('sequence')
-      act.published.append((out, h.ts))
-      st.recent[h.event_id] = (h.fp, st.next_pub)
+      out['raw_sequence'] = h[_EV].get('sequence')
+      act.published.append((out, h[_TS]))
+      st.recent[h[_ID]] = (h[_ID], h[_EV], st.next_pub)
       st.next_pub += 1
       st.published += 1
       st.last_order = order
@@ -565,10 +589,11 @@ class Resequencer:
     last_due = -1
     for i, order in enumerate(st.held_order):
       h = st.held[order[1]]
-      if ((c.max_wait_event_time is not None and h.ts is not None and now_et is not None and
-           now_et >= h.ts + c.max_wait_event_time) or
-          (c.max_wait_processing_time is not None and h.pt is not None and now_pt is not None and
-           now_pt >= h.pt + c.max_wait_processing_time)):
+      ts, pt = h[_TS], h[_PT]
+      if ((c.max_wait_event_time is not None and ts is not None and now_et is not None and
+           now_et >= ts + c.max_wait_event_time) or
+          (c.max_wait_processing_time is not None and pt is not None and now_pt is not None and
+           now_pt >= pt + c.max_wait_processing_time)):
         last_due = i
     if last_due >= 0:
       self._release_by_time(st, act, last_due + 1)
@@ -633,7 +658,8 @@ def batch_order(config: ResequenceConfig, events: Iterable[Tuple[Any, Any]]) -> 
   bad, good = [], []
   by_raw = config.order_by == RAW_SEQUENCE
   for ev, payload in events:
-    if not isinstance(ev, Mapping) or not isinstance(ev.get('event_id'), str):
+    if ((type(ev) is not dict and not isinstance(ev, abc.Mapping)) or
+        type(ev.get('event_id')) is not str):
       bad.append((ev, payload))
       continue
     if by_raw:
@@ -673,7 +699,7 @@ def resequence(events: Iterable[Any], config: ResequenceConfig = ResequenceConfi
   for ev in events:
     key, problem = key_of(ev)
     if problem is not None:
-      invalid.append(rs.dead_letter(INVALID_KEY, None, ev if isinstance(ev, Mapping) else None,
+      invalid.append(rs.dead_letter(INVALID_KEY, None, ev if isinstance(ev, abc.Mapping) else None,
                                     f'cannot resequence without a key: {problem}'))
       continue
     by_key.setdefault(key, []).append((ev, None))
@@ -708,7 +734,7 @@ def published_sequences(events: Iterable[Any], config: ResequenceConfig = Resequ
 def key_of(event: Any) -> Tuple[Any, Optional[str]]:
   """``(partition_key, None)`` or ``(None, why it has none)``; keys are non-empty strings,
   as in the envelope."""
-  if not isinstance(event, Mapping):
+  if not isinstance(event, abc.Mapping):
     return None, f'not an envelope: {type(event).__name__}'
   key = event.get('partition_key')
   if not isinstance(key, str) or not key:
