@@ -127,11 +127,13 @@ class _Counters:
         self.missing.inc(sum(g['count'] for g in gaps))
 
 
-def _emit(act: Activation, other_ts: Optional[int]):
+def _emit(act: Activation, other_ts: Optional[int], current_ts: Optional[int] = None):
   """An Activation as the DoFn's outputs. Published envelopes carry their own input
-  timestamp; the rest carry ``other_ts`` (None: the current element's or timer's)."""
+  timestamp (``current_ts``, the element's, needs no restamping); the rest carry
+  ``other_ts`` (None: the current element's or timer's)."""
   for env, ts in act.published:
-    yield env if ts is None else window.TimestampedValue(env, Timestamp(micros=ts))
+    yield (env if ts is None or ts == current_ts else
+           window.TimestampedValue(env, Timestamp(micros=ts)))
   for tag, recs in ((DEAD_LETTERS, act.dead_letters), (DUPLICATES, act.duplicates)):
     for rec in recs:
       yield pvalue.TaggedOutput(
@@ -285,7 +287,7 @@ class _ResequenceStreamingBase(beam.DoFn):
     self._counters.count(act, 1)
     self._schedule(cell, tick, tick_pt)
     state.write(cell)
-    return _emit(act, None)
+    return _emit(act, None, ts.micros)
 
   def on_event_time(self, key, ts: Timestamp, state, tick, tick_pt=None):
     cell = self._load(key, state)
