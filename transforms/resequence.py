@@ -111,6 +111,14 @@ class _Counters:
     self.gaps = c('gaps')
     self.missing = c('missing_raw_sequences')
 
+  def count_stats(self, stats: Dict[str, Any]) -> None:
+    """A key's whole run at once (the batch expansion)."""
+    for counter, name in ((self.received, 'received'), (self.published, 'published'),
+                          (self.duplicates, 'duplicates_dropped'), (self.dead, 'dead_lettered'),
+                          (self.gaps, 'gaps'), (self.missing, 'missing_raw_sequences')):
+      if stats[name]:
+        counter.inc(stats[name])
+
   def count(self, act: Activation, received: int = 0) -> None:
     if received:
       self.received.inc(received)
@@ -177,27 +185,37 @@ class _ResequenceKeyBatch(beam.DoFn):
     self._counters = _Counters()
 
   def process(self, kv):
+    """Like the streaming expansion with the key's events arriving in raw order, then the
+    end of the input: what an event publishes carries its own timestamp, a dead letter or
+    duplicate the timestamp of the event that caused it, the end's records and the stats
+    the key's latest timestamp."""
     key, values = kv
     rs = self._rs
     st = rs.new_state(key)
     act = Activation()
+    dead, dups = act.dead_letters, act.duplicates
+    dead_ts, dups_ts = [], []
     latest = None
-    n = 0
+    receive = rs.receive
     for event, ts in batch_order(self._config, values):
-      n += 1
       if latest is None or ts > latest:
         latest = ts
-      rs.receive(st, event, ts, None, act)
-      if act:
-        self._counters.count(act)
-        yield from _emit(act, ts)
-        act.clear()
+      receive(st, event, ts, None, act)
+      if len(dead) != len(dead_ts):
+        dead_ts.extend([ts] * (len(dead) - len(dead_ts)))
+      if len(dups) != len(dups_ts):
+        dups_ts.extend([ts] * (len(dups) - len(dups_ts)))
     rs.finish(st, act)
-    self._counters.count(act, n)
-    yield from _emit(act, latest)
+    dead_ts.extend([latest] * (len(dead) - len(dead_ts)))
+    stats = rs.stats(st)
+    self._counters.count_stats(stats)
+    for env, ts in act.published:
+      yield window.TimestampedValue(env, Timestamp(micros=ts))
+    for tag, recs, stamps in ((DEAD_LETTERS, dead, dead_ts), (DUPLICATES, dups, dups_ts)):
+      for rec, ts in zip(recs, stamps):
+        yield pvalue.TaggedOutput(tag, window.TimestampedValue(rec, Timestamp(micros=ts)))
     if self._stats:
-      yield pvalue.TaggedOutput(STATS, window.TimestampedValue(rs.stats(st),
-                                                               Timestamp(micros=latest)))
+      yield pvalue.TaggedOutput(STATS, window.TimestampedValue(stats, Timestamp(micros=latest)))
 
 
 try:  # Beam's SDK worker weighs what its state cache holds; CacheAware says how.
