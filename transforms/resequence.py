@@ -29,10 +29,19 @@ Two expansions, one rule (like :class:`transforms.ordering.ProcessInOrder`):
   bundle-based direct runner, Prism, Flink).
 
 On bounded input both expansions publish the same envelopes with the same
-sequences, dead letters and duplicates, unless a hold limit fires before the
-input ends (only possible with a TestStream-like source), or copies of one raw
-sequence with different content are split across the moment the slot is
-published (live, the copy published first wins; see the core).
+sequences, dead letters and duplicates (tested), unless a hold limit fires
+before the input ends (only possible with a TestStream-like source), or two
+copies of one raw sequence arrive on either side of the moment it is
+published: then the first one stays published (the batch expansion picks the
+smaller ``(event_time, event_id)``), and with different content the other is
+the conflict. The published sequences are the same either way.
+
+On Beam's bundle-based direct runner (TestStream, or a processing-time timer on
+the DirectRunner), what the end of a bounded input releases in the streaming
+expansion comes from a timer after the watermark reached infinity, and every
+downstream GroupByKey (``assert_that``'s too) drops it as late: that runner does
+not hold the watermark for timers. Bounded input takes the batch expansion by
+default; the FnApiRunner, Prism and Flink hold it.
 
 Timestamps: each published envelope keeps its input element's timestamp (in
 both expansions), also when a timer releases it, so its event-time window
@@ -52,7 +61,7 @@ with :class:`SummarizeStats`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam import pvalue

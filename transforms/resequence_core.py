@@ -244,19 +244,6 @@ class Activation:
   dead_letters: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
   duplicates: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
-  def extend(self, other: 'Activation') -> None:
-    self.published.extend(other.published)
-    self.dead_letters.extend(other.dead_letters)
-    self.duplicates.extend(other.duplicates)
-
-  def clear(self) -> None:
-    self.published.clear()
-    self.dead_letters.clear()
-    self.duplicates.clear()
-
-  def __bool__(self) -> bool:
-    return bool(self.published or self.dead_letters or self.duplicates)
-
 
 def sequence_problem(seq: Any) -> Optional[str]:
   """None for a usable raw sequence, else why it is not one."""
