@@ -12,6 +12,7 @@ from typing import Any, List
 
 BENCHMARKS = {
     'ordering': ('sourcebeam.benchmarks.ordering', 'ProcessInOrder on shuffled input against a plain stateful DoFn'),
+    'resequence': ('sourcebeam.benchmarks.resequence', 'the publishing resequencer, batch and streaming, against ProcessInOrder'),
     'replay': ('sourcebeam.benchmarks.replay', 'archive replay against raw decode and a naive Beam pipeline'),
     'fanout': ('sourcebeam.benchmarks.fanout', 'fan-out throughput as subscribers grow'),
     'causal': ('sourcebeam.benchmarks.causal', 'POST-to-visible latency and read-your-writes with receipts'),
