@@ -199,7 +199,9 @@ def run(subscribers: Sequence[Subscriber], source: str, out: str, beam_args: Lis
         archive_codec: str = 'null') -> Optional[Dict[str, Any]]:
   """Run the fan-out; the summary for a bounded run, None for a live one (after it stops)."""
   bounded = not _is_kafka(source) or max_records is not None
-  options = pipeline_options(beam_args, streaming=not bounded)
+  kafka_sinks = any(s.sink.kind == 'kafka' for s in subscribers)
+  options = pipeline_options(beam_args, streaming=not bounded,
+                             worker_extras=['kafka'] if kafka_sinks else [])
   FileSystems.set_options(options)
   if _is_kafka(source) and bounded and not runners.is_dry_run(beam_args):
     kafka = parse_sink(source, '--source')

@@ -174,8 +174,10 @@ class LiveStack:
     topic from the start: a restarted run rebuilds its handler state, and the store's
     per-partition offsets skip what it had already applied."""
     self.pipeline_starts += 1
+    # The writer numbers each key itself (its topic is a published stream): no renumbering.
     self._spawn('stream', ['stream', '--source', f'kafka://{self.bootstrap}/{self.topic}',
                            '--out', os.path.join(self.workdir, 'stream-out'), '--views', self.db,
+                           '--published-source',
                            '--group-id', f'live-stack-{uuid.uuid4().hex[:8]}'] + self.runner_args)
 
   def wait_pipeline_ready(self, timeout: float = 300) -> float:

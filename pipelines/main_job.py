@@ -118,10 +118,12 @@ def run(out: str, beam_args: List[str], n_retail: int = DEFAULT_RETAIL_EVENTS,
   progress.stage('writing the summary')
   summary = {
       'app': app.name,
-      'publish': {k: published[k] for k in ('in', 'published', 'dead_lettered', 'archived',
-                                             'seconds', 'events_per_sec')},
+      'publish': {k: published[k] for k in ('in', 'published', 'dead_lettered', 'duplicates_dropped',
+                                             'gaps', 'missing_raw_sequences', 'held_on_gap',
+                                             'archived', 'seconds', 'events_per_sec')},
       'replay': {k: replayed[k] for k in ('events', 'unknown_type', 'unclaimed', 'unprocessed',
-                                           'seconds', 'events_per_sec', 'corrupt_files')},
+                                           'held_on_gap', 'held_on_gap_keys', 'seconds',
+                                           'events_per_sec', 'corrupt_files')},
       'outputs': replayed['outputs'],
       'paths': {'input': input_dir, 'published': published_dir, 'archive': archive,
                 'replay': replay_dir},
@@ -132,23 +134,18 @@ def run(out: str, beam_args: List[str], n_retail: int = DEFAULT_RETAIL_EVENTS,
   return summary
 
 
-def not_applied(rep: Dict[str, Any]) -> str:
-  """What the replay did not apply, by reason, in one line ('nothing' when all was applied)."""
-  parts = [f'{rep[k]:,} {k.replace("_", " ")}' for k in ('unknown_type', 'unclaimed') if rep.get(k)]
-  parts += [f'{n:,} {reason.replace("_", " ")}' for reason, n in rep.get('unprocessed', {}).items()]
-  return ', '.join(parts) if parts else 'nothing'
-
-
 def human_summary(summary: Dict[str, Any], out: str) -> str:
   pub, rep = summary['publish'], summary['replay']
   lines = [
       f'Sourcebeam main job done in {summary["seconds"]:.1f}s',
       f'  publish: {pub["in"]:,} raw events -> {pub["published"]:,} published, '
-      f'{pub["dead_lettered"]:,} dead-lettered ({pub["events_per_sec"]:,.0f} events/s)',
+      f'{pub["dead_lettered"]:,} dead-lettered, {pub["duplicates_dropped"]:,} duplicates dropped '
+      f'({pub["events_per_sec"]:,.0f} events/s); {pub["gaps"]:,} holes in the raw stream '
+      f'({pub["missing_raw_sequences"]:,} raw sequences) skipped, none in the published one',
       f'  archive: {pub["archived"]:,} events in {summary["paths"]["archive"]}',
       f'  replay:  {rep["events"]:,} events through every consumer of app {summary["app"]} '
       f'({rep["events_per_sec"]:,.0f} events/s)',
-      '  not applied: ' + not_applied(rep),
+      '  not applied: ' + replay.not_applied(rep),
   ]
   width = max(len(k) for k in summary['outputs']) if summary['outputs'] else 0
   for name, n in sorted(summary['outputs'].items()):
@@ -164,6 +161,6 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   summary = run(args.out, beam_args, args.events, args.taxi_rides, args.rider_trips, args.seed,
                 args.archive_format, args.regenerate, app=load_app(args.app))
   print(human_summary(summary, args.out))
-  if summary['replay']['corrupt_files']:
+  if summary['replay']['corrupt_files'] or summary['replay']['held_on_gap']:
     return 1
   return 0

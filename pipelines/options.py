@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from typing import Any, List
+import os
+from typing import Any, Iterable, List
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -23,9 +24,19 @@ def pipeline_args(beam_args: List[str], *, streaming: bool = False) -> List[str]
   return args
 
 
+WORKER_EXTRAS_ENV = 'SOURCEBEAM_WORKER_EXTRAS'  # read by setup.py while Beam builds the sdist
+
+
 def pipeline_options(beam_args: List[str], *, streaming: bool = False,
-                     **overrides) -> PipelineOptions:
-  return PipelineOptions(pipeline_args(beam_args, streaming=streaming), **overrides)
+                     worker_extras: Iterable[str] = (), **overrides) -> PipelineOptions:
+  """The pipeline's options. ``worker_extras``: setup.py extras (``kafka``, ``postgres``) the
+  pipeline's DoFns import on their workers; when the workers install Sourcebeam from the sdist
+  Beam builds (``--setup_file``), that sdist carries them."""
+  args = pipeline_args(beam_args, streaming=streaming)
+  extras = sorted(set(worker_extras))
+  if extras and runners.has_option(args, '--setup_file'):
+    os.environ[WORKER_EXTRAS_ENV] = ','.join(extras)
+  return PipelineOptions(args, **overrides)
 
 
 def stop_after_dry_run(p: Any, beam_args: List[str]) -> None:

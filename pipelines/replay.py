@@ -37,7 +37,8 @@ from sourcebeam.pipelines.cli import DataError
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
 from sourcebeam.transforms.app import App
 from sourcebeam.transforms.archive import check_archive_path
-from sourcebeam.transforms.consumers import ReplayApp, WriteAppOutputs, UNPROCESSED_FILE
+from sourcebeam.transforms.consumers import (ReplayApp, WriteAppOutputs, UNPROCESSED_FILE,
+                                             held_counts)
 from sourcebeam.transforms.counting import WriteCounts, read_counts
 
 
@@ -62,6 +63,7 @@ def build_replay(p: beam.Pipeline, app: App, archive: str, out: str) -> Dict[str
   replay.stats | 'StatsJson' >> beam.Map(json.dumps) | 'WriteStats' >> outputs.write_lines(
       out, STATS_FILE)
   counts = dict(replay.result | 'WriteOutputs' >> WriteAppOutputs(app, out))
+  counts.update(held_counts(replay.result.held))
   counts['corrupt_files'] = replay.corrupt
   return counts
 
@@ -86,6 +88,7 @@ def run(archive: str, out: str, beam_args: List[str], app: App) -> Dict[str, Any
   stop_after_dry_run(p, beam_args)
   seconds = time.monotonic() - started
   counts = read_counts(outputs.join(out, '_counts.json'))
+  held, held_keys = counts.pop('held_on_gap', 0), counts.pop('held_on_gap_keys', 0)
   stats = [json.loads(l) for l in outputs.read_lines(outputs.join(out, STATS_FILE))]
   summary: Dict[str, Any] = {
       'app': app.name,
@@ -94,6 +97,8 @@ def run(archive: str, out: str, beam_args: List[str], app: App) -> Dict[str, Any
       'unknown_type': sum(s.get('unknown_type', 0) for s in stats),
       'unclaimed': sum(s.get('unclaimed', 0) for s in stats),
       'unprocessed': unprocessed_by_reason(out),
+      'held_on_gap': held,
+      'held_on_gap_keys': held_keys,
       'corrupt_files': [json.loads(l) for l in outputs.read_lines(outputs.join(out, 'corrupt_files.jsonl'))],
       'outputs': counts,
       'seconds': round(seconds, 3),
@@ -109,13 +114,25 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   print(f'replayed {summary["events"]} events ({summary["events_per_sec"]} events/s) '
         f'into {len(summary["outputs"])} outputs of app {app.name}; summary in '
         f'{args.out}/summary.json', file=sys.stderr)
-  not_read = {k: summary[k] for k in ('unknown_type', 'unclaimed') if summary[k]}
-  if not_read or summary['unprocessed']:
-    print(f'not applied: {json.dumps(dict(not_read, unprocessed=summary["unprocessed"]))}',
-          file=sys.stderr)
+  print(f'not applied: {not_applied(summary)}', file=sys.stderr)
   if summary['corrupt_files']:
     for c in summary['corrupt_files']:
       print(f'error: corrupt archive file {c["path"]}: {c["reason"]}', file=sys.stderr)
     raise DataError(f'{len(summary["corrupt_files"])} archive file(s) not read: corrupt, or not '
                     'what the archive\'s manifest and layout say (listed above and in summary.json)')
+  if summary['held_on_gap']:
+    raise DataError(f'{summary["held_on_gap"]} event(s) of {summary["held_on_gap_keys"]} key(s) '
+                    'were never applied: their keys waited on a sequence gap when the archive '
+                    'ended (a hole in the published stream; see _replay_stats.jsonl)')
   return 0
+
+
+def not_applied(summary: Dict[str, Any]) -> str:
+  """What a run did not apply, by reason, in one line ('nothing' when it applied everything)."""
+  parts = [f'{summary[k]:,} {k.replace("_", " ")}' for k in ('unknown_type', 'unclaimed')
+           if summary.get(k)]
+  if summary.get('held_on_gap'):
+    parts.append(f'{summary["held_on_gap"]:,} held on a gap ({summary["held_on_gap_keys"]:,} keys)')
+  parts += [f'{n:,} {reason.replace("_", " ")}'
+            for reason, n in summary.get('unprocessed', {}).items()]
+  return ', '.join(parts) if parts else 'nothing'

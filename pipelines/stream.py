@@ -3,9 +3,11 @@
 ``run.py stream --source kafka://HOST:PORT/TOPIC --out DIR [beam options]``
 reads the topic with Beam's ``ReadFromKafka`` (a cross-language transform: it
 runs on Prism and Flink, see :mod:`pipelines.runners`), sends every message
-through the publishing boundary (the function :class:`transforms.publish.PublishEvents`
-wraps, here keeping each message's Kafka offset:
-:class:`transforms.live_archive.PublishKafkaMessages`), and then:
+through the publishing step of ``run.py publish`` (the boundary, then the
+resequencer numbering each key 1, 2, 3 ... without holes, with its timers for
+holes: :class:`transforms.live_archive.PublishKafkaMessages`, which keeps each
+message's Kafka offset; ``--published-source`` skips the renumbering for a topic
+that is already a published stream, such as the event writer's), and then:
 
 * with ``--max-records N`` (a bounded read of the first N messages, so a run
   ends): applies every consumer of the application (``--app``, the demo
@@ -63,10 +65,12 @@ from apache_beam.io.kafka import WriteToKafka
 from sourcebeam.pipelines import outputs, runners
 from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import UsageError
+from sourcebeam.pipelines.publish import add_resequence_arguments, resequence_options
+from sourcebeam.pipelines.replay import not_applied, unprocessed_by_reason
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
 from sourcebeam.schemas.envelope import to_json
 from sourcebeam.transforms.app import App
-from sourcebeam.transforms.consumers import ApplyApp, AppResult, WriteAppOutputs
+from sourcebeam.transforms.consumers import ApplyApp, AppResult, WriteAppOutputs, held_counts
 from sourcebeam.transforms.counting import WriteCounts, read_counts
 from sourcebeam.transforms.keyspace import to_line
 from sourcebeam.transforms.archive import read_manifest
@@ -76,7 +80,7 @@ from sourcebeam.transforms.kafka_read import ReadKafkaMessages, check_bounded_re
 from sourcebeam.transforms.kafka_url import TOPIC_NAME, KafkaTopic, parse_kafka_url
 from sourcebeam.transforms.live_archive import (
     DEFAULT_FLUSH_SECONDS, DEFAULT_WINDOW_SECONDS, ArchiveLive, PublishKafkaMessages, view_source)
-from sourcebeam.transforms.publish import dead_letter_json
+from sourcebeam.transforms.publish import dead_letter_json, is_gap
 
 def parse_source(text: str) -> KafkaTopic:
   source = parse_kafka_url(text)
@@ -123,6 +127,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='first replay this archive (written by stream --archive) up to the '
                            'per-partition Kafka offsets it recorded, then read --source from exactly '
                            'those offsets: no event missed or doubled at the hand-off')
+  parser.add_argument('--published-source', action='store_true',
+                      help='the topic is already a published stream (the event writer\'s): keep '
+                           'its sequences instead of renumbering each key')
+  add_resequence_arguments(parser)
   add_app_argument(parser)
 
 
@@ -153,17 +161,27 @@ def build_stream(p: beam.Pipeline, app: App, source: KafkaTopic, out: str, *,
                  max_records: Optional[int], views: Optional[str] = None,
                  publish_topic: Optional[str] = None, group_id: str = 'sourcebeam-stream',
                  archive: Optional[ArchiveSettings] = None, from_archive: Optional[str] = None,
-                 output_topic_prefix: Optional[str] = None) -> Dict[str, beam.PCollection]:
+                 output_topic_prefix: Optional[str] = None,
+                 resequence: Optional[Dict[str, Any]] = None,
+                 renumber: bool = True) -> Dict[str, beam.PCollection]:
   registry = app.registry
   if from_archive:
     handoff = p | 'ReplayThenLive' >> ReplayThenLive(
         from_archive, source, registry=registry, max_records=max_records,
-        expansion_service=runners.kafka_io_service(p.options))
+        expansion_service=runners.kafka_io_service(p.options), resequence=resequence,
+        renumber=renumber)
     result, live, messages = handoff, handoff.live, handoff.messages
   else:
     messages = read_kafka(p, source, group_id, max_records)
-    result = live = messages | 'Publish' >> PublishKafkaMessages(registry)
-  counts = {'in': messages, 'published': result.published, 'dead_lettered': result.dead_letters}
+    result = live = messages | 'Publish' >> PublishKafkaMessages(
+        registry, resequence=resequence, renumber=renumber)
+  events_dead, gaps = result.dead_letters | 'GapsApart' >> beam.Partition(
+      lambda d, n: int(is_gap(d)), 2)
+  counts = {'in': messages, 'published': result.published, 'dead_lettered': events_dead,
+            'gaps': gaps, 'duplicates_dropped': result.duplicates,
+            'missing_raw_sequences': gaps | 'Missing' >> beam.FlatMap(lambda g: [None] * g['count']),
+            'publish_held': result.stats | 'PublishHeld' >> beam.FlatMap(
+                lambda s: [None] * s['held'])}
   if views and app.views:
     from sourcebeam.transforms.view_store import ViewChanges, WriteViewsToStore
     ((result.published_refs | 'ViewEvents' >> beam.Map(lambda pr: (pr[0], view_source(pr[1]))),
@@ -185,9 +203,12 @@ def build_stream(p: beam.Pipeline, app: App, source: KafkaTopic, out: str, *,
         out, 'published.jsonl')
     result.dead_letters | 'DeadLetterJson' >> beam.Map(dead_letter_json) | 'WriteDead' >> (
         outputs.write_lines(out, 'dead_letters.jsonl'))
+    result.duplicates | 'DuplicateJson' >> beam.Map(dead_letter_json) | 'WriteDuplicates' >> (
+        outputs.write_lines(out, 'duplicates.jsonl'))
     applied = result.published | 'Consumers' >> ApplyApp(app)
     counts['events'] = result.published
     counts.update(applied | 'WriteOutputs' >> WriteAppOutputs(app, outputs.join(out, 'consumers')))
+    counts.update(held_counts(applied.held))
   if output_topic_prefix:
     if applied is None:  # live: the projections and the consumers (the views go to the store)
       applied = result.published | 'Consumers' >> ApplyApp(app, kinds=('projection',))
@@ -248,9 +269,13 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
         views: Optional[str] = None, publish_topic: Optional[str] = None,
         group_id: str = 'sourcebeam-stream', archive: Optional[ArchiveSettings] = None,
         from_archive: Optional[str] = None,
-        output_topic_prefix: Optional[str] = None) -> Optional[Dict[str, Any]]:
+        output_topic_prefix: Optional[str] = None,
+        resequence: Optional[Dict[str, Any]] = None,
+        renumber: bool = True) -> Optional[Dict[str, Any]]:
   bounded = max_records is not None
-  options = pipeline_options(beam_args, streaming=not bounded)
+  from sourcebeam.transforms.view_store import is_postgres
+  options = pipeline_options(beam_args, streaming=not bounded,
+                             worker_extras=['postgres'] if views and is_postgres(views) else [])
   FileSystems.set_options(options)
   plan = None
   if from_archive:  # before anything runs: a bad archive is one line and exit 2
@@ -263,7 +288,8 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
   with beam.Pipeline(options=options) as p:
     counts = build_stream(p, app, source, out, max_records=max_records, views=views,
                           publish_topic=publish_topic, group_id=group_id, archive=archive,
-                          from_archive=from_archive, output_topic_prefix=output_topic_prefix)
+                          from_archive=from_archive, output_topic_prefix=output_topic_prefix,
+                          resequence=resequence, renumber=renumber)
     if bounded:
       counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
   stop_after_dry_run(p, beam_args)
@@ -271,14 +297,18 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
     return None
   seconds = time.monotonic() - started
   counted = read_counts(outputs.join(out, '_counts.json'))
-  summary = {k: counted.pop(k) for k in ('in', 'published', 'dead_lettered', 'events')}
+  summary = {k: counted.pop(k, 0) for k in ('in', 'published', 'dead_lettered', 'events', 'gaps',
+                                            'missing_raw_sequences', 'duplicates_dropped',
+                                            'publish_held', 'held_on_gap', 'held_on_gap_keys')}
   summary.update(app=app.name, source=f'kafka://{source.bootstrap}/{source.topic}', outputs=counted,
                  seconds=round(seconds, 3))
   if plan is not None:
     summary['handoff'] = {'archive': from_archive, 'archived_events': plan.archived_events,
                           'offsets': {f'{t}/{p}': o for (t, p), o in sorted(plan.offsets.items())}}
-  if summary['in'] != summary['published'] + summary['dead_lettered']:
+  if summary['in'] != (summary['published'] + summary['dead_lettered'] +
+                       summary['duplicates_dropped'] + summary.pop('publish_held')):
     raise AssertionError(f'events lost in publish: {summary}')
+  summary['unprocessed'] = unprocessed_by_reason(outputs.join(out, 'consumers'))
   outputs.write_json(out, 'summary.json', summary)
   return summary
 
@@ -297,9 +327,11 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   summary = run(source, args.out, beam_args, app=app, max_records=args.max_records,
                 views=args.views, publish_topic=args.publish_topic, group_id=args.group_id,
                 archive=archive, from_archive=args.from_archive,
-                output_topic_prefix=args.output_topic_prefix)
+                output_topic_prefix=args.output_topic_prefix,
+                resequence=resequence_options(args), renumber=not args.published_source)
   if summary:
     print(f'read {summary["in"]} messages from {summary["source"]}: {summary["published"]} '
-          f'published, {summary["dead_lettered"]} dead-lettered; summary in {args.out}/summary.json',
-          file=sys.stderr)
+          f'published, {summary["dead_lettered"]} dead-lettered, {summary["duplicates_dropped"]} '
+          f'duplicates dropped; summary in {args.out}/summary.json', file=sys.stderr)
+    print(f'not applied: {not_applied(summary)}', file=sys.stderr)
   return 0

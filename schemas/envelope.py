@@ -19,7 +19,10 @@ from typing import Any, Dict, Mapping, Optional
 from sourcebeam.schemas.registry import Registry
 
 ENVELOPE_FIELDS = ('event_id', 'event_type', 'schema_version', 'partition_key',
-                   'sequence', 'event_time', 'origin', 'follows_from', 'data')
+                   'sequence', 'event_time', 'origin', 'follows_from', 'raw_sequence', 'data')
+# Optional fields the JSON form leaves out when null (so envelopes written before they existed
+# read the same, and a published line says only what it has).
+OPTIONAL_IN_JSON = ('raw_sequence',)
 
 Envelope = Dict[str, Any]
 
@@ -60,7 +63,8 @@ def make_envelope(registry: Registry,
                   event_time: int,
                   origin: str,
                   follows_from: Optional[str] = None,
-                  schema_version: Optional[int] = None) -> Envelope:
+                  schema_version: Optional[int] = None,
+                  raw_sequence: Optional[int] = None) -> Envelope:
   """A well-formed envelope for ``data`` of one of ``registry``'s event types, its partition
   key taken from the type's key rule."""
   et = registry.get(event_type)
@@ -73,6 +77,7 @@ def make_envelope(registry: Registry,
       'event_time': event_time,
       'origin': origin,
       'follows_from': follows_from,
+      'raw_sequence': raw_sequence,
       'data': {f: data[f] for f in et.field_names},
   }
 
@@ -80,6 +85,9 @@ def make_envelope(registry: Registry,
 def to_json_dict(env: Mapping[str, Any]) -> Dict[str, Any]:
   out = dict(env)
   out['event_time'] = millis_to_iso(env['event_time'])
+  for name in OPTIONAL_IN_JSON:
+    if out.get(name) is None:
+      out.pop(name, None)
   return out
 
 
@@ -93,6 +101,11 @@ def from_json(line: str) -> Envelope:
   env = json.loads(line)
   if isinstance(env.get('event_time'), str):
     env['event_time'] = iso_to_millis(env['event_time'])
+  if isinstance(env, dict) and 'data' in env:
+    for name in OPTIONAL_IN_JSON:
+      env.setdefault(name, None)
+    if list(env) != list(ENVELOPE_FIELDS) and set(env) == set(ENVELOPE_FIELDS):
+      env = {k: env[k] for k in ENVELOPE_FIELDS}
   return env
 
 

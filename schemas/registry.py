@@ -214,6 +214,12 @@ class Registry:
     """A digest of the envelope schema: registries with equal fingerprints read and write alike."""
     return hashlib.sha1(json.dumps(self.envelope_schema(), sort_keys=True).encode()).hexdigest()
 
+  def ordering_key(self, env: Mapping[str, Any]) -> str:
+    """The key an event is numbered and ordered under: its key space and partition key,
+    ``user_id:u-1`` (sequences are per key space; the space's name has no ``:``)."""
+    et = self.current.get(env.get('event_type'))
+    return f'{et.key_space if et else ""}:{env["partition_key"]}'
+
   def partition_key_rules(self) -> Dict[str, str]:
     """Event type -> the data field that is its partition key."""
     return {name: et.partition_key for name, et in self.current.items()}
@@ -222,6 +228,24 @@ class Registry:
     state = dict(self.__dict__)
     state.pop('parsed_envelope', None)  # rebuilt on first use: smaller pickles
     return state
+
+
+def split_ordering_key(ordering_key: Any) -> Tuple[Optional[str], Any]:
+  """``(key space, partition key)`` of a :meth:`Registry.ordering_key` (``(None, key)`` for a
+  plain key)."""
+  if isinstance(ordering_key, str) and ':' in ordering_key:
+    space, _, key = ordering_key.partition(':')
+    return space, key
+  return None, ordering_key
+
+
+def report_key(record: Mapping[str, Any]) -> Dict[str, Any]:
+  """A report keyed by ordering key (a status, a dead letter...) with ``key`` the partition
+  key again and ``key_space`` beside it."""
+  space, key = split_ordering_key(record.get('key'))
+  if space is None:
+    return dict(record)
+  return dict(record, key=key, key_space=space)
 
 
 @functools.lru_cache(maxsize=None)

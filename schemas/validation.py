@@ -208,8 +208,13 @@ def _sequence(value: Any, repairs: List[str]) -> int:
   return value
 
 
-def validate_envelope(obj: Any, raw: bytes, repairs: List[str], reg: Registry) -> Envelope:
-  """A decoded raw JSON object to a published envelope of one of ``reg``'s types, or Invalid."""
+def validate_envelope(obj: Any, raw: bytes, repairs: List[str], reg: Registry,
+                      require_sequence: bool = True) -> Envelope:
+  """A decoded raw JSON object to a published envelope of one of ``reg``'s types, or Invalid.
+
+  ``require_sequence=False`` lets an event without a ``sequence`` through (as None): the
+  publishing step's resequencer then orders such a stream by event time, or says why not.
+  """
   if not isinstance(obj, dict):
     raise Invalid(f'an event must be a JSON object, got {type(obj).__name__}')
   extra = sorted(set(obj) - set(ENVELOPE_FIELDS))
@@ -247,8 +252,14 @@ def validate_envelope(obj: Any, raw: bytes, repairs: List[str], reg: Registry) -
                   f'{event_type} ({current.partition_key} = {key!r})')
 
   if 'sequence' not in obj or obj['sequence'] is None:
-    raise Invalid('sequence is missing (per-key sequence numbers start at 1)')
-  sequence = _sequence(obj['sequence'], repairs)
+    if require_sequence:
+      raise Invalid('sequence is missing (per-key sequence numbers start at 1)')
+    sequence = None
+  else:
+    sequence = _sequence(obj['sequence'], repairs)
+  raw_sequence = obj.get('raw_sequence')
+  if raw_sequence is not None:
+    raw_sequence = _sequence(raw_sequence, repairs)
 
   if obj.get('event_time') is not None:
     event_time = parse_time(obj['event_time'], 'event_time', repairs)
@@ -281,6 +292,7 @@ def validate_envelope(obj: Any, raw: bytes, repairs: List[str], reg: Registry) -
       'event_time': event_time,
       'origin': origin,
       'follows_from': follows_from,
+      'raw_sequence': raw_sequence,
       'data': data,
   }
 
@@ -288,7 +300,8 @@ def validate_envelope(obj: Any, raw: bytes, repairs: List[str], reg: Registry) -
 def publish_raw(raw: Union[bytes, str],
                 reg: Registry,
                 source: Optional[str] = None,
-                max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+                max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+                require_sequence: bool = True
                 ) -> Tuple[Optional[Envelope], Optional[DeadLetter], List[str]]:
   """One raw line to ``(envelope, None, repairs)`` or ``(None, dead_letter, [])``, checked
   against the application's schemas in ``reg``."""
@@ -308,7 +321,7 @@ def publish_raw(raw: Union[bytes, str],
       obj = json.loads(text)
     except ValueError as e:
       raise Invalid(f'malformed JSON: {e}') from None
-    env = validate_envelope(obj, raw_bytes, repairs, reg)
+    env = validate_envelope(obj, raw_bytes, repairs, reg, require_sequence)
     return env, None, repairs
   except Invalid as e:
     return None, dead_letter(raw_bytes, str(e), source), []

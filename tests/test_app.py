@@ -235,9 +235,12 @@ def test_the_demo_and_the_examples_use_only_the_public_api():
     for path in pathlib.Path(ROOT, folder).glob('*.py'):
       for module in _imports(path):
         if module.startswith('sourcebeam'):
-          assert module == 'sourcebeam', f'{path} imports {module}: only `from sourcebeam import`'
+          assert module in ('sourcebeam', 'sourcebeam.testing'), (
+              f'{path} imports {module}: only `from sourcebeam import` (and sourcebeam.testing)')
       tree = ast.parse(path.read_text())
       for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == 'sourcebeam':
+        if isinstance(node, ast.ImportFrom) and node.module in ('sourcebeam', 'sourcebeam.testing'):
+          public = (sourcebeam.__all__ if node.module == 'sourcebeam' else
+                    __import__('sourcebeam.testing', fromlist=['__all__']).__all__)
           for alias in node.names:
-            assert alias.name in sourcebeam.__all__, f'{path}: {alias.name} is not public'
+            assert alias.name in public, f'{path}: {alias.name} is not public'

@@ -29,7 +29,7 @@ def envelope(key, seq, etype, minute=0):
           else {'product_id': key, 'name': 'n', 'brand': 'b', 'description': 'd', 'category': 'c'})
   return {'event_id': f'{key}-{seq}', 'event_type': etype, 'schema_version': 1,
           'partition_key': key, 'sequence': seq, 'event_time': T0 + minute * 60_000 + seq,
-          'origin': 'test', 'follows_from': None, 'data': data}
+          'origin': 'test', 'follows_from': None, 'raw_sequence': None, 'data': data}
 
 
 def make_events():

@@ -44,7 +44,7 @@ def test_key_rules_are_declared_in_the_schemas():
 def test_envelope_fields_match_the_contract():
   names = [f['name'] for f in REG.envelope_json['fields']]
   assert names == ['event_id', 'event_type', 'schema_version', 'partition_key', 'sequence',
-                   'event_time', 'origin', 'follows_from', 'data']
+                   'event_time', 'origin', 'follows_from', 'raw_sequence', 'data']
 
 
 def test_avro_round_trip_keeps_look_alike_types_apart():

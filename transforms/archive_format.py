@@ -74,7 +74,7 @@ from fastavro.read import SchemaResolutionError
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sourcebeam.schemas.envelope import ENVELOPE_FIELDS, Envelope, to_avro_record
+from sourcebeam.schemas.envelope import ENVELOPE_FIELDS, OPTIONAL_IN_JSON, Envelope, to_avro_record
 from sourcebeam.schemas.registry import Registry, SchemaError
 
 LAYOUT_VERSION = 1
@@ -362,6 +362,8 @@ _COMPAT = _CompatCache()
 # What can be archived
 
 _ENVELOPE_KEYS = frozenset(ENVELOPE_FIELDS)
+# An envelope may leave these out (they are written as null): envelopes made before they existed.
+_OPTIONAL_KEYS = frozenset(OPTIONAL_IN_JSON)
 
 
 def envelope_problem(env: Any, reg: Registry) -> Optional[str]:
@@ -372,8 +374,9 @@ def envelope_problem(env: Any, reg: Registry) -> Optional[str]:
   """
   if not isinstance(env, dict):
     return f'not an envelope dict: {type(env).__name__}'
-  if env.keys() != _ENVELOPE_KEYS:
-    extra, missing = sorted(env.keys() - _ENVELOPE_KEYS), sorted(_ENVELOPE_KEYS - env.keys())
+  if env.keys() != _ENVELOPE_KEYS and env.keys() | _OPTIONAL_KEYS != _ENVELOPE_KEYS:
+    extra = sorted(env.keys() - _ENVELOPE_KEYS)
+    missing = sorted(_ENVELOPE_KEYS - env.keys() - _OPTIONAL_KEYS)
     return f'envelope fields differ from the schema (extra {extra}, missing {missing})'
   try:
     et = reg.get(env['event_type'])
@@ -551,7 +554,10 @@ _ENVELOPE_COLUMNS = (
     ('event_id', pa.string(), False), ('event_type', pa.string(), False),
     ('schema_version', pa.int32(), False), ('partition_key', pa.string(), False),
     ('sequence', pa.int64(), False), ('event_time', pa.int64(), False),
-    ('origin', pa.string(), False), ('follows_from', pa.string(), True))
+    ('origin', pa.string(), False), ('follows_from', pa.string(), True),
+    ('raw_sequence', pa.int64(), True))
+# Envelope columns added after the first archives: files written before them read as null.
+_LATER_COLUMNS = frozenset({'raw_sequence'})
 
 
 def arrow_schema(reg: Registry) -> pa.Schema:
@@ -575,7 +581,7 @@ def encode_parquet(events: Sequence[Envelope], reg: Registry, *,
   schema = schema.with_metadata(meta)
   check_archivable(events, reg)
   try:
-    columns = [pa.array([e[n] for e in events], type=t) for n, t, _ in _ENVELOPE_COLUMNS]
+    columns = [pa.array([e.get(n) for e in events], type=t) for n, t, _ in _ENVELOPE_COLUMNS]
     columns.append(pa.array([{e['event_type']: e['data']} for e in events],
                             type=schema.field('data').type))
     table = pa.Table.from_arrays(columns, schema=schema)
@@ -610,11 +616,12 @@ def decode_parquet(blob: bytes, reg: Registry, path: str) -> List[Envelope]:
   except IncompatibleSchema as e:
     raise IncompatibleSchema(f'{path}: {e}') from None
   names = set(table.column_names)
-  missing = [n for n, _, _ in _ENVELOPE_COLUMNS if n not in names] + (
+  missing = [n for n, _, _ in _ENVELOPE_COLUMNS if n not in names and n not in _LATER_COLUMNS] + (
       [] if 'data' in names else ['data'])
   if missing:
     raise CorruptArchiveFile(path, f'Parquet file lacks envelope columns {missing}')
-  rows = {n: table.column(n).to_pylist() for n, _, _ in _ENVELOPE_COLUMNS}
+  rows = {n: table.column(n).to_pylist() if n in names else [None] * table.num_rows
+          for n, _, _ in _ENVELOPE_COLUMNS}
   data_col = table.column('data').combine_chunks() if table.num_rows else None
   data: List[Any] = [None] * table.num_rows
   if data_col is not None:

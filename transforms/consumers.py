@@ -50,6 +50,7 @@ class AppResult(NamedTuple):
   projections: Dict[str, beam.PCollection]  # (key, output)
   consumers: Dict[str, beam.PCollection]    # 'name' or 'name/output' -> the transform's elements
   unprocessed: beam.PCollection             # {key, sequence, reason, event, key_space|consumer...}
+  held: beam.PCollection                    # {key_space, keys, events} left waiting on a gap at the end
 
 
 def at_event_time(env):
@@ -172,7 +173,7 @@ class ApplyApp(beam.PTransform):
     app = self.app
     timed = events | 'AtEventTime' >> beam.Map(at_event_time)
     final = events.is_bounded if self.final is None else self.final
-    outputs, unprocessed = [], []
+    outputs, unprocessed, held = [], [], []
     for ks in key_space_handlers(app, self.kinds):
       types = ks.event_types
       ordered = (timed
@@ -182,6 +183,9 @@ class ApplyApp(beam.PTransform):
       outputs.append(ordered.outputs)
       unprocessed.append(ordered.unprocessed | f'Unprocessed {ks.name}' >> beam.Map(
           lambda r, name=ks.name: dict(r, key_space=name)))
+      held.append(ordered.status | f'Held {ks.name}' >> beam.FlatMap(
+          lambda st, name=ks.name: [{'key_space': name, 'keys': 1, 'events': st['buffered']}]
+          if st.get('trigger') == 'final' and st.get('buffered') else []))
     views, projections, failures = {}, {}, None
     if outputs:
       merged = tuple(outputs) | 'PerKeyOutputs' >> beam.Flatten()
@@ -190,7 +194,9 @@ class ApplyApp(beam.PTransform):
     consumers = _apply_transforms(app, timed)
     unp = (tuple(unprocessed) | 'AllUnprocessed' >> beam.Flatten() if unprocessed else
            events.pipeline | 'NoUnprocessed' >> beam.Create([]))
-    return AppResult(views, projections, consumers, unp)
+    waiting = (tuple(held) | 'AllHeld' >> beam.Flatten() if held else
+               events.pipeline | 'NoneHeld' >> beam.Create([]))
+    return AppResult(views, projections, consumers, unp, waiting)
 
 
 class ReplayResult(NamedTuple):
@@ -224,7 +230,10 @@ class ReplayApp(beam.PTransform):
     unprocessed = (replay.unprocessed, failures) | 'AllUnprocessed' >> beam.Flatten()
     timed = replay.passthrough | 'AtEventTime' >> beam.Map(at_event_time)
     consumers = _apply_transforms(app, timed)
-    return ReplayResult(AppResult(views, projections, consumers, unprocessed),
+    held = replay.stats | 'Held' >> beam.FlatMap(
+        lambda s: [{'key_space': None, 'keys': s['keys_waiting_on_gap'],
+                    'events': s['events_left_buffered']}] if s.get('events_left_buffered') else [])
+    return ReplayResult(AppResult(views, projections, consumers, unprocessed, held),
                         replay.corrupt, replay.stats)
 
 
@@ -280,6 +289,14 @@ class WriteAppOutputs(beam.PTransform):
     _write(result.unprocessed | 'Line unprocessed' >> beam.Map(to_line), self.out, UNPROCESSED)
     counts[UNPROCESSED] = result.unprocessed
     return counts
+
+
+def held_counts(held: beam.PCollection) -> Dict[str, beam.PCollection]:
+  """``held_on_gap`` (events) and ``held_on_gap_keys`` as PCollections of that many elements,
+  for :class:`~sourcebeam.transforms.counting.WriteCounts`: what no consumer applied because
+  its key still waited on a gap when the input ended."""
+  return {'held_on_gap': held | 'Held events' >> beam.FlatMap(lambda h: [None] * h['events']),
+          'held_on_gap_keys': held | 'Held keys' >> beam.FlatMap(lambda h: [None] * h['keys'])}
 
 
 def view_line_of_record(view: View, record: Any) -> str:

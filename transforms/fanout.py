@@ -56,7 +56,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from sourcebeam.schemas.envelope import from_json, to_avro_record, to_json
-from sourcebeam.schemas.registry import Registry
+from sourcebeam.schemas.registry import Registry, report_key
 from sourcebeam.transforms.archive_format import (
     DEFAULT_BUCKETS, LAYOUT_VERSION, MANIFEST_NAME, SORT_ORDER, bucket_of, file_name, hour_of,
     join, make_manifest, partition_dir)
@@ -387,27 +387,16 @@ class _Deliver(beam.DoFn):
 
 
 class _SpaceKey:
-  """The ordering key of an event: its key space and partition key (``user_id:u-1``), since
-  sequences are per key space. Keys must be text: anything else is an invalid key (reported)."""
+  """The ordering key of an event (:meth:`Registry.ordering_key`: sequences are per key
+  space). Keys must be text: anything else is an invalid key (reported)."""
 
   def __init__(self, registry: Registry):
-    self._spaces = {name: et.key_space for name, et in registry.current.items()}
+    self._registry = registry
 
   def __call__(self, env: Dict[str, Any]) -> str:
-    key = env['partition_key']
-    if not isinstance(key, str):
-      raise TypeError(f'partition_key must be a string, got {type(key).__name__}')
-    return f'{self._spaces.get(env.get("event_type"), "")}:{key}'
-
-
-def _report_key(rec: Dict[str, Any]) -> Dict[str, Any]:
-  """A status or unprocessed record of the ordering, with ``key`` the partition key again and
-  ``key_space`` beside it (``user_id:u-1`` -> ``u-1`` and ``user_id``)."""
-  key = rec.get('key')
-  if isinstance(key, str) and ':' in key:
-    space, _, partition_key = key.partition(':')
-    return dict(rec, key=partition_key, key_space=space)
-  return rec
+    if not isinstance(env['partition_key'], str):
+      raise TypeError(f'partition_key must be a string, got {type(env["partition_key"]).__name__}')
+    return self._registry.ordering_key(env)
 
 
 class FanOut(beam.PTransform):
@@ -456,8 +445,8 @@ class FanOut(beam.PTransform):
         gap_policy='skip' if self._gap_timeout is not None else 'hold',
         expansion=self._expansion)
     # Reports name the partition key, and the key space apart (the ordering key joins them).
-    status = ordered.status | 'StatusKeys' >> beam.Map(_report_key)
-    reported = ordered.unprocessed | 'UnprocessedKeys' >> beam.Map(_report_key)
+    status = ordered.status | 'StatusKeys' >> beam.Map(report_key)
+    reported = ordered.unprocessed | 'UnprocessedKeys' >> beam.Map(report_key)
     delivered = ordered.outputs | 'Deliver' >> beam.ParDo(
         _Deliver(self._subs, self._registry, self._run_id, self._buckets, self._max,
                  self._codec)).with_outputs(

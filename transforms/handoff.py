@@ -12,7 +12,11 @@ the dead letters it did not archive. From those records:
 * :class:`ReplayThenLive` emits the archive's events whose offsets are inside the
   prefix (each offset once, even when two runs archived it), then Kafka from the
   recorded offsets, through the publishing boundary. Offsets past the prefix
-  come only from Kafka, so nothing is missed or doubled at the hand-off.
+  come only from Kafka, so nothing is missed or doubled at the hand-off. The
+  publishing step numbers each key from its first raw event, so the archive's
+  events go through the resequencer again with the live ones, as the raw events
+  they were (their ``raw_sequence``): each key is numbered on from where the
+  archive left it, and the archived events get the sequences they had.
 * :class:`ReadKafkaFrom` reads a topic from exactly given per-partition offsets.
 
 How ReadKafkaFrom starts at given offsets: Beam's ``ReadFromKafka`` takes no
@@ -50,7 +54,8 @@ from sourcebeam.transforms.archive import check_archive_path, ensure_storage_opt
 from sourcebeam.transforms.archive_format import join
 from sourcebeam.transforms.kafka_read import ReadKafkaMessages, partition_offsets
 from sourcebeam.transforms.live_archive import (
-    DEAD_DIR, OFFSETS_DIR, Published, PublishKafkaMessages, SidecarError, SourceRef, parse_sidecar)
+    DEAD_DIR, OFFSETS_DIR, Published, SidecarError, SourceRef, ValidateKafkaMessages, parse_sidecar,
+    renumber)
 
 __all__ = ['TopicPartition', 'Ranges', 'recorded_offsets', 'plan_handoff', 'HandoffPlan',
            'ReadKafkaFrom', 'ReplayThenLive', 'HandoffError', 'kafka_start_check', 'commit_offsets']
@@ -327,13 +332,28 @@ class HandoffResult(NamedTuple):
   """What :class:`ReplayThenLive` gives: a :class:`transforms.live_archive.Published` over
   archive + live, plus ``messages`` (one element per offset consumed, from the
   archive or Kafka: the ``in`` count) and ``live`` (the Kafka part alone, e.g. to
-  archive it again). ``dead_letters`` are live only: the archive holds none."""
+  archive it again)."""
   published: beam.PCollection
   dead_letters: beam.PCollection
   published_refs: beam.PCollection
   dead_refs: beam.PCollection
+  duplicates: beam.PCollection
+  stats: beam.PCollection
   messages: beam.PCollection
   live: Published
+
+
+def as_raw(pair: Tuple[Dict[str, Any], Any]) -> Tuple[Dict[str, Any], Any]:
+  """An archived (published) envelope as the raw event it was published from: its
+  ``raw_sequence`` back as its sequence (an archive written before ``raw_sequence`` holds
+  the raw sequence as the sequence itself)."""
+  env, ref = pair
+  raw = env.get('raw_sequence')
+  return dict(env, sequence=env['sequence'] if raw is None else raw, raw_sequence=None), ref
+
+
+def _is_live(ref: Any, offsets: Dict[TopicPartition, int]) -> bool:
+  return int(ref[2]) >= offsets.get((ref[0], int(ref[1])), 0)
 
 
 class ReplayThenLive(beam.PTransform):
@@ -345,15 +365,18 @@ class ReplayThenLive(beam.PTransform):
   every offset of the topic from the archive's first recorded one, exactly once.
   Archived events carry their event time as timestamp; Kafka ones their CreateTime.
   ``max_records`` bounds the Kafka part (records after the recorded offsets);
-  ``expansion_service`` is the Kafka read's (see :class:`ReadKafkaMessages`).
+  ``expansion_service`` is the Kafka read's (see :class:`ReadKafkaMessages`);
+  ``resequence`` the publishing step's numbering options (None: keep the sequences).
   HandoffError (a ConfigError) when the pipeline is built, if the archive has no
   recorded offsets, recorded another topic, or Kafka no longer holds an offset.
   """
 
   def __init__(self, archive_path: str, source: Tuple[str, str], *, registry: Registry,
-               max_records: Optional[int] = None, expansion_service=None):
+               max_records: Optional[int] = None, expansion_service=None,
+               resequence: Optional[Dict[str, Any]] = None, renumber: bool = True):
     super().__init__()
     self._registry = registry
+    self._resequence = dict(resequence or {}) if renumber else None
     self._expansion_service = expansion_service
     self._archive = archive_path.rstrip('/')
     self._bootstrap, self._topic = source[0], source[1]
@@ -369,9 +392,21 @@ class ReplayThenLive(beam.PTransform):
     messages = pbegin | 'Live' >> ReadKafkaFrom(self._bootstrap, self._topic, plan.offsets,
                                                  max_records=self._max_records,
                                                  expansion_service=self._expansion_service)
-    live = messages | 'PublishLive' >> PublishKafkaMessages(self._registry)
-    refs = (archived, live.published_refs) | 'AllPublished' >> beam.Flatten()
+    by_time = (self._resequence or {}).get('order_by') == 'event_time'
+    validated, dead = messages | 'ValidateLive' >> ValidateKafkaMessages(
+        self._registry, require_sequence=not by_time)
+    if self._resequence is not None:
+      archived = archived | 'AsRaw' >> beam.Map(as_raw)
+    everything = (archived, validated) | 'AllValidated' >> beam.Flatten()
+    out = renumber(everything, dead, self._registry, self._resequence)
+    offsets = dict(plan.offsets)
+    live_refs = out.published_refs | 'LiveRefs' >> beam.Filter(lambda pr: _is_live(pr[1], offsets))
+    live_dead = out.dead_refs | 'LiveDeadRefs' >> beam.Filter(lambda dr: _is_live(dr[1], offsets))
+    live = Published(live_refs | 'LiveEnvelopes' >> beam.Map(lambda pr: pr[0]),
+                     live_dead | 'LiveDeadLetters' >> beam.Map(lambda dr: dr[0]),
+                     live_refs, live_dead, out.duplicates, out.stats)
     return HandoffResult(
-        published=refs | 'Envelopes' >> beam.Map(lambda pair: pair[0]),
-        dead_letters=live.dead_letters, published_refs=refs, dead_refs=live.dead_refs,
-        messages=(archived, messages) | 'AllMessages' >> beam.Flatten(), live=live)
+        published=out.published, dead_letters=out.dead_letters,
+        published_refs=out.published_refs, dead_refs=out.dead_refs, duplicates=out.duplicates,
+        stats=out.stats, messages=(archived, messages) | 'AllMessages' >> beam.Flatten(),
+        live=live)

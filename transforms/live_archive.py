@@ -49,7 +49,9 @@ from apache_beam.utils.timestamp import Duration
 
 from sourcebeam.transforms.archive import WriteArchive, write_bytes
 from sourcebeam.transforms.archive_format import DEFAULT_BUCKETS, join
-from sourcebeam.transforms.publish import DEAD_LETTERS, _PublishFn  # the one publishing boundary
+from sourcebeam.transforms.publish import (  # the one publishing step
+    DEAD_LETTERS, _PublishFn, resequenced, without_source)
+from sourcebeam.transforms.resequence import SOURCE
 from sourcebeam.schemas.registry import Registry
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
 
@@ -57,7 +59,7 @@ __all__ = [
     'SourceRef', 'OFFSETS_DIR', 'SIDECAR_VERSION', 'DEFAULT_WINDOW_SECONDS',
     'DEFAULT_FLUSH_SECONDS', 'DEFAULT_ALLOWED_LATENESS_SECONDS', 'kafka_ref', 'source_label',
     'view_source', 'sidecar_path', 'encode_sidecar', 'parse_sidecar', 'SidecarError',
-    'Published', 'PublishKafkaMessages', 'ArchiveLive']
+    'Published', 'PublishKafkaMessages', 'ValidateKafkaMessages', 'renumber', 'ArchiveLive']
 
 SourceRef = Tuple[str, int, int]  # (topic, partition, offset) of one Kafka message
 OFFSETS_DIR = '_offsets'
@@ -159,30 +161,99 @@ class _PublishWithSource(_PublishFn):
 
 
 class Published(NamedTuple):
-  """A publish result with offsets: every Kafka message is in exactly one of the two ``*_refs``."""
+  """A publish result with offsets: every Kafka message is in exactly one of ``published_refs``
+  and ``dead_refs`` (dead letters, and copies dropped as duplicates: they consume offsets too).
+  ``duplicates`` and ``stats`` are the resequencer's (empty when a run does not renumber)."""
   published: beam.PCollection       # envelopes
   dead_letters: beam.PCollection    # dead-letter dicts; ``source`` is kafka://topic/partition@offset
   published_refs: beam.PCollection  # (envelope, SourceRef)
-  dead_refs: beam.PCollection       # (dead letter, SourceRef)
+  dead_refs: beam.PCollection       # (dead letter or duplicate record, SourceRef)
+  duplicates: beam.PCollection      # one record per copy dropped
+  stats: beam.PCollection           # the resequencer's per-key stats at the end of bounded input
 
 
-class PublishKafkaMessages(beam.PTransform):
-  """Kafka records -> :class:`Published`: the publishing boundary (against ``registry``, the
-  application's schemas), keeping each message's offset."""
+def _with_ref(pair) -> Dict[str, Any]:
+  env, ref = pair
+  return dict(env, **{SOURCE: tuple(ref)})
 
-  def __init__(self, registry: Registry, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES):
+
+def _ref_of(record: Dict[str, Any]) -> Iterable[Tuple[Dict[str, Any], SourceRef]]:
+  """A resequencer report carrying a message's offset -> ``(report, ref)`` with its ``source``
+  as the message's label. Gap reports carry no offset (no message behind them): none."""
+  ref = record.get('source')
+  if isinstance(ref, (tuple, list)) and len(ref) == 3:
+    ref = tuple(ref)
+    yield dict(record, source=source_label(ref)), ref
+
+
+def _label_source(record: Dict[str, Any]) -> Dict[str, Any]:
+  ref = record.get('source')
+  if isinstance(ref, (tuple, list)) and len(ref) == 3:
+    return dict(record, source=source_label(tuple(ref)))
+  return record
+
+
+def renumber(validated_refs: beam.PCollection, dead_refs: beam.PCollection, registry: Registry,
+             resequence: Optional[Mapping[str, Any]], label: str = 'Renumber') -> Published:
+  """Validated ``(envelope, SourceRef)`` pairs through the resequencer (``resequence``: its
+  options; None keeps the sequences as they are), offsets kept: a :class:`Published`."""
+  if resequence is None:
+    empty = validated_refs.pipeline | f'{label} no reports' >> beam.Create([])
+    return Published(validated_refs | f'{label} envelopes' >> beam.Map(lambda pair: pair[0]),
+                     dead_refs | f'{label} dead letters' >> beam.Map(lambda pair: pair[0]),
+                     validated_refs, dead_refs, empty, empty)
+  out = resequenced(validated_refs | f'{label} carry offsets' >> beam.Map(_with_ref), registry,
+                    resequence, label=f'{label} resequence')
+  refs = out.published | f'{label} published refs' >> beam.Map(
+      lambda env: (without_source(env), env[SOURCE]))
+  renumbered_dead = out.dead_letters | f'{label} dead refs' >> beam.FlatMap(_ref_of)
+  dropped = out.duplicates | f'{label} duplicate refs' >> beam.FlatMap(_ref_of)
+  all_dead_refs = (dead_refs, renumbered_dead, dropped) | f'{label} all dead refs' >> beam.Flatten()
+  dead_letters = ((dead_refs | f'{label} boundary dead letters' >> beam.Map(lambda pair: pair[0]),
+                   out.dead_letters | f'{label} labelled' >> beam.Map(_label_source))
+                  | f'{label} all dead letters' >> beam.Flatten())
+  return Published(refs | f'{label} envelopes' >> beam.Map(lambda pair: pair[0]), dead_letters,
+                   refs, all_dead_refs,
+                   out.duplicates | f'{label} labelled duplicates' >> beam.Map(_label_source),
+                   out.stats)
+
+
+class ValidateKafkaMessages(beam.PTransform):
+  """Kafka records -> ``(validated (envelope, SourceRef), (dead letter, SourceRef))``: the
+  publishing boundary against ``registry`` (the application's schemas), offsets kept."""
+
+  def __init__(self, registry: Registry, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+               require_sequence: bool = True):
     super().__init__()
     self._registry = registry
     self._max_event_bytes = max_event_bytes
+    self._require_sequence = require_sequence
 
   def expand(self, messages):
     results = messages | 'Publish' >> beam.ParDo(
-        _PublishWithSource(self._registry, self._max_event_bytes)).with_outputs(
-            DEAD_LETTERS, main='published')
-    refs, dead_refs = results.published, results[DEAD_LETTERS]
-    return Published(refs | 'Envelopes' >> beam.Map(lambda pair: pair[0]),
-                     dead_refs | 'DeadLetters' >> beam.Map(lambda pair: pair[0]),
-                     refs, dead_refs)
+        _PublishWithSource(self._registry, self._max_event_bytes, self._require_sequence,
+                           keep_source=False)).with_outputs(DEAD_LETTERS, main='published')
+    return results.published, results[DEAD_LETTERS]
+
+
+class PublishKafkaMessages(beam.PTransform):
+  """Kafka records -> :class:`Published`: the publishing step (the boundary against
+  ``registry``, the application's schemas, then the resequencer with the options
+  ``resequence``; None keeps the topic's sequences, for a topic already published such as
+  the event writer's), keeping each message's offset."""
+
+  def __init__(self, registry: Registry, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+               resequence: Optional[Mapping[str, Any]] = None, *, renumber: bool = True):
+    super().__init__()
+    self._registry = registry
+    self._max_event_bytes = max_event_bytes
+    self._resequence = dict(resequence or {}) if renumber else None
+
+  def expand(self, messages) -> Published:
+    by_time = (self._resequence or {}).get('order_by') == 'event_time'
+    validated, dead = messages | 'Validate' >> ValidateKafkaMessages(
+        self._registry, self._max_event_bytes, require_sequence=not by_time)
+    return renumber(validated, dead, self._registry, self._resequence)
 
 
 class _WriteEventSidecar(beam.DoFn):

@@ -61,7 +61,7 @@ with :class:`SummarizeStats`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterable, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -74,7 +74,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from sourcebeam.transforms.errors import ConfigError
 from sourcebeam.transforms.resequence_core import (
-    DEFAULT_HISTORY, DEFAULT_MAX_HELD, EVENT_TIME, FIRST_SEEN, GAP, INVALID_KEY, RAW_SEQUENCE,
+    DEFAULT_HISTORY, DEFAULT_MAX_HELD, EVENT_TIME, FIRST_SEEN, GAP, INVALID_KEY, RAW_SEQUENCE, SOURCE,
     Activation, KeyState, ResequenceConfig, Resequencer, batch_order, key_of)
 
 __all__ = ['Resequence', 'Resequenced', 'SummarizeStats', 'summarize_stats', 'make_resequence_fn',
@@ -160,8 +160,9 @@ def _emit(act: Activation, other_ts: Optional[int], current_ts: Optional[int] = 
 class _KeyEvents(beam.DoFn):
   """envelope -> (partition_key, (envelope, timestamp micros)); no usable key -> dead letter."""
 
-  def __init__(self, config: ResequenceConfig):
+  def __init__(self, config: ResequenceConfig, key_fn: Optional[Callable[[Any], str]] = None):
     self._config = config
+    self._key_fn = key_fn
 
   def setup(self):
     self._rs = Resequencer(self._config)
@@ -169,6 +170,8 @@ class _KeyEvents(beam.DoFn):
 
   def process(self, event, ts=beam.DoFn.TimestampParam):
     key, problem = key_of(event)
+    if problem is None and self._key_fn is not None:
+      key = self._key_fn(event)
     if problem is not None:
       self._counters.received.inc()
       self._counters.dead.inc()
@@ -409,7 +412,10 @@ class Resequence(beam.PTransform):
     gap_timeout_processing: the same in wall-clock seconds from its arrival
       (default 60; None: none, and no processing-time timer is declared).
       Streaming expansion only: a bounded batch run waits for the end.
-    source: named in every dead letter (the input path or topic).
+    source: named in every dead letter (the input path or topic), unless the event
+      carries its own (``_source``: a line's file, a message's offset).
+    key_fn: the key each event is numbered under (default its ``partition_key``; an
+      application's ``registry.ordering_key`` numbers per key space).
     stats: emit one stats record per key at the end of bounded input.
     expansion: ``'auto'`` (batch for bounded input), ``'batch'`` or ``'streaming'``.
   """
@@ -422,10 +428,12 @@ class Resequence(beam.PTransform):
                gap_timeout: Optional[float] = DEFAULT_GAP_TIMEOUT,
                gap_timeout_processing: Optional[float] = DEFAULT_GAP_TIMEOUT_PROCESSING,
                source: Optional[str] = None,
+               key_fn: Optional[Callable[[Any], str]] = None,
                stats: bool = True,
                expansion: str = 'auto',
                label: Optional[str] = None):
     super().__init__(label)
+    self._key_fn = key_fn
     if expansion not in ('auto', 'batch', 'streaming'):
       raise ConfigError(f"expansion must be 'auto', 'batch' or 'streaming', got {expansion!r}")
     for name, v in (('gap_timeout', gap_timeout), ('gap_timeout_processing', gap_timeout_processing)):
@@ -449,7 +457,7 @@ class Resequence(beam.PTransform):
       # A key's numbering spans windows: its state must not restart per window.
       pcoll = pcoll | 'GlobalWindow' >> beam.WindowInto(window.GlobalWindows())
     keyed = (pcoll
-             | 'KeyByPartition' >> beam.ParDo(_KeyEvents(self.config))
+             | 'KeyByPartition' >> beam.ParDo(_KeyEvents(self.config, self._key_fn))
              .with_output_types(Tuple[str, Tuple[Any, Any]])
              .with_outputs(DEAD_LETTERS, STATS, main='keyed'))
     if self.chosen_expansion(pcoll) == 'batch':

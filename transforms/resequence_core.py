@@ -123,6 +123,9 @@ DEFAULT_MAX_WAIT_EVENT_TIME = 300 * 1_000_000       # 5 minutes of event time
 DEFAULT_MAX_WAIT_PROCESSING_TIME = 60 * 1_000_000   # 1 minute of wall-clock time
 
 _CONTENT_EXCLUDED = ('event_id', 'sequence', 'raw_sequence')
+# Where an event carries, unseen by the rule, where it came from (a file, a Kafka offset): not
+# content, not part of ``raw``; dead letters and duplicate records name it as their ``source``.
+SOURCE = '_source'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +163,7 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(',', ':'), ensure_asci
 def fingerprint(event: Mapping[str, Any]) -> int:
   """A 64-bit fingerprint of an envelope's content: every field but ``event_id``,
   ``sequence`` and ``raw_sequence``, in canonical JSON. Stable across processes."""
-  content = {k: v for k, v in event.items() if k not in _CONTENT_EXCLUDED}
+  content = {k: v for k, v in event.items() if k not in _CONTENT_EXCLUDED and k != SOURCE}
   return int.from_bytes(hashlib.blake2b(_CANONICAL.encode(content).encode('utf-8'),
                                         digest_size=8).digest(), 'big')
 
@@ -256,6 +259,9 @@ def sequence_problem(seq: Any) -> Optional[str]:
 
 def raw_json(event: Any) -> str:
   """The event as a raw line the publishing boundary accepts again (dead letters' ``raw``)."""
+  if isinstance(event, abc.Mapping) and (SOURCE in event or event.get('raw_sequence') is None):
+    event = {k: v for k, v in event.items()
+             if k != SOURCE and not (k == 'raw_sequence' and v is None)}
   return json.dumps(event, ensure_ascii=False, separators=(',', ':'), default=repr)
 
 
@@ -291,7 +297,9 @@ class Resequencer:
     dl.update(fields)
     if event is not None:
       dl['raw'] = raw_json(event)
-    if self.config.source is not None:
+    if isinstance(event, abc.Mapping) and event.get(SOURCE) is not None:
+      dl['source'] = event[SOURCE]
+    elif self.config.source is not None:
       dl['source'] = self.config.source
     return dl
 
@@ -300,9 +308,12 @@ class Resequencer:
     """One record per copy dropped. Only what does not depend on arrival order (whether the
     original was already published when the copy came), so bounded runs compare equal."""
     st.duplicates += 1
-    act.duplicates.append({
+    record = {
         'key': st.key, 'raw_sequence': event.get('sequence'), 'event_id': event.get('event_id'),
-        'by': by, 'duplicate_of': of_event_id, 'duplicate_of_raw_sequence': of_raw})
+        'by': by, 'duplicate_of': of_event_id, 'duplicate_of_raw_sequence': of_raw}
+    if event.get(SOURCE) is not None:
+      record['source'] = event[SOURCE]
+    act.duplicates.append(record)
 
   def stats(self, st: KeyState) -> Dict[str, Any]:
     """The key's counters: ``received == published + duplicates_dropped + dead_lettered + held``."""
