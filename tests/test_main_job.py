@@ -2,19 +2,13 @@
 
 import glob
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.cli import run_cli
+
+pytestmark = pytest.mark.cli
 SMALL = ['--events', '1500', '--taxi-rides', '200', '--rider-trips', '4']
-
-
-def run_cli(*args, timeout=600):
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 @pytest.fixture(scope='module')
