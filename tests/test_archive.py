@@ -569,10 +569,8 @@ def test_avro_writer_schema_differing_only_in_key_order_takes_the_direct_decode(
 
 
 def _run_main(capsys, *argv):
-  import run
-  code = run.main(list(argv))
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
+  from tests.cli import run_cli
+  return run_cli(*argv)
 
 
 def _set_manifest_format(path, fmt):
@@ -584,6 +582,7 @@ def _set_manifest_format(path, fmt):
     json.dump(manifest, f)
 
 
+@pytest.mark.cli
 def test_a_manifest_naming_the_wrong_format_reports_every_file(tmp_path, events, capsys):
   """`"format": "parquet"` in an Avro archive's manifest: replay exit 0 with 0 events before."""
   path = str(tmp_path / 'archive')
@@ -608,6 +607,7 @@ def test_a_manifest_naming_the_wrong_format_reports_every_file(tmp_path, events,
   assert code == 1 and 'says "format": "parquet"' in err
 
 
+@pytest.mark.cli
 def test_a_data_file_with_an_unexpected_name_is_reported_not_skipped(tmp_path, events, capsys):
   """A valid `random-name.avro` in a bucket folder was skipped: its events missing, exit 0."""
   path = str(tmp_path / 'archive')
