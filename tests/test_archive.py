@@ -134,6 +134,7 @@ def test_layout_is_hour_and_bucket_with_files_sorted_by_key_and_sequence(tmp_pat
   assert not [n for n in os.listdir(os.path.dirname(files[0].path)) if n.startswith('.tmp')]
 
 
+@pytest.mark.integration  # fresh interpreters (other hash seeds) are the point
 def test_bucket_is_stable_across_processes():
   code = 'from transforms.archive_format import bucket_of; print([bucket_of(f"k{i}", 16) for i in range(50)])'
   outs = set()

@@ -11,21 +11,21 @@ import os
 import re
 import socket
 import subprocess
-import sys
-import time
 import uuid
 
 import pytest
 
 from sourcebeam.pipelines import runners, services
+from tests.cli import run_cli as in_process
+from tests.demo import ROOT
+from tests.polling import wait_until
 from tests.service_fixtures import consume, create_topic, flink_rest, free_port, produce
 
-RUN_PY = os.path.join(runners.ROOT, 'run.py')
 
-
-def run_cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, RUN_PY, 'services', *args], capture_output=True,
-                        text=True, timeout=timeout, cwd=runners.ROOT)
+def run_cli(*args: str, timeout: float = 400):
+  """`run.py services ARGS` in this process (the services it starts are processes of their own;
+  the scripts' own waits bound the time)."""
+  return in_process('services', *args)
 
 
 def pid_alive(pid: int) -> bool:
@@ -49,7 +49,7 @@ def port_open(port: int) -> bool:
 
 @pytest.mark.integration  # needs scripts/install_tools.sh's binaries
 def test_install_tools_is_idempotent():
-  result = subprocess.run([os.path.join(runners.ROOT, 'scripts', 'install_tools.sh')],
+  result = subprocess.run([os.path.join(ROOT, 'scripts', 'install_tools.sh')],
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   # Everything was installed by `make tools` before the tests: this run only checks.
@@ -74,6 +74,7 @@ def test_kafka_refuses_a_busy_port_with_a_clear_message(tmp_path):
   assert not os.path.exists(tmp_path / 'kafka' / 'kafka.pid')
 
 
+@pytest.mark.cli
 def test_unknown_action_is_a_usage_error():
   result = run_cli('restart', timeout=60)
   assert result.returncode == 2
@@ -121,9 +122,8 @@ def test_services_up_status_down(tmp_path):
   finally:
     down = run_cli('down', *port_args, timeout=200)
   assert down.returncode == 0, down.stderr
-  deadline = time.monotonic() + 30
-  while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-    time.sleep(0.5)
+  wait_until(lambda: not any(pid_alive(p) for p in pids), 30,
+             'the services\' processes to end after `services down`', interval=0.5)
   assert not any(pid_alive(p) for p in pids), 'a service process outlived `services down`'
   assert not any(port_open(p) for p in (ports.kafka, ports.flink_rest))
   after = run_cli('status', *port_args, timeout=60)
