@@ -8,15 +8,12 @@ import pytest
 from tests.cli import run_cli
 
 pytestmark = pytest.mark.cli
-SMALL = ['--events', '1500', '--taxi-rides', '200', '--rider-trips', '4']
 
 
-@pytest.fixture(scope='module')
-def main_job(tmp_path_factory):
-  out = tmp_path_factory.mktemp('main') / 'out'
-  proc = run_cli('--out', str(out), *SMALL)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return out, proc
+@pytest.fixture
+def main_job(sample_day):
+  """`run.py --out DIR --events 1500 --taxi-rides 200 --rider-trips 4` (tests/conftest.py)."""
+  return sample_day.out, sample_day.proc
 
 
 def test_main_job_accounts_for_every_event(main_job):
