@@ -462,7 +462,7 @@ def test_a_fresh_process_finds_cloud_archives_from_the_environment_alone(s3_serv
   paths = [s3_service.fresh_prefix('env'), gcs_service.fresh_prefix('env')]
   for path in paths:
     write(path, events[:20], buckets=1)
-  code = ('import sys; from transforms.archive import iter_archive; '
+  code = ('import sys; from transforms.archive import iter_archive; from tests.demo import REG; '
           'print([len(list(iter_archive(p, REG))) for p in sys.argv[1:]])')
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   env.pop('GOOGLE_APPLICATION_CREDENTIALS')  # pipelines.storage supplies it for the emulator
