@@ -16,16 +16,17 @@ import uuid
 import pytest
 
 from sourcebeam.pipelines import runners, services
-from tests.cli import run_cli as in_process
+from tests.cli import run_cli as in_process, run_py
 from tests.demo import ROOT
 from tests.polling import wait_until
 from tests.service_fixtures import consume, create_topic, flink_rest, free_port, produce
 
 
-def run_cli(*args: str, timeout: float = 400):
-  """`run.py services ARGS` in this process (the services it starts are processes of their own;
-  the scripts' own waits bound the time)."""
-  return in_process('services', *args)
+def run_cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+  """`run.py services ARGS` as a process of its own: the command runs scripts/kafka.sh and
+  scripts/flink.sh, child processes that write to its stderr and start the services."""
+  return subprocess.run(run_py('services', *args), capture_output=True, text=True,
+                        timeout=timeout, cwd=ROOT)
 
 
 def pid_alive(pid: int) -> bool:
@@ -76,7 +77,7 @@ def test_kafka_refuses_a_busy_port_with_a_clear_message(tmp_path):
 
 @pytest.mark.cli
 def test_unknown_action_is_a_usage_error():
-  result = run_cli('restart', timeout=60)
+  result = in_process('services', 'restart')
   assert result.returncode == 2
   assert 'invalid choice' in result.stderr and 'Traceback' not in result.stderr
 
