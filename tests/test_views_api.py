@@ -22,6 +22,7 @@ from sourcebeam.pipelines.serve import Running
 from sourcebeam.pipelines.views_service import ViewsApi
 
 from tests.cli import run_cli, run_py
+from tests.polling import wait_until
 from tests.service_fixtures import free_port
 from tests.demo import DEMO_APP, REG, ROOT
 from tests.test_view_store import EVENTS, TOPIC, VIEWS, changelog
@@ -134,7 +135,8 @@ def test_many_waiting_reads_share_few_connections(dsn):
                for _ in range(24)]
     for t in readers:
       t.start()
-    time.sleep(0.3)
+    wait_until(lambda: waiting_reads(a) == 24, 30, 'the 24 reads to wait for offset 7',
+               interval=0.02, describe=lambda: f'{waiting_reads(a)} waiting')
     apply(dsn, 7)
     for t in readers:
       t.join(30)
@@ -193,6 +195,12 @@ def test_bad_requests_get_clear_4xx(api):
   # Keys are data, never SQL: a hostile key is just a key that has no cart.
   status, body, _ = api.get('/carts/' + urllib.parse.quote("u1' OR '1'='1"))
   assert status == 200 and body['found'] is False
+
+
+def waiting_reads(api: Api) -> int:
+  """The reads waiting for a receipt (the one position watcher's), as /health counts them."""
+  watcher = api.api.watcher
+  return len(watcher.waiters) if watcher else 0
 
 
 def _serve_cmd(*args: str):
@@ -268,7 +276,7 @@ def test_writer_receipts_are_honoured_by_views_built_from_the_topic(kafka, tmp_p
         cart=api.get(f'/carts/u1?after={added["after"]}'),
         shoes=api.get(f'/products?category=shoes&after={product["after"]}')))
     reader.start()
-    time.sleep(0.3)
+    wait_until(lambda: waiting_reads(api) >= 1, 30, 'the cart read to wait', interval=0.02)
     assert reader.is_alive()  # waiting: nothing has built the views yet
     # Every message of the topic with its Kafka coordinates.
     c = Consumer({'bootstrap.servers': kafka, 'group.id': f'test-{topic}', 'enable.auto.commit': False})
