@@ -8,7 +8,6 @@ signals the command alone; it must exit with 143 and take its children with it.
 import os
 import signal
 import subprocess
-import time
 import uuid
 
 import pytest
@@ -71,9 +70,8 @@ def test_sigterm_stops_a_live_stream_and_its_children(kafka, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert 'terminated' in err.splitlines(), err[-3000:]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(alive(p) for p in started):
-      time.sleep(0.5)
+    wait_until(lambda: not any(alive(p) for p in started), 30, 'the children to end',
+               interval=0.5, describe=lambda: f'alive: {[started[p] for p in started if alive(p)]}')
     assert not [started[p] for p in started if alive(p)], 'children outlived the command'
   finally:
     if proc.poll() is None:
