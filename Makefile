@@ -1,14 +1,21 @@
 # Sourcebeam: one-command setup, main job and test suite.
 #   make run    set up (idempotent) and run the main job on the embedded default runner
 #   make test   set up (idempotent, including the local services' binaries) and run every test
-#   make test-fast   only the fast unit tests (no Kafka, Flink or other service processes)
+# The test tiers (markers in pytest.ini, rules in tests/tiers.py):
+#   make test-fast          pure logic and transforms (DirectRunner, TestPipeline): no process, no service
+#   make test-cli           the command line, run in pytest's process: no process, no service
+#   make test-local         both of the above
+#   make test-integration   services, other runners, signals, subprocesses (installs the tools)
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast tools clean
+# The slowest tests of every full run are listed at its end (CI's output too).
+DURATIONS ?= --durations=30 --durations-min=5
+
+.PHONY: setup run test test-fast test-cli test-local test-integration tools clean
 
 setup: $(STAMP)
 
@@ -28,10 +35,19 @@ run: setup
 	$(PY) run.py $(ARGS)
 
 test: setup tools
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(DURATIONS) $(PYTEST_ARGS)
 
 test-fast: setup
+	$(PY) -m pytest -m "not integration and not cli" $(PYTEST_ARGS)
+
+test-cli: setup
+	$(PY) -m pytest -m cli $(PYTEST_ARGS)
+
+test-local: setup
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+test-integration: setup tools
+	$(PY) -m pytest -m integration $(DURATIONS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf out .pytest_cache

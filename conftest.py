@@ -6,6 +6,10 @@ start, the test must fail, not skip, so a green run always means every test ran.
 
 import pytest
 
+# The tiers (fast, cli, integration) and their rules: service fixtures mark a test
+# integration, and a test outside integration cannot start a process (tests/tiers.py).
+pytest_plugins = ['tests.tiers', 'pytester']  # pytester: tests/test_tiers.py runs sessions in process
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):

@@ -1,10 +1,14 @@
-"""Session-wide storage services for tests: ``s3_service`` and ``gcs_service``.
+"""Session-wide fixtures: the storage services ``s3_service`` and ``gcs_service``, and
+``sample_day``, the demo's sample day through the main job (built once, read by many).
 
 Each starts a real server on loopback once per test session (moto's S3 server,
 gcp-storage-emulator), points Beam at it through the environment that
 :mod:`pipelines.storage` reads, and stops it at the end. A service that cannot
 start fails the tests that need it; it never skips them.
 """
+
+import pathlib
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -34,6 +38,28 @@ def gcs_service():
   service = _start(server)
   yield service
   server.stop()
+
+
+@pytest.fixture(scope='session')
+def sample_day(tmp_path_factory):
+  """The demo's sample day through the main job (`run.py --out DIR`, small sizes), once per
+  session, in process: generated, published (with dead letters), archived and replayed.
+  ``.out`` is the main job's output folder, ``.archive`` its published archive, ``.proc`` the
+  command's (returncode, stdout, stderr). Tests only read it: copy what you would change."""
+  from tests.cli import run_cli
+  out = tmp_path_factory.mktemp('sample-day') / 'out'
+  proc = run_cli('--out', str(out), *SAMPLE_DAY_SIZES)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return SampleDay(out, out / 'archive', proc)
+
+
+SAMPLE_DAY_SIZES = ['--events', '1500', '--taxi-rides', '200', '--rider-trips', '4']
+
+
+class SampleDay(NamedTuple):
+  out: pathlib.Path
+  archive: pathlib.Path
+  proc: Any
 
 
 # Service fixtures are registered here, once, so a session-scoped service starts once per

@@ -26,9 +26,9 @@ from typing import Dict, Iterable, Optional
 
 import pytest
 
+from tests.demo import ROOT
 from tests.service_fixtures import free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'postgres.sh')
 
 

@@ -134,6 +134,7 @@ def test_layout_is_hour_and_bucket_with_files_sorted_by_key_and_sequence(tmp_pat
   assert not [n for n in os.listdir(os.path.dirname(files[0].path)) if n.startswith('.tmp')]
 
 
+@pytest.mark.integration  # fresh interpreters (other hash seeds) are the point
 def test_bucket_is_stable_across_processes():
   code = 'from transforms.archive_format import bucket_of; print([bucket_of(f"k{i}", 16) for i in range(50)])'
   outs = set()
@@ -461,7 +462,7 @@ def test_a_fresh_process_finds_cloud_archives_from_the_environment_alone(s3_serv
   paths = [s3_service.fresh_prefix('env'), gcs_service.fresh_prefix('env')]
   for path in paths:
     write(path, events[:20], buckets=1)
-  code = ('import sys; from transforms.archive import iter_archive; '
+  code = ('import sys; from transforms.archive import iter_archive; from tests.demo import REG; '
           'print([len(list(iter_archive(p, REG))) for p in sys.argv[1:]])')
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   env.pop('GOOGLE_APPLICATION_CREDENTIALS')  # pipelines.storage supplies it for the emulator
@@ -569,10 +570,8 @@ def test_avro_writer_schema_differing_only_in_key_order_takes_the_direct_decode(
 
 
 def _run_main(capsys, *argv):
-  import run
-  code = run.main(list(argv))
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
+  from tests.cli import run_cli
+  return run_cli(*argv)
 
 
 def _set_manifest_format(path, fmt):
@@ -584,6 +583,7 @@ def _set_manifest_format(path, fmt):
     json.dump(manifest, f)
 
 
+@pytest.mark.cli
 def test_a_manifest_naming_the_wrong_format_reports_every_file(tmp_path, events, capsys):
   """`"format": "parquet"` in an Avro archive's manifest: replay exit 0 with 0 events before."""
   path = str(tmp_path / 'archive')
@@ -608,6 +608,7 @@ def test_a_manifest_naming_the_wrong_format_reports_every_file(tmp_path, events,
   assert code == 1 and 'says "format": "parquet"' in err
 
 
+@pytest.mark.cli
 def test_a_data_file_with_an_unexpected_name_is_reported_not_skipped(tmp_path, events, capsys):
   """A valid `random-name.avro` in a bucket folder was skipped: its events missing, exit 0."""
   path = str(tmp_path / 'archive')

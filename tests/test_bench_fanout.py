@@ -5,9 +5,6 @@ inside the benchmark against the filters applied one by one.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -15,15 +12,14 @@ from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.benchmarks.fanout import bench_subscriber_doc, parse_sizes
 from sourcebeam.transforms.errors import ConfigError
 from sourcebeam.transforms.fanout_core import parse_subscribers
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_bench(*args, timeout=600):
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'bench', 'fanout', *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+from tests.cli import run_cli
 
 
+def run_bench(*args):
+  return run_cli('bench', 'fanout', *args)
+
+
+@pytest.mark.cli
 def test_bench_fanout_json_line_has_eps_and_ratio_per_subscriber_count(tmp_path):
   proc = run_bench('--subscribers', '1,3,12', '--events', '1500', '--cache-dir', str(tmp_path / 'cache'))
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,6 +45,7 @@ def test_the_bench_subscribers_are_a_valid_file_and_one_takes_everything(tmp_pat
   assert len({s.sink.target for s in subs}) == 100
 
 
+@pytest.mark.cli
 def test_sizes_always_include_one_and_bad_sizes_are_usage_errors():
   assert parse_sizes('100,10') == [1, 10, 100]
   with pytest.raises(ConfigError):

@@ -6,22 +6,23 @@ Speed is not asserted here (the benchmark reports it); counts are.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
+from tests.demo import DEMO_SCHEMAS, REG, ROOT  # noqa: F401
 from sourcebeam.benchmarks.replay import archive_path, build_archive, workers_args
 from sourcebeam.transforms.archive import iter_archive, list_archive_files
+from tests.cli import run_cli, run_py
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ('events', 'raw_decode_eps', 'naive_beam_eps', 'replay_eps', 'speedup_vs_realtime',
           'peak_rss_mb')
 
 
 def run_bench(*args, timeout=600):
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'bench', 'replay', *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+  # A process of its own: the benchmark runs each measurement in a spawned process (its own
+  # memory peak), which needs a plain interpreter as the parent, not pytest.
+  return subprocess.run(run_py('bench', 'replay', *args), capture_output=True, text=True,
+                        cwd=ROOT, timeout=timeout)
 
 
 @pytest.mark.integration
@@ -84,7 +85,8 @@ def test_workers_map_to_each_runners_parallelism():
   assert workers_args([], 1) == ['--direct_num_workers=1', '--direct_running_mode=in_memory']
 
 
+@pytest.mark.cli
 def test_bad_sizes_are_a_usage_error(tmp_path):
-  proc = run_bench('--sizes', '0', '--cache-dir', str(tmp_path))
+  proc = run_cli('bench', 'replay', '--sizes', '0', '--cache-dir', str(tmp_path))
   assert proc.returncode == 2
   assert 'Traceback' not in proc.stderr

@@ -2,21 +2,16 @@
 (the full run, 300 waiting reads and bursts of 300, is in README's benchmark table)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from sourcebeam.pipelines.runners import ROOT
+from tests.cli import run_cli
 
 
-@pytest.mark.integration
+@pytest.mark.integration  # the benchmark starts `run.py serve writer` and `serve views`
 def test_a_small_run_states_waiting_reads_bursts_and_slow_clients(kafka, tmp_path):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'bench', 'services',
-                         '--bootstrap', kafka, '--waiting', '40', '--burst', '40', '--slow', '10',
-                         '--reads', '40', '--posts', '20', '--workdir', str(tmp_path)],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  proc = run_cli('bench', 'services', '--bootstrap', kafka, '--waiting', '40', '--burst', '40',
+                 '--slow', '10', '--reads', '40', '--posts', '20', '--workdir', str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['waiting_reads_answered'] == 40
@@ -30,7 +25,7 @@ def test_a_small_run_states_waiting_reads_bursts_and_slow_clients(kafka, tmp_pat
   assert 'plain reads, 40 reads waiting' in proc.stdout
 
 
+@pytest.mark.cli
 def test_bad_arguments_are_exit_2_with_one_line():
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'bench', 'services',
-                         '--waiting', '0'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = run_cli('bench', 'services', '--waiting', '0')
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr and '--waiting' in proc.stderr

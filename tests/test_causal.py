@@ -15,9 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
-import time
 import uuid
 from typing import Dict, List
 
@@ -25,8 +22,9 @@ import pytest
 
 from tests.demo import DEMO_APP, REG
 from sourcebeam.pipelines.live_stack import LiveStack, Load, add_then_view, percentile
-from sourcebeam.pipelines.runners import ROOT
 from sourcebeam.transforms.view_store import ROWS_TABLE
+from tests.cli import run_cli
+from tests.polling import wait_until
 
 VIEWS = [v.name for v in DEMO_APP.views]
 
@@ -39,12 +37,19 @@ def _topic(name: str) -> str:
   return f'{name}-{uuid.uuid4().hex[:8]}'
 
 
+def _more_writes(load: Load, n: int, what: str) -> None:
+  """Waits until the background load has written ``n`` more events (its receipts)."""
+  target = len(load.receipts) + n
+  wait_until(lambda: len(load.receipts) >= target or load.errors, 120, what,
+             describe=lambda: f'{len(load.receipts)} of {target} receipts, errors {load.errors[:3]}')
+
+
 def test_add_to_cart_then_view_cart_with_the_receipt_100_times_under_load(kafka, tmp_path):
   with LiveStack(kafka, _topic('causal'), str(tmp_path)) as stack:
     load = Load(stack, LOAD_RATE)
     load.start()
     try:
-      time.sleep(2)
+      _more_writes(load, LOAD_RATE, 'the first second of background load')
       with_receipts = add_then_view(stack, 100, with_receipts=True)
       plain = add_then_view(stack, 100, with_receipts=False)
     finally:
@@ -84,8 +89,7 @@ def _replayed_views(out: str) -> Dict[str, List[dict]]:
 
 
 def _run(*args: str) -> None:
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
+  proc = run_cli(*args)  # the replay, on the DirectRunner in this process
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -114,12 +118,14 @@ def test_a_killed_pipeline_restarts_and_its_views_equal_a_replay_of_the_archive(
     load = Load(stack, LOAD_RATE, users=100)
     load.start()
     try:
-      time.sleep(8)
+      # The pipeline has applied two seconds of the load (the views' positions show it),
+      _more_writes(load, 2 * LOAD_RATE, 'two seconds of load')
+      stack.wait_caught_up(list(load.receipts))
       stack.kill_pipeline()  # SIGKILL to the runner mid-load: bundles in flight are lost
-      time.sleep(4)  # writes go on while no pipeline runs
+      _more_writes(load, LOAD_RATE, 'writes while no pipeline runs')
       stack.start_pipeline()
       stack.wait_pipeline_ready()
-      time.sleep(4)
+      _more_writes(load, LOAD_RATE, 'writes after the restart')
     finally:
       load.stop()
     assert not load.errors, load.errors[:3]

@@ -5,17 +5,15 @@ import json
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-import run
 from sourcebeam.pipelines.pass_through import (
     beam_option_strings, check_pass_through, suggest, unknown_option_names)
 from tests.test_publish import as_line
+from tests.cli import run_cli
 from tests.test_validation import good
 
 
 def run_main(capsys, *argv):
-  code = run.main(list(argv))
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
+  return run_cli(*argv)
 
 
 @pytest.fixture
@@ -25,6 +23,7 @@ def raw(tmp_path):
   return path
 
 
+@pytest.mark.cli
 def test_publish_archive_formt_is_refused_not_avro(tmp_path, raw, capsys):
   """`publish --archive-formt parquet` wrote Avro, exit 0."""
   code, _, err = run_main(capsys, 'publish', '--input', str(raw), '--out', str(tmp_path / 'o'),
@@ -36,6 +35,7 @@ def test_publish_archive_formt_is_refused_not_avro(tmp_path, raw, capsys):
   assert not (tmp_path / 'o').exists() and not (tmp_path / 'a').exists()  # nothing ran
 
 
+@pytest.mark.cli
 def test_replay_runnr_is_refused_not_run_on_the_direct_runner(tmp_path, capsys):
   """`replay --runnr=PrismRunner` ran on the DirectRunner, exit 0."""
   code, _, err = run_main(capsys, 'replay', '--archive', str(tmp_path / 'a'),
@@ -46,6 +46,7 @@ def test_replay_runnr_is_refused_not_run_on_the_direct_runner(tmp_path, capsys):
       'option? (see run.py replay --help)']
 
 
+@pytest.mark.cli
 def test_keys_tpo_is_refused_not_ignored(tmp_path, capsys):
   """`keys --tpo 5` was ignored without a word."""
   code, _, err = run_main(capsys, 'keys', '--archive', str(tmp_path / 'a'), '--tpo', '5')
@@ -53,6 +54,7 @@ def test_keys_tpo_is_refused_not_ignored(tmp_path, capsys):
   assert 'error: unknown option --tpo for run.py keys: did you mean --top?' in err
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize('argv, meant', [
     (['publish', '--input', 'x', '--out', 'y', '--archive_format', 'parquet'], '--archive-format'),
     (['replay', '--archive', 'x', '--out', 'y', '--flink-master=[local]'], '--flink_master'),
@@ -66,11 +68,13 @@ def test_misspellings_everywhere_are_exit_2_with_a_suggestion(argv, meant, capsy
   assert f'did you mean {meant}' in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.cli
 def test_commands_without_beam_options_still_refuse_any_unknown_option(capsys):
   code, _, err = run_main(capsys, 'services', 'status', '--zzzzzzzz')
   assert code == 2 and 'unknown arguments for services: --zzzzzzzz' in err
 
 
+@pytest.mark.cli
 def test_real_beam_options_pass_through(tmp_path, raw, capsys):
   code, _, err = run_main(capsys, 'publish', '--input', str(raw), '--out', str(tmp_path / 'o'),
                           '--direct_num_workers=1', '--direct_running_mode', 'in_memory',

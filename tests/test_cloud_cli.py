@@ -6,22 +6,13 @@ replay from the bucket.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from sourcebeam.generators import retail
 from sourcebeam.generators.jsonl import encode_line
+from tests.cli import run_cli
 from tests.test_validation import good
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
 def upload(url: str, data: bytes) -> None:
@@ -32,6 +23,7 @@ def upload(url: str, data: bytes) -> None:
     f.write(data)
 
 
+@pytest.mark.integration  # the service is asked for by name (request.getfixturevalue)
 @pytest.mark.parametrize('service_name', ['s3_service', 'gcs_service'])
 def test_publish_to_a_cloud_archive_and_replay_it(service_name, request, tmp_path):
   service = request.getfixturevalue(service_name)
@@ -54,6 +46,7 @@ def test_publish_to_a_cloud_archive_and_replay_it(service_name, request, tmp_pat
   assert replayed['outputs']['retail/cart'] > 0
 
 
+@pytest.mark.integration  # the service is asked for by name (request.getfixturevalue)
 @pytest.mark.parametrize('service_name', ['s3_service', 'gcs_service'])
 def test_a_missing_cloud_input_is_exit_2(service_name, request, tmp_path):
   service = request.getfixturevalue(service_name)

@@ -7,20 +7,19 @@ of setup.py, and for the Kafka pipelines Beam's Java SDK container with the IO
 expansion service jar staged. Archives on ``gs://`` live on the GCS emulator (the
 manifest is read while the job is built), so nothing here reaches Google, and the
 Kafka source names a port nothing listens on (building the job never dials it). The
-Kafka pipelines' tests start Beam's Java expansion service, so they are integration tests.
+commands run in this process; a job that is built stages Sourcebeam as an sdist, which Beam
+builds with ``python setup.py sdist`` in a process of its own, and the Kafka pipelines' tests
+start Beam's Java expansion service, so those are integration tests.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from sourcebeam.generators import retail, taxi
 from sourcebeam.generators.jsonl import encode_line
+from tests.cli import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRY_RUN = ['--runner=DataflowRunner', '--project=sourcebeam-dry-run', '--region=us-central1',
            '--temp_location=gs://sourcebeam-dry-run/tmp', '--sdk_location=container',
            '--dry_run=True']
@@ -30,8 +29,7 @@ NOBODY = 'kafka://127.0.0.1:1/raw'
 
 
 def dry_run(*args, expect_rc=0):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+  proc = run_cli(*args)
   assert proc.returncode == expect_rc, proc.stderr[-3000:]
   if expect_rc:
     return proc.stderr
@@ -62,14 +60,13 @@ def raw(tmp_path_factory):
 def gcs_archive(raw, gcs_service):
   """An archive in a bucket of the GCS emulator, written by `run.py publish`."""
   archive = gcs_service.fresh_prefix('archive')
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'publish', '--input',
-                         str(raw), '--out', gcs_service.fresh_prefix('published'),
-                         '--archive', archive, *gcs_service.beam_args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+  proc = run_cli('publish', '--input', str(raw), '--out', gcs_service.fresh_prefix('published'),
+                 '--archive', archive, *gcs_service.beam_args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return archive
 
 
+@pytest.mark.integration  # Beam builds the sdist it stages with `python setup.py sdist`
 def test_publish_with_a_local_input_builds_a_batch_job(raw, tmp_path):
   out = tmp_path / 'published'
   job = dry_run('publish', '--input', str(raw), '--out', str(out), '--job_name=sourcebeam-publish',
@@ -126,6 +123,7 @@ def test_fanout_and_taxi_pipelines_build_jobs(gcs_service, tmp_path):
   assert 'Join' in job['steps']
 
 
+@pytest.mark.cli
 def test_a_dry_run_without_a_temp_location_is_exit_2(raw):
   args = [a for a in DRY_RUN if not a.startswith('--temp_location')]
   err = dry_run('publish', '--input', str(raw), '--out', 'gs://sourcebeam-dry-run/p', *args,
@@ -135,6 +133,7 @@ def test_a_dry_run_without_a_temp_location_is_exit_2(raw):
       'there; without it Beam asks GCS for a default bucket)')
 
 
+@pytest.mark.cli
 def test_a_real_dataflow_run_refuses_local_paths(raw):
   args = [a for a in DRY_RUN if a != '--dry_run=True']
   err = dry_run('publish', '--input', str(raw), '--out', 'gs://sourcebeam-dry-run/p', *args,

@@ -5,10 +5,7 @@ Sinks are real archives on local disk, read back with the archive reader.
 
 import collections
 import json
-import os
 import random
-import subprocess
-import sys
 
 import apache_beam as beam
 import pytest
@@ -18,8 +15,7 @@ from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.transforms.archive import iter_archive, list_archive_files, read_archive_file
 from sourcebeam.transforms.fanout import MATCHED, UNMATCHED, FanOut, prepare_archive_sinks
 from sourcebeam.transforms.fanout_core import naive_match, parse_subscribers
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.cli import run_cli as _run_cli
 T0 = 1_795_000_000_000
 
 
@@ -124,10 +120,10 @@ def test_deflate_archive_sinks_read_back(tmp_path):
 
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'fanout', *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+  return _run_cli('fanout', *args)
 
 
+@pytest.mark.cli
 def test_cli_fans_out_an_archive_and_counts_in_and_out(tmp_path):
   from sourcebeam.transforms.archive import WriteArchive
   events = make_events()
@@ -149,6 +145,7 @@ def test_cli_fans_out_an_archive_and_counts_in_and_out(tmp_path):
   assert json.loads(proc.stdout.strip().splitlines()[-1])['deliveries'] == summary['deliveries']
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize('args, words', [
     (['--source', 'kafka://nohost/t'], ['kafka://HOST:PORT/TOPIC']),
     (['--source', '/does/not/exist'], ['/does/not/exist']),
@@ -163,6 +160,7 @@ def test_cli_bad_arguments_are_one_line_and_exit_2(tmp_path, args, words):
     assert w in proc.stderr
 
 
+@pytest.mark.cli
 def test_cli_bad_subscriber_file_is_exit_2(tmp_path):
   (tmp_path / 'subs.json').write_text(json.dumps({'subscribers': [{'name': 'x', 'sink': '/a',
                                                                    'event_types': ['Nope']}]}))

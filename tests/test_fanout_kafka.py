@@ -6,11 +6,8 @@ so neither end trusts Beam's Kafka IO.
 
 import collections
 import json
-import os
 import random
 import subprocess
-import sys
-import time
 import uuid
 
 import apache_beam as beam
@@ -18,14 +15,18 @@ import pytest
 
 from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from sourcebeam.schemas.envelope import from_json, to_json
+from tests.cli import run_py
+from tests.demo import ROOT
+from tests.polling import wait_until
 from tests.service_fixtures import consume, create_topic, produce
 from tests.test_fanout import envelope
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.tiers import child_processes
 
 
 def cli(*args):
-  return [sys.executable, os.path.join(ROOT, 'run.py'), 'fanout', *args, '--runner=PrismRunner']
+  """`run.py fanout ARGS` on Prism, as a process of its own: Beam keeps Prism and the Java
+  expansion service, its children, until the interpreter exits."""
+  return run_py('fanout', *args, '--runner=PrismRunner')
 
 
 def user_events(users, seqs):
@@ -124,7 +125,9 @@ def test_backfill_then_live_has_no_gap_and_no_duplicate(kafka, tmp_path):
                               '--max-records', str(n_topic), '--out', str(tmp_path / 'out')),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
   try:
-    time.sleep(15)
+    # The job is built and submitted to Prism, which the command starts only then.
+    wait_until(lambda: 'prism' in child_processes(proc.pid).values(), 600,
+               'the fan-out job to start on Prism', proc=proc)
     assert proc.poll() is None, proc.communicate()[1][-3000:]  # still waiting for the live events
     produce(kafka, t['src'], records(live_later))
     out, err = proc.communicate(timeout=900)

@@ -6,10 +6,7 @@ and runs it through the real ``schemas.validation.publish_raw``.
 
 import collections
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given, settings
@@ -20,8 +17,7 @@ from sourcebeam.generators import faults, phases, retail, riders, taxi
 from sourcebeam.generators.jsonl import _encode, encode_json, encode_line, iso_clock, read_jsonl, write_jsonl
 from sourcebeam.schemas.envelope import iso_to_millis
 from sourcebeam.schemas.validation import publish_raw
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.cli import run_cli
 START = iso_to_millis(phases.DEFAULT_START)
 UUID4 = re.compile(r'^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$')
 
@@ -83,7 +79,9 @@ def test_retail_events_publish_cleanly_without_repairs(retail_20k):
   assert len(published) == len(retail_20k)
   for raw, env in zip(retail_20k[:500], published):
     assert env['event_time'] == iso_to_millis(raw['event_time'])
-    assert {k: v for k, v in env.items() if k != 'event_time'} == {
+    # Validation alone leaves provenance empty: the resequencer fills raw_sequence.
+    assert env['raw_sequence'] is None
+    assert {k: v for k, v in env.items() if k not in ('event_time', 'raw_sequence')} == {
         k: v for k, v in raw.items() if k != 'event_time'}
 
 
@@ -466,10 +464,10 @@ def test_out_of_order_delivery_stays_within_the_bound_and_is_deterministic():
 
 
 def run_generate(*args, cwd):
-  return subprocess.run([sys.executable, os.path.join(REPO, 'run.py'), 'generate', *args],
-                        cwd=cwd, capture_output=True, text=True, timeout=300)
+  return run_cli('generate', *args, cwd=cwd)
 
 
+@pytest.mark.cli
 def test_cli_generates_the_same_bytes_and_says_what_it_did(tmp_path):
   p = run_generate('--events', '2000', '--seed', '5', '--out', 'a.jsonl', cwd=tmp_path)
   assert p.returncode == 0, p.stderr
@@ -481,6 +479,7 @@ def test_cli_generates_the_same_bytes_and_says_what_it_did(tmp_path):
   assert '2026-11-26T00:00:' in summary[0]
 
 
+@pytest.mark.cli
 def test_cli_phases_faults_and_bad_spec(tmp_path):
   p = run_generate('--phases', 'rate=20,duration=30s;pause=1m;ramp=20..40,duration=30s',
                    '--malformed', '2%', '--duplicates', '0.01', '--out', 'raw.jsonl', cwd=tmp_path)
@@ -505,6 +504,7 @@ def in_process(*argv):
   return parser, cli.main(args, beam_args)
 
 
+@pytest.mark.cli
 def test_cli_taxi(tmp_path):
   p = run_generate('--domain', 'taxi', '--events', '300', '--rides', 'rides.jsonl',
                    '--fares', 'fares.jsonl', '--out', 'taxi.jsonl', cwd=tmp_path)

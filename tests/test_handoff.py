@@ -10,7 +10,6 @@ more events are produced; every event comes out exactly once.
 import json
 import os
 import subprocess
-import sys
 import time
 import uuid
 
@@ -26,8 +25,11 @@ from sourcebeam.transforms.handoff import (
     HandoffError, clip, contains, plan_from_sidecars, plan_handoff, read_sidecars,
     recorded_offsets, subtract, to_ranges, union)
 from sourcebeam.transforms.live_archive import encode_sidecar, parse_sidecar
+from tests.cli import run_cli, run_py
+from tests.demo import ROOT
+from tests.polling import wait_until
+from tests.tiers import child_processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BROKEN = b'{"event_type": "CartItemAdded", '
 
 
@@ -73,8 +75,11 @@ def test_an_offset_archived_by_two_runs_is_replayed_once():
 # --- errors --------------------------------------------------------------------------
 
 def cli(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  """`run.py ARGS`: in this process; on Prism in a process of its own (Beam keeps Prism and
+  the Java expansion service, its children, until the interpreter exits)."""
+  if '--runner=PrismRunner' in args:
+    return subprocess.run(run_py(*args), capture_output=True, text=True, cwd=ROOT, timeout=300)
+  return run_cli(*args)
 
 
 def live_archive_stub(path, topic):
@@ -85,6 +90,7 @@ def live_archive_stub(path, topic):
       encode_sidecar('dead_letters', [(topic, 0, 0)], file=None, run_id='r1'))
 
 
+@pytest.mark.cli
 def test_an_archive_without_offsets_is_exit_2(tmp_path):
   (tmp_path / 'raw.jsonl').write_bytes(b'\n'.join(
       encode_line(e) for e in retail.retail_events(20, seed=3)) + b'\n')
@@ -96,6 +102,7 @@ def test_an_archive_without_offsets_is_exit_2(tmp_path):
   assert proc.stderr.strip().startswith(f'error: archive {tmp_path / "arc"} has no recorded Kafka offsets')
 
 
+@pytest.mark.cli
 def test_offsets_of_another_topic_are_exit_2(tmp_path):
   live_archive_stub(tmp_path / 'arc', 'raw')
   assert recorded_offsets(str(tmp_path / 'arc')) == {('raw', 0): 1}
@@ -158,10 +165,13 @@ def test_replay_then_live_misses_nothing_and_doubles_nothing(kafka, tmp_path):
   out = tmp_path / 'handoff'
   started = time.monotonic()
   run = subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--from-archive', str(archive),
-       '--source', source, '--max-records', str(live_part), '--out', str(out), '--runner=PrismRunner'],
+      run_py('stream', '--from-archive', str(archive), '--source', source, '--max-records',
+             str(live_part), '--out', str(out), '--runner=PrismRunner'),
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  time.sleep(8)  # the job is being built and submitted, the archive read starting
+  # The job is built (its start offsets committed, KafkaIO expanded) and being submitted to
+  # Prism, which the command starts only then: the archive read is starting.
+  wait_until(lambda: 'prism' in child_processes(run.pid).values(), 300,
+             'the hand-off job to start on Prism', proc=run)
   assert run.poll() is None, run.communicate()[1][-3000:]
   produce_timed(kafka, topic, during)  # written while the replay runs
   produced_at = time.monotonic() - started

@@ -9,16 +9,14 @@ BoundedReadFromUnboundedSource and KafkaUnboundedSource.split) and check both ou
 against a real broker.
 """
 
-import os
 import subprocess
-import sys
 import uuid
 
 import pytest
 
 from sourcebeam.transforms.kafka_read import bounded_read_shares, unreadable_bound
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.cli import run_cli, run_py
+from tests.demo import ROOT
 WAITS = ('--max-records 10530: KafkaIO reads it with 2 readers of about 5265 messages each, and '
          'the reader of partition(s) 1 finds 3400, so the run waits until they hold 5265; to read '
          'what the topic holds now, use at most 9999 (one reader)')
@@ -63,9 +61,10 @@ def test_stream_and_fanout_say_when_their_readers_must_wait(kafka, tmp_path):
   (tmp_path / 'subs.json').write_text('{"subscribers": [{"name": "all", "sink": "%s"}]}'
                                       % (tmp_path / 'all'))
   for command in (['stream'], ['fanout', '--subscribers', str(tmp_path / 'subs.json')]):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'run.py'), *command, '--source',
-                             f'kafka://{kafka}/{topic}', '--max-records', '10530',
-                             '--out', str(tmp_path / 'out'), '--runner=PrismRunner'],
+    # A process of its own: the run waits for ever, so SIGTERM ends it.
+    proc = subprocess.Popen(run_py(*command, '--source', f'kafka://{kafka}/{topic}',
+                                   '--max-records', '10530', '--out', str(tmp_path / 'out'),
+                                   '--runner=PrismRunner'),
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
       first = proc.stderr.readline().strip()
@@ -78,10 +77,8 @@ def test_stream_and_fanout_say_when_their_readers_must_wait(kafka, tmp_path):
 
 @pytest.mark.integration
 def test_a_missing_topic_is_exit_2_before_the_pipeline(kafka, tmp_path):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',
-                         f'kafka://{kafka}/no-such-topic-{uuid.uuid4().hex[:6]}',
-                         '--max-records', '10', '--out', str(tmp_path / 'out')],
-                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  proc = run_cli('stream', '--source', f'kafka://{kafka}/no-such-topic-{uuid.uuid4().hex[:6]}',
+                 '--max-records', '10', '--out', str(tmp_path / 'out'))
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'does not exist at' in proc.stderr.strip().splitlines()[-1]
 
@@ -100,9 +97,10 @@ def test_a_bound_over_ten_thousand_that_every_reader_can_fill_ends(kafka, tmp_pa
     for _ in range(5_300):
       producer.produce(topic, value=b'{"not": "an event"}', partition=partition)
   assert producer.flush(60) == 0
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',
-                         f'kafka://{kafka}/{topic}', '--max-records', '10600',
-                         '--out', str(tmp_path / 'out'), '--runner=PrismRunner'],
+  # On Prism as a process of its own: Beam keeps Prism and the Java expansion service, its
+  # children, until the interpreter exits.
+  proc = subprocess.run(run_py('stream', '--source', f'kafka://{kafka}/{topic}', '--max-records',
+                               '10600', '--out', str(tmp_path / 'out'), '--runner=PrismRunner'),
                         capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())

@@ -1,8 +1,6 @@
 """The partition-key report (pipelines/keys.py): statistics in plain Python, the
 alternative-rule semantics, and `run.py keys` on a real archive."""
 
-import contextlib
-import io
 import itertools
 import json
 
@@ -10,8 +8,8 @@ import apache_beam as beam
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tests.cli import run_cli as _run_cli
 from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
-import run
 from sourcebeam.generators import retail
 from sourcebeam.transforms.errors import ConfigError
 from sourcebeam.pipelines.keys import analyse, key_stats, key_under, parse_key_rule
@@ -189,12 +187,10 @@ def archive(tmp_path_factory):
 
 
 def run_cli(argv):
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = run.main(argv)
-  return code, out.getvalue(), err.getvalue()
+  return _run_cli(*argv)
 
 
+@pytest.mark.cli
 def test_cli_json_matches_the_plain_python_report(archive):
   path, events = archive
   code, out, err = run_cli(['keys', '--archive', path, '--key-rule', 'product_id', '--json'])
@@ -207,6 +203,7 @@ def test_cli_json_matches_the_plain_python_report(archive):
   assert report['comparison']['ordered_differently'] > 0
 
 
+@pytest.mark.cli
 def test_cli_table(archive):
   path, _ = archive
   code, out, err = run_cli(['keys', '--archive', path, '--key-rule', 'CartItemAdded=product_id',
@@ -217,6 +214,7 @@ def test_cli_table(archive):
   assert out.count('top keys') == 2
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize('argv, message', [
     (['--archive', '/nonexistent/archive'], 'does not exist'),
     (['--archive', 'ARCHIVE', '--key-rule', 'Nope=x'], 'unknown event type'),

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
@@ -26,8 +25,10 @@ from sourcebeam.transforms.archive import iter_archive, read_archive_file
 from sourcebeam.transforms.handoff import read_sidecars, recorded_offsets
 from sourcebeam.transforms.live_archive import (
     ArchiveLive, PublishKafkaMessages, SidecarError, encode_sidecar, parse_sidecar, sidecar_path)
+from tests.cli import run_py
+from tests.demo import ROOT
+from tests.polling import wait_until
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BROKEN = b'{"event_type": "CartItemAdded", '
 
 
@@ -123,8 +124,9 @@ def new_topic(kafka, partitions=2):
 
 
 def run_cli(*args, timeout=600):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+  """`run.py ARGS` on Prism, as a process of its own: Beam keeps Prism and the Java expansion
+  service, its children, until the interpreter exits."""
+  proc = subprocess.run(run_py(*args), capture_output=True, text=True, cwd=ROOT, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
@@ -169,25 +171,28 @@ def test_an_unbounded_stream_writes_archive_files_while_it_runs(kafka, tmp_path)
   produce_timed(kafka, topic, events)
   want = end_offsets(kafka, topic)
   out, archive = tmp_path / 'out', tmp_path / 'archive'
+  # A process of its own (and its own process group): a live run ends only with a signal.
   proc = subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source', f'kafka://{kafka}/{topic}',
-       '--out', str(out), '--archive', str(archive), '--archive-window', '3600',
-       '--archive-flush', '2', '--runner=PrismRunner'],
+      run_py('stream', '--source', f'kafka://{kafka}/{topic}', '--out', str(out), '--archive',
+             str(archive), '--archive-window', '3600', '--archive-flush', '2',
+             '--runner=PrismRunner'),
       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp_path / 'stderr.txt', 'w'),
       start_new_session=True)
   started = time.monotonic()
   try:
     got = {}
-    while time.monotonic() - started < 240:
+
+    def archive_complete():
+      nonlocal got
       assert proc.poll() is None, (tmp_path / 'stderr.txt').read_text()[-3000:]
       if os.path.exists(archive / '_archive.json') and glob.glob(str(archive / '_offsets' / '*' / '*')):
         try:
           got = recorded_offsets(str(archive))
         except Exception:  # a sidecar being renamed into place: look again
           got = {}
-        if got == want:
-          break
-      time.sleep(2)
+      return got == want
+    wait_until(archive_complete, 240, 'the live archive to record every produced offset',
+               interval=0.5, describe=lambda: f'recorded {got}, produced {want}')
     print(f'unbounded stream: archive complete after {time.monotonic() - started:.1f}s')
     assert got == want, f'recorded {got}, produced {want}'
     assert proc.poll() is None  # still running: the files came from early firings

@@ -2,27 +2,18 @@
 
 import glob
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ['--events', '1500', '--taxi-rides', '200', '--rider-trips', '4']
+from tests.cli import run_cli
+
+pytestmark = pytest.mark.cli
 
 
-def run_cli(*args, timeout=600):
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-
-
-@pytest.fixture(scope='module')
-def main_job(tmp_path_factory):
-  out = tmp_path_factory.mktemp('main') / 'out'
-  proc = run_cli('--out', str(out), *SMALL)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return out, proc
+@pytest.fixture
+def main_job(sample_day):
+  """`run.py --out DIR --events 1500 --taxi-rides 200 --rider-trips 4` (tests/conftest.py)."""
+  return sample_day.out, sample_day.proc
 
 
 def test_main_job_accounts_for_every_event(main_job):

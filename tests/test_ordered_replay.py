@@ -328,6 +328,7 @@ def test_an_event_type_in_two_key_spaces_is_refused():
                   KeySpace('b', frozenset({'ProductViewed'}), H())])
 
 
+@pytest.mark.integration  # the Dataflow job stages an sdist, built in a process of its own
 def test_the_replay_shuffles_file_names_not_events_and_builds_for_dataflow(archive, tmp_path):
   """`run.py replay`'s pipeline, built for Dataflow without contacting Google
   (``--dry_run``): the retail views' only GroupByKey is the one over file names."""

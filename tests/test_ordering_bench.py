@@ -2,14 +2,12 @@
 (Speed is never asserted here: the benchmark's ratios are measured in its own run.)"""
 
 import collections
-import contextlib
-import io
 import json
 
 import pytest
 
-import run
 from sourcebeam.benchmarks.ordering import _check_complete, envelope_at, shuffled_order
+from tests.cli import run_cli
 
 
 def test_input_is_complete_per_key_sequences_in_shuffled_order():
@@ -31,12 +29,11 @@ def test_incomplete_ordering_fails_the_benchmark():
     _check_complete({'key': 'k', 'buffered': 1, 'unprocessed': 0, 'processed': 3, 'received': 4})
 
 
+@pytest.mark.cli
 def test_cli_prints_a_table_and_a_json_last_line():
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out):
-    code = run.main(['bench', 'ordering', '--events', '3000', '--keys', '30'])
+  code, out, _ = run_cli('bench', 'ordering', '--events', '3000', '--keys', '30')
   assert code == 0
-  lines = out.getvalue().strip().splitlines()
+  lines = out.strip().splitlines()
   assert any(l.startswith('ProcessInOrder (batch expansion)') for l in lines)
   summary = json.loads(lines[-1])
   assert (summary['events'], summary['keys']) == (3000, 30)
@@ -44,8 +41,8 @@ def test_cli_prints_a_table_and_a_json_last_line():
       summary['events_per_sec'] / summary['baseline_events_per_sec'], rel=0.01)
 
 
+@pytest.mark.cli
 def test_cli_rejects_nonsense():
-  err = io.StringIO()
-  with contextlib.redirect_stderr(err):
-    assert run.main(['bench', 'ordering', '--events', '0']) == 2
-  assert 'must be positive' in err.getvalue()
+  code, _, err = run_cli('bench', 'ordering', '--events', '0')
+  assert code == 2
+  assert 'must be positive' in err

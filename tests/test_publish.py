@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import apache_beam as beam
@@ -13,17 +12,11 @@ from apache_beam.testing.util import assert_that, equal_to
 from tests.demo import DEMO_SCHEMAS, REG  # noqa: F401
 from tests.test_validation import BAD, good
 from sourcebeam.transforms.publish import PublishEvents
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.cli import run_cli
 
 
 def as_line(raw):
   return raw if isinstance(raw, bytes) else json.dumps(raw).encode()
-
-
-def run_cli(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
 def test_publish_events_splits_every_line_into_exactly_one_output():
@@ -37,6 +30,7 @@ def test_publish_events_splits_every_line_into_exactly_one_output():
                 equal_to([True] * len(BAD)), label='dead')
 
 
+@pytest.mark.cli
 def test_publish_cli_accounts_for_every_line(tmp_path):
   raw = tmp_path / 'raw.jsonl'
   good_lines = [as_line(good(event_id=f'e{i}', sequence=i)) for i in range(1, 4)]
@@ -60,6 +54,7 @@ def test_publish_cli_accounts_for_every_line(tmp_path):
   assert all(d['source'].endswith('raw.jsonl') for d in dead)
 
 
+@pytest.mark.cli
 def test_publish_cli_reads_a_glob_and_an_empty_file(tmp_path):
   (tmp_path / 'a.jsonl').write_bytes(as_line(good()) + b'\n')
   (tmp_path / 'b.jsonl').write_bytes(b'')
@@ -70,6 +65,7 @@ def test_publish_cli_reads_a_glob_and_an_empty_file(tmp_path):
   assert (summary['in'], summary['published'], summary['dead_lettered']) == (1, 1, 0)
 
 
+@pytest.mark.cli
 def test_publish_cli_on_only_an_empty_file(tmp_path):
   (tmp_path / 'empty.jsonl').write_bytes(b'')
   proc = run_cli('publish', '--input', str(tmp_path / 'empty.jsonl'), '--out', str(tmp_path / 'o'))
@@ -78,12 +74,14 @@ def test_publish_cli_on_only_an_empty_file(tmp_path):
   assert (summary['in'], summary['published'], summary['dead_lettered']) == (0, 0, 0)
 
 
+@pytest.mark.cli
 def test_publish_cli_missing_input_is_one_line_and_exit_2(tmp_path):
   proc = run_cli('publish', '--input', str(tmp_path / 'nope.jsonl'), '--out', str(tmp_path / 'o'))
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [f'error: input {tmp_path}/nope.jsonl does not exist (no file matches)']
 
 
+@pytest.mark.cli
 def test_publish_cli_bad_arguments_exit_2(tmp_path):
   proc = run_cli('publish', '--out', str(tmp_path))
   assert proc.returncode == 2
@@ -101,35 +99,31 @@ import io  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-import run  # noqa: E402
-
 
 def run_main(capsys, *argv):
   """``run.main`` in this process: (exit code, stdout, stderr)."""
-  code = run.main(list(argv))
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
+  return run_cli(*argv)
 
 
 def raw_lines(n, start=1):
   return [as_line(good(event_id=f'e{i}', sequence=i)) for i in range(start, start + n)]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize('name', ['-', '/dev/stdin'])
 def test_publish_reads_piped_stdin(tmp_path, name):
   """`cat raw.jsonl | run.py publish --input /dev/stdin` published "0 of 0 events", exit 0."""
   data = b'\n'.join(raw_lines(20)) + b'\n'
   out = tmp_path / 'out'
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'publish', '--input', name,
-                         '--out', str(out)], input=data, capture_output=True, cwd=ROOT,
-                        timeout=300)
+  proc = run_cli('publish', '--input', name, '--out', str(out), stdin=data)  # stdin: a real pipe
   assert proc.returncode == 0, proc.stderr
   summary = json.loads((out / 'summary.json').read_text())
   assert (summary['in'], summary['published']) == (20, 20)
   assert summary['input'] == {'given': name, 'spooled_bytes': len(data)}
-  assert f'read {len(data)} bytes from {"stdin" if name == "-" else name}' in proc.stderr.decode()
+  assert f'read {len(data)} bytes from {"stdin" if name == "-" else name}' in proc.stderr
 
 
+@pytest.mark.cli
 def test_publish_reads_a_named_pipe(tmp_path, capsys):
   fifo = tmp_path / 'raw.fifo'
   os.mkfifo(fifo)
@@ -153,6 +147,7 @@ def test_publish_reads_a_named_pipe(tmp_path, capsys):
   assert copy.endswith('input.jsonl') and not os.path.exists(copy)  # deleted after the run
 
 
+@pytest.mark.cli
 def test_publish_refuses_a_pipe_inside_a_glob_and_a_terminal_stdin(tmp_path, capsys, monkeypatch):
   (tmp_path / 'a.jsonl').write_bytes(raw_lines(1)[0] + b'\n')
   os.mkfifo(tmp_path / 'b.jsonl')
@@ -173,6 +168,7 @@ def test_publish_refuses_a_pipe_inside_a_glob_and_a_terminal_stdin(tmp_path, cap
   assert err.strip().startswith('error: --input - reads stdin, which is a terminal')
 
 
+@pytest.mark.cli
 def test_publish_directory_input_is_exit_2_at_once(tmp_path, capsys, monkeypatch):
   """It ran 14 s and ended exit 1 with IsADirectoryError, leaving beam-temp-* folders."""
   (tmp_path / 'raw').mkdir()
@@ -190,6 +186,7 @@ def test_publish_directory_input_is_exit_2_at_once(tmp_path, capsys, monkeypatch
   assert not (tmp_path / 'o').exists()
 
 
+@pytest.mark.cli
 def test_publish_cuts_a_long_line_off_while_reading(tmp_path, capsys):
   """A 16 MB line took 35 s and a 50 MB one did not finish: the whole line was read first."""
   limit = 1000

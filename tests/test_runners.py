@@ -267,6 +267,7 @@ DATAFLOW_DRY_RUN_ARGS = [
 ]
 
 
+@pytest.mark.integration  # the Dataflow job stages an sdist, built in a process of its own
 def test_dataflow_dry_run_builds_the_job():
   p = beam.Pipeline(options=pipeline_options(DATAFLOW_DRY_RUN_ARGS))
   build_totals(p, 'gs://sourcebeam-dry-run/out/totals')

@@ -10,9 +10,7 @@ line for line.
 
 import glob
 import json
-import os
 import subprocess
-import sys
 import uuid
 
 import pytest
@@ -21,8 +19,9 @@ from sourcebeam.generators import retail, riders, taxi
 from sourcebeam.generators.jsonl import encode_line
 from sourcebeam.pipelines.stream import output_topic
 from sourcebeam.schemas.envelope import iso_to_millis
+from tests.cli import run_cli as in_process, run_py
+from tests.demo import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIVE_OUTPUTS = ('taxi/joined', 'riders/rider_located')  # the demo's consumers send these live
 COMPARED = ['retail/cart.jsonl', 'retail/catalog.jsonl', 'retail/recently_viewed.jsonl',
             'retail/frequently_viewed.jsonl', 'taxi/joined.jsonl', 'taxi/alerts.jsonl',
@@ -31,8 +30,13 @@ COMPARED = ['retail/cart.jsonl', 'retail/catalog.jsonl', 'retail/recently_viewed
 
 
 def run_cli(*args):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=900)
+  """`run.py ARGS`, which must succeed: on the DirectRunner in this process; on another runner
+  in a process of its own (Beam keeps the runner's job server, Prism or Flink's, and the Java
+  expansion service as child processes until the interpreter exits)."""
+  if any(a.startswith('--runner=') for a in args):
+    proc = subprocess.run(run_py(*args), capture_output=True, text=True, cwd=ROOT, timeout=900)
+  else:
+    proc = in_process(*args)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
@@ -164,10 +168,10 @@ def test_a_live_run_sends_the_joins_to_kafka_as_they_happen(replayed, topic, kaf
   prefix = f'live-joined-{uuid.uuid4().hex[:8]}'
   for name in LIVE_OUTPUTS:
     create_topic(kafka, output_topic(prefix, name))
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',
-                           f'kafka://{kafka}/{topic}', '--out', str(tmp_path / 'out'),
-                           '--output-topic-prefix', prefix, f'--group-id=live-{prefix}',
-                           '--runner=PrismRunner'],
+  # A process of its own: SIGTERM ends the live run (and Prism, its child).
+  proc = subprocess.Popen(run_py('stream', '--source', f'kafka://{kafka}/{topic}', '--out',
+                                 str(tmp_path / 'out'), '--output-topic-prefix', prefix,
+                                 f'--group-id=live-{prefix}', '--runner=PrismRunner'),
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     rides = lines(replayed / 'replay' / 'taxi' / 'joined.jsonl')
@@ -184,10 +188,9 @@ def test_a_live_run_sends_the_joins_to_kafka_as_they_happen(replayed, topic, kaf
 
 
 # A bare host would reach Kafka's Java client, which refuses it deep inside the pipeline.
+@pytest.mark.cli
 @pytest.mark.parametrize('source', ['http://x/y', 'kafka://localhost/raw', 'kafka://h:9092/a b'])
 def test_a_bad_source_is_exit_2(source, tmp_path):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',
-                         source, '--out', str(tmp_path)], capture_output=True, text=True,
-                        cwd=ROOT, timeout=120)
+  proc = in_process('stream', '--source', source, '--out', str(tmp_path))
   assert proc.returncode == 2
   assert proc.stderr.strip() == f"error: --source must look like kafka://HOST:PORT/TOPIC, got {source!r}"

@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -29,12 +28,12 @@ from sourcebeam.pipelines import writer_service
 from sourcebeam.pipelines.live_stack import percentile
 from sourcebeam.pipelines.serve import DEFAULT_BACKLOG, CorsPolicy, Running
 from sourcebeam.pipelines.views_service import ViewsApi
+from tests.cli import run_py
 from tests.service_fixtures import create_topic, free_port
-from tests.demo import DEMO_APP, REG
+from tests.demo import DEMO_APP, REG, ROOT
 from tests.test_view_store import EVENTS, TOPIC, VIEWS, changelog
 from sourcebeam.transforms.view_store import ViewStore
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = 'reliability-' + uuid.uuid4().hex
 AUTH = {'Authorization': f'Bearer {TOKEN}'}
 RECORDS = changelog(EVENTS)  # offsets 0..7 of partition 0; u1's cart changes at 6 and 7
@@ -140,6 +139,7 @@ def make_svc(request, tmp_path):
     svc.stop()
 
 
+@pytest.mark.integration  # runs `ss`, a process
 def test_the_listen_backlog_is_real(make_svc):
   """The standard library's server listened with a backlog of 5: bursts were dropped and
   retried by the clients' kernels for tens of seconds. ``ss`` shows a listener's backlog."""
@@ -329,12 +329,15 @@ def test_the_body_of_an_unauthenticated_request_is_never_read(kafka, tmp_path):
 # --- the services as processes: bursts and waiting reads ------------------------------------------
 
 class ServiceProcess:
-  """``run.py serve KIND ...`` on a free port; ``stop()`` sends SIGTERM."""
+  """``run.py serve KIND ...`` on a free port; ``stop()`` sends SIGTERM.
+
+  A process of its own, as users run it: the server's interpreter is not the one whose
+  hundreds of client threads load it (they would share its GIL), and SIGTERM stops it."""
 
   def __init__(self, kind: str, args: List[str], env: Dict[str, str]):
     self.port = free_port()
     self.proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'run.py'), 'serve', kind, '--port', str(self.port)] + args,
+        run_py('serve', kind, '--port', str(self.port), *args),
         cwd=ROOT, env=dict(os.environ, **env), stderr=subprocess.PIPE, text=True)
     lines = []
     for _ in range(500):
@@ -393,6 +396,7 @@ def _report(name: str, seconds: List[float]) -> Dict[str, Any]:
   return report
 
 
+@pytest.mark.integration  # `serve views` as a process (ServiceProcess)
 def test_a_burst_of_300_clients_on_the_view_api_is_answered_within_20s(tmp_path):
   db = str(tmp_path / 'views.db')
   apply(db, 7)
@@ -426,6 +430,7 @@ def test_a_burst_of_300_clients_on_the_writer_is_answered_within_20s(kafka, tmp_
   assert _sequences_by_key(kafka, topic) == {f'b{k}': list(range(1, 11)) for k in range(30)}
 
 
+@pytest.mark.integration  # `serve views` as a process (ServiceProcess)
 def test_300_waiting_reads_cost_one_watcher_and_do_not_stall_plain_reads(tmp_path):
   """300 View Cart reads wait on a receipt the view has not applied. Meanwhile plain reads
   answer at once, and the positions are read by one poll loop (not one per waiting read);

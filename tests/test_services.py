@@ -11,21 +11,22 @@ import os
 import re
 import socket
 import subprocess
-import sys
-import time
 import uuid
 
 import pytest
 
 from sourcebeam.pipelines import runners, services
+from tests.cli import run_cli as in_process, run_py
+from tests.demo import ROOT
+from tests.polling import wait_until
 from tests.service_fixtures import consume, create_topic, flink_rest, free_port, produce
-
-RUN_PY = os.path.join(runners.ROOT, 'run.py')
 
 
 def run_cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, RUN_PY, 'services', *args], capture_output=True,
-                        text=True, timeout=timeout, cwd=runners.ROOT)
+  """`run.py services ARGS` as a process of its own: the command runs scripts/kafka.sh and
+  scripts/flink.sh, child processes that write to its stderr and start the services."""
+  return subprocess.run(run_py('services', *args), capture_output=True, text=True,
+                        timeout=timeout, cwd=ROOT)
 
 
 def pid_alive(pid: int) -> bool:
@@ -49,7 +50,7 @@ def port_open(port: int) -> bool:
 
 @pytest.mark.integration  # needs scripts/install_tools.sh's binaries
 def test_install_tools_is_idempotent():
-  result = subprocess.run([os.path.join(runners.ROOT, 'scripts', 'install_tools.sh')],
+  result = subprocess.run([os.path.join(ROOT, 'scripts', 'install_tools.sh')],
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   # Everything was installed by `make tools` before the tests: this run only checks.
@@ -74,8 +75,9 @@ def test_kafka_refuses_a_busy_port_with_a_clear_message(tmp_path):
   assert not os.path.exists(tmp_path / 'kafka' / 'kafka.pid')
 
 
+@pytest.mark.cli
 def test_unknown_action_is_a_usage_error():
-  result = run_cli('restart', timeout=60)
+  result = in_process('services', 'restart')
   assert result.returncode == 2
   assert 'invalid choice' in result.stderr and 'Traceback' not in result.stderr
 
@@ -121,9 +123,8 @@ def test_services_up_status_down(tmp_path):
   finally:
     down = run_cli('down', *port_args, timeout=200)
   assert down.returncode == 0, down.stderr
-  deadline = time.monotonic() + 30
-  while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-    time.sleep(0.5)
+  wait_until(lambda: not any(pid_alive(p) for p in pids), 30,
+             'the services\' processes to end after `services down`', interval=0.5)
   assert not any(pid_alive(p) for p in pids), 'a service process outlived `services down`'
   assert not any(port_open(p) for p in (ports.kafka, ports.flink_rest))
   after = run_cli('status', *port_args, timeout=60)

@@ -8,13 +8,13 @@ signals the command alone; it must exit with 143 and take its children with it.
 import os
 import signal
 import subprocess
-import sys
-import time
 import uuid
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.cli import run_py
+from tests.demo import ROOT
+from tests.polling import wait_until
 
 
 def children(pid: int):
@@ -47,28 +47,31 @@ def test_sigterm_stops_a_live_stream_and_its_children(kafka, tmp_path):
   from tests.service_fixtures import create_topic
   topic = f'signals-{uuid.uuid4().hex[:8]}'
   create_topic(kafka, topic)
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',
-                           f'kafka://{kafka}/{topic}', '--out', str(tmp_path / 'out'),
-                           '--archive', str(tmp_path / 'archive'), '--runner=PrismRunner'],
+  # A process of its own: the point is the signal, and the children it must take with it.
+  proc = subprocess.Popen(run_py('stream', '--source', f'kafka://{kafka}/{topic}', '--out',
+                                 str(tmp_path / 'out'), '--archive', str(tmp_path / 'archive'),
+                                 '--runner=PrismRunner'),
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   started = {}
   try:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-      started = children(proc.pid)
-      if 'prism' in started.values() and 'java' in started.values():
-        break
-      time.sleep(1)
+    def runner_and_expansion_service():
+      started.update(children(proc.pid))
+      return {'prism', 'java'} <= set(started.values())
+    wait_until(runner_and_expansion_service, 300, 'Prism and the Java expansion service',
+               interval=0.5, proc=proc, describe=lambda: f'children: {started}')
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     assert {'prism', 'java'} <= set(started.values()), started
-    time.sleep(5)  # let the job start on Prism
+    # The job runs on Prism: its first bundle wrote the archive's manifest.
+    wait_until((tmp_path / 'archive' / '_archive.json').exists, 300,
+               'the job to start on Prism (the archive manifest its first bundle writes)',
+               proc=proc)
+    started.update(children(proc.pid))
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert 'terminated' in err.splitlines(), err[-3000:]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(alive(p) for p in started):
-      time.sleep(0.5)
+    wait_until(lambda: not any(alive(p) for p in started), 30, 'the children to end',
+               interval=0.5, describe=lambda: f'alive: {[started[p] for p in started if alive(p)]}')
     assert not [started[p] for p in started if alive(p)], 'children outlived the command'
   finally:
     if proc.poll() is None:

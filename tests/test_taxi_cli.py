@@ -1,19 +1,17 @@
-"""End to end: `run.py taxi join|long-rides|hourly-tips|cleanse` as subprocesses on
+"""End to end: `run.py taxi join|long-rides|hourly-tips|cleanse` (in process) on
 generated rides and fares (plus bad lines), checked against answers computed
 here in plain Python from the same files."""
 
 import collections
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from sourcebeam.generators.taxi import write_rides_and_fares
 from sourcebeam.schemas.envelope import iso_to_millis
+from tests.cli import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.cli
 H = 3_600_000
 BAD_RIDES = ['not json at all', '{"rideId": 5}', json.dumps({
     'rideId': 'x', 'isStart': True, 'eventTime': '2026-11-26T00:00:00Z', 'startLon': 1.0,
@@ -43,8 +41,7 @@ def _is_good(line):
 
 
 def run_taxi(*args):
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'taxi', *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  return run_cli('taxi', *args)
 
 
 def read_jsonl(path):

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -22,12 +21,12 @@ import pytest
 from sourcebeam.pipelines.serve import Running
 from sourcebeam.pipelines.views_service import ViewsApi
 
+from tests.cli import run_cli, run_py
+from tests.polling import wait_until
 from tests.service_fixtures import free_port
-from tests.demo import DEMO_APP, REG
+from tests.demo import DEMO_APP, REG, ROOT
 from tests.test_view_store import EVENTS, TOPIC, VIEWS, changelog
 from sourcebeam.transforms.view_store import ViewStore
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(params=['sqlite', pytest.param('postgres', marks=pytest.mark.integration)])
@@ -136,7 +135,8 @@ def test_many_waiting_reads_share_few_connections(dsn):
                for _ in range(24)]
     for t in readers:
       t.start()
-    time.sleep(0.3)
+    wait_until(lambda: waiting_reads(a) == 24, 30, 'the 24 reads to wait for offset 7',
+               interval=0.02, describe=lambda: f'{waiting_reads(a)} waiting')
     apply(dsn, 7)
     for t in readers:
       t.join(30)
@@ -197,15 +197,22 @@ def test_bad_requests_get_clear_4xx(api):
   assert status == 200 and body['found'] is False
 
 
+def waiting_reads(api: Api) -> int:
+  """The reads waiting for a receipt (the one position watcher's), as /health counts them."""
+  watcher = api.api.watcher
+  return len(watcher.waiters) if watcher else 0
+
+
 def _serve_cmd(*args: str):
-  return [sys.executable, os.path.join(ROOT, 'run.py'), 'serve', *args]
+  """`run.py serve ARGS` as a process of its own: it serves until a signal stops it."""
+  return run_py('serve', *args)
 
 
+@pytest.mark.integration  # `serve views` as a process: SIGTERM stops it
 def test_cli_serves_views_until_sigterm(tmp_path):
   db = str(tmp_path / 'views.db')
   apply(db, 7)
-  bad = subprocess.run(_serve_cmd('views', '--db', str(tmp_path / 'no' / 'such' / 'dir.db')),
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+  bad = run_cli('serve', 'views', '--db', str(tmp_path / 'no' / 'such' / 'dir.db'))
   assert bad.returncode == 2 and bad.stderr.startswith('error: cannot open the view store')
   assert 'Traceback' not in bad.stderr
   port = free_port()
@@ -231,8 +238,7 @@ def test_cli_serves_views_until_sigterm(tmp_path):
 def test_postgres_password_is_never_shown(postgres):
   bad = postgres.replace('@', 'x@', 1)  # a wrong password
   password = urllib.parse.urlsplit(bad).password
-  result = subprocess.run(_serve_cmd('views', '--db', bad, '--port', '0'), cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+  result = run_cli('serve', 'views', '--db', bad, '--port', '0')
   assert result.returncode == 2 and 'Traceback' not in result.stderr
   assert password not in result.stderr and '***' in result.stderr
 
@@ -270,7 +276,7 @@ def test_writer_receipts_are_honoured_by_views_built_from_the_topic(kafka, tmp_p
         cart=api.get(f'/carts/u1?after={added["after"]}'),
         shoes=api.get(f'/products?category=shoes&after={product["after"]}')))
     reader.start()
-    time.sleep(0.3)
+    wait_until(lambda: waiting_reads(api) >= 1, 30, 'the cart read to wait', interval=0.02)
     assert reader.is_alive()  # waiting: nothing has built the views yet
     # Every message of the topic with its Kafka coordinates.
     c = Consumer({'bootstrap.servers': kafka, 'group.id': f'test-{topic}', 'enable.auto.commit': False})
@@ -409,12 +415,13 @@ def test_any_view_by_name_and_by_index(api, dsn):
   assert [p['product_id'] for p in body['values']] == ['p0', 'p1']
 
 
+@pytest.mark.integration  # `serve views` as a process: SIGTERM stops it
 def test_cli_beyond_loopback_needs_tokens_or_says_no_auth_and_warns(tmp_path):
   db = str(tmp_path / 'views.db')
   apply(db, 7)
   env = {k: v for k, v in os.environ.items() if k != 'SOURCEBEAM_VIEWS_TOKENS'}
-  refused = subprocess.run(_serve_cmd('views', '--db', db, '--host', '0.0.0.0', '--port', '0'),
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  refused = run_cli('serve', 'views', '--db', db, '--host', '0.0.0.0', '--port', '0',
+                    env={'SOURCEBEAM_VIEWS_TOKENS': None})
   assert refused.returncode == 2 and 'reachable beyond this machine' in refused.stderr
   assert 'SOURCEBEAM_VIEWS_TOKENS' in refused.stderr and 'Traceback' not in refused.stderr
   port = free_port()
@@ -430,6 +437,7 @@ def test_cli_beyond_loopback_needs_tokens_or_says_no_auth_and_warns(tmp_path):
   assert proc.returncode == 0
 
 
+@pytest.mark.integration  # `serve views` as a process: SIGTERM stops it
 def test_cli_tokens_from_the_environment(tmp_path):
   db = str(tmp_path / 'views.db')
   apply(db, 7)

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,14 +21,14 @@ import pytest
 from sourcebeam.pipelines import writer_service
 from sourcebeam.pipelines.serve import Running as Serving
 from sourcebeam.schemas.envelope import from_json, make_envelope, to_json
-from tests.demo import REG
+from tests.cli import run_cli, run_py
+from tests.demo import REG, ROOT
 from tests.service_fixtures import consume, create_topic, free_port, produce
 
 pytestmark = pytest.mark.integration
 
 TOKEN = 'test-token-' + uuid.uuid4().hex
 HEADERS = {'Authorization': f'Bearer {TOKEN}', 'Content-Type': 'application/json'}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Running:
@@ -292,14 +291,14 @@ def test_events_acknowledged_but_not_recorded_are_recovered_at_start(kafka, topi
 
 
 def _serve_cmd(*args: str) -> List[str]:
-  return [sys.executable, os.path.join(ROOT, 'run.py'), 'serve', *args]
+  """`run.py serve ARGS` as a process of its own: signals stop it (SIGTERM) or kill it (SIGKILL)."""
+  return run_py('serve', *args)
 
 
 def test_cli_needs_tokens_and_serves_until_sigterm(kafka, topic, tmp_path):
   env = {k: v for k, v in os.environ.items() if k != writer_service.TOKENS_ENV}
-  cmd = _serve_cmd('writer', '--bootstrap', kafka, '--topic', topic, '--port', '0',
-                   '--state', str(tmp_path / 'w.db'))
-  no_tokens = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+  no_tokens = run_cli('serve', 'writer', '--bootstrap', kafka, '--topic', topic, '--port', '0',
+                      '--state', str(tmp_path / 'w.db'), env={writer_service.TOKENS_ENV: None})
   assert no_tokens.returncode == 2
   assert no_tokens.stderr.strip().startswith('error: no bearer tokens configured')
   assert 'Traceback' not in no_tokens.stderr

@@ -289,11 +289,14 @@ def live_windows(window_seconds: int, flush_seconds: int, allowed_lateness_secon
   """Fixed event-time windows that fire early (processing time), on time and late; discarding.
 
   Bounded input (a ``--max-records`` run, a test) has no processing time to wait
-  for: its windows fire once, when the input ends (Beam's batch runners cannot
-  run processing-time triggers).
+  for: it is one pane in the global window, written when the input ends (Beam's
+  batch runners cannot run processing-time triggers). The global window also
+  keeps what a stateful step released at the end (the resequencer's batch
+  expansion restamps each event with its own time, behind a watermark already at
+  the end): fixed windows would drop it as late, Prism does.
   """
   if bounded:
-    return beam.WindowInto(beam_window.FixedWindows(window_seconds))
+    return beam.WindowInto(beam_window.GlobalWindows())
   return beam.WindowInto(
       beam_window.FixedWindows(window_seconds),
       trigger=beam_trigger.AfterWatermark(
@@ -308,7 +311,7 @@ class ArchiveLive(beam.PTransform):
 
   Returns a PCollection of ``{'path', 'sidecar', 'events'}``, one per sidecar
   written (``path`` None for dead-letter panes). Works on bounded input too (one
-  pane per window, when the input ends), which is how a ``--max-records`` run archives.
+  pane, when the input ends), which is how a ``--max-records`` run archives.
   """
 
   def __init__(self, path: str, *, window_seconds: int = DEFAULT_WINDOW_SECONDS,
