@@ -441,7 +441,7 @@ def measure_parse(raw: str) -> Dict[str, Any]:
   for _ in range(3):
     started = time.perf_counter()
     for line in lines:
-      parse_json(line)
+      parse_json(line.decode('utf-8'))  # publish_raw decodes (and checks) UTF-8 first too
     best = min(best, time.perf_counter() - started)
   return {'events': len(lines), 'seconds': best, 'peak_rss_mb': _peak_rss_mb()}
 
