@@ -354,6 +354,7 @@ def measure_raw_decode(path: str) -> Dict[str, Any]:
   import pyarrow.parquet as pq
   files = list_archive_files(path)
   started = time.perf_counter()
+  cpu = time.process_time()
   n = 0
   for f in files:
     with open(f.path, 'rb') as fo:
@@ -363,7 +364,7 @@ def measure_raw_decode(path: str) -> Dict[str, Any]:
     else:
       n += len(pq.read_table(pa.BufferReader(blob)).to_pylist())
   seconds = time.perf_counter() - started
-  out = {'events': n, 'seconds': seconds}
+  out = {'events': n, 'seconds': seconds, 'cpu_seconds': time.process_time() - cpu}
   if files and files[0].format == 'parquet':
     started = time.perf_counter()
     rows = 0
@@ -437,13 +438,15 @@ def measure_parse(raw: str) -> Dict[str, Any]:
   from sourcebeam.schemas.validation import parse_json
   with open(raw, 'rb') as f:
     lines = f.read().splitlines()
-  best = float('inf')
+  best = best_cpu = float('inf')
   for _ in range(3):
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for line in lines:
       parse_json(line.decode('utf-8'))  # publish_raw decodes (and checks) UTF-8 first too
     best = min(best, time.perf_counter() - started)
-  return {'events': len(lines), 'seconds': best, 'peak_rss_mb': _peak_rss_mb()}
+    best_cpu = min(best_cpu, time.process_time() - cpu)
+  return {'events': len(lines), 'seconds': best, 'cpu_seconds': best_cpu,
+          'peak_rss_mb': _peak_rss_mb()}
 
 
 def measure_publish(raw: str, beam_args: List[str], app_spec: Optional[str]) -> Dict[str, Any]:
@@ -600,9 +603,20 @@ def measure_replay(path: str, beam_args: List[str], app_spec: Optional[str] = No
           'by_type': dict(sorted(by_type.items())), 'peak_rss_mb': _peak_rss_mb()}
 
 
+def _cpu_seconds() -> float:
+  own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _child(conn, fn, args) -> None:
   try:
-    conn.send(('ok', fn(*args)))
+    started = _cpu_seconds()
+    value = fn(*args)
+    if isinstance(value, dict):
+      # CPU time of the whole measurement (setup included): on a shared machine the wall
+      # time stretches with the load, the CPU time much less.
+      value.setdefault('cpu_seconds', round(_cpu_seconds() - started, 3))
+    conn.send(('ok', value))
   except BaseException as e:  # reported in the parent with the child's traceback
     import traceback
     conn.send(('error', f'{type(e).__name__}: {e}\n{traceback.format_exc()}'))
@@ -760,6 +774,11 @@ def run_size(n: int, args: argparse.Namespace, beam_args: List[str], log) -> Dic
   }
   if 'columnar_seconds' in raw:
     result['raw_columnar_eps'] = round(raw['events'] / raw['columnar_seconds'])
+  # The same ratio in CPU seconds (the replay's whole process: Beam's start-up included),
+  # less bent by other work on a shared machine than wall time.
+  result['replay_cpu_seconds'] = rep['cpu_seconds']
+  result['replay_vs_raw_decode_cpu'] = round(raw['cpu_seconds'] / rep['cpu_seconds'], 3)
+  result['load_average'] = [round(x, 2) for x in os.getloadavg()]
   result['best_decode_eps'] = best['best_eps']
   result['best_decode'] = best
   result['raw_vs_best_decode'] = round(result['raw_decode_eps'] / best['best_eps'], 3)
@@ -772,11 +791,17 @@ def run_size(n: int, args: argparse.Namespace, beam_args: List[str], log) -> Dic
         for name, m in alone.items() if name is not None}
     result['consumer_alone_seconds'] = {
         ('(none)' if name is None else name): round(m['seconds'], 3) for name, m in alone.items()}
+    skeleton_cpu = alone[None]['cpu_seconds']
+    result['consumer_cpu_us_per_event'] = {
+        name: round((m['cpu_seconds'] - skeleton_cpu) / events * 1e6, 2)
+        for name, m in alone.items() if name is not None}
   if parse is not None:
     result['parse_eps'] = round(parse['events'] / parse['seconds'])
     result['publish_eps'] = round(publish['events'] / publish['seconds'])
     result['publish_vs_parse'] = round(result['publish_eps'] / result['parse_eps'], 3)
     result['publish_peak_rss_mb'] = publish['peak_rss_mb']
+    result['publish_cpu_seconds'] = publish['cpu_seconds']
+    result['publish_vs_parse_cpu'] = round(parse['cpu_seconds'] / publish['cpu_seconds'], 3)
     if publish['events'] != facts['events'] and not args.archive:
       raise RuntimeError(f'publish counted {publish["events"]} lines, the archive holds '
                          f'{facts["events"]} events')
@@ -836,15 +861,18 @@ def _table(results: Sequence[Dict[str, Any]]) -> str:
   lines.append(f'best fastavro/Arrow decode of the same envelopes: {r["best_decode_eps"]:,}/s '
                f'({r["best_decode"]["best_decoder"]}); the archive\'s raw decode is '
                f'{r["raw_vs_best_decode"]:.2f}x of it')
+  lines.append(f'replay vs raw decode in CPU seconds: {r["replay_vs_raw_decode_cpu"]:.3f}x; load '
+               f'average {r["load_average"]}')
   if 'publish_eps' in r:
     lines.append(f'publish {r["publish_eps"]:,}/s vs parse alone {r["parse_eps"]:,}/s: '
                  f'{r["publish_vs_parse"]:.3f}x')
   if 'consumer_us_per_event' in r:
     lines.append('')
-    lines.append(f'{"consumer":<28} {"alone s":>9} {"us/event":>9}   (over the replay of no '
-                 f'consumer: {r["replay_skeleton_us_per_event"]:.2f} us/event)')
+    lines.append(f'{"consumer":<28} {"alone s":>9} {"us/event":>9} {"CPU us/event":>13}   (over '
+                 f'the replay of no consumer: {r["replay_skeleton_us_per_event"]:.2f} us/event)')
     for name, us in r['consumer_us_per_event'].items():
-      lines.append(f'{name:<28} {r["consumer_alone_seconds"][name]:>9.2f} {us:>9.2f}')
+      lines.append(f'{name:<28} {r["consumer_alone_seconds"][name]:>9.2f} {us:>9.2f} '
+                   f'{r["consumer_cpu_us_per_event"][name]:>13.2f}')
   return '\n'.join(lines)
 
 
