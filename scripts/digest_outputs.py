@@ -10,7 +10,7 @@ Each file under DIR gets two digests: ``bytes`` (sha256 of the file as written) 
 ``lines`` (sha256 of its lines sorted, so a change of line order alone shows as
 ``bytes`` differing with ``lines`` equal). What differs between two runs of the same
 code is left out or normalised: timings in ``summary.json`` files (``seconds``,
-``events_per_sec``) and paths; archive files are named and stamped with a run id
+``events_per_sec``) and paths (DIR itself, wherever an output names it); archive files are named and stamped with a run id
 made of the time, so an archive file is digested by its decoded events and its
 header metadata without the run id, under its name with the run id replaced.
 Generated inputs (``DIR/input``) are digested too (same seed, same bytes).
@@ -79,6 +79,8 @@ def digest_dir(root: str) -> Dict[str, Dict[str, Any]]:
         continue
       with open(path, 'rb') as f:
         data = f.read()
+      # The run's own folder appears in some outputs (dead letters name their source file).
+      data = data.replace(os.path.abspath(root).encode(), b'DIR')
       if name == 'summary.json' or name.startswith('_counts'):
         try:
           data = json.dumps(_strip(json.loads(data)), sort_keys=True).encode()
