@@ -285,3 +285,16 @@ def test_dataflow_dry_run_builds_the_job():
   # Dataflow runs Python in Beam's SDK container.
   envs = list(job.proto_pipeline.components.environments.values())
   assert envs and all(e.urn == 'beam:env:docker:v1' for e in envs)
+
+
+def test_local_runners_run_without_beams_state_cache():
+  from apache_beam.runners.portability.fn_api_runner import worker_handlers
+  for given in ([], ['--runner=DirectRunner'], ['--runner=PrismRunner']):
+    args = runners.runner_args(given)
+    assert '--max_cache_memory_usage_mb=0' in args, given
+  assert worker_handlers.STATE_CACHE_SIZE_MB == 0
+  # A cache size given by the user is kept; remote runners keep Beam's default.
+  args = runners.runner_args(['--max_cache_memory_usage_mb=64'])
+  assert [a for a in args if a.startswith('--max_cache')] == ['--max_cache_memory_usage_mb=64']
+  assert not any(a.startswith('--max_cache') for a in runners.runner_args(
+      ['--runner=DataflowRunner', '--project=p', '--region=r']))
