@@ -1,13 +1,21 @@
-"""`run.py bench replay`: archive replay against raw decode and a naive Beam pipeline.
+"""`run.py bench replay`: the whole application's replay and publish against raw decode.
 
-What it measures, in one run, on one archive of N generated retail events
-(built once at Hello, Retail!'s ~116 events/s unless ``--rate``, cached under
-``.cache/bench/``):
+What it measures, in one run, on one archive of N events of the demo app (every
+domain in the main job's proportions: retail events, taxi rides and fares, rider
+trips with their taxis' positions; built once at Hello, Retail!'s ~116 events/s
+unless ``--rate``, cached under ``.cache/bench/`` with the raw JSON lines it was
+published from beside it; ``--retail-only`` builds the retail-only archive of
+before issue 17; ``--archive PATH`` and ``--input RAW`` measure another app's own):
 
 * ``raw_decode_eps``: the archive's files decoded to envelope dicts, the form
   handlers take, in plain Python on one core (fastavro for Avro, pyarrow for
   Parquet; ``raw_columnar_eps`` adds pyarrow's Arrow-only read for Parquet).
   The ceiling for anything in Python that looks at every event.
+* ``best_decode_eps``: the best fastavro / Arrow decode of the same envelopes
+  (the archive's schema with its ``data`` union) to dicts, in memory: fastavro's
+  reader on an uncompressed and on a deflated container, Arrow's ``to_pylist``
+  of the Parquet layout (Arrow's columnar read alone is reported beside, in
+  ``best_decode``); ``raw_vs_best_decode`` is how close the archive gets.
 * ``naive_beam_eps``: what a first Beam pipeline does: ``ReadArchive``, key by
   partition key, a stateful DoFn keeping each key's last sequence (so a
   shuffle of every event to its key).
@@ -16,16 +24,46 @@ What it measures, in one run, on one archive of N generated retail events
   layout, per-key ordering through the ordering core, every view (final record
   per key), projection and consumer, unprocessed records, per-bucket stats, all
   counted at the end.
+* ``consumer_us_per_event``: each consumer replayed alone, less the replay of no
+  consumer (read, layout check, ordering), per archive event (wall time; the
+  same in CPU time in ``consumer_cpu_us_per_event``).
+* ``parse_eps`` and ``publish_eps``: the raw lines merely parsed with the
+  publishing boundary's parser (``schemas.validation.parse_json``), one core,
+  and ``run.py publish --archive`` of the same lines (the whole command).
 
 Each measurement runs in a fresh process (so ``peak_rss_mb`` is the replay's
 own: its process plus its worker processes) and counts from the pipeline's
-outputs are checked against the archive (every event accounted for).
+outputs are checked against the archive (every event accounted for). Each also
+reports its CPU seconds (``replay_vs_raw_decode_cpu``, ``publish_vs_parse_cpu``):
+on a machine shared with other work the wall time stretches with the load, the
+CPU time much less, and ``load_average`` says how shared it was.
 ``speedup_vs_realtime`` is the archive's event-time span over the replay's wall
 time. ``--workers 1,2`` repeats the replay with that many workers (the
 DirectRunner's processes, or Flink's ``--parallelism``) and reports each.
 
-Profile, before optimising (cProfile and timed parts of the plain-Python bucket
-replay, 200k Avro events; the same code the Beam DoFn runs):
+Issue 17, the whole app (profiles of the replay of a 100k-event app archive):
+
+* Beam's SDK worker caches user state between bundles and weighs each cached
+  value with ``objsize.get_deep_size``, which first walks the globals of every
+  loaded module (~2,000 with Beam's GCP and AWS extras): ~7 ms per stateful key
+  written. The taxi consumer (rides joined with fares and long-ride alerts in
+  per-ride state with timers) spent 49 of 64 s there, the naive pipeline most of
+  its time. Local runners now run without that cache
+  (:func:`sourcebeam.pipelines.runners.no_state_cache_in_process`).
+* What remains is Beam's own per-element cost in the consumers that are Beam
+  transforms (taxi: two stateful DoFns with timers, a windowed combine; riders:
+  three groupings of envelopes), against a few microseconds per event for the
+  views that run inside the bucket replay, and a fixed cost of a few CPU seconds
+  per pipeline (Beam inspects every DoFn's signatures while it builds and
+  translates the pipeline).
+* Publish: the standard library's JSON parser and ``strftime`` (hour of each
+  event, ISO time of each published line) were a fifth of the plain-Python part;
+  orjson (kept to the lines it reads exactly as ``json.loads``) and per-hour /
+  per-second caches cut them. The rest is Beam: the read, a grouping of every
+  event by (hour, bucket) for the archive, the published JSON and the counts.
+
+Before issue 17 (retail only): profile, before optimising (cProfile and timed parts of
+the plain-Python bucket replay, 200k Avro events; the same code the Beam DoFn runs):
 
 * Decoding was the first surprise: ``read_archive_file`` ran at 40% of plain
   fastavro's speed because files written by another process carry the same
