@@ -80,6 +80,7 @@ setuptools.setup(
         'apache-beam[gcp,aws]==2.77.0',
         'pyarrow==25.0.1',
         'fastavro==1.13.1',
+        'orjson==3.13.0',
     ] + _worker_requirements(),
     extras_require=EXTRAS,
     entry_points={'console_scripts': ['sourcebeam = sourcebeam.pipelines.command:main']},

@@ -29,10 +29,25 @@ Envelope = Dict[str, Any]
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
+def _iso_seconds(seconds: int) -> str:
+  dt = _EPOCH + datetime.timedelta(seconds=seconds)
+  return dt.strftime('%Y-%m-%dT%H:%M:%S.')
+
+
+# The last few seconds formatted: strftime was a tenth of publishing an event, and events
+# come in time order, so most share their second with one just formatted.
+_ISO_SECONDS: Dict[int, str] = {}
+
+
 def millis_to_iso(millis: int) -> str:
   """Epoch milliseconds to ISO-8601 UTC with millisecond precision, e.g. 2026-11-26T10:00:00.000Z."""
-  dt = _EPOCH + datetime.timedelta(milliseconds=millis)
-  return dt.strftime('%Y-%m-%dT%H:%M:%S.') + f'{dt.microsecond // 1000:03d}Z'
+  seconds, ms = divmod(millis, 1000)
+  prefix = _ISO_SECONDS.get(seconds)
+  if prefix is None:
+    if len(_ISO_SECONDS) >= 4096:
+      _ISO_SECONDS.clear()
+    prefix = _ISO_SECONDS[seconds] = _iso_seconds(seconds)
+  return f'{prefix}{ms:03d}Z'
 
 
 def iso_to_millis(text: str, assume_utc: bool = True) -> int:

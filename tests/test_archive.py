@@ -653,3 +653,16 @@ def test_layout_problem_names_what_a_file_is_and_what_the_manifest_says():
   assert layout_problem(d + 'notes.txt', 'parquet', b'hell') == (
       "file name 'notes.txt' does not fit the archive layout (events-<run id>-<chunk>.parquet): "
       'not read')
+
+
+def test_hour_of_and_millis_to_iso_are_their_uncached_selves():
+  import datetime
+  from sourcebeam.schemas.envelope import millis_to_iso
+  from sourcebeam.transforms.archive_format import hour_of
+  epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+  for t in [0, 999, 1000, 946_684_800_000, 1_795_651_200_500, 1_795_654_799_999,
+            1_795_654_800_000, 4_102_444_799_999] + list(range(1_795_651_199_000, 1_795_651_201_001, 7)):
+    dt = epoch + datetime.timedelta(milliseconds=t)
+    for _ in range(2):  # computed, then cached
+      assert hour_of(t) == dt.strftime('%Y-%m-%dT%H')
+      assert millis_to_iso(t) == dt.strftime('%Y-%m-%dT%H:%M:%S.') + f'{dt.microsecond // 1000:03d}Z'

@@ -286,3 +286,23 @@ def test_dataflow_dry_run_builds_the_job():
   # Dataflow runs Python in Beam's SDK container.
   envs = list(job.proto_pipeline.components.environments.values())
   assert envs and all(e.urn == 'beam:env:docker:v1' for e in envs)
+
+
+def test_local_runners_weigh_state_without_walking_every_module():
+  from apache_beam.runners.worker import statecache
+  runners.runner_args([])
+  assert statecache.get_deep_size is runners._state_value_size
+  # The same weights as objsize's own walk, for the values state holds.
+  import objsize
+  for value in ({'a': [1, 2.5, 'x' * 100], 'b': None}, ('ride', {'rideId': 7}, 1795651200000),
+                [frozenset({'u1', 'u2'})], b'bytes' * 10):
+    assert runners._state_value_size(value) == objsize.get_deep_size(
+        value, get_size_func=statecache._size_func,
+        get_referents_func=statecache._get_referents_func, filter_func=statecache._filter_func)
+  # Worker processes of the multi-process DirectRunner run without the cache, unless told.
+  args = runners.runner_args(['--direct_num_workers=2', '--direct_running_mode=multi_processing'])
+  assert '--max_cache_memory_usage_mb=0' in args
+  args = runners.runner_args(['--direct_running_mode=multi_processing',
+                              '--max_cache_memory_usage_mb=64'])
+  assert [a for a in args if a.startswith('--max_cache')] == ['--max_cache_memory_usage_mb=64']
+  assert not any(a.startswith('--max_cache') for a in runners.runner_args([]))

@@ -144,3 +144,43 @@ def test_event_time_is_repaired_from_the_events_own_time_field():
 def test_derived_event_ids_are_stable():
   raw = good(event_id=DROP)
   assert publish(raw)[0]['event_id'] == publish(raw)[0]['event_id']
+
+
+# --- the parser: orjson where it agrees with json.loads, json.loads everywhere else ---------
+
+import json as _json
+
+from sourcebeam.schemas.validation import parse_json
+
+
+@pytest.mark.parametrize('text', [
+    '{"a":1,"a":2}', '{"a":18446744073709551616}', '{"a":-9223372036854775809}',
+    '{"a":9223372036854775808}', '{"a":-0}', '{"a":-0.0}', '{"a":1e400}', '{"a":NaN}',
+    '{"a":-Infinity}', '{"a":"\\ud800"}', '{"a":0.1}', '{"a":5e-324}',
+    '{"a":123456789012345678901234567890.5}', ' {"a":1}\n', '{"\\u00e9":"\\u0000"}',
+    '{"id":"1234567890123456789012345"}', '"\u2028"'])
+def test_parse_json_gives_what_json_loads_gives(text):
+  got, want = parse_json(text), _json.loads(text)
+  assert repr(got) == repr(want)
+  assert type(got) is type(want)
+
+
+@pytest.mark.parametrize('text', ['{"a":"\x01"}', '[' * 3000 + ']' * 3000, '\ufeff{}', '{"a":1} x',
+                                  '{"a":', '', '{"a":\u2028}', "{'a':1}"])
+def test_parse_json_refuses_with_json_loads_own_error(text):
+  try:
+    _json.loads(text)
+  except (ValueError, RecursionError) as e:
+    want = (type(e), str(e))
+  with pytest.raises(want[0]) as got:
+    parse_json(text)
+  assert str(got.value) == want[1]
+
+
+def test_a_huge_integer_is_dead_lettered_as_before():
+  env, dead, _ = publish_raw(
+      b'{"event_type":"CartItemAdded","partition_key":"u1","sequence":1,'
+      b'"event_time":"2026-11-26T10:00:00Z","origin":"web","event_id":"e1",'
+      b'"data":{"user_id":"u1","product_id":"p1","quantity":18446744073709551617}}', REG)
+  assert env is None
+  assert dead['reason'] == 'data.quantity 18446744073709551617 does not fit in an Avro int'
