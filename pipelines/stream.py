@@ -98,6 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            'more messages than its partitions hold')
   parser.add_argument('--views', metavar='DSN',
                       help="also keep the app's views in this database (SQLite path or postgresql://)")
+  parser.add_argument('--stage-times', action='store_true',
+                      help='with --views: also record when each event reached each stage of the '
+                           "view pipeline, in the view store's stage_times table (what "
+                           '`run.py bench causal --breakdown` reads)')
   parser.add_argument('--publish-topic', metavar='TOPIC',
                       help='also write the published events to this Kafka topic')
   parser.add_argument('--output-topic-prefix', '--joined-topic-prefix', metavar='PREFIX',
@@ -153,7 +157,8 @@ def build_stream(p: beam.Pipeline, app: App, source: KafkaTopic, out: str, *,
                  max_records: Optional[int], views: Optional[str] = None,
                  publish_topic: Optional[str] = None, group_id: str = 'sourcebeam-stream',
                  archive: Optional[ArchiveSettings] = None, from_archive: Optional[str] = None,
-                 output_topic_prefix: Optional[str] = None) -> Dict[str, beam.PCollection]:
+                 output_topic_prefix: Optional[str] = None,
+                 stage_times: bool = False) -> Dict[str, beam.PCollection]:
   registry = app.registry
   if from_archive:
     handoff = p | 'ReplayThenLive' >> ReplayThenLive(
@@ -169,8 +174,9 @@ def build_stream(p: beam.Pipeline, app: App, source: KafkaTopic, out: str, *,
     ((result.published_refs | 'ViewEvents' >> beam.Map(lambda pr: (pr[0], view_source(pr[1]))),
       result.dead_refs | 'ViewRefused' >> beam.Map(lambda dr: (None, view_source(dr[1]))))
      | 'AsViewMessages' >> beam.Flatten()
-     | 'ViewChanges' >> ViewChanges(app)
-     | 'WriteViews' >> WriteViewsToStore(views, [v.name for v in app.views]))
+     | 'ViewChanges' >> ViewChanges(app, stage_times=stage_times)
+     | 'WriteViews' >> WriteViewsToStore(views, [v.name for v in app.views],
+                                         stage_times=stage_times))
   if publish_topic:
     result.published | 'PublishToKafka' >> ToKafka(
         lambda e: (e['partition_key'].encode(), to_json(e).encode()), source.bootstrap, publish_topic)
@@ -248,7 +254,8 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
         views: Optional[str] = None, publish_topic: Optional[str] = None,
         group_id: str = 'sourcebeam-stream', archive: Optional[ArchiveSettings] = None,
         from_archive: Optional[str] = None,
-        output_topic_prefix: Optional[str] = None) -> Optional[Dict[str, Any]]:
+        output_topic_prefix: Optional[str] = None,
+        stage_times: bool = False) -> Optional[Dict[str, Any]]:
   bounded = max_records is not None
   options = pipeline_options(beam_args, streaming=not bounded)
   FileSystems.set_options(options)
@@ -263,7 +270,8 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
   with beam.Pipeline(options=options) as p:
     counts = build_stream(p, app, source, out, max_records=max_records, views=views,
                           publish_topic=publish_topic, group_id=group_id, archive=archive,
-                          from_archive=from_archive, output_topic_prefix=output_topic_prefix)
+                          from_archive=from_archive, output_topic_prefix=output_topic_prefix,
+                          stage_times=stage_times)
     if bounded:
       counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
   stop_after_dry_run(p, beam_args)
@@ -297,7 +305,7 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   summary = run(source, args.out, beam_args, app=app, max_records=args.max_records,
                 views=args.views, publish_topic=args.publish_topic, group_id=args.group_id,
                 archive=archive, from_archive=args.from_archive,
-                output_topic_prefix=args.output_topic_prefix)
+                output_topic_prefix=args.output_topic_prefix, stage_times=args.stage_times)
   if summary:
     print(f'read {summary["in"]} messages from {summary["source"]}: {summary["published"]} '
           f'published, {summary["dead_lettered"]} dead-lettered; summary in {args.out}/summary.json',
