@@ -72,7 +72,8 @@ from sourcebeam.transforms.keyspace import to_line
 from sourcebeam.transforms.archive import read_manifest
 from sourcebeam.transforms.archive_format import DEFAULT_BUCKETS
 from sourcebeam.transforms.handoff import ReplayThenLive, plan_handoff
-from sourcebeam.transforms.kafka_read import ReadKafkaMessages, check_bounded_read
+from sourcebeam.transforms.kafka_read import (DEFAULT_POLL_TIMEOUT_S, ReadKafkaMessages,
+                                              check_bounded_read, read_consumer_config)
 from sourcebeam.transforms.kafka_url import TOPIC_NAME, KafkaTopic, parse_kafka_url
 from sourcebeam.transforms.live_archive import (
     DEFAULT_FLUSH_SECONDS, DEFAULT_WINDOW_SECONDS, ArchiveLive, PublishKafkaMessages, view_source)
@@ -113,6 +114,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            'PREFIX.riders.rider_located)')
   parser.add_argument('--group-id', default='sourcebeam-stream',
                       help='Kafka consumer group (default: sourcebeam-stream)')
+  parser.add_argument('--kafka-consumer', action='append', default=[], metavar='KEY=VALUE',
+                      help='a Kafka consumer setting for the read (repeatable), e.g. '
+                           'fetch.max.wait.ms=100 or max.poll.records=200')
+  parser.add_argument('--kafka-poll-timeout', type=int, default=DEFAULT_POLL_TIMEOUT_S,
+                      metavar='SECONDS',
+                      help="the splittable Kafka read's polling timeout (Prism, Dataflow), whole "
+                           'seconds, at least 1: how long it may keep a bundle open while records '
+                           'keep coming (default %(default)s)')
   parser.add_argument('--archive', metavar='PATH',
                       help='also archive the published events (local, s3:// or gs://) while the '
                            'stream runs, in event-time windows, with the Kafka offsets each file '
@@ -131,10 +140,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_kafka(p: beam.Pipeline, source: KafkaTopic, group_id: str,
-               max_records: Optional[int]) -> beam.PCollection:
+               max_records: Optional[int], **read_options: Any) -> beam.PCollection:
   return p | 'ReadKafka' >> ReadKafkaMessages(
       source.bootstrap, source.topic, group_id, max_records,
-      expansion_service=runners.kafka_io_service(p.options))
+      expansion_service=runners.kafka_io_service(p.options), **read_options)
+
+
+def kafka_read_options(args: argparse.Namespace) -> Dict[str, Any]:
+  """``--kafka-consumer KEY=VALUE`` and ``--kafka-poll-timeout`` as ReadKafkaMessages' options."""
+  config = {}
+  for item in args.kafka_consumer:
+    key, sep, value = item.partition('=')
+    if not sep or not key.strip():
+      raise UsageError(f'--kafka-consumer takes KEY=VALUE, got {item!r}')
+    config[key.strip()] = value.strip()
+  read_consumer_config('', args.group_id, config)  # ConfigError now for a setting the read owns
+  if args.kafka_poll_timeout < 1:
+    raise UsageError('--kafka-poll-timeout is whole seconds, at least 1 (with 0 the splittable '
+                     'read would return without polling)')
+  return {'consumer_config': config, 'poll_timeout_s': args.kafka_poll_timeout}
 
 
 class ArchiveSettings(NamedTuple):
@@ -158,7 +182,8 @@ def build_stream(p: beam.Pipeline, app: App, source: KafkaTopic, out: str, *,
                  publish_topic: Optional[str] = None, group_id: str = 'sourcebeam-stream',
                  archive: Optional[ArchiveSettings] = None, from_archive: Optional[str] = None,
                  output_topic_prefix: Optional[str] = None,
-                 stage_times: bool = False) -> Dict[str, beam.PCollection]:
+                 stage_times: bool = False,
+                 kafka_read: Optional[Dict[str, Any]] = None) -> Dict[str, beam.PCollection]:
   registry = app.registry
   if from_archive:
     handoff = p | 'ReplayThenLive' >> ReplayThenLive(
@@ -166,7 +191,7 @@ def build_stream(p: beam.Pipeline, app: App, source: KafkaTopic, out: str, *,
         expansion_service=runners.kafka_io_service(p.options))
     result, live, messages = handoff, handoff.live, handoff.messages
   else:
-    messages = read_kafka(p, source, group_id, max_records)
+    messages = read_kafka(p, source, group_id, max_records, **(kafka_read or {}))
     result = live = messages | 'Publish' >> PublishKafkaMessages(registry)
   counts = {'in': messages, 'published': result.published, 'dead_lettered': result.dead_letters}
   if views and app.views:
@@ -255,7 +280,8 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
         group_id: str = 'sourcebeam-stream', archive: Optional[ArchiveSettings] = None,
         from_archive: Optional[str] = None,
         output_topic_prefix: Optional[str] = None,
-        stage_times: bool = False) -> Optional[Dict[str, Any]]:
+        stage_times: bool = False,
+        kafka_read: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
   bounded = max_records is not None
   options = pipeline_options(beam_args, streaming=not bounded)
   FileSystems.set_options(options)
@@ -271,7 +297,7 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
     counts = build_stream(p, app, source, out, max_records=max_records, views=views,
                           publish_topic=publish_topic, group_id=group_id, archive=archive,
                           from_archive=from_archive, output_topic_prefix=output_topic_prefix,
-                          stage_times=stage_times)
+                          stage_times=stage_times, kafka_read=kafka_read)
     if bounded:
       counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
   stop_after_dry_run(p, beam_args)
@@ -300,12 +326,14 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   if args.output_topic_prefix is not None and not TOPIC_NAME.match(args.output_topic_prefix):
     raise UsageError('--output-topic-prefix must be letters, digits, ".", "_" or "-", '
                      f'got {args.output_topic_prefix!r}')
+  kafka_read = kafka_read_options(args)
   app = load_app(args.app)
   archive = ArchiveSettings(args.archive, args.archive_window, args.archive_flush) if args.archive else None
   summary = run(source, args.out, beam_args, app=app, max_records=args.max_records,
                 views=args.views, publish_topic=args.publish_topic, group_id=args.group_id,
                 archive=archive, from_archive=args.from_archive,
-                output_topic_prefix=args.output_topic_prefix, stage_times=args.stage_times)
+                output_topic_prefix=args.output_topic_prefix, stage_times=args.stage_times,
+                kafka_read=kafka_read)
   if summary:
     print(f'read {summary["in"]} messages from {summary["source"]}: {summary["published"]} '
           f'published, {summary["dead_lettered"]} dead-lettered; summary in {args.out}/summary.json',
