@@ -117,11 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--kafka-consumer', action='append', default=[], metavar='KEY=VALUE',
                       help='a Kafka consumer setting for the read (repeatable), e.g. '
                            'fetch.max.wait.ms=100 or max.poll.records=200')
-  parser.add_argument('--kafka-poll-timeout', type=int, default=DEFAULT_POLL_TIMEOUT_S,
-                      metavar='SECONDS',
+  parser.add_argument('--kafka-poll-timeout', type=int, metavar='SECONDS',
                       help="the splittable Kafka read's polling timeout (Prism, Dataflow), whole "
                            'seconds, at least 1: how long it may keep a bundle open while records '
-                           'keep coming (default %(default)s)')
+                           f'keep coming (default {LIVE_POLL_TIMEOUT_S} for a live view pipeline, '
+                           f'else {DEFAULT_POLL_TIMEOUT_S})')
   parser.add_argument('--archive', metavar='PATH',
                       help='also archive the published events (local, s3:// or gs://) while the '
                            'stream runs, in event-time windows, with the Kafka offsets each file '
@@ -155,10 +155,22 @@ def kafka_read_options(args: argparse.Namespace) -> Dict[str, Any]:
       raise UsageError(f'--kafka-consumer takes KEY=VALUE, got {item!r}')
     config[key.strip()] = value.strip()
   read_consumer_config('', args.group_id, config)  # ConfigError now for a setting the read owns
-  if args.kafka_poll_timeout < 1:
+  timeout = args.kafka_poll_timeout
+  if timeout is None:
+    timeout = LIVE_POLL_TIMEOUT_S if is_live_view(args) else DEFAULT_POLL_TIMEOUT_S
+  if timeout < 1:
     raise UsageError('--kafka-poll-timeout is whole seconds, at least 1 (with 0 the splittable '
                      'read would return without polling)')
-  return {'consumer_config': config, 'poll_timeout_s': args.kafka_poll_timeout}
+  return {'consumer_config': config, 'poll_timeout_s': timeout}
+
+
+# A live view pipeline (--views, unbounded) is tuned for latency: runners.live_view_args, and
+# the splittable Kafka read's bundles held open for at most a second.
+LIVE_POLL_TIMEOUT_S = 1
+
+
+def is_live_view(args: argparse.Namespace) -> bool:
+  return bool(args.views) and args.max_records is None
 
 
 class ArchiveSettings(NamedTuple):
@@ -283,6 +295,8 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
         stage_times: bool = False,
         kafka_read: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
   bounded = max_records is not None
+  if views and not bounded:  # the live view pipeline: latency first (explicit options win)
+    beam_args = runners.live_view_args(beam_args)
   options = pipeline_options(beam_args, streaming=not bounded)
   FileSystems.set_options(options)
   plan = None

@@ -386,3 +386,25 @@ def test_postgres_sends_notify_with_each_transaction_that_moves_a_position(pg_ds
       assert notified(1) == [POSITIONS_CHANNEL]  # the records' only
     finally:
       listener.close()
+
+
+def test_a_batch_is_applied_once_its_first_element_waited_max_delay(tmp_path):
+  """The sink applies a batch at the bundle's end, at batch_size, or once its first element has
+  waited max_delay while the bundle goes on: with a delay of 0 each element is in the view as
+  soon as it arrives; without one, only at the bundle's end."""
+  from sourcebeam.transforms.view_store import _WriteViewsFn
+  outcomes = [({'topic': TOPIC, 'partition': 0, 'offset': i}, []) for i in range(3)]
+  for max_delay_s, seen_mid_bundle in ((0.0, [0, 1, 2]), (None, [None, None, None])):
+    db = str(tmp_path / f'views-{max_delay_s}.db')
+    fn = _WriteViewsFn(db, VIEWS, batch_size=500, max_delay_s=max_delay_s)
+    fn.setup()
+    fn.start_bundle()
+    seen = []
+    with ViewStore(db, VIEWS) as reader:
+      for o in outcomes:
+        fn.process(o)
+        seen.append(reader.position(CART, TOPIC, 0))
+      fn.finish_bundle()
+      assert reader.position(CART, TOPIC, 0) == 2
+    fn.teardown()
+    assert seen == seen_mid_bundle, max_delay_s

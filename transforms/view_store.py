@@ -541,14 +541,17 @@ def is_record_pair(element: Any) -> bool:
 class _WriteViewsFn(beam.DoFn):
   """Batches elements per bundle and applies each batch in one transaction: ``(record,
   source)`` pairs with :meth:`ViewStore.apply`, ``(source, [records])`` with
-  :meth:`ViewStore.apply_events`."""
+  :meth:`ViewStore.apply_events`. A batch is applied at the bundle's end, when it holds
+  ``batch_size`` elements, or when its first element has waited ``max_delay_s`` while the
+  bundle goes on (checked as elements arrive)."""
 
   def __init__(self, dsn: str, views: Sequence[str], batch_size: int,
                start_offsets: Optional[Mapping[Tuple[str, int], int]] = None,
-               stage_times: bool = False):
+               stage_times: bool = False, max_delay_s: Optional[float] = None):
     self.dsn = dsn
     self.views = tuple(views)
     self.batch_size = batch_size
+    self.max_delay_s = max_delay_s
     self.start_offsets = dict(start_offsets or {})
     self.stage_times = stage_times
     self.applied = beam.metrics.Metrics.counter('view_store', 'applied')
@@ -561,6 +564,7 @@ class _WriteViewsFn(beam.DoFn):
   def start_bundle(self):
     self.records: List[Tuple[Record, Any]] = []
     self.outcomes: List[Tuple[Any, Sequence[Record]]] = []
+    self.first_pending: Optional[float] = None
 
   def process(self, element):
     if is_record_pair(element):
@@ -570,13 +574,18 @@ class _WriteViewsFn(beam.DoFn):
       if self.stage_times and isinstance(source, Mapping) and isinstance(source.get(TIMES), Mapping):
         element = (dict(source, **{TIMES: dict(source[TIMES], sink=time.time())}), element[1])
       self.outcomes.append(element)
-    if len(self.records) + len(self.outcomes) >= self.batch_size:
+    now = time.monotonic()
+    if self.first_pending is None:
+      self.first_pending = now
+    if (len(self.records) + len(self.outcomes) >= self.batch_size or
+        (self.max_delay_s is not None and now - self.first_pending >= self.max_delay_s)):
       self._flush()
 
   def finish_bundle(self):
     self._flush()
 
   def _flush(self):
+    self.first_pending = None
     for batch, apply in ((self.records, self.store.apply),
                          (self.outcomes, lambda b: self.store.apply_events(b, self.start_offsets))):
       if batch:
@@ -611,22 +620,30 @@ class WriteViewsToStore(beam.PTransform):
   ``view_store/skipped``, ``view_store/events``). ``stage_times``: also record the
   stage times the sources carry (:class:`ViewChanges` with ``stage_times=True``)
   in the store's ``stage_times`` table, in the same transactions.
+
+  ``max_delay_ms`` (default 25): a batch is also applied once its first element has
+  waited that long while the bundle goes on. A live runner's bundle of a keyed step
+  lasts as long as its elements' state round trips take; without this, the first
+  write of a long bundle would wait for the whole bundle (measured on Flink under
+  load: 145 to 317 ms at the median). ``None``: per bundle and per ``batch_size``
+  only.
   """
 
   def __init__(self, dsn: str, views: Sequence[str], batch_size: int = 500,
                start_offsets: Optional[Mapping[Tuple[str, int], int]] = None,
-               stage_times: bool = False):
+               stage_times: bool = False, max_delay_ms: Optional[int] = 25):
     super().__init__()
     self.dsn = dsn
     self.views = tuple(views)
     self.batch_size = batch_size
     self.start_offsets = start_offsets
     self.stage_times = stage_times
+    self.max_delay_s = None if max_delay_ms is None else max_delay_ms / 1000
 
   def expand(self, pairs):
     return pairs | 'ApplyToViewStore' >> beam.ParDo(
         _WriteViewsFn(self.dsn, self.views, self.batch_size, self.start_offsets,
-                      self.stage_times))
+                      self.stage_times, self.max_delay_s))
 
 
 # --- Beam: from Kafka messages to per-event outcomes ----------------------------------------------
