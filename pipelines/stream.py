@@ -146,8 +146,10 @@ def read_kafka(p: beam.Pipeline, source: KafkaTopic, group_id: str,
       expansion_service=runners.kafka_io_service(p.options), **read_options)
 
 
-def kafka_read_options(args: argparse.Namespace) -> Dict[str, Any]:
-  """``--kafka-consumer KEY=VALUE`` and ``--kafka-poll-timeout`` as ReadKafkaMessages' options."""
+def kafka_read_options(args: argparse.Namespace, beam_args: List[str]) -> Dict[str, Any]:
+  """``--kafka-consumer KEY=VALUE`` and ``--kafka-poll-timeout`` as ReadKafkaMessages' options.
+  On Flink the read is KafkaIO's legacy unbounded read, which refuses a poll timeout other
+  than KafkaIO's default (its reader polls on its own)."""
   config = {}
   for item in args.kafka_consumer:
     key, sep, value = item.partition('=')
@@ -156,8 +158,13 @@ def kafka_read_options(args: argparse.Namespace) -> Dict[str, Any]:
     config[key.strip()] = value.strip()
   read_consumer_config('', args.group_id, config)  # ConfigError now for a setting the read owns
   timeout = args.kafka_poll_timeout
+  legacy = runners.runner_of(beam_args) in runners.FLINK_RUNNERS
   if timeout is None:
-    timeout = LIVE_POLL_TIMEOUT_S if is_live_view(args) else DEFAULT_POLL_TIMEOUT_S
+    timeout = LIVE_POLL_TIMEOUT_S if is_live_view(args) and not legacy else DEFAULT_POLL_TIMEOUT_S
+  if legacy and timeout != DEFAULT_POLL_TIMEOUT_S:
+    raise UsageError(f'--kafka-poll-timeout is for the splittable Kafka read (Prism, Dataflow); '
+                     f"Flink's read (KafkaIO's legacy one) takes only the default "
+                     f'{DEFAULT_POLL_TIMEOUT_S}')
   if timeout < 1:
     raise UsageError('--kafka-poll-timeout is whole seconds, at least 1 (with 0 the splittable '
                      'read would return without polling)')
@@ -340,7 +347,7 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   if args.output_topic_prefix is not None and not TOPIC_NAME.match(args.output_topic_prefix):
     raise UsageError('--output-topic-prefix must be letters, digits, ".", "_" or "-", '
                      f'got {args.output_topic_prefix!r}')
-  kafka_read = kafka_read_options(args)
+  kafka_read = kafka_read_options(args, beam_args)
   app = load_app(args.app)
   archive = ArchiveSettings(args.archive, args.archive_window, args.archive_flush) if args.archive else None
   summary = run(source, args.out, beam_args, app=app, max_records=args.max_records,

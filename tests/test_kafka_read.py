@@ -131,6 +131,7 @@ def test_consumer_settings_add_to_the_reads_own_and_may_not_override_them():
     (['--kafka-consumer', 'enable.auto.commit=true'], 'enable.auto.commit'),
     (['--kafka-consumer', 'fetch.max.wait.ms'], 'KEY=VALUE'),
     (['--kafka-poll-timeout', '0'], 'at least 1'),
+    (['--kafka-poll-timeout', '1', '--runner=FlinkRunner'], "Flink's read"),
 ])
 def test_stream_refuses_bad_kafka_read_options_before_it_starts(args, said, tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',

@@ -95,6 +95,7 @@ class ReadKafkaMessages(beam.PTransform):
         timestamp_policy=ReadFromKafka.create_time_policy,
         consumer_polling_timeout=self.poll_timeout_s,
         expansion_service=self.expansion_service)
+    # (KafkaIO's legacy read, which Flink runs, refuses any other timeout than the default.)
 
 
 def message_value(message) -> Tuple[str, bytes]:
