@@ -39,9 +39,11 @@ from sourcebeam.pipelines.serve import TIMING_HEADER, parse_timing
 RUN_PY = os.path.join(ROOT, 'run.py')
 
 # The live view pipeline's default runner. Embedded Flink, because of how each runner reads
-# Kafka: on Flink (the legacy unbounded read) a write was visible 1.5 s after its POST on an
-# idle stack; on Prism the splittable KafkaIO read hands on a bundle only after a poll comes
-# back empty, about three consumer polling timeouts (1 s minimum): 6 s with the default.
+# Kafka: Flink runs KafkaIO's legacy unbounded read, which hands on each record as it comes;
+# on Prism the splittable read keeps a bundle open while records keep coming, up to its poll
+# timeout (whole seconds, at least 1), and Prism passes a bundle's output on only when it
+# ends. `run.py stream --views` adds the latency settings (pipelines.runners.live_view_args):
+# README's "Where a write's time goes" has the breakdown of both runners.
 DEFAULT_RUNNER_ARGS = ('--runner=FlinkRunner', '--flink_master=[local]')
 
 
