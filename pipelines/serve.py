@@ -550,8 +550,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   v.add_argument('--poll-ms', type=int, default=2,
                  help='SQLite: how often, while reads wait, the store is checked for a new commit '
                       '(PRAGMA data_version: no table read; the positions are read after one); '
-                      'PostgreSQL is watched with LISTEN/NOTIFY instead and polled this often '
-                      'only while that connection is down (default 2)')
+                      'PostgreSQL is watched with LISTEN/NOTIFY instead and its positions are '
+                      'polled this often (at least every 10 ms) only while that connection is '
+                      'down (default 2)')
   v.add_argument('--max-connections', type=int, default=16,
                  help='database connections (and threads using them) at most (default 16)')
   v.add_argument('--no-auth', action='store_true',

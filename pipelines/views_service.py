@@ -233,6 +233,7 @@ def pending_receipts(receipts: Receipts, positions: List[Dict[str, Any]]) -> Lis
 # With a change feed, the positions are re-read on each change the feed reports and, as a
 # safety net (a notification lost with a dropped connection), at least this often.
 RESYNC_S = 1.0
+MIN_POLL_S = 0.01
 
 
 class SqliteChanges:
@@ -355,12 +356,14 @@ class PositionWatcher:
   While any read waits it reads the positions, then waits for the next change: told by
   ``changes`` (:class:`PostgresChanges`, :class:`SqliteChanges`) when the store can tell,
   re-reading at least every :data:`RESYNC_S` anyway; without a feed (or while it is down) it
-  polls every ``poll_s``.
+  polls every ``poll_s`` (at least 10 ms).
   """
 
   def __init__(self, fetch: Callable[[], Awaitable[List[Dict[str, Any]]]], poll_s: float,
                changes: Any = None):
     self.fetch, self.poll_s, self.changes = fetch, poll_s, changes
+    # Polling reads the positions each time: not more often than every 10 ms.
+    self.fallback_s = max(poll_s, MIN_POLL_S)
     self.waiters: Dict['asyncio.Future[Tuple[List[Dict[str, Any]], float]]', Tuple[str, Receipts]] = {}
     self.task: Optional['asyncio.Task[None]'] = None
     self.polls = 0
@@ -423,7 +426,7 @@ class PositionWatcher:
         if self._waiting():
           told = self.changes is not None and getattr(self.changes, 'listening', self.told)
           try:
-            await asyncio.wait_for(self._changed.wait(), RESYNC_S if told else self.poll_s)
+            await asyncio.wait_for(self._changed.wait(), RESYNC_S if told else self.fallback_s)
           except asyncio.TimeoutError:
             pass
     finally:
