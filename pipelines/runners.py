@@ -236,8 +236,9 @@ def live_view_args(args: List[str]) -> List[str]:
   Flink (``--flink_master`` ``[local]`` or ``[auto]``, the default) also a Flink configuration
   with a 5 ms network buffer timeout (``--flink_conf_dir``) and, with LOOPBACK workers (one
   Python process, so one interpreter lock for every subtask), ``--parallelism=1``: a second
-  subtask per step only doubled the bundles. Other runners: unchanged (Prism's Kafka read is
-  bounded by its poll timeout, a read option: see ``stream --kafka-poll-timeout``).
+  subtask per step only doubled the bundles. Other runners: unchanged (Prism's Kafka read holds
+  a bundle for up to its poll timeout, a read option, ``stream --kafka-poll-timeout``; 1 s
+  measured no better than KafkaIO's 2 s: README).
   """
   args = list(args)
   if runner_of(args) not in FLINK_RUNNERS:

@@ -117,11 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--kafka-consumer', action='append', default=[], metavar='KEY=VALUE',
                       help='a Kafka consumer setting for the read (repeatable), e.g. '
                            'fetch.max.wait.ms=100 or max.poll.records=200')
-  parser.add_argument('--kafka-poll-timeout', type=int, metavar='SECONDS',
+  parser.add_argument('--kafka-poll-timeout', type=int, default=DEFAULT_POLL_TIMEOUT_S,
+                      metavar='SECONDS',
                       help="the splittable Kafka read's polling timeout (Prism, Dataflow), whole "
                            'seconds, at least 1: how long it may keep a bundle open while records '
-                           f'keep coming (default {LIVE_POLL_TIMEOUT_S} for a live view pipeline, '
-                           f'else {DEFAULT_POLL_TIMEOUT_S})')
+                           "keep coming (default %(default)s, KafkaIO's; Flink's read takes only "
+                           'that)')
   parser.add_argument('--archive', metavar='PATH',
                       help='also archive the published events (local, s3:// or gs://) while the '
                            'stream runs, in event-time windows, with the Kafka offsets each file '
@@ -159,8 +160,6 @@ def kafka_read_options(args: argparse.Namespace, beam_args: List[str]) -> Dict[s
   read_consumer_config('', args.group_id, config)  # ConfigError now for a setting the read owns
   timeout = args.kafka_poll_timeout
   legacy = runners.runner_of(beam_args) in runners.FLINK_RUNNERS
-  if timeout is None:
-    timeout = LIVE_POLL_TIMEOUT_S if is_live_view(args) and not legacy else DEFAULT_POLL_TIMEOUT_S
   if legacy and timeout != DEFAULT_POLL_TIMEOUT_S:
     raise UsageError(f'--kafka-poll-timeout is for the splittable Kafka read (Prism, Dataflow); '
                      f"Flink's read (KafkaIO's legacy one) takes only the default "
@@ -170,14 +169,6 @@ def kafka_read_options(args: argparse.Namespace, beam_args: List[str]) -> Dict[s
                      'read would return without polling)')
   return {'consumer_config': config, 'poll_timeout_s': timeout}
 
-
-# A live view pipeline (--views, unbounded) is tuned for latency: runners.live_view_args, and
-# the splittable Kafka read's bundles held open for at most a second.
-LIVE_POLL_TIMEOUT_S = 1
-
-
-def is_live_view(args: argparse.Namespace) -> bool:
-  return bool(args.views) and args.max_records is None
 
 
 class ArchiveSettings(NamedTuple):
