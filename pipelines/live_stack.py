@@ -297,6 +297,9 @@ class LiveStack:
     raise StackError(f'the views did not reach {after} within {timeout:.0f}s')
 
 
+MAX_LOAD_BATCH = 500  # events per POST of the load (the writer takes at most --max-batch, 1000)
+
+
 class Load(threading.Thread):
   """A steady background load: ``rate`` events a second in batches every ``tick`` seconds.
 
@@ -331,12 +334,14 @@ class Load(threading.Thread):
       while not self.stopping.is_set():
         due = self.rate * (time.monotonic() - self.started_at)
         n = int(due - sent)
-        if n > 0:
+        while n > 0:  # after a slow answer, what is due goes in batches the writer accepts
+          batch = min(n, MAX_LOAD_BATCH)
           try:
-            self.receipts.extend(self.stack.post([self._event() for _ in range(n)], client))
+            self.receipts.extend(self.stack.post([self._event() for _ in range(batch)], client))
           except (StackError, OSError) as e:
             self.errors.append(str(e))
-          sent += n
+          sent += batch
+          n -= batch
         self.stopping.wait(self.tick)
     finally:
       self.stopped_at = time.monotonic()
