@@ -166,6 +166,14 @@ class LiveStack:
     raise StackError(f'{name} did not answer /health on port {port}: {self.log_tail(name)}')
 
   def start(self, timeout: float = 300) -> 'LiveStack':
+    """Starts the three parts, in order; if one does not come up, stops those it started."""
+    try:
+      return self._start(timeout)
+    except BaseException:
+      self.stop()
+      raise
+
+  def _start(self, timeout: float) -> 'LiveStack':
     deadline = time.monotonic() + timeout
     self._spawn('writer', ['serve', 'writer', '--bootstrap', self.bootstrap, '--topic', self.topic,
                            '--partitions', str(self.partitions), '--port', str(self.writer_port),
