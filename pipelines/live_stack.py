@@ -34,13 +34,16 @@ import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from sourcebeam.pipelines.runners import ROOT
+from sourcebeam.pipelines.serve import TIMING_HEADER, parse_timing
 
 RUN_PY = os.path.join(ROOT, 'run.py')
 
 # The live view pipeline's default runner. Embedded Flink, because of how each runner reads
-# Kafka: on Flink (the legacy unbounded read) a write was visible 1.5 s after its POST on an
-# idle stack; on Prism the splittable KafkaIO read hands on a bundle only after a poll comes
-# back empty, about three consumer polling timeouts (1 s minimum): 6 s with the default.
+# Kafka: Flink runs KafkaIO's legacy unbounded read, which hands on each record as it comes;
+# on Prism the splittable read keeps a bundle open while records keep coming, up to its poll
+# timeout (whole seconds, at least 1), and Prism passes a bundle's output on only when it
+# ends. `run.py stream --views` adds the latency settings (pipelines.runners.live_view_args):
+# README's "Where a write's time goes" has the breakdown of both runners.
 DEFAULT_RUNNER_ARGS = ('--runner=FlinkRunner', '--flink_master=[local]')
 
 
@@ -76,9 +79,11 @@ class Http:
   def __init__(self, port: int, token: Optional[str] = None, timeout: float = 60.0):
     self.port, self.token, self.timeout = port, token, timeout
     self.conn: Optional[http.client.HTTPConnection] = None
+    self.last_headers: Dict[str, str] = {}  # of the last answer
 
-  def request(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
-    headers = {'Content-Type': 'application/json'}
+  def request(self, method: str, path: str, body: Any = None,
+              headers: Optional[Dict[str, str]] = None) -> Tuple[int, Any]:
+    headers = dict(headers or {}, **{'Content-Type': 'application/json'})
     if self.token:
       headers['Authorization'] = f'Bearer {self.token}'
     data = None if body is None else json.dumps(body).encode()
@@ -89,6 +94,7 @@ class Http:
         self.conn.request(method, path, body=data, headers=headers)
         response = self.conn.getresponse()
         raw = response.read()
+        self.last_headers = dict(response.getheaders())
         return response.status, json.loads(raw) if raw else None
       except (ConnectionError, http.client.HTTPException):
         self.close()  # the server closed an idle connection: reconnect once
@@ -106,17 +112,20 @@ class LiveStack:
   """Writer, streaming view pipeline and view API on one Kafka topic, as subprocesses.
 
   ``runner_args`` are the Beam options of the streaming pipeline (default embedded Flink).
-  Logs go to ``workdir``. Use as a context manager, or call :meth:`start` /
-  :meth:`stop`; :meth:`kill_pipeline` / :meth:`start_pipeline` are for fault tests.
+  ``stage_times``: the pipeline records when each event reached each of its stages
+  (``run.py stream --stage-times``; :meth:`stage_times` reads them). Logs go to
+  ``workdir``. Use as a context manager, or call :meth:`start` / :meth:`stop`;
+  :meth:`kill_pipeline` / :meth:`start_pipeline` are for fault tests.
   """
 
   def __init__(self, bootstrap: str, topic: str, workdir: str, *, db: Optional[str] = None,
                runner_args: Sequence[str] = DEFAULT_RUNNER_ARGS, partitions: int = 3,
-               max_wait_ms: int = 30000):
+               max_wait_ms: int = 30000, stage_times: bool = False):
     self.bootstrap, self.topic, self.workdir = bootstrap, topic, workdir
     self.db = db or os.path.join(workdir, 'views.db')
     self.runner_args = list(runner_args)
     self.partitions, self.max_wait_ms = partitions, max_wait_ms
+    self.record_stage_times = stage_times
     self.token = uuid.uuid4().hex  # configured through the environment, as a user would
     self.writer_port, self.views_port = free_port(), free_port()
     self.procs: Dict[str, subprocess.Popen] = {}
@@ -157,13 +166,21 @@ class LiveStack:
     raise StackError(f'{name} did not answer /health on port {port}: {self.log_tail(name)}')
 
   def start(self, timeout: float = 300) -> 'LiveStack':
+    """Starts the three parts, in order; if one does not come up, stops those it started."""
+    try:
+      return self._start(timeout)
+    except BaseException:
+      self.stop()
+      raise
+
+  def _start(self, timeout: float) -> 'LiveStack':
     deadline = time.monotonic() + timeout
     self._spawn('writer', ['serve', 'writer', '--bootstrap', self.bootstrap, '--topic', self.topic,
                            '--partitions', str(self.partitions), '--port', str(self.writer_port),
                            '--state', os.path.join(self.workdir, 'writer.db')])
     self._wait_http('writer', self.writer_port, deadline)  # the writer creates the topic
     self._spawn('views', ['serve', 'views', '--db', self.db, '--port', str(self.views_port),
-                          '--max-wait-ms', str(self.max_wait_ms), '--poll-ms', '5'])
+                          '--max-wait-ms', str(self.max_wait_ms)])
     self._wait_http('views', self.views_port, deadline)
     self.start_pipeline()
     self.wait_pipeline_ready(deadline - time.monotonic())
@@ -178,7 +195,8 @@ class LiveStack:
     self._spawn('stream', ['stream', '--source', f'kafka://{self.bootstrap}/{self.topic}',
                            '--out', os.path.join(self.workdir, 'stream-out'), '--views', self.db,
                            '--published-source',
-                           '--group-id', f'live-stack-{uuid.uuid4().hex[:8]}'] + self.runner_args)
+                           '--group-id', f'live-stack-{uuid.uuid4().hex[:8]}'] +
+                ['--stage-times'] * self.record_stage_times + self.runner_args)
 
   def wait_pipeline_ready(self, timeout: float = 300) -> float:
     """Posts one event and waits until the view shows it; returns the seconds it took."""
@@ -237,18 +255,32 @@ class LiveStack:
   def views_client(self) -> Http:
     return Http(self.views_port)
 
-  def post(self, events: Any, client: Optional[Http] = None) -> Any:
+  def post(self, events: Any, client: Optional[Http] = None,
+           headers: Optional[Dict[str, str]] = None) -> Any:
     """POSTs one event (-> its receipt) or a list (-> the list of receipts)."""
     own = client is None
     client = client or self.writer_client()
     try:
-      status, body = client.request('POST', '/events', events)
+      status, body = client.request('POST', '/events', events, headers)
     finally:
       if own:
         client.close()
     if status != 201:
       raise StackError(f'the writer answered {status}: {body}')
     return body['receipts'] if isinstance(events, list) else body
+
+  def cpu_seconds(self) -> Dict[str, float]:
+    """CPU seconds (user + system) each part has used so far, with every process it started
+    (each part is its own session: the pipeline's runner JVMs and workers count as the
+    pipeline's). Read from /proc; {} where there is none."""
+    return {name: session_cpu_seconds(proc.pid) for name, proc in self.procs.items()}
+
+  def stage_times(self, receipts: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, int, int], Dict[str, Any]]:
+    """{(topic, partition, offset): {stage: Unix time}} the pipeline recorded for the
+    events of ``receipts`` (with ``stage_times=True``; see :mod:`transforms.view_store`)."""
+    from sourcebeam.transforms.view_store import ViewStore
+    with ViewStore(self.db) as store:
+      return store.read_stage_times([(r['topic'], r['partition'], r['offset']) for r in receipts])
 
   def wait_caught_up(self, receipts: Sequence[Dict[str, Any]], timeout: float = 300) -> None:
     """Waits until every view has applied the last of ``receipts`` on each partition."""
@@ -273,6 +305,9 @@ class LiveStack:
     finally:
       views.close()
     raise StackError(f'the views did not reach {after} within {timeout:.0f}s')
+
+
+MAX_LOAD_BATCH = 500  # events per POST of the load (the writer takes at most --max-batch, 1000)
 
 
 class Load(threading.Thread):
@@ -309,12 +344,14 @@ class Load(threading.Thread):
       while not self.stopping.is_set():
         due = self.rate * (time.monotonic() - self.started_at)
         n = int(due - sent)
-        if n > 0:
+        while n > 0:  # after a slow answer, what is due goes in batches the writer accepts
+          batch = min(n, MAX_LOAD_BATCH)
           try:
-            self.receipts.extend(self.stack.post([self._event() for _ in range(n)], client))
+            self.receipts.extend(self.stack.post([self._event() for _ in range(batch)], client))
           except (StackError, OSError) as e:
             self.errors.append(str(e))
-          sent += n
+          sent += batch
+          n -= batch
         self.stopping.wait(self.tick)
     finally:
       self.stopped_at = time.monotonic()
@@ -331,7 +368,8 @@ class Load(threading.Thread):
 
 
 def add_then_view(stack: LiveStack, n: int, with_receipts: bool,
-                  user: Optional[str] = None, give_up_after: Optional[int] = None) -> Dict[str, Any]:
+                  user: Optional[str] = None, give_up_after: Optional[int] = None,
+                  timing: bool = False) -> Dict[str, Any]:
   """The acceptance scenario: ``n`` times, add a new product to a cart, then read the cart.
 
   With receipts the read carries ``after=<the add's receipt>``; without, it reads at
@@ -340,23 +378,38 @@ def add_then_view(stack: LiveStack, n: int, with_receipts: bool,
   (the write's time to visible, for reads with receipts). ``give_up_after`` ends the
   rounds after that many reads in a row missed (a pipeline that cannot keep up with
   the load makes every receipt read wait its whole limit); ``reads`` says how many ran.
+  ``timing``: both requests ask the services for their stage times (``Sourcebeam-Timing``),
+  and ``rounds`` lists, per round, the receipt, whether the read showed the item
+  (``shown``) and Unix times: the client's (``post_sent``, ``receipt_at``, ``get_sent``,
+  ``answer``), the writer's (``writer``: received, appending, acked, recorded, answered) and
+  the view API's (``views``: received, checked, noticed, answered).
   """
   user = user or f'shopper-{uuid.uuid4().hex[:8]}'
   writer, views = stack.writer_client(), stack.views_client()
   ok, missing, latencies_ms, failures, missed_in_a_row = 0, 0, [], [], 0
+  rounds: List[Dict[str, Any]] = []
+  ask = {TIMING_HEADER: '1'} if timing else None
   try:
     for i in range(n):
       if give_up_after is not None and missed_in_a_row >= give_up_after:
         break
       product = f'{user}-item-{i}'
-      started = time.monotonic()
-      receipt = stack.post(cart_item_added(user, product), writer)
+      started, post_sent = time.monotonic(), time.time()
+      receipt = stack.post(cart_item_added(user, product), writer, headers=ask)
+      got_receipt, writer_marks = time.time(), parse_timing(writer.last_headers.get(TIMING_HEADER))
       path = f'/carts/{urllib.parse.quote(user)}'
       if with_receipts:
         path += f'?after={receipt["after"]}'
-      status, body = views.request('GET', path)
+      get_sent = time.time()
+      status, body = views.request('GET', path, headers=ask)
       elapsed_ms = (time.monotonic() - started) * 1000
+      if timing:
+        rounds.append({'receipt': receipt, 'post_sent': post_sent, 'receipt_at': got_receipt,
+                       'get_sent': get_sent, 'answer': time.time(), 'writer': writer_marks,
+                       'views': parse_timing(views.last_headers.get(TIMING_HEADER))})
       items = {item['product_id'] for item in ((body or {}).get('value') or {}).get('items', [])}
+      if timing:
+        rounds[-1]['shown'] = status == 200 and product in items
       if status == 200 and product in items:
         ok += 1
         missed_in_a_row = 0
@@ -370,7 +423,28 @@ def add_then_view(stack: LiveStack, n: int, with_receipts: bool,
     writer.close()
     views.close()
   return {'reads': ok + missing, 'ok': ok, 'missing': missing, 'latencies_ms': latencies_ms,
-          'failures': failures[:5]}
+          'failures': failures[:5], 'rounds': rounds}
+
+
+def session_cpu_seconds(session: int) -> float:
+  """User + system CPU seconds of the live processes of ``session`` (Linux /proc; 0.0 elsewhere)."""
+  tick = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
+  total = 0
+  try:
+    pids = [d for d in os.listdir('/proc') if d.isdigit()]
+  except OSError:
+    return 0.0
+  for pid in pids:
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except (OSError, IndexError):
+      continue  # gone meanwhile
+    # After the command: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+    # utime stime ...
+    if int(fields[3]) == session:
+      total += int(fields[11]) + int(fields[12])
+  return total / tick
 
 
 def percentile(values: Sequence[float], q: float) -> Optional[float]:

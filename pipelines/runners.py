@@ -26,13 +26,21 @@ from Maven Central) are unreachable or not served here:
   one, Beam looks up a default bucket on GCS, which a dry run must not contact).
 
 Options given explicitly on the command line always win.
+
+A live view pipeline (``run.py stream --views`` without ``--max-records``: the
+read-your-writes loop) also gets :func:`live_view_args`, which trade throughput for
+latency on Flink (bundles of at most 10 ms, a 5 ms network buffer timeout, one
+subtask per step for the one LOOPBACK Python worker); README's "Where a write's time
+goes" has the measurements.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from typing import Dict, List, Optional
 
 from sourcebeam.pipelines.cli import UsageError
@@ -225,6 +233,67 @@ def check_worker_paths(beam_args: List[str], paths: Dict[str, Optional[str]]) ->
       flag = '--' + name.replace('_', '-')
       raise UsageError(f'{flag} {path} is a local path, which Dataflow workers cannot see: '
                        'use gs://BUCKET/...')
+
+
+# --- the live view pipeline's latency settings -----------------------------------------------------
+
+# Flink's portable runner closes a bundle after 1,000 elements or 1,000 ms, and a step's Python
+# work reaches the next step only when its bundle closes: a lone write waited up to a second per
+# keyed step. 10 ms bundles (the count stays 1,000: a burst is still cut into few bundles).
+LIVE_BUNDLE_MS = 10
+LIVE_BUNDLE_SIZE = 1000
+# Flink sends a record to the next task when its network buffer is full or after this timeout
+# (default 100 ms): the keyed exchange before the ordering waited for it.
+LIVE_FLINK_CONF = {'execution.buffer-timeout': '5 ms'}
+EMBEDDED_FLINK = ('[local]', '[auto]')
+
+
+def flink_conf_dir(settings: Dict[str, str]) -> str:
+  """A Flink configuration folder holding ``settings`` (a ``flink-conf.yaml``), for
+  ``--flink_conf_dir``; made once per set of settings under the temporary folder."""
+  text = ''.join(f'{k}: {v}\n' for k, v in sorted(settings.items()))
+  folder = os.path.join(tempfile.gettempdir(),
+                        'sourcebeam-flink-conf-' + hashlib.sha256(text.encode()).hexdigest()[:12])
+  path = os.path.join(folder, 'flink-conf.yaml')
+  try:
+    with open(path) as f:
+      if f.read() == text:
+        return folder
+  except OSError:
+    pass
+  os.makedirs(folder, exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)  # another process making the same folder writes the same text
+  return folder
+
+
+def live_view_args(args: List[str]) -> List[str]:
+  """``args`` plus the latency settings of a live view pipeline, for the options not given.
+
+  FlinkRunner: ``--max_bundle_time_mills`` 10 and ``--max_bundle_size`` 1,000; on embedded
+  Flink (``--flink_master`` ``[local]`` or ``[auto]``, the default) also a Flink configuration
+  with a 5 ms network buffer timeout (``--flink_conf_dir``) and, with LOOPBACK workers (one
+  Python process, so one interpreter lock for every subtask), ``--parallelism=1``: a second
+  subtask per step only doubled the bundles. Other runners: unchanged (Prism's Kafka read holds
+  a bundle for up to its poll timeout, a read option, ``stream --kafka-poll-timeout``; 1 s
+  measured no better than KafkaIO's 2 s: README).
+  """
+  args = list(args)
+  if runner_of(args) not in FLINK_RUNNERS:
+    return args
+  if not has_option(args, '--max_bundle_time_mills'):
+    args.append(f'--max_bundle_time_mills={LIVE_BUNDLE_MS}')
+  if not has_option(args, '--max_bundle_size'):
+    args.append(f'--max_bundle_size={LIVE_BUNDLE_SIZE}')
+  if (option_value(args, '--flink_master') or '[auto]') in EMBEDDED_FLINK:
+    if not has_option(args, '--flink_conf_dir'):
+      args.append(f'--flink_conf_dir={flink_conf_dir(LIVE_FLINK_CONF)}')
+    if (not has_option(args, '--parallelism') and
+        (option_value(args, '--environment_type') or LOOPBACK).upper() == LOOPBACK):
+      args.append('--parallelism=1')
+  return args
 
 
 def is_dry_run(args: List[str]) -> bool:

@@ -155,6 +155,39 @@ def token_given(headers: Mapping[str, str], tokens: Iterable[str]) -> bool:
   return True
 
 
+# --- stage timing (``run.py bench causal --breakdown``) -----------------------------------------
+
+# A request that carries this header (any value) is answered with the same header listing when
+# the service reached each stage of the request, as ``name=<Unix time in seconds>`` pairs:
+# ``Sourcebeam-Timing: received=1733071234.120311, acked=1733071234.131002, answered=...``.
+# Wall-clock times, so a client on the same machine can line them up with its own and with the
+# pipeline's (the view store's ``stage_times``). Nothing else changes; without the header
+# nothing is measured.
+TIMING_HEADER = 'Sourcebeam-Timing'
+
+
+def wants_timing(headers: Mapping[str, str]) -> bool:
+  return TIMING_HEADER in headers
+
+
+def timing_header(marks: Mapping[str, Optional[float]]) -> Dict[str, str]:
+  """The answer header for ``marks`` (stage -> Unix time; None entries are left out)."""
+  return {TIMING_HEADER: ', '.join(f'{k}={v:.6f}' for k, v in marks.items() if v is not None)}
+
+
+def parse_timing(value: Optional[str]) -> Dict[str, float]:
+  """A ``Sourcebeam-Timing`` answer header -> {stage: Unix time}; {} without one."""
+  marks = {}
+  for part in (value or '').split(','):
+    name, sep, t = part.strip().partition('=')
+    if sep:
+      try:
+        marks[name] = float(t)
+      except ValueError:
+        pass
+  return marks
+
+
 def is_loopback(host: str) -> bool:
   """Whether listening on ``host`` reaches this machine only (127.0.0.0/8, ::1, localhost)."""
   if host == 'localhost':
@@ -514,9 +547,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help='the view store: a SQLite file path, or postgresql://user:password@host:port/db')
   v.add_argument('--max-wait-ms', type=int, default=5000,
                  help='longest a read waits for its after= receipts before a 504 (default 5000)')
-  v.add_argument('--poll-ms', type=int, default=10,
-                 help='how often the one position watcher reads the view positions while reads '
-                      'wait (default 10)')
+  v.add_argument('--poll-ms', type=int, default=2,
+                 help='SQLite: how often, while reads wait, the store is checked for a new commit '
+                      '(PRAGMA data_version: no table read; the positions are read after one); '
+                      'PostgreSQL is watched with LISTEN/NOTIFY instead and its positions are '
+                      'polled this often (at least every 10 ms) only while that connection is '
+                      'down (default 2)')
   v.add_argument('--max-connections', type=int, default=16,
                  help='database connections (and threads using them) at most (default 16)')
   v.add_argument('--no-auth', action='store_true',

@@ -76,7 +76,8 @@ from sourcebeam.transforms.keyspace import to_line
 from sourcebeam.transforms.archive import read_manifest
 from sourcebeam.transforms.archive_format import DEFAULT_BUCKETS
 from sourcebeam.transforms.handoff import ReplayThenLive, plan_handoff
-from sourcebeam.transforms.kafka_read import ReadKafkaMessages, check_bounded_read
+from sourcebeam.transforms.kafka_read import (DEFAULT_POLL_TIMEOUT_S, ReadKafkaMessages,
+                                              check_bounded_read, read_consumer_config)
 from sourcebeam.transforms.kafka_url import TOPIC_NAME, KafkaTopic, parse_kafka_url
 from sourcebeam.transforms.live_archive import (
     DEFAULT_FLUSH_SECONDS, DEFAULT_WINDOW_SECONDS, ArchiveLive, PublishKafkaMessages, view_source)
@@ -102,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            'more messages than its partitions hold')
   parser.add_argument('--views', metavar='DSN',
                       help="also keep the app's views in this database (SQLite path or postgresql://)")
+  parser.add_argument('--stage-times', action='store_true',
+                      help='with --views: also record when each event reached each stage of the '
+                           "view pipeline, in the view store's stage_times table (what "
+                           '`run.py bench causal --breakdown` reads)')
   parser.add_argument('--publish-topic', metavar='TOPIC',
                       help='also write the published events to this Kafka topic')
   parser.add_argument('--output-topic-prefix', '--joined-topic-prefix', metavar='PREFIX',
@@ -113,6 +118,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            'PREFIX.riders.rider_located)')
   parser.add_argument('--group-id', default='sourcebeam-stream',
                       help='Kafka consumer group (default: sourcebeam-stream)')
+  parser.add_argument('--kafka-consumer', action='append', default=[], metavar='KEY=VALUE',
+                      help='a Kafka consumer setting for the read (repeatable), e.g. '
+                           'fetch.max.wait.ms=100 or max.poll.records=200')
+  parser.add_argument('--kafka-poll-timeout', type=int, default=DEFAULT_POLL_TIMEOUT_S,
+                      metavar='SECONDS',
+                      help="the splittable Kafka read's polling timeout (Prism, Dataflow), whole "
+                           'seconds, at least 1: how long it may keep a bundle open while records '
+                           "keep coming (default %(default)s, KafkaIO's; Flink's read takes only "
+                           'that)')
   parser.add_argument('--archive', metavar='PATH',
                       help='also archive the published events (local, s3:// or gs://) while the '
                            'stream runs, in event-time windows, with the Kafka offsets each file '
@@ -135,10 +149,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_kafka(p: beam.Pipeline, source: KafkaTopic, group_id: str,
-               max_records: Optional[int]) -> beam.PCollection:
+               max_records: Optional[int], **read_options: Any) -> beam.PCollection:
   return p | 'ReadKafka' >> ReadKafkaMessages(
       source.bootstrap, source.topic, group_id, max_records,
-      expansion_service=runners.kafka_io_service(p.options))
+      expansion_service=runners.kafka_io_service(p.options), **read_options)
+
+
+def kafka_read_options(args: argparse.Namespace, beam_args: List[str]) -> Dict[str, Any]:
+  """``--kafka-consumer KEY=VALUE`` and ``--kafka-poll-timeout`` as ReadKafkaMessages' options.
+  On Flink the read is KafkaIO's legacy unbounded read, which refuses a poll timeout other
+  than KafkaIO's default (its reader polls on its own)."""
+  config = {}
+  for item in args.kafka_consumer:
+    key, sep, value = item.partition('=')
+    if not sep or not key.strip():
+      raise UsageError(f'--kafka-consumer takes KEY=VALUE, got {item!r}')
+    config[key.strip()] = value.strip()
+  read_consumer_config('', args.group_id, config)  # ConfigError now for a setting the read owns
+  timeout = args.kafka_poll_timeout
+  legacy = runners.runner_of(beam_args) in runners.FLINK_RUNNERS
+  if legacy and timeout != DEFAULT_POLL_TIMEOUT_S:
+    raise UsageError(f'--kafka-poll-timeout is for the splittable Kafka read (Prism, Dataflow); '
+                     f"Flink's read (KafkaIO's legacy one) takes only the default "
+                     f'{DEFAULT_POLL_TIMEOUT_S}')
+  if timeout < 1:
+    raise UsageError('--kafka-poll-timeout is whole seconds, at least 1 (with 0 the splittable '
+                     'read would return without polling)')
+  return {'consumer_config': config, 'poll_timeout_s': timeout}
+
 
 
 class ArchiveSettings(NamedTuple):
@@ -163,7 +201,9 @@ def build_stream(p: beam.Pipeline, app: App, source: KafkaTopic, out: str, *,
                  archive: Optional[ArchiveSettings] = None, from_archive: Optional[str] = None,
                  output_topic_prefix: Optional[str] = None,
                  resequence: Optional[Dict[str, Any]] = None,
-                 renumber: bool = True) -> Dict[str, beam.PCollection]:
+                 renumber: bool = True,
+                 stage_times: bool = False,
+                 kafka_read: Optional[Dict[str, Any]] = None) -> Dict[str, beam.PCollection]:
   registry = app.registry
   if from_archive:
     handoff = p | 'ReplayThenLive' >> ReplayThenLive(
@@ -172,7 +212,7 @@ def build_stream(p: beam.Pipeline, app: App, source: KafkaTopic, out: str, *,
         renumber=renumber)
     result, live, messages = handoff, handoff.live, handoff.messages
   else:
-    messages = read_kafka(p, source, group_id, max_records)
+    messages = read_kafka(p, source, group_id, max_records, **(kafka_read or {}))
     result = live = messages | 'Publish' >> PublishKafkaMessages(
         registry, resequence=resequence, renumber=renumber)
   events_dead, gaps = result.dead_letters | 'GapsApart' >> beam.Partition(
@@ -187,8 +227,9 @@ def build_stream(p: beam.Pipeline, app: App, source: KafkaTopic, out: str, *,
     ((result.published_refs | 'ViewEvents' >> beam.Map(lambda pr: (pr[0], view_source(pr[1]))),
       result.dead_refs | 'ViewRefused' >> beam.Map(lambda dr: (None, view_source(dr[1]))))
      | 'AsViewMessages' >> beam.Flatten()
-     | 'ViewChanges' >> ViewChanges(app)
-     | 'WriteViews' >> WriteViewsToStore(views, [v.name for v in app.views]))
+     | 'ViewChanges' >> ViewChanges(app, stage_times=stage_times)
+     | 'WriteViews' >> WriteViewsToStore(views, [v.name for v in app.views],
+                                         stage_times=stage_times))
   if publish_topic:
     result.published | 'PublishToKafka' >> ToKafka(
         lambda e: (e['partition_key'].encode(), to_json(e).encode()), source.bootstrap, publish_topic)
@@ -271,8 +312,12 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
         from_archive: Optional[str] = None,
         output_topic_prefix: Optional[str] = None,
         resequence: Optional[Dict[str, Any]] = None,
-        renumber: bool = True) -> Optional[Dict[str, Any]]:
+        renumber: bool = True,
+        stage_times: bool = False,
+        kafka_read: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
   bounded = max_records is not None
+  if views and not bounded:  # the live view pipeline: latency first (explicit options win)
+    beam_args = runners.live_view_args(beam_args)
   from sourcebeam.transforms.view_store import is_postgres
   options = pipeline_options(beam_args, streaming=not bounded,
                              worker_extras=['postgres'] if views and is_postgres(views) else [])
@@ -289,7 +334,8 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
     counts = build_stream(p, app, source, out, max_records=max_records, views=views,
                           publish_topic=publish_topic, group_id=group_id, archive=archive,
                           from_archive=from_archive, output_topic_prefix=output_topic_prefix,
-                          resequence=resequence, renumber=renumber)
+                          resequence=resequence, renumber=renumber,
+                          stage_times=stage_times, kafka_read=kafka_read)
     if bounded:
       counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
   stop_after_dry_run(p, beam_args)
@@ -322,13 +368,15 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   if args.output_topic_prefix is not None and not TOPIC_NAME.match(args.output_topic_prefix):
     raise UsageError('--output-topic-prefix must be letters, digits, ".", "_" or "-", '
                      f'got {args.output_topic_prefix!r}')
+  kafka_read = kafka_read_options(args, beam_args)
   app = load_app(args.app)
   archive = ArchiveSettings(args.archive, args.archive_window, args.archive_flush) if args.archive else None
   summary = run(source, args.out, beam_args, app=app, max_records=args.max_records,
                 views=args.views, publish_topic=args.publish_topic, group_id=args.group_id,
                 archive=archive, from_archive=args.from_archive,
                 output_topic_prefix=args.output_topic_prefix,
-                resequence=resequence_options(args), renumber=not args.published_source)
+                resequence=resequence_options(args), renumber=not args.published_source,
+                stage_times=args.stage_times, kafka_read=kafka_read)
   if summary:
     print(f'read {summary["in"]} messages from {summary["source"]}: {summary["published"]} '
           f'published, {summary["dead_lettered"]} dead-lettered, {summary["duplicates_dropped"]} '

@@ -22,11 +22,17 @@ value is read *after* the positions are seen, and the store moves a view and its
 positions in one transaction, so a satisfied receipt's write is in the answer.
 
 Waiting costs no thread: a waiting read is a coroutine on the event loop, and one
-:class:`PositionWatcher` per process reads the positions every ``--poll-ms`` while
-any read waits and wakes the reads whose receipts are met, so N waiting reads
-cost one poll loop, not N. The store (sqlite3 or pg8000, both blocking) is used
-only from a bounded thread pool of ``--max-connections`` threads, each with its
-own connection.
+:class:`PositionWatcher` per process reads the positions while any read waits and
+wakes the reads whose receipts are met, so N waiting reads cost one loop, not N.
+The watcher is told of new positions rather than polling them: on PostgreSQL it
+LISTENs for the NOTIFY the store sends in the transaction that moves a position
+(:class:`PostgresChanges`, asyncpg on the event loop); on SQLite a thread checks
+``PRAGMA data_version`` every ``--poll-ms`` (a counter SQLite bumps on another
+connection's commit; no table read) and the positions are read only after a commit
+(:class:`SqliteChanges`). Either way they are re-read at least every second too, and
+without a feed they are polled every ``--poll-ms``. The store (sqlite3 or pg8000,
+both blocking) is used only from a bounded thread pool of ``--max-connections``
+threads, each with its own connection.
 
 Tokens: with ``$SOURCEBEAM_VIEWS_TOKENS`` (comma-separated) or ``--tokens-file``,
 every route but ``/health`` needs ``Authorization: Bearer <token>`` (401 before
@@ -62,7 +68,8 @@ from sourcebeam.pipelines.apps import load_app
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.serve import (Answer, HttpError, check_http_arguments, check_token,
                                         is_loopback, load_tokens, not_found, parse_uint,
-                                        serve_until_stopped, token_given)
+                                        serve_until_stopped, timing_header, token_given,
+                                        wants_timing)
 from sourcebeam.transforms.app import App
 from sourcebeam.transforms.view_store import ViewStore, redact
 
@@ -221,49 +228,210 @@ def pending_receipts(receipts: Receipts, positions: List[Dict[str, Any]]) -> Lis
   return [(t, p, o) for (t, p), o in sorted(receipts.items()) if reached.get((t, p), -1) < o]
 
 
-# --- waiting: one watcher per process ------------------------------------------------------------
+# --- waiting: one watcher per process, told of commits where the store can tell ------------------
+
+# With a change feed, the positions are re-read on each change the feed reports and, as a
+# safety net (a notification lost with a dropped connection), at least this often.
+RESYNC_S = 1.0
+MIN_POLL_S = 0.01
+
+
+class SqliteChanges:
+  """Tells the watcher of commits to a SQLite store: a thread checks ``PRAGMA data_version``
+  (which changes when another connection commits; no table is read) every ``check_s`` while
+  reads wait, and sets the watcher's event when it changed. Idle while no read waits."""
+
+  def __init__(self, path: str, check_s: float):
+    self.path, self.check_s = path, check_s
+    self.checks = 0
+    self._active = threading.Event()
+    self._stopping = False
+    self._thread: Optional[threading.Thread] = None
+
+  async def start(self, wake: Callable[[], None]) -> bool:
+    import sqlite3
+    conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute('PRAGMA data_version').fetchone()  # fails now, at start, on a bad file
+    self._thread = threading.Thread(target=self._run, args=(conn, wake), daemon=True,
+                                    name='views-sqlite-changes')
+    self._thread.start()
+    return True
+
+  @property
+  def listening(self) -> bool:
+    return self._thread is not None and self._thread.is_alive()
+
+  def active(self, on: bool) -> None:
+    (self._active.set if on else self._active.clear)()
+
+  def _run(self, conn, wake: Callable[[], None]) -> None:
+    try:
+      last = None
+      while not self._stopping:
+        if not self._active.wait(0.5):
+          last = None  # idle: the first check after a pause always wakes the watcher
+          continue
+        version = conn.execute('PRAGMA data_version').fetchone()[0]
+        self.checks += 1
+        if version != last:
+          last = version
+          wake()
+        time.sleep(self.check_s)
+    except Exception as e:  # the watcher's resync keeps reads answered, more slowly
+      log.warning('watching the view store for commits stopped: %s', e)
+    finally:
+      conn.close()
+
+  async def stop(self) -> None:
+    self._stopping = True
+    self._active.set()
+    if self._thread is not None:
+      await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5)
+
+
+class PostgresChanges:
+  """Tells the watcher of commits that moved positions in a PostgreSQL store: LISTEN on
+  :data:`~sourcebeam.transforms.view_store.POSITIONS_CHANNEL` (the store sends NOTIFY in the
+  transaction that moves a position) on one asyncpg connection on the event loop. A dropped
+  connection is reopened; meanwhile the watcher polls."""
+
+  def __init__(self, dsn: str):
+    self.dsn = dsn
+    self.notifications = 0
+    self._conn = None
+    self._wake: Callable[[], None] = lambda: None
+    self._reconnect: Optional['asyncio.Task[None]'] = None
+    self.listening = False
+
+  async def start(self, wake: Callable[[], None]) -> bool:
+    self._wake = wake
+    return await self._listen()
+
+  async def _listen(self) -> bool:
+    from sourcebeam.transforms.view_store import POSITIONS_CHANNEL
+    try:
+      import asyncpg
+      self._conn = await asyncpg.connect(self.dsn, timeout=30)
+      await self._conn.add_listener(POSITIONS_CHANNEL, self._notified)
+      self._conn.add_termination_listener(self._lost)
+    except Exception as e:
+      log.warning('cannot LISTEN for position changes (%s: %s); polling instead',
+                  type(e).__name__, str(e).replace(self.dsn, redact(self.dsn)))
+      self.listening = False
+      return False
+    self.listening = True
+    self._wake()  # anything committed before LISTEN took effect: read once more
+    return True
+
+  def _notified(self, *args) -> None:
+    self.notifications += 1
+    self._wake()
+
+  def _lost(self, *args) -> None:
+    self.listening = False
+    log.warning('the LISTEN connection to the view store was lost; polling until it is back')
+    if self._reconnect is None or self._reconnect.done():
+      self._reconnect = asyncio.get_running_loop().create_task(self._again())
+
+  async def _again(self) -> None:
+    while not await self._listen():
+      await asyncio.sleep(RESYNC_S)
+
+  def active(self, on: bool) -> None:
+    pass  # notifications cost nothing while no read waits
+
+  async def stop(self) -> None:
+    if self._reconnect is not None:
+      self._reconnect.cancel()
+    if self._conn is not None:
+      conn, self._conn = self._conn, None
+      conn.remove_termination_listener(self._lost)
+      await conn.close()
+
 
 class PositionWatcher:
-  """Reads the view positions every ``poll_s`` while any read waits, and wakes the reads
-  whose receipts are met: N waiting reads cost one poll loop. Lives on the event loop."""
+  """Wakes the reads whose receipts the view positions meet: N waiting reads cost one loop.
+  Lives on the event loop.
 
-  def __init__(self, fetch: Callable[[], Awaitable[List[Dict[str, Any]]]], poll_s: float):
-    self.fetch, self.poll_s = fetch, poll_s
-    self.waiters: Dict['asyncio.Future[List[Dict[str, Any]]]', Tuple[str, Receipts]] = {}
+  While any read waits it reads the positions, then waits for the next change: told by
+  ``changes`` (:class:`PostgresChanges`, :class:`SqliteChanges`) when the store can tell,
+  re-reading at least every :data:`RESYNC_S` anyway; without a feed (or while it is down) it
+  polls every ``poll_s`` (at least 10 ms).
+  """
+
+  def __init__(self, fetch: Callable[[], Awaitable[List[Dict[str, Any]]]], poll_s: float,
+               changes: Any = None):
+    self.fetch, self.poll_s, self.changes = fetch, poll_s, changes
+    # Polling reads the positions each time: not more often than every 10 ms.
+    self.fallback_s = max(poll_s, MIN_POLL_S)
+    self.waiters: Dict['asyncio.Future[Tuple[List[Dict[str, Any]], float]]', Tuple[str, Receipts]] = {}
     self.task: Optional['asyncio.Task[None]'] = None
     self.polls = 0
     self.errors = 0
+    self.told = False  # whether the feed is telling (else: polling)
+    self._changed: Optional[asyncio.Event] = None
 
-  async def wait(self, view: str, receipts: Receipts, timeout: float) -> List[Dict[str, Any]]:
-    """The view's positions once they meet ``receipts``; asyncio.TimeoutError after ``timeout``."""
+  async def start(self) -> None:
     loop = asyncio.get_running_loop()
-    fut: 'asyncio.Future[List[Dict[str, Any]]]' = loop.create_future()
+    self._changed = asyncio.Event()
+
+    def wake() -> None:  # from any thread
+      loop.call_soon_threadsafe(self._changed.set)
+    if self.changes is not None:
+      self.told = await self.changes.start(wake)
+
+  async def wait(self, view: str, receipts: Receipts, timeout: float,
+                 marks: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+    """The view's positions once they meet ``receipts``; asyncio.TimeoutError after ``timeout``.
+    ``marks['noticed']`` gets the Unix time the positions that met them were read."""
+    loop = asyncio.get_running_loop()
+    fut: 'asyncio.Future[Tuple[List[Dict[str, Any]], float]]' = loop.create_future()
     self.waiters[fut] = (view, receipts)
     if self.task is None or self.task.done():
       self.task = loop.create_task(self._run())
     try:
-      return await asyncio.wait_for(fut, timeout)
+      positions, noticed = await asyncio.wait_for(fut, timeout)
     finally:
       self.waiters.pop(fut, None)
+    if marks is not None:
+      marks['noticed'] = noticed
+    return positions
+
+  def _waiting(self) -> bool:
+    return any(not f.done() for f in self.waiters)
 
   async def _run(self) -> None:
-    while any(not f.done() for f in self.waiters):
-      try:
-        positions = await self.fetch()
-      except Exception as e:  # the waiting reads time out with 504 if this goes on
-        self.errors += 1
-        log.warning('reading the view positions failed: %s', e)
-      else:
-        self.polls += 1
-        by_view: Dict[str, List[Dict[str, Any]]] = {}
-        for p in positions:
-          by_view.setdefault(p['view'], []).append(p)
-        for fut, (view, receipts) in list(self.waiters.items()):
-          mine = by_view.get(view, [])
-          if not fut.done() and not pending_receipts(receipts, mine):
-            fut.set_result(mine)
-      if any(not f.done() for f in self.waiters):
-        await asyncio.sleep(self.poll_s)
+    if self._changed is None:
+      await self.start()
+    if self.changes is not None:
+      self.changes.active(True)
+    try:
+      while self._waiting():
+        self._changed.clear()  # before the read: a commit during it wakes the next round
+        try:
+          positions = await self.fetch()
+          fetched = time.time()
+        except Exception as e:  # the waiting reads time out with 504 if this goes on
+          self.errors += 1
+          log.warning('reading the view positions failed: %s', e)
+        else:
+          self.polls += 1
+          by_view: Dict[str, List[Dict[str, Any]]] = {}
+          for p in positions:
+            by_view.setdefault(p['view'], []).append(p)
+          for fut, (view, receipts) in list(self.waiters.items()):
+            mine = by_view.get(view, [])
+            if not fut.done() and not pending_receipts(receipts, mine):
+              fut.set_result((mine, fetched))
+        if self._waiting():
+          told = self.changes is not None and getattr(self.changes, 'listening', self.told)
+          try:
+            await asyncio.wait_for(self._changed.wait(), RESYNC_S if told else self.fallback_s)
+          except asyncio.TimeoutError:
+            pass
+    finally:
+      if self.changes is not None:
+        self.changes.active(False)
 
   async def stop(self) -> None:
     if self.task is not None and not self.task.done():
@@ -272,6 +440,8 @@ class PositionWatcher:
         await self.task
       except asyncio.CancelledError:
         pass
+    if self.changes is not None:
+      await self.changes.stop()
 
 
 # --- the API -------------------------------------------------------------------------------------
@@ -282,7 +452,7 @@ class ViewsApi:
 
   max_body_bytes = 0  # GET only: any body is refused
 
-  def __init__(self, app: App, dsn: str, max_wait_ms: int = 5000, poll_ms: int = 10,
+  def __init__(self, app: App, dsn: str, max_wait_ms: int = 5000, poll_ms: int = 2,
                max_connections: int = 16, tokens: Optional[Set[str]] = None,
                routes: Optional[Tuple[Route, ...]] = None):
     self.app = app
@@ -330,7 +500,12 @@ class ViewsApi:
       raise HttpError(503, 'the view store did not answer; retry') from None
 
   async def start(self) -> None:
-    self.watcher = PositionWatcher(lambda: self.db(lambda s: s.positions()), self.poll_ms / 1000)
+    from sourcebeam.transforms.view_store import is_postgres, sqlite_path
+    changes = (PostgresChanges(self.dsn) if is_postgres(self.dsn) else
+               SqliteChanges(sqlite_path(self.dsn), self.poll_ms / 1000))
+    self.watcher = PositionWatcher(lambda: self.db(lambda s: s.positions()), self.poll_ms / 1000,
+                                   changes)
+    await self.watcher.start()
 
   async def stop(self) -> None:
     if self.watcher is not None:
@@ -386,6 +561,7 @@ class ViewsApi:
     return Read(route, view, key, parse_receipts(query.get('after', [])), wait_ms)
 
   async def handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Answer:
+    marks = {'received': time.time()} if wants_timing(headers) else None
     self.check(method, target, headers)
     read = self.parse(target)
     if read.route.kind == 'health':
@@ -396,7 +572,11 @@ class ViewsApi:
       return 200, {'app': self.app.name, 'views': [
           {'name': v.name, 'index': v.index, 'route': v.route, 'event_types': sorted(v.event_types)}
           for v in self.app.views]}, {}
-    return await self._read(read)
+    if marks is None:
+      return await self._read(read)
+    status, payload, extra = await self._read(read, marks)
+    marks['answered'] = time.time()
+    return status, payload, dict(extra, **timing_header(marks))
 
   async def _health(self, detailed: bool) -> Answer:
     if not detailed:
@@ -405,9 +585,12 @@ class ViewsApi:
     watcher = self.watcher
     return 200, {'status': 'ok', 'db': redact(self.dsn), 'views': sorted({p['view'] for p in positions}),
                  'waiting_reads': len(watcher.waiters) if watcher else 0,
-                 'position_polls': watcher.polls if watcher else 0}, {}
+                 'position_polls': watcher.polls if watcher else 0,
+                 'position_changes': _how_told(watcher)}, {}
 
-  async def _read(self, read: Read) -> Answer:
+  async def _read(self, read: Read, marks: Optional[Dict[str, float]] = None) -> Answer:
+    """A view read; ``marks`` (stage timing) gets ``checked`` (the first positions read) and
+    ``noticed`` (when positions meeting the receipts were read)."""
     view, key, receipts = read.view, read.key, read.receipts
     route = read.route
     read_store = lambda s: READERS[route.read](s, route, view, key)
@@ -415,10 +598,12 @@ class ViewsApi:
     waited_ms = 0
     if receipts:
       positions = await self.db(lambda s: s.positions(view))
+      if marks is not None:
+        marks['checked'] = marks['noticed'] = time.time()
       if pending_receipts(receipts, positions):
         timeout = max(0.0, read.wait_ms / 1000 - (time.monotonic() - start))
         try:
-          positions = await self.watcher.wait(view, receipts, timeout)
+          positions = await self.watcher.wait(view, receipts, timeout, marks)
         except asyncio.TimeoutError:
           positions = await self.db(lambda s: s.positions(view))
           pending = pending_receipts(receipts, positions)
@@ -439,6 +624,15 @@ class ViewsApi:
     body['positions'] = _positions(positions)
     body['waited_ms'] = waited_ms  # time spent waiting for receipts; 0 when none had to wait
     return 200, body, {}
+
+
+def _how_told(watcher: Optional[PositionWatcher]) -> str:
+  """How the watcher learns of new positions: ``notify`` (PostgreSQL LISTEN), ``data_version``
+  (SQLite commits, checked every --poll-ms) or ``polling`` (the positions read every --poll-ms)."""
+  changes = watcher.changes if watcher else None
+  if changes is None or not getattr(changes, 'listening', False):
+    return 'polling'
+  return 'notify' if isinstance(changes, PostgresChanges) else 'data_version'
 
 
 def _positions(positions: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

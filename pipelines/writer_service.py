@@ -70,7 +70,8 @@ from sourcebeam.pipelines.apps import load_app
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.serve import (Answer, HttpError, check_http_arguments, check_token,
                                         load_tokens as _load_tokens, method_not_allowed, not_found,
-                                        serve_until_stopped, token_given)
+                                        serve_until_stopped, timing_header, token_given,
+                                        wants_timing)
 from sourcebeam.pipelines.writer_lease import LEASE_MS, WriterLease, lease_topic
 from sourcebeam.schemas.envelope import to_json
 from sourcebeam.schemas.registry import Registry
@@ -347,11 +348,13 @@ class KafkaLog:
       return EventTimeLimits(self.topic, settle_ms=settle)
 
   def append(self, messages: List[Tuple[bytes, bytes, int]],
-             may_append: Callable[[], bool] = lambda: True
+             may_append: Callable[[], bool] = lambda: True,
+             ack_times: Optional[List[Optional[float]]] = None
              ) -> List[Tuple[Optional[Tuple[int, int]], Optional[str], bool]]:
     """Produces ``(key, value, timestamp_ms)`` messages in order; per message
     ``((partition, offset), None, False)`` once acknowledged, or ``(None, reason, permanent)``.
     ``may_append`` is asked before each message is handed to the producer (the lease).
+    ``ack_times``, a list as long as ``messages``, gets the Unix time each answer arrived.
 
     The Kafka timestamp is the event's ``event_time``: a streaming pipeline reads it
     as the element's event time (``run.py stream``), so windows and watermarks follow
@@ -360,6 +363,8 @@ class KafkaLog:
 
     def done(i):
       def cb(err, msg):
+        if ack_times is not None:
+          ack_times[i] = time.time()
         results[i] = ((None, f'{err.name()}: {err.str()}', err.name() in _PERMANENT)
                       if err is not None else ((msg.partition(), msg.offset()), None, False))
       return cb
@@ -445,6 +450,8 @@ class _Request:
   def __init__(self, envelopes: List[Tuple[Dict[str, Any], bool, List[str]]], single: bool):
     self.envelopes, self.single = envelopes, single
     self.future: 'concurrent.futures.Future[Answer]' = concurrent.futures.Future()
+    # Stage times (Unix seconds) when the client asked for them (Sourcebeam-Timing), else None.
+    self.times: Optional[Dict[str, Optional[float]]] = None
 
 
 class Writer:
@@ -509,8 +516,14 @@ class Writer:
       if token_given(headers, self.tokens):
         return await loop.run_in_executor(self.pool, self.health, True)
       return self.health(False)
+    received = time.time() if wants_timing(headers) else None
     request = await loop.run_in_executor(self.pool, self.prepare, body)
-    return await asyncio.wrap_future(self.submit(request))
+    if received is None:
+      return await asyncio.wrap_future(self.submit(request))
+    request.times = {'received': received}
+    status, payload, extra = await asyncio.wrap_future(self.submit(request))
+    request.times['answered'] = time.time()
+    return status, payload, dict(extra, **timing_header(request.times))
 
   def health(self, detailed: bool = False) -> Answer:
     """Liveness for anyone; with a valid token also the topic, the lease and the counts."""
@@ -663,7 +676,11 @@ class Writer:
             final.append((kind, ref))
         plan.append(final)
     may_append = self.lease.valid if self.lease is not None else (lambda: True)
-    results = self.log.append(messages, may_append) if messages else []
+    timed = [r for r in group if r.times is not None]
+    for r in timed:
+      r.times['appending'] = time.time()
+    ack_times: Optional[List[Optional[float]]] = [None] * len(messages) if timed else None
+    results = self.log.append(messages, may_append, ack_times) if messages else []
     receipts: List[Optional[Dict[str, Any]]] = []
     for (env, _), (where, _, _) in zip(pending, results):
       receipts.append(None if where is None else make_receipt(
@@ -683,6 +700,12 @@ class Writer:
         self.state.record(acked, known)
     if not complete:
       self.needs_reconcile = True  # a failed produce may still have reached the log
+    if timed:
+      recorded = time.time()
+      for request, steps in zip(group, plan):
+        if request.times is not None:
+          acks = [ack_times[ref] for kind, ref in steps or () if kind == 'new' and ack_times[ref]]
+          request.times.update(acked=max(acks) if acks else None, recorded=recorded)
     for request, steps in zip(group, plan):
       if steps is None or request.future.done():
         continue

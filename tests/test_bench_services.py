@@ -21,7 +21,9 @@ def test_a_small_run_states_waiting_reads_bursts_and_slow_clients(kafka, tmp_pat
             'plain_read_ms_with_slow_clients'):
     assert 0 < result[k]['p50'] <= result[k]['p99'] <= result[k]['max'], (k, result[k])
   assert result['all_waiting_answered_ms_after_the_write'] >= 0
-  assert 0 < result['position_polls_per_s_while_waiting'] <= 1000 / 10 + 1  # one watcher at --poll-ms 10
+  # One watcher, reading the positions at most every --poll-ms (10); on SQLite only after a commit
+  # or once a second, and nothing commits while they wait: possibly never.
+  assert 0 <= result['position_polls_per_s_while_waiting'] <= 1000 / 10 + 1
   assert 'plain reads, 40 reads waiting' in proc.stdout
 
 

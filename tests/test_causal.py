@@ -21,7 +21,7 @@ from typing import Dict, List
 import pytest
 
 from tests.demo import DEMO_APP, REG
-from sourcebeam.pipelines.live_stack import LiveStack, Load, add_then_view, percentile
+from sourcebeam.pipelines.live_stack import LiveStack, Load, StackError, add_then_view, percentile
 from sourcebeam.transforms.view_store import ROWS_TABLE
 from tests.cli import run_cli
 from tests.polling import wait_until
@@ -142,3 +142,16 @@ def test_a_killed_pipeline_restarts_and_its_views_equal_a_replay_of_the_archive(
   assert sum(len(rows) for rows in live.values()) > 100
   for view in VIEWS:
     assert live[view] == replayed[view], view  # nothing lost, nothing applied twice
+
+
+def test_a_stack_that_does_not_come_up_stops_what_it_started(kafka, tmp_path):
+  """The pipeline fails at once (no such runner): start() says so, and the writer and the view
+  API it had started are stopped, not left running."""
+  stack = LiveStack(kafka, _topic('broken'), str(tmp_path), runner_args=['--runner=NoSuchRunner'])
+  started = []
+  spawn = stack._spawn
+  stack._spawn = lambda name, args: started.append(spawn(name, args)) or started[-1]
+  with pytest.raises(StackError, match='exited'):
+    stack.start(timeout=240)
+  assert len(started) == 3  # writer, view API, pipeline
+  assert all(p.poll() is not None for p in started), [p.args for p in started if p.poll() is None]

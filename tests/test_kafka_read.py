@@ -105,3 +105,35 @@ def test_a_bound_over_ten_thousand_that_every_reader_can_fill_ends(kafka, tmp_pa
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())
   assert (summary['in'], summary['dead_lettered']) == (10_600, 10_600)
+
+
+def test_consumer_settings_add_to_the_reads_own_and_may_not_override_them():
+  from sourcebeam.transforms.errors import ConfigError
+  from sourcebeam.transforms.kafka_read import OWN_SETTINGS, ReadKafkaMessages, read_consumer_config
+  config = read_consumer_config('b:9092', 'g', {'fetch.max.wait.ms': '50', 'max.poll.records': '200'})
+  assert config == {'bootstrap.servers': 'b:9092', 'auto.offset.reset': 'earliest', 'group.id': 'g',
+                    'enable.auto.commit': 'false', 'fetch.max.wait.ms': '50',
+                    'max.poll.records': '200'}
+  read = ReadKafkaMessages('b:9092', 't', 'g', consumer_config={'fetch.min.bytes': '1'},
+                           poll_timeout_s=1)
+  assert read.config['fetch.min.bytes'] == '1' and read.poll_timeout_s == 1
+  for key in OWN_SETTINGS:
+    with pytest.raises(ConfigError, match=key):
+      read_consumer_config('b:9092', 'g', {key: 'x'})
+  for timeout in (0, -1, 1.5, True):
+    with pytest.raises(ConfigError, match='whole seconds'):
+      ReadKafkaMessages('b:9092', 't', 'g', poll_timeout_s=timeout)
+
+
+@pytest.mark.parametrize('args, said', [
+    (['--kafka-consumer', 'enable.auto.commit=true'], 'enable.auto.commit'),
+    (['--kafka-consumer', 'fetch.max.wait.ms'], 'KEY=VALUE'),
+    (['--kafka-poll-timeout', '0'], 'at least 1'),
+    (['--kafka-poll-timeout', '1', '--runner=FlinkRunner'], "Flink's read"),
+])
+def test_stream_refuses_bad_kafka_read_options_before_it_starts(args, said, tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',
+                         'kafka://127.0.0.1:1/t', '--out', str(tmp_path / 'out'), *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and said in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+  assert not (tmp_path / 'out').exists()  # refused before anything was made

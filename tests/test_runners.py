@@ -107,6 +107,28 @@ def test_explicit_options_win():
   assert runners.has_option(args, '--setup_file')  # PROCESS workers need the package
 
 
+def test_a_live_view_pipeline_on_embedded_flink_is_tuned_for_latency():
+  args = runners.live_view_args(['--runner=FlinkRunner', '--flink_master=[local]'])
+  assert runners.option_value(args, '--max_bundle_time_mills') == '10'
+  assert runners.option_value(args, '--max_bundle_size') == '1000'
+  assert runners.option_value(args, '--parallelism') == '1'  # one LOOPBACK Python worker
+  conf = runners.option_value(args, '--flink_conf_dir')
+  with open(os.path.join(conf, 'flink-conf.yaml')) as f:
+    assert f.read() == 'execution.buffer-timeout: 5 ms\n'
+  assert runners.live_view_args(['--runner=FlinkRunner'])[1:] == args[2:]  # [auto] is embedded too
+  # Explicit options win; a cluster keeps its own configuration and parallelism.
+  mine = runners.live_view_args(['--runner=FlinkRunner', '--max_bundle_time_mills=50',
+                                 '--parallelism=2', '--flink_conf_dir=/conf'])
+  assert mine == ['--runner=FlinkRunner', '--max_bundle_time_mills=50', '--parallelism=2',
+                  '--flink_conf_dir=/conf', '--max_bundle_size=1000']
+  cluster = runners.live_view_args(['--runner=FlinkRunner', '--flink_master=localhost:8081'])
+  assert cluster == ['--runner=FlinkRunner', '--flink_master=localhost:8081',
+                     '--max_bundle_time_mills=10', '--max_bundle_size=1000']
+  pool = runners.live_view_args(['--runner=FlinkRunner', '--environment_type=EXTERNAL'])
+  assert not runners.has_option(pool, '--parallelism')  # worker processes of their own
+  assert runners.live_view_args(['--runner=PrismRunner']) == ['--runner=PrismRunner']
+
+
 @pytest.mark.integration  # needs scripts/install_tools.sh's binaries
 def test_prism_and_default_io_expansion_service_are_local():
   args = runners.runner_args(['--runner=PrismRunner'])

@@ -492,9 +492,10 @@ def test_300_waiting_reads_cost_one_watcher_and_do_not_stall_plain_reads(tmp_pat
     assert during['waiting_reads'] == 300  # still waiting: nothing applied offset 7 yet
     report = _report('plain reads while 300 reads wait', plain)
     assert report['p99_ms'] < 2000, report
-    # One poll loop: at most one poll per --poll-ms (plus the time a poll takes), never one per
-    # waiting read (that would be 300 times as many).
-    assert 1 <= polls <= (t1 - t0) / 0.010 + 5, (polls, t1 - t0)
+    # One watcher: at most one positions read per --poll-ms (plus the time a read takes), never
+    # one per waiting read (that would be 300 times as many). On SQLite it reads them only after
+    # a commit (PRAGMA data_version) or once a second, and nothing commits here: maybe none.
+    assert 0 <= polls <= (t1 - t0) / 0.010 + 5, (polls, t1 - t0)
     applied = time.monotonic()
     apply(db, 7)
     waiting.join(60)

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Tuple
 import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 
 from tests.demo import DEMO_APP, REG
 from sourcebeam.schemas.envelope import make_envelope
@@ -296,3 +297,114 @@ def test_kafka_message_shapes_and_dead_letters():
   bad = {'topic': TOPIC, 'partition': 2, 'offset': 42, 'value': b'{"not": "an envelope"}'}
   assert kafka_message(bad, REG) == (None, {'topic': TOPIC, 'partition': 2, 'offset': 42})
   assert kafka_message(dict(bad, value=None), REG)[0] is None  # a tombstone
+
+
+def test_stage_times_are_recorded_in_order_with_the_rows(dsn):
+  """``stage_times=True``: every message's stage times reach the store's ``stage_times`` table in
+  the transaction of its rows, each stage at or after the one before it; without the flag the
+  sources carry no times and no table is made."""
+  import time
+  from sourcebeam.transforms.view_store import STAGES, ViewChanges
+  messages = []
+  seqs: Dict[str, int] = {}
+  for i, (event_type, data) in enumerate(EVENTS):
+    key = data.get('user_id') or data['product_id']
+    seqs[key] = seqs.get(key, 0) + 1
+    env = make_envelope(REG, event_type, data, event_id=f'e{i}', sequence=seqs[key],
+                        event_time=T0 + i, origin='test')
+    messages.append((env, {'topic': TOPIC, 'partition': 0, 'offset': i}))
+  n = len(messages)
+  messages.append((None, {'topic': TOPIC, 'partition': 0, 'offset': n}))  # read by no view
+  before = time.time()
+  with TestPipeline() as p:
+    _ = (p | beam.Create(messages) | ViewChanges(DEMO_APP, stage_times=True)
+         | WriteViewsToStore(dsn, VIEWS, batch_size=3, stage_times=True))
+  after = time.time()
+  with ViewStore(dsn, VIEWS) as store:
+    times = store.read_stage_times([(TOPIC, 0, i) for i in range(n + 1)] + [(TOPIC, 0, n + 5)])
+    assert store.get(CART, 'u1') is not None
+  assert sorted(times) == [(TOPIC, 0, i) for i in range(n + 1)]  # the missing offset: absent
+  for source, marks in times.items():
+    handled = marks['handled'] is not None
+    assert handled == (source[2] < n), source  # the dead letter reached no handler
+    stages = [marks[s] for s in STAGES if marks[s] is not None]
+    assert len(stages) == len(STAGES) - (0 if handled else 1)
+    assert before <= stages[0] and stages[-1] <= after
+    assert stages == sorted(stages), marks  # bundle <= seen <= handled <= sink <= begun <= committing
+
+
+def test_without_stage_times_nothing_is_timed(tmp_path):
+  from sourcebeam.transforms.view_store import ViewChanges
+  env = make_envelope(REG, 'CartItemAdded', {'user_id': 'u1', 'product_id': 'p1', 'quantity': 1},
+                      event_id='e1', sequence=1, event_time=T0, origin='test')
+  db = str(tmp_path / 'views.db')
+  with TestPipeline() as p:
+    outcomes = (p | beam.Create([(env, {'topic': TOPIC, 'partition': 0, 'offset': 0})])
+                | ViewChanges(DEMO_APP))
+    _ = outcomes | WriteViewsToStore(db, VIEWS)
+    assert_that(outcomes | beam.Map(lambda o: sorted(o[0])),
+                equal_to([['offset', 'partition', 'topic']]))
+  import sqlite3
+  con = sqlite3.connect(db)
+  try:
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+  finally:
+    con.close()
+  assert 'stage_times' not in tables and 'view_rows' in tables
+
+
+@pytest.mark.integration
+def test_postgres_sends_notify_with_each_transaction_that_moves_a_position(pg_dsn):
+  """A LISTEN connection gets one notification per transaction that moved a position (per-event
+  and records mode), delivered at commit, and none for one that moved nothing."""
+  import time
+  from sourcebeam.transforms.view_store import POSITIONS_CHANNEL, _connect_postgres
+  with ViewStore(pg_dsn, VIEWS) as store:
+    listener = _connect_postgres(pg_dsn)
+    listener.autocommit = True
+    cur = listener.cursor()
+    cur.execute(f'LISTEN {POSITIONS_CHANNEL}')
+
+    def notified(n: int) -> List[str]:
+      """The channels of the notifications received, once there are ``n`` (or 20 s passed).
+      One session's notifications arrive in commit order: once a later commit's is here, an
+      earlier one's would be too."""
+      deadline = time.monotonic() + 20
+      while len(listener.notifications) < n and time.monotonic() < deadline:
+        cur.execute('SELECT 1')  # reads what the server sent meanwhile
+        time.sleep(0.01)
+      got = [channel for _, channel, _ in listener.notifications]
+      listener.notifications.clear()
+      return got
+
+    try:
+      store.apply_events([({'topic': TOPIC, 'partition': 0, 'offset': 0}, []),
+                          ({'topic': TOPIC, 'partition': 0, 'offset': 1}, [])])
+      assert notified(1) == [POSITIONS_CHANNEL]  # one per transaction, not per position
+      store.apply_events([({'topic': TOPIC, 'partition': 0, 'offset': 3}, [])])  # past a gap: no move
+      store.apply(changelog(EVENTS[:1], partition=1))  # records mode moves partition 1
+      assert notified(1) == [POSITIONS_CHANNEL]  # the records' only
+    finally:
+      listener.close()
+
+
+def test_a_batch_is_applied_once_its_first_element_waited_max_delay(tmp_path):
+  """The sink applies a batch at the bundle's end, at batch_size, or once its first element has
+  waited max_delay while the bundle goes on: with a delay of 0 each element is in the view as
+  soon as it arrives; without one, only at the bundle's end."""
+  from sourcebeam.transforms.view_store import _WriteViewsFn
+  outcomes = [({'topic': TOPIC, 'partition': 0, 'offset': i}, []) for i in range(3)]
+  for max_delay_s, seen_mid_bundle in ((0.0, [0, 1, 2]), (None, [None, None, None])):
+    db = str(tmp_path / f'views-{max_delay_s}.db')
+    fn = _WriteViewsFn(db, VIEWS, batch_size=500, max_delay_s=max_delay_s)
+    fn.setup()
+    fn.start_bundle()
+    seen = []
+    with ViewStore(db, VIEWS) as reader:
+      for o in outcomes:
+        fn.process(o)
+        seen.append(reader.position(CART, TOPIC, 0))
+      fn.finish_bundle()
+      assert reader.position(CART, TOPIC, 0) == 2
+    fn.teardown()
+    assert seen == seen_mid_bundle, max_delay_s

@@ -40,7 +40,7 @@ class Api:
   """The view API serving on a free loopback port, on its own event loop in this process."""
 
   def __init__(self, dsn: str, max_wait_ms: int = 3000, server_options: Optional[Dict] = None, **kw):
-    self.api = ViewsApi(DEMO_APP, dsn, max_wait_ms=max_wait_ms, poll_ms=10, **kw)
+    self.api = ViewsApi(DEMO_APP, dsn, max_wait_ms=max_wait_ms, **dict({'poll_ms': 10}, **kw))
     self.server = Running(self.api, '127.0.0.1', 0, **(server_options or {}))
     self.port = self.server.port
 
@@ -124,6 +124,66 @@ def test_after_waits_until_the_view_includes_the_write(api, dsn):
                                     {'product_id': 'p2', 'quantity': 1}]
   assert body['positions'] == [{'topic': TOPIC, 'partition': 0, 'offset': 7}]
   assert body['waited_ms'] > 0  # it answered only once offset 7 (applied later) was in the view
+
+
+def _until(condition, what: str, timeout: float = 20.0) -> None:
+  """Polls ``condition`` until it holds; fails after ``timeout`` seconds saying ``what``."""
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert time.monotonic() < deadline, f'timed out waiting for {what}'
+    time.sleep(0.01)
+
+
+def test_the_watcher_is_told_of_commits_instead_of_polling_positions(dsn):
+  """A read waits on a write committed after it began. PostgreSQL: the watcher LISTENs, and with
+  polling set to once a minute the read is still answered, woken by the store's NOTIFY. SQLite:
+  the watcher checks data_version many times while the read waits, yet reads the positions only
+  when a commit happened."""
+  from sourcebeam.pipelines.views_service import _how_told
+  from sourcebeam.transforms.view_store import is_postgres
+  postgres = is_postgres(dsn)
+  a = Api(dsn, max_wait_ms=30000, poll_ms=60000 if postgres else 1)
+  try:
+    apply(dsn, 6)
+    watcher = a.api.watcher
+    assert _how_told(watcher) == ('notify' if postgres else 'data_version')
+    results = []
+    reader = threading.Thread(target=lambda: results.append(a.get(f'/carts/u1?after={TOPIC}:0:7')))
+    reader.start()
+    _until(lambda: watcher.waiters, 'the read to wait')
+    if not postgres:
+      checks = watcher.changes.checks
+      _until(lambda: watcher.changes.checks >= checks + 20, '20 data_version checks')
+      assert watcher.polls <= 2  # checked 20 times, the positions read at most twice
+    polls = watcher.polls
+    apply(dsn, 7)
+    reader.join(30)
+    status, body, _ = results[0]
+    assert status == 200 and len(body['value']['items']) == 2, body
+    assert watcher.polls <= polls + 2  # read once (twice at most) after the commit
+    if postgres:
+      assert watcher.changes.notifications >= 1
+  finally:
+    a.stop()
+
+
+def test_stage_timing_is_answered_only_when_asked(api, dsn):
+  """``Sourcebeam-Timing`` on a request: the answer says when the read was received, first
+  checked, noticed its receipt met and answered, in that order; without it, no such header."""
+  from sourcebeam.pipelines.serve import TIMING_HEADER, parse_timing
+  apply(dsn, 6)
+  status, _, headers = api.get(f'/carts/u1?after={TOPIC}:0:6')
+  assert status == 200 and TIMING_HEADER not in headers
+  timer = threading.Timer(0.2, apply, (dsn, 7))
+  timer.start()
+  before = time.time()
+  status, body, headers = api.get(f'/carts/u1?after={TOPIC}:0:7', headers={TIMING_HEADER: '1'})
+  after = time.time()
+  timer.join()
+  assert status == 200 and body['waited_ms'] > 0
+  marks = parse_timing(headers[TIMING_HEADER])
+  assert list(marks) == ['received', 'checked', 'noticed', 'answered']
+  assert before <= marks['received'] <= marks['checked'] < marks['noticed'] <= marks['answered'] <= after
 
 
 def test_many_waiting_reads_share_few_connections(dsn):

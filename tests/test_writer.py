@@ -689,3 +689,21 @@ def test_health_without_a_token_shows_only_liveness(writer, topic):
   assert s == 200 and body['topic'] == topic and 'receipts' in body
   s, body, _ = writer.request('GET', '/health', headers={'Authorization': 'Bearer wrong-token-0123456789'})
   assert s == 401
+
+
+def test_stage_timing_is_answered_only_when_asked(writer, kafka, topic):
+  """``Sourcebeam-Timing`` on a POST: the answer says when the writer received it, began
+  appending, had Kafka's acknowledgement, recorded the receipt and answered, in that order;
+  without the header nothing is said."""
+  from sourcebeam.pipelines.serve import TIMING_HEADER, parse_timing
+  status, _, headers = writer.post(event('u1'))
+  assert status == 201 and TIMING_HEADER not in headers
+  before = time.time()
+  status, body, headers = writer.post([event('u1', 'p2'), event('u2')],
+                                      headers=dict(HEADERS, **{TIMING_HEADER: '1'}))
+  after = time.time()
+  assert status == 201 and len(body['receipts']) == 2
+  marks = parse_timing(headers[TIMING_HEADER])
+  assert list(marks) == ['received', 'appending', 'acked', 'recorded', 'answered']
+  stages = list(marks.values())
+  assert before <= stages[0] and stages == sorted(stages) and stages[-1] <= after

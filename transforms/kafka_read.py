@@ -16,6 +16,16 @@ hand-off) reads the same way, so this is the one place for it:
   committed on purpose (the hand-off commits its start offsets to a fresh group)
   are still where the read starts.
 
+Latency options: ``consumer_config`` adds Kafka consumer settings (``fetch.min.bytes``,
+``fetch.max.wait.ms``, ``max.poll.records``...) to the read's own, which it may not
+override (:data:`OWN_SETTINGS`); ``poll_timeout_s`` is the splittable read's polling
+timeout (Prism, Dataflow: KafkaIO's ``consumer_polling_timeout``), whole seconds, at
+least 1. The defaults are already the fast ones for a read that keeps up: with
+``fetch.min.bytes`` 1 the broker answers a waiting fetch with the first new record, so
+``fetch.max.wait.ms`` bounds only fetches that find nothing. The splittable read keeps a
+bundle open while records keep coming, for up to ``poll_timeout_s``: its output reaches
+the next step only then.
+
 ``max_records`` bounds the read (a run that ends). KafkaIO divides the bound
 among readers that each own some partitions (:func:`bounded_read_shares`), and a
 reader whose partitions hold less than its share waits until they receive more,
@@ -37,6 +47,24 @@ from sourcebeam.transforms.kafka_retry import retry_transient
 
 # Beam's BoundedReadFromUnboundedSource: one reader per this many records, at most 100.
 _RECORDS_PER_READER, _MAX_READERS = 10_000, 100
+# The consumer settings the read decides (see the module docstring); consumer_config may add others.
+OWN_SETTINGS = ('bootstrap.servers', 'group.id', 'enable.auto.commit', 'auto.offset.reset')
+DEFAULT_POLL_TIMEOUT_S = 2  # KafkaIO's own default
+
+
+def read_consumer_config(bootstrap: str, group_id: str,
+                    extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+  """The read's consumer settings plus ``extra``; ConfigError if ``extra`` sets one of
+  :data:`OWN_SETTINGS` or is not text."""
+  config = {'bootstrap.servers': bootstrap, 'auto.offset.reset': 'earliest',
+            'group.id': group_id, 'enable.auto.commit': 'false'}
+  for key, value in (extra or {}).items():
+    if key in OWN_SETTINGS:
+      raise ConfigError(f'the Kafka read sets {key} itself ({", ".join(OWN_SETTINGS)} are its own)')
+    if not isinstance(key, str) or not key or not isinstance(value, str):
+      raise ConfigError(f'a Kafka consumer setting is KEY=VALUE text, got {key!r}={value!r}')
+    config[key] = value
+  return config
 
 
 class ReadKafkaMessages(beam.PTransform):
@@ -44,21 +72,30 @@ class ReadKafkaMessages(beam.PTransform):
 
   ``expansion_service``: where the cross-language read is expanded; None is Beam's
   default (the IO expansion service jar that ``--beam_services`` names, or Beam's own).
+  ``consumer_config`` (extra consumer settings) and ``poll_timeout_s``: see the module
+  docstring; ConfigError for a setting the read owns or a timeout under 1 s.
   """
 
   def __init__(self, bootstrap: str, topic: str, group_id: str, max_records: Optional[int] = None,
-               *, expansion_service=None):
+               *, expansion_service=None, consumer_config: Optional[Mapping[str, str]] = None,
+               poll_timeout_s: int = DEFAULT_POLL_TIMEOUT_S):
     super().__init__()
     self.bootstrap, self.topic, self.group_id, self.max_records = bootstrap, topic, group_id, max_records
     self.expansion_service = expansion_service
+    self.config = read_consumer_config(bootstrap, group_id, consumer_config)
+    if isinstance(poll_timeout_s, bool) or not isinstance(poll_timeout_s, int) or poll_timeout_s < 1:
+      # KafkaIO takes whole seconds, and with 0 its splittable read returns without polling.
+      raise ConfigError(f'the Kafka poll timeout is whole seconds, at least 1; got {poll_timeout_s!r}')
+    self.poll_timeout_s = poll_timeout_s
 
   def expand(self, pbegin):
     return pbegin | 'ReadFromKafka' >> ReadFromKafka(
-        consumer_config={'bootstrap.servers': self.bootstrap, 'auto.offset.reset': 'earliest',
-                         'group.id': self.group_id, 'enable.auto.commit': 'false'},
+        consumer_config=dict(self.config),
         topics=[self.topic], with_metadata=True, max_num_records=self.max_records,
         timestamp_policy=ReadFromKafka.create_time_policy,
+        consumer_polling_timeout=self.poll_timeout_s,
         expansion_service=self.expansion_service)
+    # (KafkaIO's legacy read, which Flink runs, refuses any other timeout than the default.)
 
 
 def message_value(message) -> Tuple[str, bytes]:

@@ -16,8 +16,11 @@ Tables (one set for every view of every application; a view is a name)::
 
     view_rows (view, key) -> value JSON text, as_of_sequence, event_time, index_value,
                              source_topic, source_partition, source_offset
-    positions (view, topic, kafka_partition) -> applied_offset
+    positions (view, topic, kafka_partition) -> applied_offset   (PostgreSQL: a transaction
+                             that moves one also sends NOTIFY sourcebeam_positions)
     partition_progress, pending_offsets   (per-event mode: the watermark and offsets done past it)
+    stage_times (topic, kafka_partition, kafka_offset) -> when the event reached each stage
+                                          (only with ``stage_times=True``; see below)
 
 A row is one key of one view: ``{view, key, value, as_of_sequence, event_time[, index]}``
 where ``value`` is the view's record of that key (what ``GET /views/<view>/<key>``
@@ -52,6 +55,21 @@ twice (a restarted pipeline, a retried bundle) changes a view once, and an old
 value replayed after a newer one never rolls a view back. This per-key rule
 equals "skip offset <= position" when a partition arrives in offset order, and
 stays right when a parallel pipeline interleaves a partition's keys.
+
+Stage times (``run.py stream --stage-times``, read by ``run.py bench causal
+--breakdown``): :class:`ViewChanges` and :class:`WriteViewsToStore` built with
+``stage_times=True`` carry, inside each message's source, the Unix times at which
+it reached each stage of the view pipeline, and the store writes them to
+``stage_times`` in the same transaction as the event's rows and positions:
+
+* ``bundle``: when the bundle that first saw the message in Python started (the
+  runner starts a bundle when its first element arrives: after the Kafka read);
+* ``seen``: when that Python step (the routing to key spaces) got the message;
+* ``handled``: when the view handler applied it (after the keyed exchange to the
+  ordering; none for a message no view reads);
+* ``sink``: when the store's writer got its outcome;
+* ``begun``: when the store transaction holding it had its write lock;
+* ``committing``: just before that transaction's COMMIT.
 """
 
 from __future__ import annotations
@@ -69,6 +87,13 @@ from sourcebeam.schemas.registry import Registry
 from sourcebeam.transforms.keyspace import Failed, ViewChange, json_default
 
 ROWS_TABLE = 'view_rows'
+# PostgreSQL: every transaction that moves a position also sends NOTIFY on this channel (delivered
+# at commit, so a listener that re-reads the positions sees the move): the view API listens
+# instead of polling.
+POSITIONS_CHANNEL = 'sourcebeam_positions'
+STAGE_TIMES_TABLE = 'stage_times'
+TIMES = 'times'  # where a source carries its stage times (with stage_times=True)
+STAGES = ('bundle', 'seen', 'handled', 'sink', 'begun', 'committing')
 _LOG = logging.getLogger(__name__)
 
 Record = Mapping[str, Any]
@@ -96,7 +121,8 @@ def redact(dsn: str) -> str:
   return urllib.parse.urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment))
 
 
-def _sqlite_path(dsn: str) -> str:
+def sqlite_path(dsn: str) -> str:
+  """The file of a SQLite DSN (a path, or ``sqlite:///path``)."""
   return dsn[len('sqlite:///'):] if dsn.startswith('sqlite:///') else dsn
 
 
@@ -165,16 +191,17 @@ class ViewStore:
   Every statement is parameterised; values never become SQL text.
   """
 
-  def __init__(self, dsn: str, views: Sequence[str] = ()):
+  def __init__(self, dsn: str, views: Sequence[str] = (), stage_times: bool = False):
     self.dsn = dsn
     self.views = tuple(views)  # whose positions per-event batches move (every view of the app)
+    self.stage_times = stage_times  # record the stage times sources carry (module docstring)
     self.postgres = is_postgres(dsn)
     if self.postgres:
       self.conn = _connect_postgres(dsn)
       self._ph = '%s'
     else:
       # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a batch is one transaction.
-      self.conn = sqlite3.connect(_sqlite_path(dsn), timeout=30, isolation_level=None,
+      self.conn = sqlite3.connect(sqlite_path(dsn), timeout=30, isolation_level=None,
                                   check_same_thread=False)
       for attempt in range(50):  # switching a new file to WAL can race another connection's
         try:
@@ -205,11 +232,14 @@ class ViewStore:
     return sql.replace('?', self._ph) if self._ph != '?' else sql
 
   def _begin(self, cur) -> None:
+    self._positions_moved = False
     if not self.postgres:
       cur.execute('BEGIN IMMEDIATE')  # take the write lock now: no upgrade deadlocks
 
   def _commit(self) -> None:
     if self.postgres:
+      if getattr(self, '_positions_moved', False):
+        self.conn.cursor().execute(f'NOTIFY {POSITIONS_CHANNEL}')  # sent at the commit below
       self.conn.commit()
     else:
       self.conn.execute('COMMIT')
@@ -249,6 +279,12 @@ class ViewStore:
       cur.execute('CREATE TABLE IF NOT EXISTS pending_offsets ('
                   'topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, '
                   'kafka_offset BIGINT NOT NULL, PRIMARY KEY (topic, kafka_partition, kafka_offset))')
+      if self.stage_times:
+        cur.execute(f'CREATE TABLE IF NOT EXISTS {STAGE_TIMES_TABLE} ('
+                    'topic TEXT NOT NULL, kafka_partition INTEGER NOT NULL, '
+                    'kafka_offset BIGINT NOT NULL, ' +
+                    ''.join(f'{stage} DOUBLE PRECISION, ' for stage in STAGES) +
+                    'PRIMARY KEY (topic, kafka_partition, kafka_offset))')
       self._commit()
     except Exception:
       self._rollback()
@@ -304,16 +340,20 @@ class ViewStore:
     Returns ``{'applied', 'skipped', 'events'}``.
     """
     items = []
+    times = []
     for i, item in enumerate(events):
       if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[1], (list, tuple)):
         raise StoreError(f'event {i} must be a (source, [records]) pair')
       items.append((normalise_source(item[0]), i, item[1]))
+      if self.stage_times and isinstance(item[0], Mapping) and isinstance(item[0].get(TIMES), Mapping):
+        times.append((items[-1][0], item[0][TIMES]))
     items.sort(key=lambda t: (t[0], t[1]))
     counts = {'applied': 0, 'skipped': 0, 'events': len(items)}
     partitions = sorted({(t, p) for (t, p, _), _, _ in items})
     cur = self.conn.cursor()
     try:
       self._begin(cur)
+      begun = time.time()
       # Lock each partition's progress row, in a fixed order (no deadlocks between sinks).
       watermark = {}
       for topic, partition in partitions:
@@ -353,6 +393,8 @@ class ViewStore:
                                 'kafka_partition = ?'), (w, topic, partition))
           for view in self.views:
             self._raise_position(cur, view, topic, partition, w)
+      if times:
+        self._record_stage_times(cur, times, begun)
       self._commit()
     except BaseException:
       self._rollback()
@@ -415,7 +457,33 @@ class ViewStore:
       counts['applied' if k in written else 'skipped'] += n
     return views
 
+  def _record_stage_times(self, cur, times: List[Tuple[Source, Mapping[str, Any]]],
+                          begun: float) -> None:
+    """Writes each event's stage times (the first application of an offset wins)."""
+    cols = ('topic', 'kafka_partition', 'kafka_offset') + STAGES
+    committing = time.time()
+    for (topic, partition, offset), marks in times:
+      values = dict(marks, begun=begun, committing=committing)
+      stage_values = [values.get(stage) for stage in STAGES]
+      cur.execute(self._sql(
+          f'INSERT INTO {STAGE_TIMES_TABLE} ({", ".join(cols)}) VALUES '
+          f'({", ".join("?" * len(cols))}) ON CONFLICT (topic, kafka_partition, kafka_offset) '
+          'DO NOTHING'),
+          [topic, partition, offset] + [None if v is None else float(v) for v in stage_values])
+
+  def read_stage_times(self, sources: Iterable[Source]) -> Dict[Source, Dict[str, Optional[float]]]:
+    """{(topic, partition, offset): {stage: Unix time}} of those of ``sources`` the store has
+    stage times for (written with ``stage_times=True``)."""
+    out = {}
+    for topic, partition, offset in sources:
+      rows = self._rows(f'SELECT {", ".join(STAGES)} FROM {STAGE_TIMES_TABLE} WHERE topic = ? '
+                        'AND kafka_partition = ? AND kafka_offset = ?', (topic, partition, offset))
+      if rows:
+        out[(topic, partition, offset)] = dict(zip(STAGES, rows[0]))
+    return out
+
   def _raise_position(self, cur, view: str, topic: str, partition: int, offset: int) -> None:
+    self._positions_moved = True
     greatest = 'GREATEST' if self.postgres else 'MAX'
     cur.execute(self._sql(
         'INSERT INTO positions (view, topic, kafka_partition, applied_offset) VALUES (?, ?, ?, ?) '
@@ -473,34 +541,51 @@ def is_record_pair(element: Any) -> bool:
 class _WriteViewsFn(beam.DoFn):
   """Batches elements per bundle and applies each batch in one transaction: ``(record,
   source)`` pairs with :meth:`ViewStore.apply`, ``(source, [records])`` with
-  :meth:`ViewStore.apply_events`."""
+  :meth:`ViewStore.apply_events`. A batch is applied at the bundle's end, when it holds
+  ``batch_size`` elements, or when its first element has waited ``max_delay_s`` while the
+  bundle goes on (checked as elements arrive)."""
 
   def __init__(self, dsn: str, views: Sequence[str], batch_size: int,
-               start_offsets: Optional[Mapping[Tuple[str, int], int]] = None):
+               start_offsets: Optional[Mapping[Tuple[str, int], int]] = None,
+               stage_times: bool = False, max_delay_s: Optional[float] = None):
     self.dsn = dsn
     self.views = tuple(views)
     self.batch_size = batch_size
+    self.max_delay_s = max_delay_s
     self.start_offsets = dict(start_offsets or {})
+    self.stage_times = stage_times
     self.applied = beam.metrics.Metrics.counter('view_store', 'applied')
     self.skipped = beam.metrics.Metrics.counter('view_store', 'skipped')
     self.events = beam.metrics.Metrics.counter('view_store', 'events')
 
   def setup(self):
-    self.store = ViewStore(self.dsn, self.views)
+    self.store = ViewStore(self.dsn, self.views, stage_times=self.stage_times)
 
   def start_bundle(self):
     self.records: List[Tuple[Record, Any]] = []
     self.outcomes: List[Tuple[Any, Sequence[Record]]] = []
+    self.first_pending: Optional[float] = None
 
   def process(self, element):
-    (self.records if is_record_pair(element) else self.outcomes).append(element)
-    if len(self.records) + len(self.outcomes) >= self.batch_size:
+    if is_record_pair(element):
+      self.records.append(element)
+    else:
+      source = element[0]
+      if self.stage_times and isinstance(source, Mapping) and isinstance(source.get(TIMES), Mapping):
+        element = (dict(source, **{TIMES: dict(source[TIMES], sink=time.time())}), element[1])
+      self.outcomes.append(element)
+    now = time.monotonic()
+    if self.first_pending is None:
+      self.first_pending = now
+    if (len(self.records) + len(self.outcomes) >= self.batch_size or
+        (self.max_delay_s is not None and now - self.first_pending >= self.max_delay_s)):
       self._flush()
 
   def finish_bundle(self):
     self._flush()
 
   def _flush(self):
+    self.first_pending = None
     for batch, apply in ((self.records, self.store.apply),
                          (self.outcomes, lambda b: self.store.apply_events(b, self.start_offsets))):
       if batch:
@@ -532,20 +617,33 @@ class WriteViewsToStore(beam.PTransform):
   bundle is applied in batches of at most ``batch_size``, each in one
   transaction with its positions; a bundle retried by the runner is harmless
   (idempotent by offset). Output: none (counters ``view_store/applied``,
-  ``view_store/skipped``, ``view_store/events``).
+  ``view_store/skipped``, ``view_store/events``). ``stage_times``: also record the
+  stage times the sources carry (:class:`ViewChanges` with ``stage_times=True``)
+  in the store's ``stage_times`` table, in the same transactions.
+
+  ``max_delay_ms`` (default 25): a batch is also applied once its first element has
+  waited that long while the bundle goes on. A live runner's bundle of a keyed step
+  lasts as long as its elements' state round trips take; without this, the first
+  write of a long bundle would wait for the whole bundle (measured on Flink under
+  load: 145 to 317 ms at the median). ``None``: per bundle and per ``batch_size``
+  only.
   """
 
   def __init__(self, dsn: str, views: Sequence[str], batch_size: int = 500,
-               start_offsets: Optional[Mapping[Tuple[str, int], int]] = None):
+               start_offsets: Optional[Mapping[Tuple[str, int], int]] = None,
+               stage_times: bool = False, max_delay_ms: Optional[int] = 25):
     super().__init__()
     self.dsn = dsn
     self.views = tuple(views)
     self.batch_size = batch_size
     self.start_offsets = start_offsets
+    self.stage_times = stage_times
+    self.max_delay_s = None if max_delay_ms is None else max_delay_ms / 1000
 
   def expand(self, pairs):
     return pairs | 'ApplyToViewStore' >> beam.ParDo(
-        _WriteViewsFn(self.dsn, self.views, self.batch_size, self.start_offsets))
+        _WriteViewsFn(self.dsn, self.views, self.batch_size, self.start_offsets,
+                      self.stage_times, self.max_delay_s))
 
 
 # --- Beam: from Kafka messages to per-event outcomes ----------------------------------------------
@@ -590,20 +688,29 @@ class PerEventRecords:
 
   def apply(self, state: Any, event: Mapping[str, Any]) -> Tuple[Any, List[Any]]:
     new, outputs = self.handler.apply(state, event)
-    return new, [(event[SOURCE_FIELD], list(outputs))]
+    source = event[SOURCE_FIELD]
+    if TIMES in source:  # stage times: when the handler applied it
+      source = dict(source, **{TIMES: dict(source[TIMES], handled=time.time())})
+    return new, [(source, list(outputs))]
 
 
 class _RouteMessages(beam.DoFn):
   """``(envelope or None, source)`` -> the event tagged with its source, to its key space's
   ordering, or ``(source, [])`` at once for a message no view reads (dead letter, other types)."""
 
-  def __init__(self, routes: Mapping[str, str]):
+  def __init__(self, routes: Mapping[str, str], stage_times: bool = False):
     self.routes = dict(routes)  # event type -> key space
+    self.stage_times = stage_times
+
+  def start_bundle(self):
+    self.bundle_started = time.time()
 
   def process(self, pair):
     envelope, source = pair
     topic, partition, offset = normalise_source(source)
     source = {'topic': topic, 'partition': partition, 'offset': offset}
+    if self.stage_times:
+      source[TIMES] = {'bundle': self.bundle_started, 'seen': time.time()}
     space = self.routes.get(envelope.get('event_type')) if isinstance(envelope, Mapping) else None
     if space is None:
       yield source, []
@@ -651,12 +758,15 @@ class ViewChanges(beam.PTransform):
   rows it produced, or with none (no view reads its type, refused, a duplicate,
   a handler error); a message whose key waits on a sequence gap comes out when
   the gap fills or times out, so the partition's watermark waits for it too.
-  ``ordering`` passes options to ``ProcessInOrder``.
+  ``ordering`` passes options to ``ProcessInOrder``. ``stage_times``: each source
+  carries the times the message reached each stage (module docstring), for
+  :class:`WriteViewsToStore` with ``stage_times=True`` to record.
   """
 
-  def __init__(self, app: Any, **ordering):
+  def __init__(self, app: Any, stage_times: bool = False, **ordering):
     super().__init__()
     self.app = app
+    self.stage_times = stage_times
     self.ordering = dict(ordering, continue_on_handler_error=True)
 
   def expand(self, messages):
@@ -665,7 +775,7 @@ class ViewChanges(beam.PTransform):
     spaces = key_space_handlers(self.app, kinds=('view',))
     routes = {t: ks.name for ks in spaces for t in ks.event_types}
     views = {i: c for i, c in enumerate(self.app.per_key) if c.kind == 'view'}
-    routed = messages | 'Route' >> beam.ParDo(_RouteMessages(routes)).with_outputs(
+    routed = messages | 'Route' >> beam.ParDo(_RouteMessages(routes, self.stage_times)).with_outputs(
         *[ks.name for ks in spaces], main='none')
     outcomes = [routed.none]
     for ks in spaces:
