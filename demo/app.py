@@ -82,11 +82,16 @@ class RiderConsumers(beam.PTransform):
 
   def expand(self, events):
     located = events | 'LocateRiders' >> riders.LocateRiders(self.registry)
+    joined = {'rider_located': located.located | 'LocatedJson' >> beam.Map(to_json),
+              'unmatched': located.unmatched}
+    if not events.is_bounded:
+      # The aggregates are the state at the end of the input; a live stream has no end: it
+      # sends the located riders only.
+      return joined
     occupancy = events | 'TaxiOccupancy' >> riders.TaxiOccupancy()
     waiting = events | 'ZoneRiderCounts' >> riders.ZoneRiderCounts()
     return {
-        'rider_located': located.located | 'LocatedJson' >> beam.Map(to_json),
-        'unmatched': located.unmatched,
+        **joined,
         'occupancy': occupancy | 'OccupancyJson' >> beam.Map(
             lambda kv: _json({'taxi_id': kv[0], 'riders': sorted(kv[1].value())})),
         'zone_waiting': waiting | 'WaitingJson' >> beam.Map(

@@ -170,6 +170,28 @@ def test_apply_app_views_projections_consumers_and_failures_on_a_test_pipeline()
                 label='unprocessed')
 
 
+def test_a_consumer_that_cannot_run_live_is_a_config_error_naming_it():
+  """Built on an endless stream (TestStream), a grouping in the global window is refused while
+  the pipeline is built, as a ConfigError naming the consumer; the demo's consumers build."""
+  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+  from apache_beam.testing.test_stream import TestStream
+  from tests.demo import DEMO_APP
+
+  def live_events(p):
+    return p | TestStream().add_elements([]).advance_watermark_to_infinity()
+
+  app = orders_app()
+  app.consumer('totals', beam.Map(lambda e: (e['data']['customer_id'], 1)) | beam.GroupByKey(),
+               event_types=['OrderPlaced'])
+  options = PipelineOptions()
+  options.view_as(StandardOptions).streaming = True
+  p = beam.Pipeline(options=options)
+  with pytest.raises(ConfigError, match=r'consumer totals cannot run on a live \(unbounded\) stream'):
+    live_events(p) | ApplyApp(app, kinds=('projection',))
+  result = live_events(beam.Pipeline(options=options)) | ApplyApp(DEMO_APP, kinds=('projection',))
+  assert 'riders/rider_located' in result.consumers and 'riders/occupancy' not in result.consumers
+
+
 def load_example(name: str):
   """An example app's module, imported from its folder as its README runs it."""
   import importlib

@@ -57,6 +57,7 @@ def lines(path):
     return sorted(l for l in f.read().splitlines() if l)
 
 
+@pytest.mark.integration  # the team's own pytest run is a fresh interpreter in their folder
 def test_the_readme_walkthrough_runs_as_written_outside_the_repository(tmp_path, monkeypatch):
   project = tmp_path / 'orders'
   shutil.copytree(os.path.join(EXAMPLES, 'orders'), project,

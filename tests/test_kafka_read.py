@@ -131,9 +131,9 @@ def test_consumer_settings_add_to_the_reads_own_and_may_not_override_them():
     (['--kafka-poll-timeout', '0'], 'at least 1'),
     (['--kafka-poll-timeout', '1', '--runner=FlinkRunner'], "Flink's read"),
 ])
+@pytest.mark.cli
 def test_stream_refuses_bad_kafka_read_options_before_it_starts(args, said, tmp_path):
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), 'stream', '--source',
-                         'kafka://127.0.0.1:1/t', '--out', str(tmp_path / 'out'), *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = run_cli('stream', '--source', 'kafka://127.0.0.1:1/t', '--out', str(tmp_path / 'out'),
+                 *args)
   assert proc.returncode == 2 and said in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
   assert not (tmp_path / 'out').exists()  # refused before anything was made

@@ -32,6 +32,7 @@ from apache_beam.transforms import window
 
 from sourcebeam.transforms.app import App, View
 from sourcebeam.transforms.archive_format import join
+from sourcebeam.transforms.errors import ConfigError
 from sourcebeam.transforms.keyspace import (Emitted, Failed, KeySpaceHandler, ViewChange,
                                             failure_record, to_line)
 from sourcebeam.transforms.ordered_replay import KeySpace, OrderedArchiveReplay
@@ -139,7 +140,16 @@ def _apply_transforms(app: App, events: beam.PCollection) -> Dict[str, beam.PCol
     if c.event_types is not None:
       types = c.event_types
       read = events | f'Events for {c.name}' >> beam.Filter(lambda e, t=types: e['event_type'] in t)
-    result = read | c.name >> c.transform
+    try:
+      result = read | c.name >> c.transform
+    except ValueError as e:
+      if read.is_bounded:
+        raise
+      # Beam refuses, while the pipeline is built, what cannot run on an endless stream (a
+      # grouping in the global window waits for an end that never comes).
+      raise ConfigError(f'consumer {c.name} cannot run on a live (unbounded) stream: {e}. '
+                        'Window what it groups, or skip it when its input is not bounded '
+                        '(events.is_bounded)') from None
     if isinstance(result, dict):
       for sub, pcoll in result.items():
         out[f'{c.name}/{sub}'] = pcoll
