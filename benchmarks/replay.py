@@ -184,6 +184,50 @@ def archive_path(cache_dir: str, n: int, fmt: str, rate: float, seed: int, bucke
   return os.path.join(cache_dir, f'retail-{fmt}-n{n}-r{rate:g}-s{seed}-b{buckets}')
 
 
+def _built(path: str) -> Optional[Dict[str, Any]]:
+  """The facts of the archive already built at ``path`` (its ``_bench.json``), or None after
+  clearing ``path`` for a new build."""
+  facts_path = os.path.join(path, '_bench.json')
+  if os.path.exists(facts_path):
+    with open(facts_path) as f:
+      return json.load(f)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.makedirs(path)
+  return None
+
+
+def write_hour_files(path: str, hour: str, events: List[Dict[str, Any]], reg: Any, fmt: str,
+                     buckets: int, chunk_no: Dict[Tuple[str, int], int]) -> int:
+  """One hour's events as the archive's files, per bucket in the archive's sort order and
+  chunks; ``chunk_no`` numbers each (hour, bucket)'s files across calls (a late event of an
+  hour already written gets a file of its own). Returns the number of files written."""
+  from sourcebeam.transforms.archive import write_bytes
+  from sourcebeam.transforms.archive_format import (DEFAULT_MAX_EVENTS_PER_FILE, LAYOUT_VERSION,
+                                                    SORT_ORDER, bucket_of, chunks, encode_avro,
+                                                    encode_parquet, file_name, join,
+                                                    partition_dir, sort_key)
+  by_bucket: Dict[int, List[Dict[str, Any]]] = collections.defaultdict(list)
+  for e in events:
+    by_bucket[bucket_of(e['partition_key'], buckets)].append(e)
+  files = 0
+  for bucket, group in sorted(by_bucket.items()):
+    group.sort(key=sort_key)
+    for chunk in chunks(group, DEFAULT_MAX_EVENTS_PER_FILE):
+      i = chunk_no[hour, bucket]
+      chunk_no[hour, bucket] += 1
+      rel = join(partition_dir(hour, bucket), file_name(BUILD_RUN_ID, i, fmt))
+      meta = {'sourcebeam.layout_version': str(LAYOUT_VERSION), 'sourcebeam.hour': hour,
+              'sourcebeam.bucket': str(bucket), 'sourcebeam.sorted_by': ','.join(SORT_ORDER),
+              'sourcebeam.run_id': BUILD_RUN_ID}
+      blob = (encode_avro(chunk, reg, metadata=meta, name=rel) if fmt == 'avro'
+              else encode_parquet(chunk, reg, metadata=meta))
+      os.makedirs(os.path.dirname(join(path, rel)), exist_ok=True)
+      write_bytes(join(path, rel), blob)
+      files += 1
+  return files
+
+
 def build_archive(path: str, n: int, fmt: str, rate: float, seed: int, buckets: int) -> Dict[str, Any]:
   """Write (or find) the archive; returns its facts ``{events, span_ms, files}``.
 
@@ -191,40 +235,19 @@ def build_archive(path: str, n: int, fmt: str, rate: float, seed: int, buckets: 
   WriteArchive would shuffle 10M events for no benefit here), hour by hour as
   the generator produces them, so memory holds one hour of events.
   """
-  facts_path = os.path.join(path, '_bench.json')
-  if os.path.exists(facts_path):
-    with open(facts_path) as f:
-      return json.load(f)
+  facts = _built(path)
+  if facts is not None:
+    return facts
   from sourcebeam.generators import phases, retail
   from sourcebeam.generators.jsonl import demo_registry
   from sourcebeam.transforms.archive import write_bytes
-  from sourcebeam.transforms.archive_format import (DEFAULT_MAX_EVENTS_PER_FILE, LAYOUT_VERSION, MANIFEST_NAME,
-                                         SORT_ORDER, bucket_of, chunks, encode_avro,
-                                         encode_parquet, file_name, hour_of, join, make_manifest,
-                                         partition_dir, sort_key)
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.makedirs(path)
+  from sourcebeam.transforms.archive_format import MANIFEST_NAME, hour_of, join, make_manifest
   reg = demo_registry()
   files = 0
 
   def flush(hour: str, events: List[Dict[str, Any]]) -> None:
     nonlocal files
-    by_bucket: Dict[int, List[Dict[str, Any]]] = collections.defaultdict(list)
-    for e in events:
-      by_bucket[bucket_of(e['partition_key'], buckets)].append(e)
-    for bucket, group in sorted(by_bucket.items()):
-      group.sort(key=sort_key)
-      for i, chunk in enumerate(chunks(group, DEFAULT_MAX_EVENTS_PER_FILE)):
-        rel = join(partition_dir(hour, bucket), file_name(BUILD_RUN_ID, i, fmt))
-        meta = {'sourcebeam.layout_version': str(LAYOUT_VERSION), 'sourcebeam.hour': hour,
-                'sourcebeam.bucket': str(bucket), 'sourcebeam.sorted_by': ','.join(SORT_ORDER),
-                'sourcebeam.run_id': BUILD_RUN_ID}
-        blob = (encode_avro(chunk, reg, metadata=meta, name=rel) if fmt == 'avro'
-                else encode_parquet(chunk, reg, metadata=meta))
-        os.makedirs(os.path.dirname(join(path, rel)), exist_ok=True)
-        write_bytes(join(path, rel), blob)
-        files += 1
+    files += write_hour_files(path, hour, events, reg, fmt, buckets, collections.Counter())
 
   hour, pending, first, last, count = None, [], None, None, 0
   for t, env in retail.timed_retail_events(n, seed, phases=phases.constant_for(n, rate)):
@@ -242,7 +265,7 @@ def build_archive(path: str, n: int, fmt: str, rate: float, seed: int, buckets: 
   write_bytes(join(path, MANIFEST_NAME), json.dumps(make_manifest(fmt, buckets), indent=2).encode())
   facts = {'events': count, 'span_ms': (last - first) if count else 0, 'files': files,
            'format': fmt, 'rate': rate, 'seed': seed, 'buckets': buckets}
-  with open(facts_path, 'w') as f:
+  with open(os.path.join(path, '_bench.json'), 'w') as f:
     json.dump(facts, f)
   return facts
 
@@ -304,44 +327,20 @@ def build_app_archive(path: str, n: int, fmt: str, rate: float, seed: int,
   own encoders and layout, a few hours at a time (taxi events arrive late, so an hour is
   written once arrivals are two hours past it; a late event still gets its own file).
   """
-  facts_path = os.path.join(path, '_bench.json')
-  if os.path.exists(facts_path):
-    with open(facts_path) as f:
-      return json.load(f)
+  facts = _built(path)
+  if facts is not None:
+    return facts
   from sourcebeam.generators.jsonl import demo_registry
   from sourcebeam.schemas.validation import publish_raw
   from sourcebeam.transforms.archive import write_bytes
-  from sourcebeam.transforms.archive_format import (DEFAULT_MAX_EVENTS_PER_FILE, LAYOUT_VERSION,
-                                                    MANIFEST_NAME, SORT_ORDER, bucket_of, chunks,
-                                                    encode_avro, encode_parquet, file_name,
-                                                    hour_of, join, make_manifest, partition_dir,
-                                                    sort_key)
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.makedirs(path)
+  from sourcebeam.transforms.archive_format import MANIFEST_NAME, hour_of, join, make_manifest
   reg = demo_registry()
   files = 0
   chunk_no: Dict[Tuple[str, int], int] = collections.Counter()
 
   def flush(hour: str, events: List[Dict[str, Any]]) -> None:
     nonlocal files
-    by_bucket: Dict[int, List[Dict[str, Any]]] = collections.defaultdict(list)
-    for e in events:
-      by_bucket[bucket_of(e['partition_key'], buckets)].append(e)
-    for bucket, group in sorted(by_bucket.items()):
-      group.sort(key=sort_key)
-      for chunk in chunks(group, DEFAULT_MAX_EVENTS_PER_FILE):
-        i = chunk_no[hour, bucket]
-        chunk_no[hour, bucket] += 1
-        rel = join(partition_dir(hour, bucket), file_name(BUILD_RUN_ID, i, fmt))
-        meta = {'sourcebeam.layout_version': str(LAYOUT_VERSION), 'sourcebeam.hour': hour,
-                'sourcebeam.bucket': str(bucket), 'sourcebeam.sorted_by': ','.join(SORT_ORDER),
-                'sourcebeam.run_id': BUILD_RUN_ID}
-        blob = (encode_avro(chunk, reg, metadata=meta, name=rel) if fmt == 'avro'
-                else encode_parquet(chunk, reg, metadata=meta))
-        os.makedirs(os.path.dirname(join(path, rel)), exist_ok=True)
-        write_bytes(join(path, rel), blob)
-        files += 1
+    files += write_hour_files(path, hour, events, reg, fmt, buckets, chunk_no)
 
   pending: Dict[str, List[Dict[str, Any]]] = collections.defaultdict(list)
   first = last = None
@@ -369,7 +368,7 @@ def build_app_archive(path: str, n: int, fmt: str, rate: float, seed: int,
   facts = {'events': count, 'span_ms': (last - first) if count else 0, 'files': files,
            'format': fmt, 'rate': rate, 'seed': seed, 'buckets': buckets,
            'by_type': dict(sorted(by_type.items())), 'raw': raw_path_of(path)}
-  with open(facts_path, 'w') as f:
+  with open(os.path.join(path, '_bench.json'), 'w') as f:
     json.dump(facts, f)
   return facts
 

@@ -21,7 +21,6 @@ import argparse
 import glob
 import os
 import shutil
-import sys
 import time
 from typing import Any, Dict, List, Optional
 

@@ -24,7 +24,6 @@ What it repairs and what it refuses is documented in :mod:`schemas.validation`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any, Dict, List, Optional

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import subprocess
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from sourcebeam.pipelines import runners
 from sourcebeam.pipelines.cli import DataError, UsageError

@@ -53,7 +53,6 @@ gets that for free, and a producer replaying history must set it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple

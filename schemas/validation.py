@@ -34,7 +34,7 @@ import json
 import math
 import re
 import uuid
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from orjson import JSONDecodeError as _OrjsonError, loads as _orjson_loads
 

@@ -15,23 +15,7 @@ import pytest
 from tests.cli import run_py
 from tests.demo import ROOT
 from tests.polling import wait_until
-
-
-def children(pid: int):
-  """The pids whose parent is ``pid`` (from /proc), with their command names."""
-  found = {}
-  for entry in os.listdir('/proc'):
-    if not entry.isdigit():
-      continue
-    try:
-      with open(f'/proc/{entry}/stat') as f:
-        stat = f.read()
-    except OSError:
-      continue
-    name, rest = stat[stat.index('(') + 1:stat.rindex(')')], stat[stat.rindex(')') + 2:].split()
-    if int(rest[1]) == pid:
-      found[int(entry)] = name
-  return found
+from tests.tiers import child_processes as children  # (pid, from /proc) -> {pid: name}
 
 
 def alive(pid: int) -> bool:

@@ -48,8 +48,7 @@ import dataclasses
 import inspect
 import os
 import re
-from typing import (Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence,
-                    Tuple, Union)
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple, Union
 
 import apache_beam as beam
 

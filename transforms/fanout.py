@@ -48,17 +48,16 @@ import itertools
 import logging
 import uuid
 import zlib
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms import window as beam_window
-from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from sourcebeam.schemas.envelope import from_json, to_avro_record, to_json
 from sourcebeam.schemas.registry import Registry, report_key
 from sourcebeam.transforms.archive_format import (
-    DEFAULT_BUCKETS, LAYOUT_VERSION, MANIFEST_NAME, SORT_ORDER, bucket_of, file_name, hour_of,
+    DEFAULT_BUCKETS, LAYOUT_VERSION, SORT_ORDER, bucket_of, file_name, hour_of,
     join, make_manifest, partition_dir)
 from sourcebeam.transforms.fanout_core import Matcher, Subscriber
 from sourcebeam.transforms.ordering import ProcessInOrder

@@ -54,7 +54,7 @@ from sourcebeam.transforms.archive import check_archive_path, ensure_storage_opt
 from sourcebeam.transforms.archive_format import join
 from sourcebeam.transforms.kafka_read import ReadKafkaMessages, partition_offsets
 from sourcebeam.transforms.live_archive import (
-    DEAD_DIR, OFFSETS_DIR, Published, SidecarError, SourceRef, ValidateKafkaMessages, parse_sidecar,
+    DEAD_DIR, OFFSETS_DIR, Published, SidecarError, ValidateKafkaMessages, parse_sidecar,
     renumber)
 
 __all__ = ['TopicPartition', 'Ranges', 'recorded_offsets', 'plan_handoff', 'HandoffPlan',

@@ -39,7 +39,7 @@ testable without Beam.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue

@@ -185,8 +185,8 @@ class _KeyEvents(beam.DoFn):
     yield key, (event, ts.micros)
 
 
-class _ResequenceKeyBatch(beam.DoFn):
-  """Batch expansion: one key's grouped events, sorted, through the core, then the end."""
+class _ResequencerFn(beam.DoFn):
+  """What both expansions hold: the core built from the config on each worker, its counters."""
 
   def __init__(self, config: ResequenceConfig, stats: bool):
     self._config = config
@@ -195,6 +195,10 @@ class _ResequenceKeyBatch(beam.DoFn):
   def setup(self):
     self._rs = Resequencer(self._config)
     self._counters = _Counters()
+
+
+class _ResequenceKeyBatch(_ResequencerFn):
+  """Batch expansion: one key's grouped events, sorted, through the core, then the end."""
 
   def process(self, kv):
     """Like the streaming expansion with the key's events arriving in raw order, then the
@@ -264,16 +268,8 @@ _HELD_EVENT_BYTES = 1500
 _HISTORY_ENTRY_BYTES = 160
 
 
-class _ResequenceStreamingBase(beam.DoFn):
+class _ResequenceStreamingBase(_ResequencerFn):
   """The streaming expansion's logic; :func:`make_resequence_fn` declares state and timers."""
-
-  def __init__(self, config: ResequenceConfig, stats: bool):
-    self._config = config
-    self._stats = stats
-
-  def setup(self):
-    self._rs = Resequencer(self._config)
-    self._counters = _Counters()
 
   def _load(self, key, state) -> _Cell:
     cell = state.read()
