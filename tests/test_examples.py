@@ -24,6 +24,7 @@ import pytest
 
 import run
 from tests.demo import ROOT
+from tests.polling import wait_until
 
 EXAMPLES = os.path.join(ROOT, 'examples')
 
@@ -161,27 +162,18 @@ def worker_pool():
                            f'--service_port={port}'], cwd='/', env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   try:
-    _wait_for_port(port, proc, timeout=60)
+    wait_until(lambda: _listening(port), 60, f'the worker pool to listen on {port}', interval=0.1,
+               proc=proc)
     yield port
   finally:
     proc.terminate()
     proc.wait(timeout=30)
 
 
-def _wait_for_port(port, proc, timeout):
-  """Until something listens on ``port`` (a readiness poll with a deadline), or fail."""
+def _listening(port: int) -> bool:
   import socket
-  import time
-  deadline = time.monotonic() + timeout
-  while True:
-    with socket.socket() as s:
-      if s.connect_ex(('127.0.0.1', port)) == 0:
-        return
-    if proc.poll() is not None:
-      raise AssertionError(f'the worker pool exited: {proc.stderr.read().decode()[-2000:]}')
-    if time.monotonic() > deadline:
-      raise AssertionError(f'the worker pool did not listen on {port} within {timeout} s')
-    time.sleep(0.1)
+  with socket.socket() as s:
+    return s.connect_ex(('127.0.0.1', port)) == 0
 
 
 RUNNERS = {

@@ -103,14 +103,23 @@ def written(tmp_path, name, build):
   return {os.path.relpath(f, out): sorted(open(f).read().splitlines()) for f in files}
 
 
-def test_replay_app_writes_what_apply_app_writes_over_read_archive(archive, tmp_path):
+@pytest.fixture(scope='module')
+def reference_outputs(archive, tmp_path_factory):
+  """Every consumer of the demo app applied to ReadArchive's events (the PCollection path,
+  ProcessInOrder per key space): what each fast path must write, built once per archive."""
+  return written(tmp_path_factory.mktemp('reference'), 'ref',
+                 lambda p: (p | ReadArchive(archive[0], registry=REG))['events']
+                 | ApplyApp(DEMO_APP))
+
+
+def test_replay_app_writes_what_apply_app_writes_over_read_archive(archive, reference_outputs,
+                                                                   tmp_path):
   """The equivalence: every view, consumer and unprocessed record of the demo app is the
   same, line for line, whether the archive goes through the fast bucket replay or through
   ReadArchive and the PCollection path (ProcessInOrder per key space)."""
   path, events = archive
   fast = written(tmp_path, 'fast', lambda p: (p | ReplayApp(DEMO_APP, path)).result)
-  ref = written(tmp_path, 'ref', lambda p: (p | ReadArchive(path, registry=REG))['events']
-                | ApplyApp(DEMO_APP))
+  ref = reference_outputs
   assert sorted(fast) == sorted(ref) and len(fast) >= 14
   for name in ref:
     assert fast[name] == ref[name], name
@@ -352,15 +361,15 @@ def test_the_replay_shuffles_file_names_not_events_and_builds_for_dataflow(archi
   assert any(t.unique_name == 'ReplayArchive/OrderedReplay/ReplayBucket' for t in transforms)
 
 
-def test_run_py_replay_writes_what_the_consumers_write_over_read_archive(archive, tmp_path):
+def test_run_py_replay_writes_what_the_consumers_write_over_read_archive(archive, reference_outputs,
+                                                                        tmp_path):
   """`run.py replay` (the fast path for views, one read shared with the taxi and rider
   consumers) writes the same files, line for line, as every consumer applied to
   ReadArchive's events, and its summary says what it did not apply."""
   import os
   from sourcebeam.pipelines import replay as replay_cmd
   path, events = archive
-  old = written(tmp_path, 'old', lambda p: (p | ReadArchive(path, registry=REG))['events']
-                | ApplyApp(DEMO_APP))
+  old = reference_outputs
   new = str(tmp_path / 'new')
   summary = replay_cmd.run(path, new, [], DEMO_APP)
   assert summary['events'] == len(events)
