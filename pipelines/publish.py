@@ -104,6 +104,18 @@ def resequence_options(args: argparse.Namespace) -> Dict[str, Any]:
           'gap_timeout_processing': args.gap_timeout_processing or None, 'history': args.history}
 
 
+def publishing_counts(dead_letters: beam.PCollection, duplicates: beam.PCollection,
+                      stats: beam.PCollection, held: str) -> Dict[str, beam.PCollection]:
+  """What a publishing step counts (publish, stream), as PCollections of that many elements:
+  ``dead_lettered`` (events refused), ``gaps`` (the reports of raw sequences that never came:
+  no input behind them) and their ``missing_raw_sequences``, ``duplicates_dropped``, and under
+  the name ``held`` the events the resequencer still held when a bounded input ended."""
+  events_dead, gaps = dead_letters | 'GapsApart' >> beam.Partition(lambda d, n: int(is_gap(d)), 2)
+  return {'dead_lettered': events_dead, 'gaps': gaps, 'duplicates_dropped': duplicates,
+          'missing_raw_sequences': gaps | 'Missing' >> beam.FlatMap(lambda g: [None] * g['count']),
+          held: stats | 'PublishHeld' >> beam.FlatMap(lambda s: [None] * s['held'])}
+
+
 TOO_LONG_COUNT = 'in_too_long'
 
 
@@ -129,12 +141,8 @@ def build_publish(p: beam.Pipeline, app: App, input_pattern: str, out: str,
       outputs.write_lines(out, 'dead_letters.jsonl'))
   # 'in' is counted in two parts (summed by run): a Flatten of every raw line would make
   # the local runners materialize the whole input between stages
-  events_dead, gaps = dead_letters | 'GapsApart' >> beam.Partition(
-      lambda d, n: int(is_gap(d)), 2)
   counts = {'in': raw, TOO_LONG_COUNT: read.too_long, 'published': result.published,
-            'dead_lettered': events_dead, 'gaps': gaps, 'duplicates_dropped': result.duplicates,
-            'missing_raw_sequences': gaps | 'Missing' >> beam.FlatMap(lambda g: [None] * g['count']),
-            'held_on_gap': result.stats | 'Held' >> beam.FlatMap(lambda s: [None] * s['held'])}
+            **publishing_counts(dead_letters, result.duplicates, result.stats, 'held_on_gap')}
   if archive:
     from sourcebeam.transforms.archive import WriteArchive
     files = result.published | 'Archive' >> WriteArchive(archive, format=archive_format,

@@ -64,7 +64,8 @@ from apache_beam.io.kafka import WriteToKafka
 from sourcebeam.pipelines import outputs, runners
 from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import UsageError
-from sourcebeam.pipelines.publish import add_resequence_arguments, resequence_options
+from sourcebeam.pipelines.publish import (add_resequence_arguments, publishing_counts,
+                                             resequence_options)
 from sourcebeam.pipelines.replay import not_applied, unprocessed_by_reason
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
 from sourcebeam.schemas.envelope import to_json
@@ -80,7 +81,7 @@ from sourcebeam.transforms.kafka_read import (DEFAULT_POLL_TIMEOUT_S, ReadKafkaM
 from sourcebeam.transforms.kafka_url import TOPIC_NAME, KafkaTopic, parse_kafka_url
 from sourcebeam.transforms.live_archive import (
     DEFAULT_FLUSH_SECONDS, DEFAULT_WINDOW_SECONDS, ArchiveLive, PublishKafkaMessages, view_source)
-from sourcebeam.transforms.publish import dead_letter_json, is_gap
+from sourcebeam.transforms.publish import dead_letter_json
 
 def parse_source(text: str) -> KafkaTopic:
   source = parse_kafka_url(text)
@@ -214,13 +215,10 @@ def build_stream(p: beam.Pipeline, app: App, source: KafkaTopic, out: str, *,
     messages = read_kafka(p, source, group_id, max_records, **(kafka_read or {}))
     result = live = messages | 'Publish' >> PublishKafkaMessages(
         registry, resequence=resequence, renumber=renumber)
-  events_dead, gaps = result.dead_letters | 'GapsApart' >> beam.Partition(
-      lambda d, n: int(is_gap(d)), 2)
-  counts = {'in': messages, 'published': result.published, 'dead_lettered': events_dead,
-            'gaps': gaps, 'duplicates_dropped': result.duplicates,
-            'missing_raw_sequences': gaps | 'Missing' >> beam.FlatMap(lambda g: [None] * g['count']),
-            'publish_held': result.stats | 'PublishHeld' >> beam.FlatMap(
-                lambda s: [None] * s['held'])}
+  # The consumers' own held_on_gap is counted below: the resequencer's is publish_held here.
+  counts = {'in': messages, 'published': result.published,
+            **publishing_counts(result.dead_letters, result.duplicates, result.stats,
+                                'publish_held')}
   if views and app.views:
     from sourcebeam.transforms.view_store import ViewChanges, WriteViewsToStore
     ((result.published_refs | 'ViewEvents' >> beam.Map(lambda pr: (pr[0], view_source(pr[1]))),

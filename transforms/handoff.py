@@ -54,8 +54,8 @@ from sourcebeam.transforms.archive import check_archive_path, ensure_storage_opt
 from sourcebeam.transforms.archive_format import join
 from sourcebeam.transforms.kafka_read import ReadKafkaMessages, partition_offsets
 from sourcebeam.transforms.live_archive import (
-    DEAD_DIR, OFFSETS_DIR, Published, SidecarError, ValidateKafkaMessages, parse_sidecar,
-    renumber)
+    DEAD_DIR, OFFSETS_DIR, Published, SidecarError, ValidateKafkaMessages, needs_sequence,
+    numbering, parse_sidecar, renumber)
 
 __all__ = ['TopicPartition', 'Ranges', 'recorded_offsets', 'plan_handoff', 'HandoffPlan',
            'ReadKafkaFrom', 'ReplayThenLive', 'HandoffError', 'kafka_start_check', 'commit_offsets']
@@ -366,7 +366,8 @@ class ReplayThenLive(beam.PTransform):
   Archived events carry their event time as timestamp; Kafka ones their CreateTime.
   ``max_records`` bounds the Kafka part (records after the recorded offsets);
   ``expansion_service`` is the Kafka read's (see :class:`ReadKafkaMessages`);
-  ``resequence`` the publishing step's numbering options (None: keep the sequences).
+  ``resequence`` the publishing step's numbering options (None: its defaults;
+  ``renumber=False`` keeps the topic's sequences).
   HandoffError (a ConfigError) when the pipeline is built, if the archive has no
   recorded offsets, recorded another topic, or Kafka no longer holds an offset.
   """
@@ -376,7 +377,7 @@ class ReplayThenLive(beam.PTransform):
                resequence: Optional[Dict[str, Any]] = None, renumber: bool = True):
     super().__init__()
     self._registry = registry
-    self._resequence = dict(resequence or {}) if renumber else None
+    self._resequence = numbering(resequence, renumber)
     self._expansion_service = expansion_service
     self._archive = archive_path.rstrip('/')
     self._bootstrap, self._topic = source[0], source[1]
@@ -392,9 +393,8 @@ class ReplayThenLive(beam.PTransform):
     messages = pbegin | 'Live' >> ReadKafkaFrom(self._bootstrap, self._topic, plan.offsets,
                                                  max_records=self._max_records,
                                                  expansion_service=self._expansion_service)
-    by_time = (self._resequence or {}).get('order_by') == 'event_time'
     validated, dead = messages | 'ValidateLive' >> ValidateKafkaMessages(
-        self._registry, require_sequence=not by_time)
+        self._registry, require_sequence=needs_sequence(self._resequence))
     if self._resequence is not None:
       archived = archived | 'AsRaw' >> beam.Map(as_raw)
     everything = (archived, validated) | 'AllValidated' >> beam.Flatten()

@@ -51,7 +51,7 @@ from sourcebeam.transforms.archive import WriteArchive, write_bytes
 from sourcebeam.transforms.archive_format import DEFAULT_BUCKETS, join
 from sourcebeam.transforms.publish import (  # the one publishing step
     DEAD_LETTERS, _PublishFn, resequenced, without_source)
-from sourcebeam.transforms.resequence import SOURCE
+from sourcebeam.transforms.resequence import EVENT_TIME, SOURCE
 from sourcebeam.schemas.registry import Registry
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
 
@@ -59,7 +59,8 @@ __all__ = [
     'SourceRef', 'OFFSETS_DIR', 'SIDECAR_VERSION', 'DEFAULT_WINDOW_SECONDS',
     'DEFAULT_FLUSH_SECONDS', 'DEFAULT_ALLOWED_LATENESS_SECONDS', 'kafka_ref', 'source_label',
     'view_source', 'sidecar_path', 'encode_sidecar', 'parse_sidecar', 'SidecarError',
-    'Published', 'PublishKafkaMessages', 'ValidateKafkaMessages', 'renumber', 'ArchiveLive']
+    'Published', 'PublishKafkaMessages', 'ValidateKafkaMessages', 'renumber', 'numbering',
+    'needs_sequence', 'ArchiveLive']
 
 SourceRef = Tuple[str, int, int]  # (topic, partition, offset) of one Kafka message
 OFFSETS_DIR = '_offsets'
@@ -177,20 +178,23 @@ def _with_ref(pair) -> Dict[str, Any]:
   return dict(env, **{SOURCE: tuple(ref)})
 
 
+def _ref_in(record: Dict[str, Any]) -> Optional[SourceRef]:
+  """The message offset a resequencer report carries as its ``source``, if any."""
+  ref = record.get('source')
+  return tuple(ref) if isinstance(ref, (tuple, list)) and len(ref) == 3 else None
+
+
 def _ref_of(record: Dict[str, Any]) -> Iterable[Tuple[Dict[str, Any], SourceRef]]:
   """A resequencer report carrying a message's offset -> ``(report, ref)`` with its ``source``
   as the message's label. Gap reports carry no offset (no message behind them): none."""
-  ref = record.get('source')
-  if isinstance(ref, (tuple, list)) and len(ref) == 3:
-    ref = tuple(ref)
+  ref = _ref_in(record)
+  if ref is not None:
     yield dict(record, source=source_label(ref)), ref
 
 
 def _label_source(record: Dict[str, Any]) -> Dict[str, Any]:
-  ref = record.get('source')
-  if isinstance(ref, (tuple, list)) and len(ref) == 3:
-    return dict(record, source=source_label(tuple(ref)))
-  return record
+  ref = _ref_in(record)
+  return record if ref is None else dict(record, source=source_label(ref))
 
 
 def renumber(validated_refs: beam.PCollection, dead_refs: beam.PCollection, registry: Registry,
@@ -222,6 +226,18 @@ def renumber(validated_refs: beam.PCollection, dead_refs: beam.PCollection, regi
                    out.stats)
 
 
+def numbering(resequence: Optional[Mapping[str, Any]], renumber: bool) -> Optional[Dict[str, Any]]:
+  """The resequencer's options a Kafka publishing step runs with: ``resequence`` (None for
+  its defaults), or None when it keeps the topic's sequences (``renumber=False``)."""
+  return dict(resequence or {}) if renumber else None
+
+
+def needs_sequence(options: Optional[Mapping[str, Any]]) -> bool:
+  """Whether the boundary refuses an event without a raw sequence: unless it is numbered in
+  event-time order."""
+  return (options or {}).get('order_by') != EVENT_TIME
+
+
 class ValidateKafkaMessages(beam.PTransform):
   """Kafka records -> ``(validated (envelope, SourceRef), (dead letter, SourceRef))``: the
   publishing boundary against ``registry`` (the application's schemas), offsets kept."""
@@ -243,20 +259,19 @@ class ValidateKafkaMessages(beam.PTransform):
 class PublishKafkaMessages(beam.PTransform):
   """Kafka records -> :class:`Published`: the publishing step (the boundary against
   ``registry``, the application's schemas, then the resequencer with the options
-  ``resequence``; None keeps the topic's sequences, for a topic already published such as
-  the event writer's), keeping each message's offset."""
+  ``resequence``, None for its defaults; ``renumber=False`` keeps the topic's sequences, for
+  a topic already published such as the event writer's), keeping each message's offset."""
 
   def __init__(self, registry: Registry, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
                resequence: Optional[Mapping[str, Any]] = None, *, renumber: bool = True):
     super().__init__()
     self._registry = registry
     self._max_event_bytes = max_event_bytes
-    self._resequence = dict(resequence or {}) if renumber else None
+    self._resequence = numbering(resequence, renumber)
 
   def expand(self, messages) -> Published:
-    by_time = (self._resequence or {}).get('order_by') == 'event_time'
     validated, dead = messages | 'Validate' >> ValidateKafkaMessages(
-        self._registry, self._max_event_bytes, require_sequence=not by_time)
+        self._registry, self._max_event_bytes, require_sequence=needs_sequence(self._resequence))
     return renumber(validated, dead, self._registry, self._resequence)
 
 
@@ -295,9 +310,9 @@ def live_windows(window_seconds: int, flush_seconds: int, allowed_lateness_secon
   Bounded input (a ``--max-records`` run, a test) has no processing time to wait
   for: it is one pane in the global window, written when the input ends (Beam's
   batch runners cannot run processing-time triggers). The global window also
-  keeps what a stateful step released at the end (the resequencer's batch
-  expansion restamps each event with its own time, behind a watermark already at
-  the end): fixed windows would drop it as late, Prism does.
+  keeps what a stateful step releases when the input ends (the resequencer's
+  held events, stamped with their own times behind a watermark already at the
+  end): fixed windows would drop them as late, Prism does.
   """
   if bounded:
     return beam.WindowInto(beam_window.GlobalWindows())

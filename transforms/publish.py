@@ -28,7 +28,7 @@ from apache_beam.metrics import Metrics
 
 from sourcebeam.schemas.registry import Registry, report_key
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES, publish_raw
-from sourcebeam.transforms.resequence import GAP, SOURCE, Resequence, Resequenced
+from sourcebeam.transforms.resequence import EVENT_TIME, GAP, SOURCE, Resequence, Resequenced
 
 PUBLISHED = 'published'
 DEAD_LETTERS = 'dead_letters'
@@ -105,8 +105,8 @@ class PublishEvents(beam.PTransform):
 
   Events are checked against ``registry``, the application's schemas (``app.registry``),
   then numbered per key space and key by the resequencer with ``resequence``, the keyword
-  options of :class:`~sourcebeam.transforms.resequence.Resequence` (default: its defaults).
-  ``resequence=None`` publishes the raw sequences as they are, holes and repeats included:
+  options of :class:`~sourcebeam.transforms.resequence.Resequence` (None: its defaults).
+  ``renumber=False`` publishes the raw sequences as they are, holes and repeats included:
   only for a stream already published, such as the event writer's. Dead letters are dicts
   with ``reason``, ``raw``, and ``source`` when known.
   """
@@ -122,7 +122,7 @@ class PublishEvents(beam.PTransform):
 
   def expand(self, raw_lines) -> Published:
     options = self._options
-    by_time = options is not None and options.get('order_by') == 'event_time'
+    by_time = options is not None and options.get('order_by') == EVENT_TIME
     validated = raw_lines | 'ValidateAndRepair' >> beam.ParDo(
         _PublishFn(self._registry, self._max_event_bytes, require_sequence=not by_time,
                    keep_source=options is not None)).with_outputs(DEAD_LETTERS, main=PUBLISHED)

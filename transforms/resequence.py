@@ -185,6 +185,16 @@ class _KeyEvents(beam.DoFn):
     yield key, (event, ts.micros)
 
 
+def _reset(timer, due: Optional[int], was: Optional[int]) -> Optional[int]:
+  """Set ``timer`` to ``due`` micros (clear it for None) unless it is already there; ``due``."""
+  if due != was:
+    if due is None:
+      timer.clear()
+    else:
+      timer.set(Timestamp(micros=due))
+  return due
+
+
 class _ResequencerFn(beam.DoFn):
   """What both expansions hold: the core built from the config on each worker, its counters."""
 
@@ -286,23 +296,11 @@ class _ResequenceStreamingBase(_ResequencerFn):
       due.append(_ceil_millis(et))
     if not cell.finished and (self._stats or cell.st.held):
       due.append(_END_MICROS)
-    et_due = min(min(due), _END_MICROS) if due else None
-    if et_due != cell.et_due:
-      if et_due is None:
-        tick.clear()
-      else:
-        tick.set(Timestamp(micros=et_due))
-    cell.et_due = et_due
+    cell.et_due = _reset(tick, min(min(due), _END_MICROS) if due else None, cell.et_due)
     if tick_pt is not None:
       # A pending processing-time timer keeps a pipeline running (Prism waits for it
       # after the input ended): cleared as soon as the key holds nothing.
-      pt_due = None if pt is None else _ceil_millis(pt)
-      if pt_due != cell.pt_due:
-        if pt_due is None:
-          tick_pt.clear()
-        else:
-          tick_pt.set(Timestamp(micros=pt_due))
-      cell.pt_due = pt_due
+      cell.pt_due = _reset(tick_pt, None if pt is None else _ceil_millis(pt), cell.pt_due)
 
   def on_element(self, element, ts: Timestamp, state, tick, tick_pt=None):
     key, event = element
