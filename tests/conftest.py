@@ -67,3 +67,10 @@ class SampleDay(NamedTuple):
 # per module to pytest, and would start its service again).
 from tests.db_fixtures import pg_dsn, postgres  # noqa: E402,F401
 from tests.service_fixtures import flink_cluster, kafka  # noqa: E402,F401
+
+
+# Pipelines built in pytest's process (TestPipeline, the in-process CLI) inspect each DoFn's
+# state and timer specs once, as every command does (pipelines/runners.py).
+from sourcebeam.pipelines.runners import remembered_dofn_specs  # noqa: E402
+
+remembered_dofn_specs()

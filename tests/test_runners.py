@@ -328,3 +328,54 @@ def test_local_runners_weigh_state_without_walking_every_module():
                               '--max_cache_memory_usage_mb=64'])
   assert [a for a in args if a.startswith('--max_cache')] == ['--max_cache_memory_usage_mb=64']
   assert not any(a.startswith('--max_cache') for a in runners.runner_args([]))
+
+
+def test_each_dofns_state_and_timer_specs_are_inspected_once_with_beams_answers():
+  import gc
+  from apache_beam.transforms import userstate
+  runners.runner_args([])
+  memo = userstate.get_dofn_specs
+  inspect_specs = memo.__wrapped__
+  runners.remembered_dofn_specs()  # idempotent: wraps once
+  assert userstate.get_dofn_specs is memo
+
+  class Stateful(beam.DoFn):
+    BAG = BagStateSpec('amounts', VarIntCoder())
+    FLUSH = TimerSpec('flush', TimeDomain.WATERMARK)
+
+    def process(self, kv, bag=beam.DoFn.StateParam(BAG), flush=beam.DoFn.TimerParam(FLUSH)):
+      yield kv
+
+    @on_timer(FLUSH)
+    def on_flush(self, bag=beam.DoFn.StateParam(BAG)):
+      yield 0
+
+  class Plain(beam.DoFn):
+    def process(self, x):
+      yield x
+
+  class Twice(beam.DoFn):  # Beam refuses it: the same state twice in one method
+    BAG = BagStateSpec('b', VarIntCoder())
+
+    def process(self, x, a=beam.DoFn.StateParam(BAG), b=beam.DoFn.StateParam(BAG)):
+      yield x
+
+  for fn in (Stateful(), Plain(), beam.Map(len).fn):
+    want = inspect_specs(fn)
+    first, again = memo(fn), memo(fn)
+    assert first == again == want
+    first[0].clear()  # an answer handed out is the caller's own
+    assert memo(fn) == want
+  assert userstate.is_stateful_dofn(Stateful()) and not userstate.is_stateful_dofn(Plain())
+  refused = Twice()
+  for _ in range(2):
+    with pytest.raises(ValueError, match='duplicate'):
+      memo(refused)
+  # Kept while the instance lives, by identity; forgotten when it goes.
+  fn = Stateful()
+  memo(fn)
+  key = id(fn)
+  assert key in runners._dofn_specs
+  del fn
+  gc.collect()
+  assert key not in runners._dofn_specs
