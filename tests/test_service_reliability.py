@@ -152,32 +152,38 @@ def test_the_listen_backlog_is_real(make_svc):
 def test_every_error_status_answers_json(make_svc):
   svc = make_svc()
   read = svc.read_path
+
+  def closing(method, path, headers=None, body=b'', version='HTTP/1.1'):
+    # A well-formed request's connection stays open after the error (keep-alive), and the
+    # read below waits for the server to close it: ask it to.
+    return request_bytes(method, path, {'Connection': 'close', **(headers or {})}, body, version)
+
   cases = [
       (b'hello\r\n\r\n', 400),                                             # not HTTP
       (b'GET /health HTTP/1.1\r\n\r\n', 400),                              # no Host
-      (request_bytes('GET', '/nowhere'), 404),
-      (request_bytes('DELETE', read), 405),
-      (request_bytes('GET', read + '?x=' + 'a' * 9000), 414),            # target too long
-      (request_bytes('GET', read, {'X-Long': 'a' * 9000}), 431),          # a header too long
-      (request_bytes('GET', read, {f'X-{i}': '1' for i in range(150)}), 431),  # too many headers
-      (request_bytes('BREW', read), 501),                                 # no such method
-      (request_bytes('GET', read, version='HTTP/2.0'), 505),
-      (request_bytes('GET', read, version='HTTP/1.2'), 505),
+      (closing('GET', '/nowhere'), 404),
+      (closing('DELETE', read), 405),
+      (closing('GET', read + '?x=' + 'a' * 9000), 414),            # target too long
+      (closing('GET', read, {'X-Long': 'a' * 9000}), 431),          # a header too long
+      (closing('GET', read, {f'X-{i}': '1' for i in range(150)}), 431),  # too many headers
+      (closing('BREW', read), 501),                                 # no such method
+      (closing('GET', read, version='HTTP/2.0'), 505),
+      (closing('GET', read, version='HTTP/1.2'), 505),
       (b'POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked'
        b'\r\n\r\n0\r\n\r\n', 400),                                         # smuggling shape
   ]
   if svc.kind == 'writer':
     token = f'Bearer {TOKEN}'
     cases += [
-        (request_bytes('POST', '/events', {'Authorization': token}), 411),  # no Content-Length
+        (closing('POST', '/events', {'Authorization': token}), 411),  # no Content-Length
         (b'POST /events HTTP/1.1\r\nHost: x\r\nAuthorization: ' + token.encode() +
          b'\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n', 411),
-        (request_bytes('POST', '/events', {'Authorization': token, 'Content-Length': str(2 << 20)}), 413),
-        (request_bytes('POST', '/events', {'Authorization': token}, b'{"event_type": '), 400),
-        (request_bytes('POST', '/events', {}, b'{}'), 401),
+        (closing('POST', '/events', {'Authorization': token, 'Content-Length': str(2 << 20)}), 413),
+        (closing('POST', '/events', {'Authorization': token}, b'{"event_type": '), 400),
+        (closing('POST', '/events', {}, b'{}'), 401),
     ]
   else:
-    cases += [(request_bytes('POST', '/carts/u1', {}, b'{"x":1}'), 405)]
+    cases += [(closing('POST', '/carts/u1', {}, b'{"x":1}'), 405)]
   for data, expected in cases:
     got = responses(exchange(svc.port, data, timeout=10))
     assert len(got) == 1, (data[:60], got)
