@@ -14,6 +14,10 @@ STAMP := $(VENV)/.installed
 
 # The slowest tests of every full run are listed at its end (CI's output too).
 DURATIONS ?= --durations=30 --durations-min=5
+# The fast and cli tiers run on every core (pytest-xdist; an idle worker takes tests from a
+# busy one, so a module's fixtures may be built once per worker: measured, still the fastest).
+# `make test-fast XDIST=` runs them in one process.
+XDIST ?= -n auto --dist worksteal
 
 .PHONY: setup run test test-fast test-cli test-local test-integration tools clean
 
@@ -34,17 +38,23 @@ tools: setup
 run: setup
 	$(PY) run.py $(ARGS)
 
+# Two sessions: the fast and cli tiers on every core, then the integration tier in one process
+# (its tests share the session's Kafka and Flink; two at once on two cores doubled each one's
+# time). Both always run; the target fails if either fails (5: nothing selected, not a failure).
 test: setup tools
-	$(PY) -m pytest $(DURATIONS) $(PYTEST_ARGS)
+	status=0; \
+	$(PY) -m pytest -m "not integration" $(XDIST) $(DURATIONS) $(PYTEST_ARGS) || [ $$? = 5 ] || status=1; \
+	$(PY) -m pytest -m integration $(DURATIONS) $(PYTEST_ARGS) || [ $$? = 5 ] || status=1; \
+	exit $$status
 
 test-fast: setup
-	$(PY) -m pytest -m "not integration and not cli" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration and not cli" $(XDIST) $(PYTEST_ARGS)
 
 test-cli: setup
-	$(PY) -m pytest -m cli $(PYTEST_ARGS)
+	$(PY) -m pytest -m cli $(XDIST) $(PYTEST_ARGS)
 
 test-local: setup
-	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration" $(XDIST) $(PYTEST_ARGS)
 
 test-integration: setup tools
 	$(PY) -m pytest -m integration $(DURATIONS) $(PYTEST_ARGS)

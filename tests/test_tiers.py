@@ -145,19 +145,22 @@ def _outcomes(result):
           if r.when == 'call' or r.outcome != 'passed'}
 
 
+NESTED_OUTCOMES = {
+    'test_starts_a_process': 'failed',
+    'test_starts_a_process_and_swallows_the_error': 'failed',
+    'test_runs_the_command_line_unmarked': 'failed',
+    'test_runs_the_command_line_marked_cli': 'passed',
+    'test_asks_for_a_service_at_run_time': 'failed',
+    'test_uses_a_service_through_another_fixture': 'failed',  # integration, kafka set up
+    'test_an_integration_test_may_start_processes': 'passed',
+    'test_plain_logic': 'passed',
+}
+
+
 def test_the_rules_in_a_session_of_their_own(nested):
   result = nested.runpytest_inprocess('-p', 'tests.tiers', '-p', 'no:cacheprovider')
   outcomes = _outcomes(result)
-  assert outcomes == {
-      'test_starts_a_process': 'failed',
-      'test_starts_a_process_and_swallows_the_error': 'failed',
-      'test_runs_the_command_line_unmarked': 'failed',
-      'test_runs_the_command_line_marked_cli': 'passed',
-      'test_asks_for_a_service_at_run_time': 'failed',
-      'test_uses_a_service_through_another_fixture': 'failed',  # integration, kafka set up
-      'test_an_integration_test_may_start_processes': 'passed',
-      'test_plain_logic': 'passed',
-  }, outcomes
+  assert outcomes == NESTED_OUTCOMES, outcomes
   text = result.stdout.str()
   assert 'started a process (fork_exec(true))' in text
   assert 'tried to (and something caught the error): fork_exec(true)' in text
@@ -174,3 +177,22 @@ def test_the_fast_tier_sets_up_no_service(nested):
   assert _outcomes(result) == {'test_plain_logic': 'passed'}
   assert 'the service fixture was set up' not in result.stdout.str()
   result.assert_outcomes(passed=1, deselected=7)
+
+
+@pytest.mark.integration  # a pytest session of its own, and its xdist workers, are processes
+def test_the_rules_hold_in_every_xdist_worker(nested, monkeypatch):
+  """The Makefile runs the fast and cli tiers on every core (``-n auto``): each worker arms its
+  own guard, so the outcomes are those of one process, and the controller ends childless
+  (its workers gone). In a process of its own, so no other test's children count."""
+  from tests.demo import ROOT
+  monkeypatch.setenv('PYTHONPATH', ROOT)
+  result = nested.runpytest_subprocess('-p', 'tests.tiers', '-p', 'no:cacheprovider',
+                                       '-n', '2', '--dist', 'worksteal', '-rA')
+  outcomes = {}
+  for line in result.stdout.lines:
+    word, _, rest = line.partition(' test_nested.py::')
+    if word in ('PASSED', 'FAILED', 'ERROR') and rest:
+      outcomes[rest.split(' ')[0]] = 'passed' if word == 'PASSED' else 'failed'
+  assert outcomes == NESTED_OUTCOMES, result.stdout.str()[-3000:]
+  assert 'created: 2/2 workers' in result.stdout.str()
+  assert 'pytest has child processes' not in result.stdout.str()

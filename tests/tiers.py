@@ -24,6 +24,10 @@ The rules:
 * at the end of a session that ran no ``integration`` test, pytest's process has no
   child process (:func:`child_processes`, from ``/proc``), or the session fails.
 
+The rules hold per process: under pytest-xdist (``-n``, as the Makefile runs the fast and
+cli tiers) each worker arms its own guard and checks its own children, and the workers
+themselves are the only processes the controller starts.
+
 ``tests/test_tiers.py`` proves each rule.
 """
 
@@ -302,8 +306,12 @@ def pytest_runtest_makereport(item, call):
                      'Mark it @pytest.mark.integration, or keep it in this process.')
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's controller has stopped its workers
 def pytest_sessionfinish(session, exitstatus):
-  """A session that ran no integration test leaves pytest's process without children."""
+  """A session that ran no integration test leaves pytest's process without children.
+
+  Under pytest-xdist (``make test-fast`` runs on every core) each worker is such a session
+  and checks itself; the controller runs no test and checks once its workers are gone."""
   if session.config.stash.get(_ran_integration, True) or not session.testscollected:
     return
   children = child_processes()
