@@ -54,8 +54,9 @@ from sourcebeam.transforms.archive import check_archive_path, ensure_storage_opt
 from sourcebeam.transforms.archive_format import join
 from sourcebeam.transforms.kafka_read import ReadKafkaMessages, partition_offsets
 from sourcebeam.transforms.live_archive import (
-    DEAD_DIR, OFFSETS_DIR, Published, SidecarError, ValidateKafkaMessages, needs_sequence,
-    numbering, parse_sidecar, renumber)
+    DEAD_DIR, OFFSETS_DIR, Published, SidecarError, ValidateKafkaMessages, parse_sidecar,
+    renumber)
+from sourcebeam.transforms.publish import needs_sequence, numbering
 
 __all__ = ['TopicPartition', 'Ranges', 'recorded_offsets', 'plan_handoff', 'HandoffPlan',
            'ReadKafkaFrom', 'ReplayThenLive', 'HandoffError', 'kafka_start_check', 'commit_offsets']

@@ -50,8 +50,8 @@ from apache_beam.utils.timestamp import Duration
 from sourcebeam.transforms.archive import WriteArchive, write_bytes
 from sourcebeam.transforms.archive_format import DEFAULT_BUCKETS, join
 from sourcebeam.transforms.publish import (  # the one publishing step
-    DEAD_LETTERS, _PublishFn, resequenced, without_source)
-from sourcebeam.transforms.resequence import EVENT_TIME, SOURCE
+    DEAD_LETTERS, _PublishFn, needs_sequence, numbering, resequenced, without_source)
+from sourcebeam.transforms.resequence import SOURCE
 from sourcebeam.schemas.registry import Registry
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
 
@@ -59,8 +59,7 @@ __all__ = [
     'SourceRef', 'OFFSETS_DIR', 'SIDECAR_VERSION', 'DEFAULT_WINDOW_SECONDS',
     'DEFAULT_FLUSH_SECONDS', 'DEFAULT_ALLOWED_LATENESS_SECONDS', 'kafka_ref', 'source_label',
     'view_source', 'sidecar_path', 'encode_sidecar', 'parse_sidecar', 'SidecarError',
-    'Published', 'PublishKafkaMessages', 'ValidateKafkaMessages', 'renumber', 'numbering',
-    'needs_sequence', 'ArchiveLive']
+    'Published', 'PublishKafkaMessages', 'ValidateKafkaMessages', 'renumber', 'ArchiveLive']
 
 SourceRef = Tuple[str, int, int]  # (topic, partition, offset) of one Kafka message
 OFFSETS_DIR = '_offsets'
@@ -224,18 +223,6 @@ def renumber(validated_refs: beam.PCollection, dead_refs: beam.PCollection, regi
                    refs, all_dead_refs,
                    out.duplicates | f'{label} labelled duplicates' >> beam.Map(_label_source),
                    out.stats)
-
-
-def numbering(resequence: Optional[Mapping[str, Any]], renumber: bool) -> Optional[Dict[str, Any]]:
-  """The resequencer's options a Kafka publishing step runs with: ``resequence`` (None for
-  its defaults), or None when it keeps the topic's sequences (``renumber=False``)."""
-  return dict(resequence or {}) if renumber else None
-
-
-def needs_sequence(options: Optional[Mapping[str, Any]]) -> bool:
-  """Whether the boundary refuses an event without a raw sequence: unless it is numbered in
-  event-time order."""
-  return (options or {}).get('order_by') != EVENT_TIME
 
 
 class ValidateKafkaMessages(beam.PTransform):

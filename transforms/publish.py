@@ -100,6 +100,18 @@ def is_gap(dead_letter: Dict[str, Any]) -> bool:
   return dead_letter.get('reason') == GAP
 
 
+def numbering(resequence: Optional[Mapping[str, Any]], renumber: bool) -> Optional[Dict[str, Any]]:
+  """The resequencer's options a publishing step runs with: ``resequence`` (None for its
+  defaults), or None when it keeps the raw sequences (``renumber=False``)."""
+  return dict(resequence or {}) if renumber else None
+
+
+def needs_sequence(options: Optional[Mapping[str, Any]]) -> bool:
+  """Whether the boundary refuses an event without a raw sequence: unless it is numbered in
+  event-time order."""
+  return (options or {}).get('order_by') != EVENT_TIME
+
+
 class PublishEvents(beam.PTransform):
   """Raw lines (bytes, str, or ``(source, bytes)``) to a :class:`Published` stream.
 
@@ -116,15 +128,15 @@ class PublishEvents(beam.PTransform):
     super().__init__()
     self._registry = registry
     self._max_event_bytes = max_event_bytes
-    self._options = dict(resequence or {}) if renumber else None
+    self._options = numbering(resequence, renumber)
     if self._options is not None:
       Resequence(**self._options)  # options checked now, not on a worker
 
   def expand(self, raw_lines) -> Published:
     options = self._options
-    by_time = options is not None and options.get('order_by') == EVENT_TIME
     validated = raw_lines | 'ValidateAndRepair' >> beam.ParDo(
-        _PublishFn(self._registry, self._max_event_bytes, require_sequence=not by_time,
+        _PublishFn(self._registry, self._max_event_bytes,
+                   require_sequence=needs_sequence(options),
                    keep_source=options is not None)).with_outputs(DEAD_LETTERS, main=PUBLISHED)
     if options is None:
       empty = raw_lines.pipeline | 'NoReports' >> beam.Create([])
