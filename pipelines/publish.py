@@ -36,12 +36,12 @@ from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.inputs import check_input, raw_input  # noqa: F401 (check_input: API)
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
-from sourcebeam.schemas.envelope import to_json
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
 from sourcebeam.transforms.app import App
-from sourcebeam.transforms.counting import WriteCounts, read_counts
-from sourcebeam.transforms.line_reader import ReadRawLines
-from sourcebeam.transforms.publish import PublishEvents, dead_letter_json, is_gap
+from sourcebeam.transforms.bounded_publish import PublishLineBatches
+from sourcebeam.transforms.counting import WriteSummedCounts, read_counts
+from sourcebeam.transforms.line_reader import ReadRawLineBatches
+from sourcebeam.transforms.publish import is_gap
 from sourcebeam.transforms.resequence import (DEFAULT_GAP_TIMEOUT, DEFAULT_GAP_TIMEOUT_PROCESSING,
                                               DEFAULT_HISTORY, EVENT_TIME, FIRST_SEEN,
                                               RAW_SEQUENCE)
@@ -116,39 +116,35 @@ def publishing_counts(dead_letters: beam.PCollection, duplicates: beam.PCollecti
           held: stats | 'PublishHeld' >> beam.FlatMap(lambda s: [None] * s['held'])}
 
 
-TOO_LONG_COUNT = 'in_too_long'
+#: Raw lines per element from the read to the publishing boundary.
+BATCH_LINES = 1000
 
 
 def build_publish(p: beam.Pipeline, app: App, input_pattern: str, out: str,
                   archive: Optional[str] = None, archive_format: str = 'avro',
                   max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
                   source_name: Optional[str] = None,
-                  resequence: Optional[Dict[str, Any]] = None) -> Dict[str, beam.PCollection]:
-  """Publish (and archive) raw lines against ``app``'s schemas; returns the PCollections to count.
+                  resequence: Optional[Dict[str, Any]] = None) -> None:
+  """Publish (and archive) raw lines against ``app``'s schemas, and count them into
+  ``out/_counts.json``.
 
-  Lines over ``max_event_bytes`` are cut off while they are read and dead-lettered
-  with their first bytes (:mod:`transforms.line_reader`); ``source_name`` names the
-  lines' source when the input is a temporary copy (of stdin, say)."""
-  read = p | 'ReadRaw' >> ReadRawLines(input_pattern, max_event_bytes, source_name=source_name)
-  raw = read.lines
-  result = raw | 'Publish' >> PublishEvents(app.registry, max_event_bytes, resequence)
-  dead_letters = (result.dead_letters, read.too_long) | 'AllDeadLetters' >> beam.Flatten()
-  result.duplicates | 'DuplicateJson' >> beam.Map(dead_letter_json) | 'WriteDuplicates' >> (
-      outputs.write_lines(out, 'duplicates.jsonl'))
-  result.published | 'PublishedJson' >> beam.Map(to_json) | 'WritePublished' >> outputs.write_lines(
-      out, 'published.jsonl')
-  dead_letters | 'DeadLetterJson' >> beam.Map(dead_letter_json) | 'WriteDeadLetters' >> (
-      outputs.write_lines(out, 'dead_letters.jsonl'))
-  # 'in' is counted in two parts (summed by run): a Flatten of every raw line would make
-  # the local runners materialize the whole input between stages
-  counts = {'in': raw, TOO_LONG_COUNT: read.too_long, 'published': result.published,
-            **publishing_counts(dead_letters, result.duplicates, result.stats, 'held_on_gap')}
-  if archive:
-    from sourcebeam.transforms.archive import WriteArchive
-    files = result.published | 'Archive' >> WriteArchive(archive, format=archive_format,
-                                                         registry=app.registry)
-    counts['archived'] = files | 'ArchivedEvents' >> beam.FlatMap(lambda f: [None] * f['events'])
-  return counts
+  A bounded input is published in key buckets, a batch of lines per Beam element
+  (:mod:`transforms.bounded_publish`). Lines over ``max_event_bytes`` are cut off while
+  they are read and dead-lettered with their first bytes (:mod:`transforms.line_reader`);
+  ``source_name`` names the lines' source when the input is a temporary copy (of stdin,
+  say)."""
+  from sourcebeam.transforms.archive import WriteArchive
+  writer = (WriteArchive(archive, format=archive_format, registry=app.registry)
+            if archive else None)
+  lines = p | 'ReadRaw' >> ReadRawLineBatches(input_pattern, max_event_bytes, BATCH_LINES)
+  publishing = PublishLineBatches(app.registry, max_event_bytes, resequence, archive=writer,
+                                  source_name=source_name)
+  result = lines | 'Publish' >> publishing
+  result.published | 'WritePublished' >> outputs.write_lines(out, 'published.jsonl')
+  result.dead_letters | 'WriteDeadLetters' >> outputs.write_lines(out, 'dead_letters.jsonl')
+  result.duplicates | 'WriteDuplicates' >> outputs.write_lines(out, 'duplicates.jsonl')
+  result.counts | 'Counts' >> WriteSummedCounts(outputs.join(out, '_counts.json'),
+                                                publishing.counted)
 
 
 def run(input_pattern: str, out: str, beam_args: List[str], app: App,
@@ -161,13 +157,11 @@ def run(input_pattern: str, out: str, beam_args: List[str], app: App,
     outputs.prepare(out)
     started = time.monotonic()
     with beam.Pipeline(options=options) as p:
-      counts = build_publish(p, app, raw.pattern, out, archive, archive_format, max_event_bytes,
-                             source_name=raw.source_name, resequence=resequence)
-      counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
+      build_publish(p, app, raw.pattern, out, archive, archive_format, max_event_bytes,
+                    source_name=raw.source_name, resequence=resequence)
     stop_after_dry_run(p, beam_args)
   seconds = time.monotonic() - started
   summary: Dict[str, Any] = read_counts(outputs.join(out, '_counts.json'))
-  summary['in'] += summary.pop(TOO_LONG_COUNT, 0)  # lines cut off while read are input too
   summary.update(app=app.name, seconds=round(seconds, 3),
                  events_per_sec=round(summary['in'] / seconds, 1) if seconds else None,
                  outputs={'published': outputs.join(out, 'published.jsonl'),

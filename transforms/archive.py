@@ -352,26 +352,25 @@ def _check_existing_manifest(path: str, fmt: str, buckets: int) -> None:
         f'cannot add {fmt} files in {buckets} buckets (write a new archive instead)')
 
 
-class _WritePartitionFiles(beam.DoFn):
-  """Sorts one (hour, bucket) group by (partition_key, sequence) and writes its files."""
+class PartitionWriter:
+  """Writes one (hour, bucket) group of envelopes as the archive's files, in plain Python:
+  sorted by (partition_key, sequence), cut into files of at most ``max_events_per_file``,
+  each named by the run id, its chunk number and ``tag`` (the window and pane; '' in batch).
+  Yields one record per file written (see :class:`WriteArchive`)."""
 
   def __init__(self, path: str, fmt: str, run_id: str, registry: Registry, codec: str,
-               max_events_per_file: int, with_sources: bool = False):
+               max_events_per_file: int):
     self._path, self._fmt, self._run_id = path, fmt, run_id
     self._reg, self._codec, self._max = registry, codec, max_events_per_file
-    self._with_sources = with_sources
-    self._files = Metrics.counter('archive', 'files_written')
-    self._events = Metrics.counter('archive', 'events_written')
 
-  def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
-    (hour, bucket), events = element
-    sources = None
-    if self._with_sources:  # (envelope, source) pairs: sort together, so sources[i] is event i's
-      pairs = sorted(events, key=lambda pair: sort_key(pair[0]))
+  def write(self, hour: str, bucket: int, events: Sequence[Envelope], tag: str = '',
+            sources: Optional[Sequence[Any]] = None) -> Iterator[Dict[str, Any]]:
+    """``events`` (with ``sources[i]`` event i's, recorded per file when given), any order."""
+    if sources is not None:  # sorted together, so sources[i] stays event i's
+      pairs = sorted(zip(events, sources), key=lambda pair: sort_key(pair[0]))
       events, sources = [e for e, _ in pairs], [s for _, s in pairs]
     else:
       events = sorted(events, key=sort_key)
-    tag = self._window_tag(win, pane)
     for n, chunk in enumerate(chunks(events, self._max)):
       name = file_name(self._run_id, n, self._fmt, tag)
       rel = join(partition_dir(hour, bucket), name)
@@ -385,11 +384,31 @@ class _WritePartitionFiles(beam.DoFn):
         blob = encode_parquet(chunk, self._reg, metadata=meta)
       out = join(self._path, rel)
       write_bytes(out, blob)
-      self._files.inc()
-      self._events.inc(len(chunk))
       record = {'path': out, 'events': len(chunk), 'hour': hour, 'bucket': bucket}
       if sources is not None:
         record['sources'] = sources[n * self._max:n * self._max + len(chunk)]
+      yield record
+
+
+class _WritePartitionFiles(beam.DoFn):
+  """One (hour, bucket) group through :class:`PartitionWriter`."""
+
+  def __init__(self, writer: PartitionWriter, with_sources: bool = False):
+    self._writer = writer
+    self._with_sources = with_sources
+    self._files = Metrics.counter('archive', 'files_written')
+    self._events = Metrics.counter('archive', 'events_written')
+
+  def process(self, element, win=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+    (hour, bucket), events = element
+    sources = None
+    if self._with_sources:
+      pairs = list(events)
+      events, sources = [e for e, _ in pairs], [s for _, s in pairs]
+    for record in self._writer.write(hour, bucket, list(events), self._window_tag(win, pane),
+                                     sources):
+      self._files.inc()
+      self._events.inc(record['events'])
       yield record
 
   @staticmethod
@@ -443,21 +462,35 @@ class WriteArchive(beam.PTransform):
     self.run_id = run_id
 
   def expand(self, pcoll):
-    _check_existing_manifest(self._path, self._fmt, self._buckets)
     buckets, with_sources = self._buckets, self._with_sources
     files = (
         pcoll
         | 'ByHourAndBucket' >> beam.Map(
             lambda x: (partition_of(x[0] if with_sources else x, buckets), x))
         | 'GroupPartitions' >> beam.GroupByKey()
-        | 'SortAndWrite' >> beam.ParDo(_WritePartitionFiles(
-            self._path, self._fmt, self.run_id, self._registry, self._codec, self._max,
-            self._with_sources)))
+        | 'SortAndWrite' >> beam.ParDo(_WritePartitionFiles(self.partition_writer(),
+                                                             self._with_sources)))
+    self.write_manifest(pcoll.pipeline)
+    return files
+
+  @property
+  def buckets(self) -> int:
+    return self._buckets
+
+  def partition_writer(self) -> PartitionWriter:
+    """The plain-Python writer of one (hour, bucket) group, for a step that groups its own
+    events by partition (a bounded publish, :mod:`transforms.bounded_publish`)."""
+    return PartitionWriter(self._path, self._fmt, self.run_id, self._registry, self._codec,
+                           self._max)
+
+  def write_manifest(self, pipeline: beam.Pipeline) -> None:
+    """Check what is already at the archive's path, and write its manifest when ``pipeline``
+    runs (what :meth:`expand` does besides the files)."""
+    _check_existing_manifest(self._path, self._fmt, self._buckets)
     _ = (
-        pcoll.pipeline
+        pipeline
         | 'Manifest' >> beam.Create([None])
         | 'WriteManifest' >> beam.Map(_write_manifest, self._path, self._manifest))
-    return files
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ on a runner's metrics API.
 from __future__ import annotations
 
 import json
-from typing import Dict
+from typing import Dict, Iterable
 
 import apache_beam as beam
 from apache_beam.transforms import window
@@ -35,8 +35,59 @@ class WriteCounts(beam.PTransform):
         counted
         | 'AllCounts' >> beam.Flatten()
         | 'ToDict' >> beam.combiners.ToDict()
-        | 'ToJson' >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
-        | 'Write' >> beam.io.WriteToText(self._path, shard_name_template='', num_shards=1))
+        | 'Write' >> _WriteCountsFile(self._path))
+
+
+class WriteSummedCounts(beam.PTransform):
+  """Partial counts, dicts ``{name: n}`` (from a step that counts in bulk, one per batch), to
+  the same file as :class:`WriteCounts`: their sums, with every name in ``names`` (0 if none
+  counted it)."""
+
+  def __init__(self, path: str, names: Iterable[str]):
+    super().__init__()
+    self._path = path
+    self._zero = {name: 0 for name in names}
+
+  def expand(self, partial_counts):
+    return (
+        (partial_counts | 'Global' >> beam.WindowInto(window.GlobalWindows()),
+         partial_counts.pipeline | 'Zero' >> beam.Create([self._zero]))
+        | 'AllCounts' >> beam.Flatten()
+        | 'Sum' >> beam.CombineGlobally(_SumCounts()).without_defaults()
+        | 'Write' >> _WriteCountsFile(self._path))
+
+
+class _SumCounts(beam.CombineFn):
+
+  def create_accumulator(self) -> Dict[str, int]:
+    return {}
+
+  def add_input(self, acc: Dict[str, int], counts: Dict[str, int]) -> Dict[str, int]:
+    for name, n in counts.items():
+      acc[name] = acc.get(name, 0) + n
+    return acc
+
+  def merge_accumulators(self, accs):
+    out: Dict[str, int] = {}
+    for acc in accs:
+      self.add_input(out, acc)
+    return out
+
+  def extract_output(self, acc: Dict[str, int]) -> Dict[str, int]:
+    return acc
+
+
+class _WriteCountsFile(beam.PTransform):
+  """One ``{name: count}`` dict to the JSON file at ``path``."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self._path = path
+
+  def expand(self, counts):
+    return (counts
+            | 'ToJson' >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
+            | 'Write' >> beam.io.WriteToText(self._path, shard_name_template='', num_shards=1))
 
 
 def read_counts(path: str) -> Dict[str, int]:

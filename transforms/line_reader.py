@@ -42,7 +42,7 @@ from apache_beam.metrics import Metrics
 
 from sourcebeam.schemas.validation import dead_letter
 
-__all__ = ['Line', 'LineReader', 'LimitedLineSource', 'ReadRawLines', 'RawLines',
+__all__ = ['Line', 'LineReader', 'LimitedLineSource', 'ReadRawLines', 'RawLines', 'ReadRawLineBatches',
            'too_long_reason', 'too_long_dead_letter', 'DEFAULT_CHUNK_BYTES', 'LINES', 'TOO_LONG']
 
 DEFAULT_CHUNK_BYTES = 64 * 1024
@@ -216,19 +216,37 @@ class LimitedLineSource(filebasedsource.FileBasedSource):
   """Lines of the files matching ``pattern`` as ``(file name, first bytes, full length)``.
 
   A line over ``max_line_bytes`` has only its first ``max_line_bytes`` bytes (see
-  :class:`LineReader`). Uncompressed files are split into byte ranges.
+  :class:`LineReader`). Uncompressed files are split into byte ranges. With
+  ``batch_lines`` N the records come as lists of up to N consecutive lines of one range:
+  one element per N lines, for a step that handles lines in bulk (a bounded publish).
   """
 
   def __init__(self, pattern: str, max_line_bytes: int, *,
                chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-               compression_type: str = CompressionTypes.AUTO, validate: bool = False):
+               compression_type: str = CompressionTypes.AUTO, validate: bool = False,
+               batch_lines: int = 0):
     super().__init__(pattern, compression_type=compression_type, splittable=True,
                      validate=validate)
     if max_line_bytes < 1:
       raise ValueError('max_line_bytes must be at least 1')
-    self._max, self._chunk = max_line_bytes, chunk_bytes
+    if batch_lines < 0:
+      raise ValueError('batch_lines must be 0 (one record per line) or more')
+    self._max, self._chunk, self._batch = max_line_bytes, chunk_bytes, batch_lines
 
   def read_records(self, file_name, range_tracker):
+    if not self._batch:
+      yield from self._records(file_name, range_tracker)
+      return
+    batch = []
+    for record in self._records(file_name, range_tracker):
+      batch.append(record)
+      if len(batch) == self._batch:
+        yield batch
+        batch = []
+    if batch:
+      yield batch
+
+  def _records(self, file_name, range_tracker):
     start = range_tracker.start_position()
     with self.open_file(file_name) as f:
       if start > 0:
@@ -245,7 +263,8 @@ class LimitedLineSource(filebasedsource.FileBasedSource):
         yield file_name, line.data, line.length
 
   def output_type_hint(self):
-    return beam.typehints.Tuple[str, bytes, int]
+    record = beam.typehints.Tuple[str, bytes, int]
+    return beam.typehints.List[record] if self._batch else record
 
 
 class RawLines(NamedTuple):
@@ -292,3 +311,21 @@ class ReadRawLines(beam.PTransform):
             | 'SplitTooLong' >> beam.ParDo(_SplitTooLong(self._limit, self._source_name))
             .with_outputs(TOO_LONG, main=LINES))
     return RawLines(read[LINES], read[TOO_LONG])
+
+
+class ReadRawLineBatches(beam.PTransform):
+  """The lines of the files matching ``pattern`` in lists of up to ``batch_lines``
+  ``(file name, first bytes, full length)`` records, for a step that handles lines in bulk
+  and dead-letters those over the limit itself (a line's length over ``max_line_bytes``
+  says it was cut off while read; see :class:`ReadRawLines` for one line per element)."""
+
+  def __init__(self, pattern: str, max_line_bytes: int, batch_lines: int = 1000, *,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    super().__init__()
+    if batch_lines < 1:
+      raise ValueError('batch_lines must be at least 1')
+    self._source = LimitedLineSource(pattern, max_line_bytes, chunk_bytes=chunk_bytes,
+                                     batch_lines=batch_lines)
+
+  def expand(self, pbegin):
+    return pbegin | 'Read' >> beam.io.Read(self._source)

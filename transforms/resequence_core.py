@@ -675,6 +675,19 @@ def batch_order(config: ResequenceConfig, events: Iterable[Tuple[Any, Any]]) -> 
   return bad + [(ev, payload) for _, ev, payload in good]
 
 
+def resequence_key(rs: Resequencer, key: Any, events: Iterable[Tuple[Any, Any]]
+                   ) -> Tuple[Activation, Dict[str, Any]]:
+  """All of one key's ``(event, payload)`` pairs of a bounded input, in :func:`batch_order`,
+  then the end of the input: what the key publishes, dead-letters and drops, and its stats."""
+  st = rs.new_state(key)
+  act = Activation()
+  receive = rs.receive
+  for ev, _ in batch_order(rs.config, events):
+    receive(st, ev, None, None, act)
+  rs.finish(st, act)
+  return act, rs.stats(st)
+
+
 @dataclasses.dataclass
 class ResequenceResult:
   """What :func:`resequence` gives: the same three outputs as the Beam transform, plus
@@ -703,15 +716,11 @@ def resequence(events: Iterable[Any], config: ResequenceConfig = ResequenceConfi
     by_key.setdefault(key, []).append((ev, None))
   published, dead, dups, stats = [], list(invalid), [], []
   for key in sorted(by_key, key=repr):
-    st = rs.new_state(key)
-    act = Activation()
-    for ev, _ in batch_order(config, by_key[key]):
-      rs.receive(st, ev, None, None, act)
-    rs.finish(st, act)
+    act, key_stats = resequence_key(rs, key, by_key[key])
     published.extend(env for env, _ in act.published)
     dead.extend(act.dead_letters)
     dups.extend(act.duplicates)
-    stats.append(rs.stats(st))
+    stats.append(key_stats)
   for _ in invalid:   # counted under key None, as the Beam transform does
     stats.append(rs.stats(KeyState(key=None, received=1, dead_lettered=1,
                                    by_reason={INVALID_KEY: 1})))
