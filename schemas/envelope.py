@@ -16,6 +16,8 @@ import datetime
 import json
 from typing import Any, Dict, Mapping, Optional
 
+from orjson import dumps as _orjson_dumps
+
 from sourcebeam.schemas.registry import Registry
 
 ENVELOPE_FIELDS = ('event_id', 'event_type', 'schema_version', 'partition_key',
@@ -108,7 +110,40 @@ def to_json_dict(env: Mapping[str, Any]) -> Dict[str, Any]:
 
 def to_json(env: Mapping[str, Any]) -> str:
   """One line of the published stream."""
-  return json.dumps(to_json_dict(env), separators=(',', ':'), ensure_ascii=False)
+  return compact_json(to_json_dict(env))
+
+
+def compact_json(value: Any) -> str:
+  """``json.dumps(value, separators=(',', ':'), ensure_ascii=False)``, the same text, faster.
+
+  orjson writes what the standard library writes for strings, 64-bit integers, booleans,
+  None, lists and dicts with string keys, and floats that print without an exponent in
+  both (zero and ``1e-4 <= |x| < 1e16``: checked over a million values). The rest goes to
+  the standard library: other floats (``1e-05`` against ``0.00001``, NaN against null),
+  what orjson refuses (larger integers, lone surrogates, keys other than strings), and any
+  type but those (orjson writes a datetime, json refuses it)."""
+  try:
+    if _prints_alike(value):
+      return _orjson_dumps(value).decode('utf-8')
+  except (TypeError, RecursionError):  # orjson's error is a TypeError; deep nesting either way
+    pass
+  return json.dumps(value, separators=(',', ':'), ensure_ascii=False)
+
+
+def _prints_alike(value: Any) -> bool:
+  t = type(value)
+  if t is str or t is int or t is bool or value is None:
+    return True
+  if t is float:
+    return value == 0.0 or 1e-4 <= abs(value) < 1e16  # False for NaN and infinities
+  if t is dict:
+    value = value.values()
+  elif t is not list and t is not tuple:
+    return False  # subclasses and other types (orjson writes datetimes, json refuses them)
+  for v in value:
+    if type(v) is not str and not _prints_alike(v):
+      return False
+  return True
 
 
 def from_json(line: str) -> Envelope:

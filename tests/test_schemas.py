@@ -138,3 +138,40 @@ def test_a_registry_pickles_with_its_schemas_not_their_folder(tmp_path):
   back = pickle.loads(pickle.dumps(REG))
   assert back.fingerprint == REG.fingerprint and back.event_types == REG.event_types
   assert back.parsed_envelope  # rebuilt on first use
+
+
+def test_compact_json_writes_what_the_standard_library_writes():
+  import datetime
+  import math
+  import random
+  import struct
+  from sourcebeam.schemas.envelope import compact_json
+  rnd = random.Random(7)
+  floats = [0.0, -0.0, 1.0, 19.99, 1e-4, 1e-5, 9.999e15, 1e16, 1.5e16, 1e22, 2.5e-7,
+            float('nan'), float('inf'), -float('inf')]
+  for _ in range(20000):
+    floats.append(struct.unpack('d', struct.pack('Q', rnd.getrandbits(64)))[0])
+    floats.append(round(rnd.uniform(-1e5, 1e5), rnd.randint(0, 6)))
+    floats.append(rnd.uniform(-1e-3, 1e-3))
+  values = floats + [
+      {'a': [1, True, None, {'b': 2 ** 63 - 1, 'c': 'é\u2028\x00"\\\n'}], 'd': (1.5, 'x')},
+      2 ** 64, -2 ** 63, 10 ** 30, '\ud800 lone surrogate', {1: 'int key'}, [1e-9],
+      {'deep': [[[[[0.1]]]]]}, ''.join(chr(i) for i in range(0x3000))]
+  for v in values:
+    want = json.dumps(v, separators=(',', ':'), ensure_ascii=False)
+    assert compact_json(v) == want, (v, want)
+  assert sum(1 for f in floats if not math.isfinite(f)) >= 3
+  deep = [0.5]
+  for _ in range(5000):
+    deep = [deep]
+  try:
+    want = json.dumps(deep)
+  except RecursionError:
+    want = RecursionError
+  try:
+    got = compact_json(deep)
+  except RecursionError:
+    got = RecursionError
+  assert got == want
+  with pytest.raises(TypeError):  # orjson would write it; the standard library refuses it
+    compact_json({'at': datetime.datetime(2026, 1, 1)})

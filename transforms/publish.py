@@ -19,13 +19,13 @@ sequences, carry no input event and are counted apart as ``gaps``).
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
+from sourcebeam.schemas.envelope import compact_json
 from sourcebeam.schemas.registry import Registry, report_key
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES, publish_raw
 from sourcebeam.transforms.resequence import EVENT_TIME, GAP, SOURCE, Resequence, Resequenced
@@ -149,4 +149,4 @@ class PublishEvents(beam.PTransform):
 
 
 def dead_letter_json(dead_letter: dict) -> str:
-  return json.dumps(dead_letter, ensure_ascii=False, separators=(',', ':'))
+  return compact_json(dead_letter)
