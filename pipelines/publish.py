@@ -38,6 +38,7 @@ from sourcebeam.pipelines.inputs import check_input, raw_input  # noqa: F401 (ch
 from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
 from sourcebeam.transforms.app import App
+from sourcebeam.transforms.archive import WriteArchive
 from sourcebeam.transforms.bounded_publish import PublishLineBatches
 from sourcebeam.transforms.counting import WriteSummedCounts, read_counts
 from sourcebeam.transforms.line_reader import ReadRawLineBatches
@@ -133,7 +134,6 @@ def build_publish(p: beam.Pipeline, app: App, input_pattern: str, out: str,
   they are read and dead-lettered with their first bytes (:mod:`transforms.line_reader`);
   ``source_name`` names the lines' source when the input is a temporary copy (of stdin,
   say)."""
-  from sourcebeam.transforms.archive import WriteArchive
   writer = (WriteArchive(archive, format=archive_format, registry=app.registry)
             if archive else None)
   lines = p | 'ReadRaw' >> ReadRawLineBatches(input_pattern, max_event_bytes, BATCH_LINES)

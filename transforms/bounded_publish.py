@@ -45,8 +45,8 @@ from sourcebeam.transforms.archive_format import DEFAULT_BUCKETS, bucket_of, par
 from sourcebeam.transforms.line_reader import too_long_dead_letter
 from sourcebeam.transforms.publish import dead_letter_json, is_gap, needs_sequence, without_source
 from sourcebeam.transforms.resequence import Resequence
-from sourcebeam.transforms.resequence_core import (INVALID_KEY, SOURCE, Resequencer,
-                                                   ResequenceConfig, key_of, resequence_key)
+from sourcebeam.transforms.resequence_core import (SOURCE, Resequencer, ResequenceConfig,
+                                                   key_of, resequence_key)
 
 DEAD_LETTERS = 'dead_letters'
 DUPLICATES = 'duplicates'
@@ -114,8 +114,7 @@ class _CheckBatch(beam.DoFn):
         env[SOURCE] = source
       key, problem = key_of(env)
       if problem is not None:
-        dead.append(self._rs.dead_letter(INVALID_KEY, None, env,
-                                         f'cannot resequence without a key: {problem}'))
+        dead.append(self._rs.invalid_key(env, problem))
         continue
       by_bucket.setdefault(bucket_of(key, buckets), []).append((ordering_key(env), env))
       events += 1

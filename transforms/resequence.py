@@ -175,9 +175,8 @@ class _KeyEvents(beam.DoFn):
     if problem is not None:
       self._counters.received.inc()
       self._counters.dead.inc()
-      yield pvalue.TaggedOutput(DEAD_LETTERS, self._rs.dead_letter(
-          INVALID_KEY, None, event if isinstance(event, dict) else None,
-          f'cannot resequence without a key: {problem}'))
+      yield pvalue.TaggedOutput(DEAD_LETTERS, self._rs.invalid_key(
+          event if isinstance(event, dict) else None, problem))
       # Counted in the stats too, under key None, so the run's totals add up.
       st = KeyState(key=None, received=1, dead_lettered=1, by_reason={INVALID_KEY: 1})
       yield pvalue.TaggedOutput(STATS, self._rs.stats(st))

@@ -303,6 +303,10 @@ class Resequencer:
       dl['source'] = self.config.source
     return dl
 
+  def invalid_key(self, event: Any, problem: str) -> Dict[str, Any]:
+    """The dead letter of an event without a usable key (``problem``: why, from :func:`key_of`)."""
+    return self.dead_letter(INVALID_KEY, None, event, f'cannot resequence without a key: {problem}')
+
   def _duplicate(self, st: KeyState, act: Activation, event: Mapping[str, Any], by: str,
                  of_event_id: str, of_raw: Any) -> None:
     """One record per copy dropped. Only what does not depend on arrival order (whether the
@@ -710,8 +714,7 @@ def resequence(events: Iterable[Any], config: ResequenceConfig = ResequenceConfi
   for ev in events:
     key, problem = key_of(ev)
     if problem is not None:
-      invalid.append(rs.dead_letter(INVALID_KEY, None, ev if isinstance(ev, abc.Mapping) else None,
-                                    f'cannot resequence without a key: {problem}'))
+      invalid.append(rs.invalid_key(ev if isinstance(ev, abc.Mapping) else None, problem))
       continue
     by_key.setdefault(key, []).append((ev, None))
   published, dead, dups, stats = [], list(invalid), [], []
