@@ -11,32 +11,30 @@ Each composite wraps the plain-Python logic of :mod:`taxi_logic` (beside this mo
 * :class:`LongRideAlerts`: rides over two hours, or whose END is two hours late;
 * :class:`HourlyTips`: the top-tipped driver of each event-time hour.
 
-The stateful transforms run in the global window, keyed by rideId, and use
-event-time timers only (processing-time timers do not fire on a bounded run).
-On bounded input the watermark jumps to the end of time after the last
-element, so every timer fires then, after every START, END and fare has been
-seen: a bounded run gives the exact answer.
+The stateful transforms are sourcebeam's ``KeyedStateMachine``s (plain-Python step
+functions over one ride's state) in the global window, keyed by rideId, with
+event-time timers only (processing-time timers do not fire on a bounded run). On
+a stream each ride has state and a timer; on bounded input each ride's records
+are grouped and folded at once, and every timer fires after every START, END and
+fare of its ride has been seen: a bounded run gives the exact answer.
 
 Timer output and lateness: every output PCollection that timers write to is
-re-windowed with sourcebeam's ``timer_output_windowing``; a consumer that groups it in its own windows must allow
-lateness too.
+re-windowed with sourcebeam's ``timer_output_windowing``; a consumer that groups
+it in its own windows must allow lateness too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import (ReadModifyWriteStateSpec, TimerSpec,
-                                              on_timer)
 from apache_beam.utils.timestamp import Duration
 
-from sourcebeam import JoinPairs, millis_of_ts as _millis, timer_output_windowing, ts_of_millis as _ts
+from sourcebeam import (JoinPairs, KeyedStateMachine, Machine, Step, millis_of_ts as _millis,
+                        ts_of_millis as _ts)
 
 from . import taxi_logic as logic
 
@@ -132,45 +130,25 @@ class JoinRidesAndFares(beam.PTransform):
 
 # --- long rides ---------------------------------------------------------------------------
 
-class _LongRideFn(beam.DoFn):
+def _long_ride_step(ride_id: int, step: logic.LongRideStep,
+                    record: Optional[Dict[str, Any]] = None) -> Step:
+  ignored = () if not step.ignored else ((IGNORED, {
+      'rideId': ride_id, 'reason': step.ignored,
+      'record': None if record is None else logic.to_output('ride', record)}), )
+  return Step(step.state, step.timer, ({'rideId': ride_id}, ) if step.alert else (), ignored)
+
+
+def long_ride_machine(settle_after_ms: int) -> Machine:
   """Per rideId: START and END in either order; an alert at most once."""
 
-  RIDE = ReadModifyWriteStateSpec('ride', PickleCoder())
-  TIMER = TimerSpec('timer', TimeDomain.WATERMARK)
+  def on_event(state, ride_id: int, record: Dict[str, Any]) -> Step:
+    return _long_ride_step(ride_id, logic.long_ride_on_event(
+        state, record['isStart'], record['eventTime'], settle_after_ms), record)
 
-  def __init__(self, settle_after_ms: int):
-    self.settle_after_ms = settle_after_ms
+  def on_timer(state, ride_id: int) -> Step:
+    return _long_ride_step(ride_id, logic.long_ride_on_timer(state, settle_after_ms))
 
-  def process(self, element: Tuple[int, Dict[str, Any]],
-              ride=beam.DoFn.StateParam(RIDE), timer=beam.DoFn.TimerParam(TIMER)):
-    ride_id, record = element
-    step = logic.long_ride_on_event(ride.read(), record['isStart'], record['eventTime'],
-                                    self.settle_after_ms)
-    yield from self._apply(ride_id, step, ride, timer, record)
-
-  @on_timer(TIMER)
-  def fire(self, key=beam.DoFn.KeyParam, ride=beam.DoFn.StateParam(RIDE),
-           timer=beam.DoFn.TimerParam(TIMER)):
-    yield from self._apply(key, logic.long_ride_on_timer(ride.read(), self.settle_after_ms),
-                           ride, timer, None)
-
-  @staticmethod
-  def _apply(ride_id: int, step: logic.LongRideStep, ride, timer,
-             record: Optional[Dict[str, Any]]) -> Iterable:
-    if step.state is None:
-      ride.clear()
-    else:
-      ride.write(step.state)
-    if step.timer is None:
-      timer.clear()
-    else:
-      timer.set(_ts(step.timer))
-    if step.alert:
-      yield {'rideId': ride_id}
-    if step.ignored:
-      yield pvalue.TaggedOutput(IGNORED, {
-          'rideId': ride_id, 'reason': step.ignored,
-          'record': None if record is None else logic.to_output('ride', record)})
+  return Machine(on_event, on_timer)
 
 
 class LongRideResult(NamedTuple):
@@ -185,18 +163,17 @@ class LongRideAlerts(beam.PTransform):
   marker waits ``settle_after_ms`` for a late END, and an END whose START never
   comes waits as long; both are then cleared by a timer."""
 
-  def __init__(self, settle_after_ms: int = logic.LONG_RIDE_MS):
+  def __init__(self, settle_after_ms: int = logic.LONG_RIDE_MS, expansion: str = 'auto'):
     super().__init__()
-    self.settle_after_ms = settle_after_ms
+    self.settle_after_ms, self.expansion = settle_after_ms, expansion
 
   def expand(self, rides):
     out = (rides
            | 'KeyByRide' >> beam.Map(lambda r: (r['rideId'], r)).with_output_types(RideKeyed)
-           | 'Global' >> beam.WindowInto(window.GlobalWindows())
-           | 'Detect' >> beam.ParDo(_LongRideFn(self.settle_after_ms)).with_outputs(
-               IGNORED, main='alerts'))
-    return LongRideResult(out.alerts | timer_output_windowing('AlertWindowing'),
-                          out[IGNORED] | timer_output_windowing('IgnoredWindowing'))
+           | 'Detect' >> KeyedStateMachine(long_ride_machine(self.settle_after_ms),
+                                           tags=[IGNORED], key_type=int,
+                                           expansion=self.expansion))
+    return LongRideResult(out['main'], out[IGNORED])
 
 
 # --- hourly tips ---------------------------------------------------------------------------

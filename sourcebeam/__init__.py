@@ -48,6 +48,9 @@ _EXPORTS = {
     # joins and timers
     'JoinPairs': 'sourcebeam.transforms.joins',
     'JoinResult': 'sourcebeam.transforms.joins',
+    'KeyedStateMachine': 'sourcebeam.transforms.state_machine',
+    'Machine': 'sourcebeam.transforms.state_machine',
+    'Step': 'sourcebeam.transforms.state_machine',
     'timer_output_windowing': 'sourcebeam.transforms.timing',
     'TIMER_OUTPUT_LATENESS': 'sourcebeam.transforms.timing',
     'ts_of_millis': 'sourcebeam.transforms.timing',

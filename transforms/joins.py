@@ -12,28 +12,25 @@ published stream (a payment keyed by ``payment_id`` names its ``order_id``):
 this is how a join crosses partition keys.
 
 Plain Python (:func:`pair_on_arrival`, :func:`pair_on_expiry`) and one Beam
-transform (:class:`JoinPairs`: a stateful DoFn keyed by the join key, in the
-global window, with one event-time timer per key). On bounded input the
-watermark jumps to the end of time after the last element, so every timer
-fires after every record has been seen: a bounded run gives the exact answer.
-Timer output is re-windowed with enough allowed lateness that a downstream
-grouping keeps it (:mod:`sourcebeam.transforms.timing`).
+transform (:class:`JoinPairs`: a :class:`~sourcebeam.transforms.state_machine.
+KeyedStateMachine` keyed by the join key, in the global window: state and an
+event-time timer per key on a stream, one grouping per key on bounded input).
+On bounded input every timer fires after every record has been seen: a bounded
+run gives the exact answer. Timer output is re-windowed with enough allowed
+lateness that a downstream grouping keeps it (:mod:`sourcebeam.transforms.timing`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
-from apache_beam import pvalue
-from apache_beam.coders import PickleCoder
-from apache_beam.transforms import window
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 
-from sourcebeam.transforms.timing import timer_output_windowing, ts_of_millis
+from sourcebeam.transforms.state_machine import (MAIN, KeyedStateMachine, Machine, Step,
+                                                  check_expansion)
 
-__all__ = ['JoinPairs', 'JoinResult', 'PairStep', 'pair_on_arrival', 'pair_on_expiry', 'UNMATCHED']
+__all__ = ['JoinPairs', 'JoinResult', 'PairStep', 'pair_machine', 'pair_on_arrival', 'pair_on_expiry',
+           'UNMATCHED']
 
 UNMATCHED = 'unmatched'
 MINUTE_MS = 60_000
@@ -89,40 +86,23 @@ def pair_on_expiry(state: Optional[Waiting], expire_after_ms: int, sides: Sides)
                                 'record': record},), None)
 
 
-class _PairFn(beam.DoFn):
-  """Per join key: the first side waits (with an expiry timer) for the other."""
+def _step(step: PairStep) -> Step:
+  return Step(step.state, step.timer, () if step.joined is None else (step.joined, ),
+              tuple((UNMATCHED, u) for u in step.unmatched))
 
-  WAITING = ReadModifyWriteStateSpec('waiting', PickleCoder())
-  EXPIRY = TimerSpec('expiry', TimeDomain.WATERMARK)
 
-  def __init__(self, expire_after_ms: int, sides: Sides):
-    self.expire_after_ms, self.sides = expire_after_ms, sides
+def pair_machine(expire_after_ms: int, sides: Sides) -> Machine:
+  """The join as a :class:`~sourcebeam.transforms.state_machine.Machine` over
+  ``(side, record, time_ms)`` elements."""
 
-  def process(self, element, waiting=beam.DoFn.StateParam(WAITING),
-              expiry=beam.DoFn.TimerParam(EXPIRY)):
-    _, (side, record, time_ms) = element
-    step = pair_on_arrival(waiting.read(), side, record, time_ms, self.expire_after_ms, self.sides)
-    yield from self._apply(step, waiting, expiry)
+  def on_event(state: Optional[Waiting], _key, element) -> Step:
+    side, record, time_ms = element
+    return _step(pair_on_arrival(state, side, record, time_ms, expire_after_ms, sides))
 
-  @on_timer(EXPIRY)
-  def expire(self, waiting=beam.DoFn.StateParam(WAITING), expiry=beam.DoFn.TimerParam(EXPIRY)):
-    yield from self._apply(pair_on_expiry(waiting.read(), self.expire_after_ms, self.sides),
-                           waiting, expiry)
+  def on_timer(state: Optional[Waiting], _key) -> Step:
+    return _step(pair_on_expiry(state, expire_after_ms, sides))
 
-  @staticmethod
-  def _apply(step: PairStep, waiting, expiry) -> Iterable:
-    if step.state is None:
-      waiting.clear()
-    else:
-      waiting.write(step.state)
-    if step.timer is None:
-      expiry.clear()
-    else:
-      expiry.set(ts_of_millis(step.timer))
-    if step.joined is not None:
-      yield step.joined
-    for u in step.unmatched:
-      yield pvalue.TaggedOutput(UNMATCHED, u)
+  return Machine(on_event, on_timer)
 
 
 class JoinResult(NamedTuple):
@@ -142,12 +122,15 @@ class JoinPairs(beam.PTransform):
       deterministic key coder.
     key_name, labels: how unmatched reasons name the key and the sides
       (``"no START ride within 60 min"``).
+    expansion: ``'auto'`` (a grouping per key for bounded input, state and a timer per key
+      otherwise), ``'batch'`` or ``'streaming'``: see :mod:`sourcebeam.transforms.state_machine`.
   """
 
   def __init__(self, left: str, right: str, *, left_key: Callable[[Any], Any],
                right_key: Callable[[Any], Any], left_time: Callable[[Any], int],
                right_time: Callable[[Any], int], expire_after_ms: int, key_type: type = str,
-               key_name: str = 'key', labels: Optional[Mapping[str, str]] = None):
+               key_name: str = 'key', labels: Optional[Mapping[str, str]] = None,
+               expansion: str = 'auto'):
     super().__init__()
     if left == right:
       raise ValueError('the two sides of a join need different names')
@@ -157,6 +140,8 @@ class JoinPairs(beam.PTransform):
     self.left_key, self.right_key = left_key, right_key
     self.left_time, self.right_time = left_time, right_time
     self.expire_after_ms, self.key_type = expire_after_ms, key_type
+    self.machine = pair_machine(expire_after_ms, self.sides)
+    self.expansion = check_expansion(expansion)
 
   def expand(self, sides):
     left, right = sides
@@ -169,8 +154,6 @@ class JoinPairs(beam.PTransform):
         lambda r: (rk(r), (s.right, r, rt(r)))).with_output_types(keyed)
     out = ((keyed_left, keyed_right)
            | 'Both' >> beam.Flatten()
-           | 'Global' >> beam.WindowInto(window.GlobalWindows())
-           | 'Join' >> beam.ParDo(_PairFn(self.expire_after_ms, s)).with_outputs(
-               UNMATCHED, main='joined'))
-    return JoinResult(out.joined | timer_output_windowing('JoinedWindowing'),
-                      out[UNMATCHED] | timer_output_windowing('UnmatchedWindowing'))
+           | 'Join' >> KeyedStateMachine(self.machine, tags=[UNMATCHED], key_type=self.key_type,
+                                         expansion=self.expansion))
+    return JoinResult(out[MAIN], out[UNMATCHED])
