@@ -18,7 +18,11 @@ from Maven Central) are unreachable or not served here:
   Java environment), so a plain ``ReadFromKafka(...)`` never downloads and runs on
   Prism and Flink alike (for Flink, a launcher that also expands KafkaIO to the
   legacy unbounded read, the only one Beam 2.70's portable Flink runner can stream);
-  :func:`kafka_expansion_service` gives the same service explicitly.
+  :func:`kafka_expansion_service` gives the same service explicitly. With
+  ``SOURCEBEAM_EXPANSION_SERVICE`` / ``SOURCEBEAM_FLINK_EXPANSION_SERVICE`` set
+  (``HOST:PORT`` of the services ``run.py services up expansion`` keeps running),
+  the pipeline expands there instead of starting the jar: no JVM start and warm-up
+  per pipeline (:func:`io_expansion_service`).
 * Remote runners that install Sourcebeam on their own workers get ``--setup_file``.
 * DataflowRunner runs Java in Beam's Docker containers: its Kafka IO comes from the
   same local jar started with Docker as the default Java environment
@@ -39,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
@@ -64,6 +69,9 @@ PRISM_OWN_SERVER = 'disable_prism_server_singleton'
 # scripts/maven/io-expansion-service/src/.../FlinkExpansionServiceMain.java).
 IO_EXPANSION_FLINK_JAR = os.path.join(
     JARS_DIR, f'beam-sdks-java-io-expansion-service-{BEAM_JAVA_VERSION}-flink.jar')
+# Running expansion services to use instead of starting the jars per pipeline (HOST:PORT).
+EXPANSION_SERVICE_ENV = 'SOURCEBEAM_EXPANSION_SERVICE'
+FLINK_EXPANSION_SERVICE_ENV = 'SOURCEBEAM_FLINK_EXPANSION_SERVICE'
 # The Gradle target Beam's Python SDK resolves for ReadFromKafka's default expansion service.
 IO_EXPANSION_TARGET = 'sdks:java:io:expansion-service:shadowJar'
 FLINK_RUNNERS = ('FlinkRunner', )
@@ -106,6 +114,20 @@ def io_expansion_jar(runner: Optional[str] = None) -> Optional[str]:
   """The Beam Java IO expansion service jar for ``runner``, if scripts/install_tools.sh built it."""
   jar = IO_EXPANSION_FLINK_JAR if runner in FLINK_RUNNERS else IO_EXPANSION_JAR
   return jar if os.path.isfile(jar) and os.path.isfile(IO_EXPANSION_JAR) else None
+
+
+def io_expansion_service(runner: Optional[str] = None) -> Optional[str]:
+  """What Kafka IO expands with for ``runner``: the running service the environment names
+  (``HOST:PORT``, from ``run.py services up expansion``), else the jar, started for the
+  pipeline (a JVM and its warm-up: 5-10 s of every pipeline with Kafka IO)."""
+  name = FLINK_EXPANSION_SERVICE_ENV if runner in FLINK_RUNNERS else EXPANSION_SERVICE_ENV
+  running = os.environ.get(name)
+  if not running:
+    return io_expansion_jar(runner)
+  if not re.fullmatch(r'[A-Za-z0-9.-]+:\d+', running):
+    raise UsageError(f'{name}={running!r}: it names a running expansion service as HOST:PORT '
+                     '(run.py services up expansion prints it)')
+  return running
 
 
 def _experiments(args: List[str]) -> List[str]:
@@ -252,9 +274,9 @@ def runner_args(args: List[str]) -> List[str]:
     raise UsageError('a Dataflow dry run needs --temp_location=gs://BUCKET/tmp (nothing is '
                      'written there; without it Beam asks GCS for a default bucket)')
   if (runner != DATAFLOW and not has_option(args, '--beam_services') and
-      io_expansion_jar(runner)):
+      io_expansion_service(runner)):
     # (Dataflow's Java runs in Beam's Docker containers: see kafka_io_service.)
-    args.append('--beam_services=' + json.dumps({IO_EXPANSION_TARGET: io_expansion_jar(runner)}))
+    args.append('--beam_services=' + json.dumps({IO_EXPANSION_TARGET: io_expansion_service(runner)}))
   # Workers that are not this process need Sourcebeam installed; LOOPBACK workers are us.
   remote_workers = runner == DATAFLOW or (
       runner in FLINK_RUNNERS + ('PortableRunner', ) and
@@ -384,7 +406,7 @@ def kafka_expansion_service(beam_args: Optional[List[str]] = None):
   """
   from apache_beam.transforms.external import JavaJarExpansionService
   runner = runner_of(beam_args or [])
-  jar = _require(io_expansion_jar(runner), 'the Beam Java IO expansion service jar')
+  jar = _require(io_expansion_service(runner), 'the Beam Java IO expansion service jar')
   return JavaJarExpansionService(jar, append_args=['--defaultEnvironmentType=EMBEDDED'])
 
 
@@ -402,7 +424,7 @@ def java_services(beam_args: Optional[List[str]] = None):
   import contextlib
   from apache_beam.utils.subprocess_server import JavaJarServer, SubprocessServer
   stack = contextlib.ExitStack()
-  jar = io_expansion_jar(runner_of(beam_args or []))
+  jar = io_expansion_service(runner_of(beam_args or []))
   if jar:
     stack.enter_context(JavaJarServer.beam_services({IO_EXPANSION_TARGET: jar}))
   stack.enter_context(SubprocessServer.cache_subprocesses())

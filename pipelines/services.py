@@ -1,7 +1,9 @@
-"""`run.py services up|down|status [kafka|flink|all]`: the local stack, one command.
+"""`run.py services up|down|status [kafka|flink|expansion|all]`: the local stack, one command.
 
-Kafka (a KRaft broker) and Flink (a standalone JobManager + TaskManager) are
-started and stopped by ``scripts/kafka.sh`` and ``scripts/flink.sh``; this module
+Kafka (a KRaft broker), Flink (a standalone JobManager + TaskManager) and Beam's
+Java IO expansion services (kept running, so a pipeline with Kafka IO does not
+start and warm up a JVM to expand it) are started and stopped by
+``scripts/kafka.sh``, ``scripts/flink.sh`` and ``scripts/expansion.sh``; this module
 only chooses ports and the state directory and calls them, so the command line,
 the test fixtures (``tests/service_fixtures.py``) and CI all start the services
 the same way. Their binaries come from ``scripts/install_tools.sh``.
@@ -21,7 +23,7 @@ from sourcebeam.pipelines.cli import DataError, UsageError
 
 SCRIPTS = os.path.join(runners.ROOT, 'scripts')
 DEFAULT_STATE_DIR = os.path.join(runners.TOOLS_DIR, 'services')
-SERVICES = ('kafka', 'flink')
+SERVICES = ('kafka', 'flink', 'expansion')
 
 
 @dataclasses.dataclass
@@ -31,6 +33,8 @@ class Ports:
   kafka_controller: int = 9093
   flink_rest: int = 8081
   flink_rpc: int = 6123
+  expansion: int = 8097
+  flink_expansion: int = 8098
 
   def env(self) -> Dict[str, str]:
     return {
@@ -38,7 +42,14 @@ class Ports:
         'KAFKA_CONTROLLER_PORT': str(self.kafka_controller),
         'FLINK_REST_PORT': str(self.flink_rest),
         'FLINK_RPC_PORT': str(self.flink_rpc),
+        'EXPANSION_PORT': str(self.expansion),
+        'FLINK_EXPANSION_PORT': str(self.flink_expansion),
     }
+
+  def expansion_env(self) -> Dict[str, str]:
+    """The environment that points every pipeline's Kafka IO at the running expansion services."""
+    return {runners.EXPANSION_SERVICE_ENV: f'127.0.0.1:{self.expansion}',
+            runners.FLINK_EXPANSION_SERVICE_ENV: f'127.0.0.1:{self.flink_expansion}'}
 
 
 def script_env(ports: Ports, state_dir: str = DEFAULT_STATE_DIR) -> Dict[str, str]:
@@ -113,6 +124,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f'Flink REST API and web UI port (default {d.flink_rest})')
   parser.add_argument('--flink-rpc-port', type=int, default=d.flink_rpc,
                       help=f'Flink JobManager RPC port (default {d.flink_rpc})')
+  parser.add_argument('--expansion-port', type=int, default=d.expansion,
+                      help=f'the IO expansion service for Prism and the DirectRunner (default '
+                           f'{d.expansion})')
+  parser.add_argument('--flink-expansion-port', type=int, default=d.flink_expansion,
+                      help=f'the IO expansion service for Flink (default {d.flink_expansion})')
   parser.add_argument('--state-dir', default=DEFAULT_STATE_DIR,
                       help='where the services keep data, logs and pid files (default .cache/services)')
 
@@ -120,7 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   if beam_args:
     raise UsageError(f'unknown arguments for services: {" ".join(beam_args)}')
-  ports = Ports(args.kafka_port, args.kafka_controller_port, args.flink_port, args.flink_rpc_port)
+  ports = Ports(args.kafka_port, args.kafka_controller_port, args.flink_port, args.flink_rpc_port,
+                args.expansion_port, args.flink_expansion_port)
   which = list(SERVICES) if args.which == 'all' else [args.which]
   state_dir = os.path.abspath(args.state_dir)
   if args.action == 'up':
@@ -131,6 +148,10 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
     if 'flink' in which:
       print(f'flink: web UI http://127.0.0.1:{ports.flink_rest}  '
             f'(use --runner=FlinkRunner --flink_master=localhost:{ports.flink_rest})')
+    if 'expansion' in which:
+      exports = ' '.join(f'{k}={v}' for k, v in ports.expansion_env().items())
+      print(f'expansion: Kafka IO expands on 127.0.0.1:{ports.expansion} (Flink: '
+            f'{ports.flink_expansion}) for pipelines started with  export {exports}')
     return 0
   if args.action == 'down':
     for service in reversed(which):

@@ -66,7 +66,7 @@ class SampleDay(NamedTuple):
 # run whichever modules use it (a fixture imported into several modules is one fixture
 # per module to pytest, and would start its service again).
 from tests.db_fixtures import pg_dsn, postgres  # noqa: E402,F401
-from tests.service_fixtures import flink_cluster, kafka  # noqa: E402,F401
+from tests.service_fixtures import expansion_services, flink_cluster, kafka  # noqa: E402,F401
 
 
 # Pipelines built in pytest's process (TestPipeline, the in-process CLI) inspect each DoFn's

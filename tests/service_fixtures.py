@@ -1,4 +1,5 @@
-"""Session-wide Kafka and Flink for integration tests: ``kafka`` and ``flink_cluster``.
+"""Session-wide Kafka and Flink for integration tests: ``kafka`` and ``flink_cluster``,
+and Beam's IO expansion services (``expansion_services``, which ``kafka`` brings along).
 
 ``tests/conftest.py`` registers them for every test module: ask for them by name and
 mark the tests ``@pytest.mark.integration``. (Do not import them into a test module as
@@ -12,6 +13,11 @@ Otherwise it starts a private instance on free ports in a temporary state
 directory, so concurrent test runs in one checkout cannot collide. A service that
 cannot start FAILS the tests that need it; it never skips them.
 
+While ``expansion_services`` runs, every pipeline the session builds, in pytest's
+process or in a ``run.py`` child, expands its Kafka IO on those two running services
+(``SOURCEBEAM_EXPANSION_SERVICE`` and ``SOURCEBEAM_FLINK_EXPANSION_SERVICE`` in the
+environment) instead of starting and warming up a JVM for each pipeline.
+
 Helpers for tests: :func:`create_topic`, :func:`produce` and :func:`consume` use
 Kafka's own command-line tools (through ``scripts/kafka.sh``), independent of Beam,
 so a test can feed a pipeline and check what it wrote without trusting Beam's IO
@@ -24,7 +30,7 @@ import json
 import os
 import subprocess
 import urllib.request
-from typing import Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import pytest
 
@@ -35,7 +41,8 @@ from sourcebeam.pipelines.live_stack import free_port  # noqa: F401 (the one fre
 
 def _private_ports() -> services.Ports:
   return services.Ports(kafka=free_port(), kafka_controller=free_port(),
-                        flink_rest=free_port(), flink_rpc=free_port())
+                        flink_rest=free_port(), flink_rpc=free_port(),
+                        expansion=free_port(), flink_expansion=free_port())
 
 
 def _service(name: str, tmp_path_factory) -> Tuple[services.Ports, str, bool]:
@@ -55,8 +62,27 @@ def _service(name: str, tmp_path_factory) -> Tuple[services.Ports, str, bool]:
 
 
 @pytest.fixture(scope='session')
-def kafka(tmp_path_factory) -> Iterable[str]:
-  """Bootstrap servers (``127.0.0.1:PORT``) of a running single-node KRaft Kafka broker."""
+def expansion_services(tmp_path_factory) -> Iterable[Dict[str, str]]:
+  """The running IO expansion services, named in ``os.environ`` for the session (and every
+  process it starts): the variables and their ``HOST:PORT`` values."""
+  ports, state_dir, started = _service('expansion', tmp_path_factory)
+  named = ports.expansion_env()
+  before = {name: os.environ.get(name) for name in named}
+  os.environ.update(named)
+  yield named
+  for name, value in before.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
+  if started:
+    services.stop('expansion', ports, state_dir)
+
+
+@pytest.fixture(scope='session')
+def kafka(tmp_path_factory, expansion_services) -> Iterable[str]:
+  """Bootstrap servers (``127.0.0.1:PORT``) of a running single-node KRaft Kafka broker
+  (and the expansion services every pipeline with Kafka IO expands on)."""
   ports, state_dir, started = _service('kafka', tmp_path_factory)
   yield f'127.0.0.1:{ports.kafka}'
   if started:

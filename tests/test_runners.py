@@ -27,6 +27,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.subprocess_server import JavaJarServer
 
 from sourcebeam.pipelines import runners
+from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.options import pipeline_options
 # The kafka and flink_cluster fixtures come from tests/conftest.py (one instance per session).
 from tests.service_fixtures import consume, create_topic, flink_cancel, flink_jobs, produce
@@ -129,8 +130,15 @@ def test_a_live_view_pipeline_on_embedded_flink_is_tuned_for_latency():
   assert runners.live_view_args(['--runner=PrismRunner']) == ['--runner=PrismRunner']
 
 
+@pytest.fixture
+def no_running_expansion(monkeypatch):
+  """Without the running expansion services an integration session names in the environment."""
+  monkeypatch.delenv(runners.EXPANSION_SERVICE_ENV, raising=False)
+  monkeypatch.delenv(runners.FLINK_EXPANSION_SERVICE_ENV, raising=False)
+
+
 @pytest.mark.integration  # needs scripts/install_tools.sh's binaries
-def test_prism_and_default_io_expansion_service_are_local():
+def test_prism_and_default_io_expansion_service_are_local(no_running_expansion):
   args = runners.runner_args(['--runner=PrismRunner'])
   assert runners.option_value(args, '--prism_location') == runners.PRISM_BIN
   assert os.access(runners.PRISM_BIN, os.X_OK), 'run scripts/install_tools.sh'
@@ -150,7 +158,7 @@ def test_prism_does_not_split_kafka_reads():
 
 
 @pytest.mark.integration  # needs scripts/install_tools.sh's binaries
-def test_kafka_expansion_service_uses_local_jar_with_embedded_java():
+def test_kafka_expansion_service_uses_local_jar_with_embedded_java(no_running_expansion):
   service = runners.kafka_expansion_service(['--runner=PrismRunner'])
   assert isinstance(service, JavaJarExpansionService)
   assert service.path_to_jar == runners.IO_EXPANSION_JAR
@@ -161,6 +169,25 @@ def test_kafka_expansion_service_uses_local_jar_with_embedded_java():
   flink_args = runners.runner_args(['--runner=FlinkRunner'])
   assert json.loads(runners.option_value(flink_args, '--beam_services')) == {
       runners.IO_EXPANSION_TARGET: runners.IO_EXPANSION_FLINK_JAR}
+
+
+def test_running_expansion_services_named_in_the_environment_replace_the_jars(monkeypatch):
+  monkeypatch.setenv(runners.EXPANSION_SERVICE_ENV, '127.0.0.1:8097')
+  monkeypatch.setenv(runners.FLINK_EXPANSION_SERVICE_ENV, 'localhost:8098')
+  for runner, address in (('PrismRunner', '127.0.0.1:8097'), ('DirectRunner', '127.0.0.1:8097'),
+                          ('FlinkRunner', 'localhost:8098')):
+    assert runners.io_expansion_service(runner) == address
+    assert runners.kafka_expansion_service([f'--runner={runner}']).path_to_jar == address
+  args = runners.runner_args([])  # the DirectRunner's: no tool needed
+  assert json.loads(runners.option_value(args, '--beam_services')) == {
+      runners.IO_EXPANSION_TARGET: '127.0.0.1:8097'}
+  # Explicit options still win, and Dataflow keeps its own (Docker) Java environment.
+  mine = runners.runner_args(['--beam_services={"x": "y"}'])
+  assert runners.option_value(mine, '--beam_services') == '{"x": "y"}'
+  assert not runners.has_option(runners.runner_args(['--runner=DataflowRunner']), '--beam_services')
+  monkeypatch.setenv(runners.FLINK_EXPANSION_SERVICE_ENV, '/some/file.jar')
+  with pytest.raises(UsageError, match="SOURCEBEAM_FLINK_EXPANSION_SERVICE='/some/file.jar'"):
+    runners.io_expansion_service('FlinkRunner')
 
 
 def test_dataflow_gets_setup_file_and_keeps_beams_expansion_service():

@@ -85,16 +85,20 @@ def test_unknown_action_is_a_usage_error():
 @pytest.mark.integration
 def test_services_up_status_down(tmp_path):
   ports = services.Ports(kafka=free_port(), kafka_controller=free_port(),
-                         flink_rest=free_port(), flink_rpc=free_port())
+                         flink_rest=free_port(), flink_rpc=free_port(),
+                         expansion=free_port(), flink_expansion=free_port())
   port_args = [f'--kafka-port={ports.kafka}', f'--kafka-controller-port={ports.kafka_controller}',
                f'--flink-port={ports.flink_rest}', f'--flink-rpc-port={ports.flink_rpc}',
-               f'--state-dir={tmp_path}']
+               f'--expansion-port={ports.expansion}',
+               f'--flink-expansion-port={ports.flink_expansion}', f'--state-dir={tmp_path}']
   pids = []
   try:
     up = run_cli('up', *port_args)
     assert up.returncode == 0, up.stderr[-4000:]
     assert f'127.0.0.1:{ports.kafka}' in up.stdout
     assert f'http://127.0.0.1:{ports.flink_rest}' in up.stdout
+    assert (f'SOURCEBEAM_EXPANSION_SERVICE=127.0.0.1:{ports.expansion} '
+            f'SOURCEBEAM_FLINK_EXPANSION_SERVICE=127.0.0.1:{ports.flink_expansion}') in up.stdout
 
     status = run_cli('status', *port_args, timeout=120)
     assert status.returncode == 0, status.stderr
@@ -102,8 +106,13 @@ def test_services_up_status_down(tmp_path):
     flink_line = next(l for l in status.stdout.splitlines() if l.startswith('flink:'))
     assert 'health=ok' in kafka_line and f'bootstrap=127.0.0.1:{ports.kafka}' in kafka_line
     assert 'health=ok' in flink_line and f'web=http://127.0.0.1:{ports.flink_rest}' in flink_line
-    pids = [int(p) for p in re.findall(r'pid=(\d+)', kafka_line + ' ' + flink_line)]
-    assert len(pids) == 3 and all(pid_alive(p) for p in pids)  # broker, JobManager, TaskManager
+    expansion_lines = [l for l in status.stdout.splitlines() if l.startswith('expansion')]
+    assert len(expansion_lines) == 2 and all('health=ok' in l for l in expansion_lines)
+    assert f'address=127.0.0.1:{ports.flink_expansion}' in expansion_lines[1]
+    pids = [int(p) for p in re.findall(r'pid=(\d+)', '\n'.join([kafka_line, flink_line] +
+                                                                expansion_lines))]
+    # The broker, the JobManager, the TaskManager and the two expansion services.
+    assert len(pids) == 5 and all(pid_alive(p) for p in pids)
 
     # Real clients: a metadata round trip and records through the broker ...
     bootstrap = f'127.0.0.1:{ports.kafka}'
@@ -116,6 +125,18 @@ def test_services_up_status_down(tmp_path):
     assert overview['taskmanagers'] == 1
     assert overview['slots-total'] == 2 and overview['slots-available'] == 2
     assert overview['flink-version'] == '1.19.0'
+    # ... and each expansion service expands a Kafka read (Beam's own client, the gRPC
+    # round trip a pipeline makes): KafkaIO's transforms come back with a Java environment
+    # of (embedded, the service's loopback worker), which Flink and Prism each can run.
+    import apache_beam as beam
+    from apache_beam.io.kafka import ReadFromKafka
+    for port in (ports.expansion, ports.flink_expansion):
+      p = beam.Pipeline()
+      _ = p | f'Read {port}' >> ReadFromKafka({'bootstrap.servers': bootstrap}, [topic],
+                                              expansion_service=f'127.0.0.1:{port}')
+      proto = p.to_runner_api()
+      assert any('KafkaIO' in t.unique_name for t in proto.components.transforms.values())
+      assert 'beam:env:anyof:v1' in {e.urn for e in proto.components.environments.values()}
 
     # `up` again is a no-op on a healthy stack.
     again = run_cli('up', *port_args)
@@ -126,6 +147,8 @@ def test_services_up_status_down(tmp_path):
   wait_until(lambda: not any(pid_alive(p) for p in pids), 30,
              'the services\' processes to end after `services down`', interval=0.5)
   assert not any(pid_alive(p) for p in pids), 'a service process outlived `services down`'
-  assert not any(port_open(p) for p in (ports.kafka, ports.flink_rest))
+  assert not any(port_open(p) for p in (ports.kafka, ports.flink_rest, ports.expansion,
+                                        ports.flink_expansion))
   after = run_cli('status', *port_args, timeout=60)
   assert 'kafka: stopped' in after.stdout and 'flink: stopped' in after.stdout
+  assert 'expansion: stopped' in after.stdout and 'expansion-flink: stopped' in after.stdout

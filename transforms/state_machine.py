@@ -50,8 +50,6 @@ MAIN = 'main'
 # A timer that fires and sets itself again is fired again at once (the watermark is past
 # it); a machine that never stops doing so is a bug in its step function, said as such.
 MAX_TIMER_ROUNDS = 1000
-
-
 EXPANSIONS = ('auto', 'batch', 'streaming')
 
 
