@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from sourcebeam.pipelines import runners
 from tests.cli import run_py
 from tests.demo import ROOT
 from tests.polling import wait_until
@@ -32,10 +33,14 @@ def test_sigterm_stops_a_live_stream_and_its_children(kafka, tmp_path):
   topic = f'signals-{uuid.uuid4().hex[:8]}'
   create_topic(kafka, topic)
   # A process of its own: the point is the signal, and the children it must take with it.
+  # Without the session's running expansion services, so that it starts its own (a child).
+  env = {k: v for k, v in os.environ.items()
+         if k not in (runners.EXPANSION_SERVICE_ENV, runners.FLINK_EXPANSION_SERVICE_ENV)}
   proc = subprocess.Popen(run_py('stream', '--source', f'kafka://{kafka}/{topic}', '--out',
                                  str(tmp_path / 'out'), '--archive', str(tmp_path / 'archive'),
                                  '--runner=PrismRunner'),
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
   started = {}
   try:
     def runner_and_expansion_service():
