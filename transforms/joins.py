@@ -26,8 +26,8 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 
-from sourcebeam.transforms.state_machine import (MAIN, KeyedStateMachine, Machine, Step,
-                                                  check_expansion)
+from sourcebeam.transforms.expansions import check_expansion
+from sourcebeam.transforms.state_machine import MAIN, KeyedStateMachine, Machine, Step
 
 __all__ = ['JoinPairs', 'JoinResult', 'PairStep', 'pair_machine', 'pair_on_arrival', 'pair_on_expiry',
            'UNMATCHED']

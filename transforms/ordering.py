@@ -105,6 +105,7 @@ from apache_beam.transforms.userstate import (OrderedListStateSpec, ReadModifyWr
                                               TimerSpec, on_timer)
 from apache_beam.utils.timestamp import Timestamp
 
+from sourcebeam.transforms.expansions import check_expansion, chosen_expansion
 from sourcebeam.transforms.ordering_core import (HOLD, INT64_MAX, INVALID_KEY, SKIP, Activation,
                                       DictBuffer, Handler, KeyState, Orderer, OrderingConfig,
                                       batch_order)
@@ -598,8 +599,7 @@ class ProcessInOrder(beam.PTransform):
         raise TypeError(f'handler {handler!r} has no {name}(); see transforms.ordering_core.Handler')
     if state not in ('auto', 'ordered_list', 'value'):
       raise ValueError(f"state must be 'auto', 'ordered_list' or 'value', got {state!r}")
-    if expansion not in ('auto', 'batch', 'streaming'):
-      raise ValueError(f"expansion must be 'auto', 'batch' or 'streaming', got {expansion!r}")
+    check_expansion(expansion)
     for name, v in (('status_interval', status_interval),
                     ('status_interval_processing', status_interval_processing)):
       if v is not None and v <= 0:
@@ -622,9 +622,7 @@ class ProcessInOrder(beam.PTransform):
     self._expansion = expansion
 
   def chosen_expansion(self, pcoll: beam.PCollection) -> str:
-    if self._expansion != 'auto':
-      return self._expansion
-    return 'batch' if pcoll.is_bounded else 'streaming'
+    return chosen_expansion(self._expansion, pcoll)
 
   def chosen_state(self, pcoll: beam.PCollection) -> str:
     if self._state != 'auto':

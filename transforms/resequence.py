@@ -73,6 +73,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 
 from sourcebeam.transforms.errors import ConfigError
+from sourcebeam.transforms.expansions import check_expansion, chosen_expansion
 from sourcebeam.transforms.resequence_core import (
     DEFAULT_HISTORY, DEFAULT_MAX_HELD, EVENT_TIME, FIRST_SEEN, GAP, INVALID_KEY, RAW_SEQUENCE, SOURCE,
     Activation, KeyState, ResequenceConfig, Resequencer, batch_order, key_of)
@@ -427,8 +428,7 @@ class Resequence(beam.PTransform):
                label: Optional[str] = None):
     super().__init__(label)
     self._key_fn = key_fn
-    if expansion not in ('auto', 'batch', 'streaming'):
-      raise ConfigError(f"expansion must be 'auto', 'batch' or 'streaming', got {expansion!r}")
+    check_expansion(expansion)
     for name, v in (('gap_timeout', gap_timeout), ('gap_timeout_processing', gap_timeout_processing)):
       if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
         raise ConfigError(f'{name} must be seconds >= 0 or None, got {v!r}')
@@ -441,9 +441,7 @@ class Resequence(beam.PTransform):
     self._expansion = expansion
 
   def chosen_expansion(self, pcoll: beam.PCollection) -> str:
-    if self._expansion != 'auto':
-      return self._expansion
-    return 'batch' if pcoll.is_bounded else 'streaming'
+    return chosen_expansion(self._expansion, pcoll)
 
   def expand(self, pcoll: beam.PCollection) -> Resequenced:
     if not isinstance(pcoll.windowing.windowfn, window.GlobalWindows):

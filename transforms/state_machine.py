@@ -41,22 +41,16 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 
 from sourcebeam.transforms.errors import ConfigError
+from sourcebeam.transforms.expansions import check_expansion, chosen_expansion
 from sourcebeam.transforms.timing import timer_output_windowing, ts_of_millis
 
-__all__ = ['KeyedStateMachine', 'Machine', 'Step', 'check_expansion', 'make_state_machine_fn',
-           'run_key', 'MAIN', 'MAX_TIMER_ROUNDS']
+__all__ = ['KeyedStateMachine', 'Machine', 'Step', 'make_state_machine_fn', 'run_key', 'MAIN',
+           'MAX_TIMER_ROUNDS']
 
 MAIN = 'main'
 # A timer that fires and sets itself again is fired again at once (the watermark is past
 # it); a machine that never stops doing so is a bug in its step function, said as such.
 MAX_TIMER_ROUNDS = 1000
-EXPANSIONS = ('auto', 'batch', 'streaming')
-
-
-def check_expansion(expansion: str) -> str:
-  if expansion not in EXPANSIONS:
-    raise ConfigError(f"expansion must be 'auto', 'batch' or 'streaming', got {expansion!r}")
-  return expansion
 
 
 class Step(NamedTuple):
@@ -178,9 +172,7 @@ class KeyedStateMachine(beam.PTransform):
     self._expansion = expansion
 
   def chosen_expansion(self, pcoll: beam.PCollection) -> str:
-    if self._expansion != 'auto':
-      return self._expansion
-    return 'batch' if pcoll.is_bounded else 'streaming'
+    return chosen_expansion(self._expansion, pcoll)
 
   def expand(self, keyed: beam.PCollection) -> Dict[str, beam.PCollection]:
     keyed = keyed | 'Global' >> beam.WindowInto(window.GlobalWindows())
