@@ -273,10 +273,11 @@ def runner_args(args: List[str]) -> List[str]:
       has_option(args, '--temp_location') or has_option(args, '--staging_location')):
     raise UsageError('a Dataflow dry run needs --temp_location=gs://BUCKET/tmp (nothing is '
                      'written there; without it Beam asks GCS for a default bucket)')
-  if (runner != DATAFLOW and not has_option(args, '--beam_services') and
-      io_expansion_service(runner)):
+  if runner != DATAFLOW and not has_option(args, '--beam_services'):
     # (Dataflow's Java runs in Beam's Docker containers: see kafka_io_service.)
-    args.append('--beam_services=' + json.dumps({IO_EXPANSION_TARGET: io_expansion_service(runner)}))
+    service = io_expansion_service(runner)
+    if service:
+      args.append('--beam_services=' + json.dumps({IO_EXPANSION_TARGET: service}))
   # Workers that are not this process need Sourcebeam installed; LOOPBACK workers are us.
   remote_workers = runner == DATAFLOW or (
       runner in FLINK_RUNNERS + ('PortableRunner', ) and

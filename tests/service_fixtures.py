@@ -67,14 +67,10 @@ def expansion_services(tmp_path_factory) -> Iterable[Dict[str, str]]:
   process it starts): the variables and their ``HOST:PORT`` values."""
   ports, state_dir, started = _service('expansion', tmp_path_factory)
   named = ports.expansion_env()
-  before = {name: os.environ.get(name) for name in named}
-  os.environ.update(named)
-  yield named
-  for name, value in before.items():
-    if value is None:
-      os.environ.pop(name, None)
-    else:
-      os.environ[name] = value
+  with pytest.MonkeyPatch.context() as env:
+    for name, value in named.items():
+      env.setenv(name, value)
+    yield named
   if started:
     services.stop('expansion', ports, state_dir)
 
