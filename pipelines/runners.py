@@ -12,7 +12,10 @@ from Maven Central) are unreachable or not served here:
   of that jar, and of the standalone cluster ``scripts/flink.sh`` runs) and
   ``--environment_type=LOOPBACK`` (the Python workers run in the submitting
   process: there is no Docker engine for Beam's SDK containers), and a capped
-  job server heap.
+  job server heap. With ``SOURCEBEAM_FLINK_JOB_SERVER`` set (``HOST:PORT`` of the job
+  server ``run.py services up jobserver`` keeps running) it gets ``--job_endpoint``
+  instead of a job server of its own: no JVM start, and a Flink already warm
+  (:func:`flink_job_server`). The job still runs where ``--flink_master`` says.
 * Every local runner gets ``--beam_services`` pointing Beam's default IO
   expansion service at the local jar (whose launcher makes EMBEDDED the default
   Java environment), so a plain ``ReadFromKafka(...)`` never downloads and runs on
@@ -42,10 +45,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from sourcebeam.pipelines.cli import UsageError
@@ -72,6 +77,7 @@ IO_EXPANSION_FLINK_JAR = os.path.join(
 # Running expansion services to use instead of starting the jars per pipeline (HOST:PORT).
 EXPANSION_SERVICE_ENV = 'SOURCEBEAM_EXPANSION_SERVICE'
 FLINK_EXPANSION_SERVICE_ENV = 'SOURCEBEAM_FLINK_EXPANSION_SERVICE'
+FLINK_JOB_SERVER_ENV = 'SOURCEBEAM_FLINK_JOB_SERVER'
 # The Gradle target Beam's Python SDK resolves for ReadFromKafka's default expansion service.
 IO_EXPANSION_TARGET = 'sdks:java:io:expansion-service:shadowJar'
 FLINK_RUNNERS = ('FlinkRunner', )
@@ -121,12 +127,24 @@ def io_expansion_service(runner: Optional[str] = None) -> Optional[str]:
   (``HOST:PORT``, from ``run.py services up expansion``), else the jar, started for the
   pipeline (a JVM and its warm-up: 5-10 s of every pipeline with Kafka IO)."""
   name = FLINK_EXPANSION_SERVICE_ENV if runner in FLINK_RUNNERS else EXPANSION_SERVICE_ENV
+  return _running_service(name, 'expansion') or io_expansion_jar(runner)
+
+
+def flink_job_server() -> Optional[str]:
+  """The running Flink job server the environment names (``HOST:PORT``, from ``run.py
+  services up jobserver``), or None: each FlinkRunner pipeline then starts its own (a JVM,
+  its warm-up and a cold Flink: 5-10 s of every Flink pipeline)."""
+  return _running_service(FLINK_JOB_SERVER_ENV, 'jobserver')
+
+
+def _running_service(name: str, service: str) -> Optional[str]:
+  """``HOST:PORT`` from the environment variable ``name``, checked; None if unset."""
   running = os.environ.get(name)
   if not running:
-    return io_expansion_jar(runner)
+    return None
   if not re.fullmatch(r'[A-Za-z0-9.-]+:\d+', running):
-    raise UsageError(f'{name}={running!r}: it names a running expansion service as HOST:PORT '
-                     '(run.py services up expansion prints it)')
+    raise UsageError(f'{name}={running!r}: it names a running {service} service as HOST:PORT '
+                     f'(run.py services up {service} prints it)')
   return running
 
 
@@ -230,6 +248,44 @@ def _forget(key: int, ref: Any) -> None:
     del _dofn_specs[key]
 
 
+def _runner_hung_up(exc: Optional[BaseException]) -> bool:
+  """The runner closed a LOOPBACK worker's gRPC stream (CANCELLED): a job's end, not an error."""
+  try:
+    import grpc
+  except ImportError:
+    return False
+  code = getattr(exc, 'code', None)
+  return isinstance(exc, grpc.RpcError) and callable(code) and code() == grpc.StatusCode.CANCELLED
+
+
+class _NotRunnerHangups(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _runner_hung_up(record.exc_info[1]))
+
+
+_WORKER_THREADS = ('run_worker', 'read_grpc_client_inputs')
+
+
+def quiet_worker_hangups() -> None:
+  """When a Flink job ends, the job server hangs up on its LOOPBACK workers (threads of this
+  process): Beam's worker threads then die of a CANCELLED gRPC stream, each printing a
+  traceback, and its data plane logs an error, after a job that succeeded (what a failed job
+  had to say is in the job's own state, which the command reports). Those are dropped; any
+  other exception in those threads is printed as before. Idempotent."""
+  if getattr(threading.excepthook, 'sourcebeam_hangups', False):
+    return
+  printing = threading.excepthook
+
+  def excepthook(args):
+    thread = getattr(args.thread, 'name', '') or ''
+    if not (thread.startswith(_WORKER_THREADS) and _runner_hung_up(args.exc_value)):
+      printing(args)
+
+  excepthook.sourcebeam_hangups = True
+  threading.excepthook = excepthook
+  logging.getLogger('apache_beam.runners.worker.data_plane').addFilter(_NotRunnerHangups())
+
+
 def runner_args(args: List[str]) -> List[str]:
   """``args`` plus what the chosen runner needs here."""
   args = list(args)
@@ -257,18 +313,23 @@ def runner_args(args: List[str]) -> List[str]:
       # later PrismRunner pipeline in the process: give each its own server.
       args.append(f'--experiments={PRISM_OWN_SERVER}')
   if runner in FLINK_RUNNERS:
-    if not has_option(args, '--flink_job_server_jar'):
-      args.append('--flink_job_server_jar=' +
-                  _require(flink_job_server_jar(), 'the Beam Flink job server jar'))
+    if not has_option(args, '--job_endpoint') and flink_job_server():
+      args.append(f'--job_endpoint={flink_job_server()}')
     if not has_option(args, '--flink_version'):
       args.append(f'--flink_version={FLINK_VERSION}')
     if not has_option(args, '--environment_type'):
       args.append(f'--environment_type={LOOPBACK}')
-    if not has_option(args, '--job_server_jvm_properties') and not has_option(
-        args, '--job_server_jvm_property'):
-      # Beam keeps each pipeline's job server JVM until the Python process exits;
-      # without a cap each may grow to a quarter of the machine's memory.
-      args.append(f'--job_server_jvm_properties={JOB_SERVER_HEAP}')
+    if (option_value(args, '--environment_type') or '').upper() == LOOPBACK:
+      quiet_worker_hangups()
+    if not has_option(args, '--job_endpoint'):  # the pipeline starts its own job server
+      if not has_option(args, '--flink_job_server_jar'):
+        args.append('--flink_job_server_jar=' +
+                    _require(flink_job_server_jar(), 'the Beam Flink job server jar'))
+      if not has_option(args, '--job_server_jvm_properties') and not has_option(
+          args, '--job_server_jvm_property'):
+        # Beam keeps each pipeline's job server JVM until the Python process exits;
+        # without a cap each may grow to a quarter of the machine's memory.
+        args.append(f'--job_server_jvm_properties={JOB_SERVER_HEAP}')
   if runner == DATAFLOW and is_dry_run(args) and not (
       has_option(args, '--temp_location') or has_option(args, '--staging_location')):
     raise UsageError('a Dataflow dry run needs --temp_location=gs://BUCKET/tmp (nothing is '

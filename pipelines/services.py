@@ -1,9 +1,10 @@
-"""`run.py services up|down|status [kafka|flink|expansion|all]`: the local stack, one command.
+"""`run.py services up|down|status [kafka|flink|expansion|jobserver|all]`: the local stack, one command.
 
-Kafka (a KRaft broker), Flink (a standalone JobManager + TaskManager) and Beam's
-Java IO expansion services (kept running, so a pipeline with Kafka IO does not
-start and warm up a JVM to expand it) are started and stopped by
-``scripts/kafka.sh``, ``scripts/flink.sh`` and ``scripts/expansion.sh``; this module
+Kafka (a KRaft broker), Flink (a standalone JobManager + TaskManager), Beam's
+Java IO expansion services and Beam's Flink job server (both kept running, so a
+pipeline with Kafka IO, or on FlinkRunner, does not start and warm up a JVM of
+its own) are started and stopped by ``scripts/kafka.sh``, ``scripts/flink.sh``,
+``scripts/expansion.sh`` and ``scripts/jobserver.sh``; this module
 only chooses ports and the state directory and calls them, so the command line,
 the test fixtures (``tests/service_fixtures.py``) and CI all start the services
 the same way. Their binaries come from ``scripts/install_tools.sh``.
@@ -23,7 +24,7 @@ from sourcebeam.pipelines.cli import DataError, UsageError
 
 SCRIPTS = os.path.join(runners.ROOT, 'scripts')
 DEFAULT_STATE_DIR = os.path.join(runners.TOOLS_DIR, 'services')
-SERVICES = ('kafka', 'flink', 'expansion')
+SERVICES = ('kafka', 'flink', 'expansion', 'jobserver')
 
 
 @dataclasses.dataclass
@@ -35,6 +36,7 @@ class Ports:
   flink_rpc: int = 6123
   expansion: int = 8097
   flink_expansion: int = 8098
+  job_server: int = 8099
 
   def env(self) -> Dict[str, str]:
     return {
@@ -44,12 +46,17 @@ class Ports:
         'FLINK_RPC_PORT': str(self.flink_rpc),
         'EXPANSION_PORT': str(self.expansion),
         'FLINK_EXPANSION_PORT': str(self.flink_expansion),
+        'JOB_SERVER_PORT': str(self.job_server),
     }
 
   def expansion_env(self) -> Dict[str, str]:
     """The environment that points every pipeline's Kafka IO at the running expansion services."""
     return {runners.EXPANSION_SERVICE_ENV: f'127.0.0.1:{self.expansion}',
             runners.FLINK_EXPANSION_SERVICE_ENV: f'127.0.0.1:{self.flink_expansion}'}
+
+  def job_server_env(self) -> Dict[str, str]:
+    """The environment that sends every FlinkRunner pipeline to the running job server."""
+    return {runners.FLINK_JOB_SERVER_ENV: f'127.0.0.1:{self.job_server}'}
 
 
 def script_env(ports: Ports, state_dir: str = DEFAULT_STATE_DIR) -> Dict[str, str]:
@@ -129,6 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            f'{d.expansion})')
   parser.add_argument('--flink-expansion-port', type=int, default=d.flink_expansion,
                       help=f'the IO expansion service for Flink (default {d.flink_expansion})')
+  parser.add_argument('--job-server-port', type=int, default=d.job_server,
+                      help=f"Beam's Flink job server (default {d.job_server})")
   parser.add_argument('--state-dir', default=DEFAULT_STATE_DIR,
                       help='where the services keep data, logs and pid files (default .cache/services)')
 
@@ -137,7 +146,7 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   if beam_args:
     raise UsageError(f'unknown arguments for services: {" ".join(beam_args)}')
   ports = Ports(args.kafka_port, args.kafka_controller_port, args.flink_port, args.flink_rpc_port,
-                args.expansion_port, args.flink_expansion_port)
+                args.expansion_port, args.flink_expansion_port, args.job_server_port)
   which = list(SERVICES) if args.which == 'all' else [args.which]
   state_dir = os.path.abspath(args.state_dir)
   if args.action == 'up':
@@ -152,6 +161,10 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
       exports = ' '.join(f'{k}={v}' for k, v in ports.expansion_env().items())
       print(f'expansion: Kafka IO expands on 127.0.0.1:{ports.expansion} (Flink: '
             f'{ports.flink_expansion}) for pipelines started with  export {exports}')
+    if 'jobserver' in which:
+      exports = ' '.join(f'{k}={v}' for k, v in ports.job_server_env().items())
+      print(f'jobserver: FlinkRunner pipelines submit to 127.0.0.1:{ports.job_server} when '
+            f'started with  export {exports}')
     return 0
   if args.action == 'down':
     for service in reversed(which):

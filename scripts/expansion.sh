@@ -24,44 +24,17 @@ EDIR="$STATE_DIR/expansion"
 MAIN_JAR="$JARS/beam-sdks-java-io-expansion-service-2.70.0.jar"
 FLINK_JAR="$JARS/beam-sdks-java-io-expansion-service-2.70.0-flink.jar"
 
-# NAME PORT JAR: one service (pid and log under $EDIR/NAME.*).
-start_one() {
-  local name="$1" port="$2" jar="$3" pidfile="$EDIR/$1.pid" logfile="$EDIR/$1.log"
-  [[ -f "$jar" ]] || die "$jar missing: run scripts/install_tools.sh"
-  if pid_alive "$pidfile"; then
-    log "$name already running (pid $(cat "$pidfile")) on 127.0.0.1:$port"
-    return 0
-  fi
-  port_open "$port" && die "port $port is already in use; set EXPANSION_PORT / FLINK_EXPANSION_PORT"
-  mkdir -p "$EDIR"
-  log "starting $name on 127.0.0.1:$port, log $logfile"
-  nohup "$(java_bin)" -Xmx"$EXPANSION_HEAP" -jar "$jar" "$port" --filesToStage="$jar" \
-    --alsoStartLoopbackWorker >>"$logfile" 2>&1 < /dev/null &
-  echo $! > "$pidfile"
-}
-
-# NAME PORT: wait until it accepts connections (or fail with its log).
-wait_one() {
-  local name="$1" port="$2" pidfile="$EDIR/$1.pid" logfile="$EDIR/$1.log"
-  local deadline=$((SECONDS + ${EXPANSION_START_TIMEOUT:-90}))
-  until port_open "$port"; do
-    if ! pid_alive "$pidfile"; then
-      tail -30 "$logfile" >&2; rm -f "$pidfile"; die "$name exited during startup (log: $logfile)"
-    fi
-    if (( SECONDS > deadline )); then
-      tail -30 "$logfile" >&2; stop_pid "$name" "$pidfile"
-      die "$name not listening after ${EXPANSION_START_TIMEOUT:-90}s (log: $logfile)"
-    fi
-    sleep 0.2
-  done
-  log "$name is up: 127.0.0.1:$port (pid $(cat "$pidfile"))"
-}
-
 start() {
-  start_one expansion "$EXPANSION_PORT" "$MAIN_JAR"
-  start_one expansion-flink "$FLINK_EXPANSION_PORT" "$FLINK_JAR"
-  wait_one expansion "$EXPANSION_PORT"
-  wait_one expansion-flink "$FLINK_EXPANSION_PORT"
+  local name port jar
+  for name in expansion expansion-flink; do
+    port="$EXPANSION_PORT"; jar="$MAIN_JAR"
+    [[ "$name" == expansion-flink ]] && port="$FLINK_EXPANSION_PORT" && jar="$FLINK_JAR"
+    [[ -f "$jar" ]] || die "$jar missing: run scripts/install_tools.sh"
+    start_java "$name" "$port" "$EDIR" -Xmx"$EXPANSION_HEAP" -jar "$jar" "$port" \
+      --filesToStage="$jar" --alsoStartLoopbackWorker
+  done
+  wait_java expansion "$EXPANSION_PORT" "$EDIR" "${EXPANSION_START_TIMEOUT:-90}"
+  wait_java expansion-flink "$FLINK_EXPANSION_PORT" "$EDIR" "${EXPANSION_START_TIMEOUT:-90}"
 }
 
 stop() {
@@ -70,16 +43,11 @@ stop() {
 }
 
 status() {
-  local ok=0 stopped=0 name port
-  for name in expansion expansion-flink; do
-    port="$EXPANSION_PORT"; [[ "$name" == expansion-flink ]] && port="$FLINK_EXPANSION_PORT"
-    if pid_alive "$EDIR/$name.pid"; then
-      if port_open "$port"; then
-        echo "$name: running pid=$(cat "$EDIR/$name.pid") address=127.0.0.1:$port health=ok"; ok=$((ok + 1))
-      else echo "$name: running pid=$(cat "$EDIR/$name.pid") address=127.0.0.1:$port health=failing"; fi
-    else
-      echo "$name: stopped (address would be 127.0.0.1:$port)"; stopped=$((stopped + 1))
-    fi
+  local ok=0 stopped=0 code
+  for name_port in "expansion $EXPANSION_PORT" "expansion-flink $FLINK_EXPANSION_PORT"; do
+    code=0; java_status $name_port "$EDIR" || code=$?
+    (( code == 0 )) && ok=$((ok + 1))
+    (( code == 3 )) && stopped=$((stopped + 1))
   done
   (( ok == 2 )) && return 0
   (( stopped == 2 )) && return 3

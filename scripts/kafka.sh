@@ -6,6 +6,7 @@
 #   scripts/kafka.sh topic NAME [PARTITIONS]       create a topic (idempotent)
 #   scripts/kafka.sh produce TOPIC                 stdin lines -> TOPIC ("key<TAB>value" with KEYED=1)
 #   scripts/kafka.sh consume TOPIC N [TIMEOUT_MS]  print N records (key<TAB>value) from the beginning
+#   scripts/kafka.sh offsets TOPIC                 print each partition's end offset (TOPIC:PARTITION:OFFSET)
 #
 # Ports: KAFKA_PORT (default 9092), KAFKA_CONTROLLER_PORT (default 9093).
 # State (storage, config, log, pid): $SOURCEBEAM_STATE_DIR/kafka (default .cache/services/kafka).
@@ -142,5 +143,8 @@ case "${1:-}" in
     kjava org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$BOOTSTRAP" --topic "$2" \
       --from-beginning --max-messages "$3" --timeout-ms "${4:-30000}" \
       --property print.key=true --property "key.separator=	" ;;
-  *) die "usage: scripts/kafka.sh start|stop|status|topic|produce|consume" ;;
+  offsets)
+    [[ $# -ge 2 ]] || die "usage: kafka.sh offsets TOPIC"
+    kjava org.apache.kafka.tools.GetOffsetShell --bootstrap-server "$BOOTSTRAP" --topic "$2" ;;
+  *) die "usage: scripts/kafka.sh start|stop|status|topic|produce|consume|offsets" ;;
 esac

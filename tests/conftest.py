@@ -66,7 +66,18 @@ class SampleDay(NamedTuple):
 # run whichever modules use it (a fixture imported into several modules is one fixture
 # per module to pytest, and would start its service again).
 from tests.db_fixtures import pg_dsn, postgres  # noqa: E402,F401
-from tests.service_fixtures import expansion_services, flink_cluster, kafka  # noqa: E402,F401
+from tests.service_fixtures import (expansion_services, flink_cluster, flink_job_server,  # noqa: E402,F401
+                                    kafka)
+
+
+@pytest.fixture(autouse=True)
+def _flink_pipelines_on_one_job_server(request):
+  """Integration tests submit every FlinkRunner pipeline (in pytest's process or in a
+  ``run.py`` child) to one running Flink job server, started once per session: a job server
+  of each pipeline's own cost a JVM start and a cold Flink, ~6 s of each Flink pipeline
+  (README's test figures)."""
+  if request.node.get_closest_marker('integration'):
+    request.getfixturevalue('flink_job_server')
 
 
 # Pipelines built in pytest's process (TestPipeline, the in-process CLI) inspect each DoFn's

@@ -1,5 +1,7 @@
 """Session-wide Kafka and Flink for integration tests: ``kafka`` and ``flink_cluster``,
-and Beam's IO expansion services (``expansion_services``, which ``kafka`` brings along).
+Beam's IO expansion services (``expansion_services``, which ``kafka`` brings along) and
+Beam's Flink job server (``flink_job_server``, which every integration test brings along:
+``tests/conftest.py``).
 
 ``tests/conftest.py`` registers them for every test module: ask for them by name and
 mark the tests ``@pytest.mark.integration``. (Do not import them into a test module as
@@ -16,9 +18,12 @@ cannot start FAILS the tests that need it; it never skips them.
 While ``expansion_services`` runs, every pipeline the session builds, in pytest's
 process or in a ``run.py`` child, expands its Kafka IO on those two running services
 (``SOURCEBEAM_EXPANSION_SERVICE`` and ``SOURCEBEAM_FLINK_EXPANSION_SERVICE`` in the
-environment) instead of starting and warming up a JVM for each pipeline.
+environment) instead of starting and warming up a JVM for each pipeline; while
+``flink_job_server`` runs, every FlinkRunner pipeline is submitted to it
+(``SOURCEBEAM_FLINK_JOB_SERVER``) instead of starting a job server of its own.
 
-Helpers for tests: :func:`create_topic`, :func:`produce` and :func:`consume` use
+Helpers for tests: :func:`create_topic`, :func:`produce`, :func:`consume` and
+:func:`consume_all` use
 Kafka's own command-line tools (through ``scripts/kafka.sh``), independent of Beam,
 so a test can feed a pipeline and check what it wrote without trusting Beam's IO
 on both ends. :func:`flink_jobs` reads the cluster's REST API.
@@ -42,7 +47,8 @@ from sourcebeam.pipelines.live_stack import free_port  # noqa: F401 (the one fre
 def _private_ports() -> services.Ports:
   return services.Ports(kafka=free_port(), kafka_controller=free_port(),
                         flink_rest=free_port(), flink_rpc=free_port(),
-                        expansion=free_port(), flink_expansion=free_port())
+                        expansion=free_port(), flink_expansion=free_port(),
+                        job_server=free_port())
 
 
 def _service(name: str, tmp_path_factory) -> Tuple[services.Ports, str, bool]:
@@ -61,18 +67,29 @@ def _service(name: str, tmp_path_factory) -> Tuple[services.Ports, str, bool]:
   return ports, state_dir, True
 
 
-@pytest.fixture(scope='session')
-def expansion_services(tmp_path_factory) -> Iterable[Dict[str, str]]:
-  """The running IO expansion services, named in ``os.environ`` for the session (and every
-  process it starts): the variables and their ``HOST:PORT`` values."""
-  ports, state_dir, started = _service('expansion', tmp_path_factory)
-  named = ports.expansion_env()
+def _named_in_environment(service: str, env_of, tmp_path_factory) -> Iterable[Dict[str, str]]:
+  """A running ``service``, named in ``os.environ`` for the session (and every process it
+  starts) by ``env_of(ports)``: yields the variables and their ``HOST:PORT`` values."""
+  ports, state_dir, started = _service(service, tmp_path_factory)
+  named = env_of(ports)
   with pytest.MonkeyPatch.context() as env:
     for name, value in named.items():
       env.setenv(name, value)
     yield named
   if started:
-    services.stop('expansion', ports, state_dir)
+    services.stop(service, ports, state_dir)
+
+
+@pytest.fixture(scope='session')
+def expansion_services(tmp_path_factory) -> Iterable[Dict[str, str]]:
+  """The running IO expansion services, named in the environment for the session."""
+  yield from _named_in_environment('expansion', services.Ports.expansion_env, tmp_path_factory)
+
+
+@pytest.fixture(scope='session')
+def flink_job_server(tmp_path_factory) -> Iterable[Dict[str, str]]:
+  """The running Flink job server, named in the environment for the session."""
+  yield from _named_in_environment('jobserver', services.Ports.job_server_env, tmp_path_factory)
 
 
 @pytest.fixture(scope='session')
@@ -133,6 +150,24 @@ def consume(bootstrap: str, topic: str, n: int, timeout_ms: int = 30000) -> List
     key, _, value = line.partition('\t')
     records.append((key, value))
   return records
+
+
+def end_offsets(bootstrap: str, topic: str) -> Dict[int, int]:
+  """Each partition's end offset (Kafka's GetOffsetShell): how many records the topic holds,
+  for a topic written without transactions."""
+  out = _kafka_tool(bootstrap, ['offsets', topic])
+  offsets = {}
+  for line in out.splitlines():
+    _, partition, offset = line.rsplit(':', 2)
+    offsets[int(partition)] = int(offset)
+  return offsets
+
+
+def consume_all(bootstrap: str, topic: str, timeout_ms: int = 30000) -> List[Tuple[str, str]]:
+  """Every record the topic holds now, read from the beginning: as many as its end offsets
+  say, so the read ends when it has them (no idle timeout to wait out)."""
+  held = sum(end_offsets(bootstrap, topic).values())
+  return consume(bootstrap, topic, held, timeout_ms) if held else []
 
 
 # --- Flink's REST API ----------------------------------------------------------------

@@ -18,7 +18,7 @@ from sourcebeam.schemas.envelope import from_json, to_json
 from tests.cli import run_py
 from tests.demo import ROOT
 from tests.polling import wait_until
-from tests.service_fixtures import consume, create_topic, produce
+from tests.service_fixtures import consume_all, create_topic, produce
 from tests.test_fanout import envelope
 from tests.tiers import child_processes
 
@@ -65,7 +65,7 @@ def subscriber_file(tmp_path, kafka, t):
 
 def check_topic(kafka, topic, expected):
   """The topic holds exactly ``expected`` (each once), keyed by partition key, in per-key order."""
-  got = consume(kafka, topic, len(expected) + 5, timeout_ms=15000)
+  got = consume_all(kafka, topic)
   events = []
   for key, value in got:
     e = from_json(value)

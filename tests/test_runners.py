@@ -89,14 +89,34 @@ def run_totals(beam_args: List[str], tmp_path) -> List[str]:
 # --- what each runner gets (fast; some need the installed binaries) -------------
 
 @pytest.mark.integration  # needs scripts/install_tools.sh's binaries
-def test_flink_gets_local_job_server_version_and_loopback():
+def test_flink_gets_local_job_server_version_and_loopback(no_running_expansion):
   args = runners.runner_args(['--runner=FlinkRunner', '--flink_master=[local]'])
   assert runners.option_value(args, '--flink_job_server_jar') == runners.FLINK_JOB_SERVER_JAR
   assert os.path.isfile(runners.FLINK_JOB_SERVER_JAR), 'run scripts/install_tools.sh'
   assert runners.option_value(args, '--flink_version') == runners.FLINK_VERSION
   assert runners.option_value(args, '--environment_type') == 'LOOPBACK'
+  assert runners.option_value(args, '--job_server_jvm_properties') == runners.JOB_SERVER_HEAP
+  assert not runners.has_option(args, '--job_endpoint')
   # LOOPBACK workers are this process: nothing to install on them.
   assert not runners.has_option(args, '--setup_file')
+
+
+def test_a_running_flink_job_server_named_in_the_environment_replaces_the_jar(monkeypatch):
+  monkeypatch.setenv(runners.FLINK_JOB_SERVER_ENV, '127.0.0.1:8099')
+  args = runners.runner_args(['--runner=FlinkRunner', '--flink_master=localhost:8081'])
+  assert runners.option_value(args, '--job_endpoint') == '127.0.0.1:8099'
+  assert runners.option_value(args, '--flink_master') == 'localhost:8081'  # where the job runs
+  assert runners.option_value(args, '--environment_type') == 'LOOPBACK'
+  for own_server in ('--flink_job_server_jar', '--job_server_jvm_properties'):
+    assert not runners.has_option(args, own_server)
+  # An explicit endpoint wins; other runners are not sent there.
+  mine = runners.runner_args(['--runner=FlinkRunner', '--job_endpoint=elsewhere:1'])
+  assert [a for a in mine if a.startswith('--job_endpoint')] == ['--job_endpoint=elsewhere:1']
+  assert not runners.has_option(runners.runner_args(['--runner=DirectRunner']), '--job_endpoint')
+  monkeypatch.setenv(runners.FLINK_JOB_SERVER_ENV, 'http://x')
+  with pytest.raises(UsageError, match="SOURCEBEAM_FLINK_JOB_SERVER='http://x'.*services up "
+                                       "jobserver"):
+    runners.runner_args(['--runner=FlinkRunner'])
 
 
 def test_explicit_options_win():
@@ -132,9 +152,10 @@ def test_a_live_view_pipeline_on_embedded_flink_is_tuned_for_latency():
 
 @pytest.fixture
 def no_running_expansion(monkeypatch):
-  """Without the running expansion services an integration session names in the environment."""
-  monkeypatch.delenv(runners.EXPANSION_SERVICE_ENV, raising=False)
-  monkeypatch.delenv(runners.FLINK_EXPANSION_SERVICE_ENV, raising=False)
+  """Without the running Java services an integration session names in the environment."""
+  for name in (runners.EXPANSION_SERVICE_ENV, runners.FLINK_EXPANSION_SERVICE_ENV,
+               runners.FLINK_JOB_SERVER_ENV):
+    monkeypatch.delenv(name, raising=False)
 
 
 @pytest.mark.integration  # needs scripts/install_tools.sh's binaries
@@ -406,3 +427,49 @@ def test_each_dofns_state_and_timer_specs_are_inspected_once_with_beams_answers(
   del fn
   gc.collect()
   assert key not in runners._dofn_specs
+
+
+def test_a_job_server_hanging_up_on_its_loopback_workers_prints_no_traceback(capsys, caplog):
+  """A Flink job's end: the job server cancels its LOOPBACK workers' gRPC streams, and Beam's
+  worker threads die of it. That is not an error; anything else in those threads still is."""
+  import grpc
+  import threading
+
+  class Cancelled(grpc.RpcError):
+    def __init__(self, code):
+      super().__init__('Multiplexer hanging up')
+      self._code = code
+
+    def code(self):
+      return self._code
+
+  runners.runner_args(['--runner=FlinkRunner', '--job_endpoint=localhost:1'])  # installs it
+  hooks = []
+  saved = threading.excepthook
+  threading.excepthook = lambda args: hooks.append(args.exc_value)  # pytest's, in a test
+  try:
+    runners.quiet_worker_hangups()
+
+    def die(exc):
+      def run():
+        raise exc
+      t = threading.Thread(target=run, name='run_worker_7-1')
+      t.start()
+      t.join()
+
+    die(Cancelled(grpc.StatusCode.CANCELLED))
+    assert hooks == []
+    unavailable = Cancelled(grpc.StatusCode.UNAVAILABLE)
+    die(unavailable)
+    die(ValueError('a bug'))
+    assert [type(e) for e in hooks] == [Cancelled, ValueError] and hooks[0] is unavailable
+  finally:
+    threading.excepthook = saved
+  import logging
+  log = logging.getLogger('apache_beam.runners.worker.data_plane')
+  for exc in (Cancelled(grpc.StatusCode.CANCELLED), Cancelled(grpc.StatusCode.UNAVAILABLE)):
+    try:
+      raise exc
+    except grpc.RpcError:
+      log.exception('Failed to read inputs in the data plane.')
+  assert [r.exc_info[1].code() for r in caplog.records] == [grpc.StatusCode.UNAVAILABLE]

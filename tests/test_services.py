@@ -19,7 +19,8 @@ from sourcebeam.pipelines import runners, services
 from tests.cli import run_cli as in_process, run_py
 from tests.demo import ROOT
 from tests.polling import wait_until
-from tests.service_fixtures import consume, create_topic, flink_rest, free_port, produce
+from tests.service_fixtures import (consume, create_topic, end_offsets, flink_rest, free_port,
+                                    produce)
 
 
 def run_cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -86,11 +87,13 @@ def test_unknown_action_is_a_usage_error():
 def test_services_up_status_down(tmp_path):
   ports = services.Ports(kafka=free_port(), kafka_controller=free_port(),
                          flink_rest=free_port(), flink_rpc=free_port(),
-                         expansion=free_port(), flink_expansion=free_port())
+                         expansion=free_port(), flink_expansion=free_port(),
+                         job_server=free_port())
   port_args = [f'--kafka-port={ports.kafka}', f'--kafka-controller-port={ports.kafka_controller}',
                f'--flink-port={ports.flink_rest}', f'--flink-rpc-port={ports.flink_rpc}',
                f'--expansion-port={ports.expansion}',
-               f'--flink-expansion-port={ports.flink_expansion}', f'--state-dir={tmp_path}']
+               f'--flink-expansion-port={ports.flink_expansion}',
+               f'--job-server-port={ports.job_server}', f'--state-dir={tmp_path}']
   pids = []
   try:
     up = run_cli('up', *port_args)
@@ -99,6 +102,7 @@ def test_services_up_status_down(tmp_path):
     assert f'http://127.0.0.1:{ports.flink_rest}' in up.stdout
     assert (f'SOURCEBEAM_EXPANSION_SERVICE=127.0.0.1:{ports.expansion} '
             f'SOURCEBEAM_FLINK_EXPANSION_SERVICE=127.0.0.1:{ports.flink_expansion}') in up.stdout
+    assert f'SOURCEBEAM_FLINK_JOB_SERVER=127.0.0.1:{ports.job_server}' in up.stdout
 
     status = run_cli('status', *port_args, timeout=120)
     assert status.returncode == 0, status.stderr
@@ -109,10 +113,13 @@ def test_services_up_status_down(tmp_path):
     expansion_lines = [l for l in status.stdout.splitlines() if l.startswith('expansion')]
     assert len(expansion_lines) == 2 and all('health=ok' in l for l in expansion_lines)
     assert f'address=127.0.0.1:{ports.flink_expansion}' in expansion_lines[1]
-    pids = [int(p) for p in re.findall(r'pid=(\d+)', '\n'.join([kafka_line, flink_line] +
-                                                                expansion_lines))]
-    # The broker, the JobManager, the TaskManager and the two expansion services.
-    assert len(pids) == 5 and all(pid_alive(p) for p in pids)
+    job_server_line = next(l for l in status.stdout.splitlines() if l.startswith('jobserver:'))
+    assert 'health=ok' in job_server_line
+    assert f'address=127.0.0.1:{ports.job_server}' in job_server_line
+    pids = [int(p) for p in re.findall(r'pid=(\d+)', '\n'.join(
+        [kafka_line, flink_line, job_server_line] + expansion_lines))]
+    # The broker, the JobManager, the TaskManager, the job server, the two expansion services.
+    assert len(pids) == 6 and all(pid_alive(p) for p in pids)
 
     # Real clients: a metadata round trip and records through the broker ...
     bootstrap = f'127.0.0.1:{ports.kafka}'
@@ -120,6 +127,8 @@ def test_services_up_status_down(tmp_path):
     create_topic(bootstrap, topic, partitions=2)
     produce(bootstrap, topic, [('k1', 'hello'), ('k2', 'world')])
     assert sorted(consume(bootstrap, topic, 2)) == [('k1', 'hello'), ('k2', 'world')]
+    offsets = end_offsets(bootstrap, topic)  # both partitions, two records between them
+    assert set(offsets) == {0, 1} and sum(offsets.values()) == 2
     # ... and the JobManager's REST API sees one TaskManager with two free slots.
     overview = flink_rest(f'localhost:{ports.flink_rest}', '/overview')
     assert overview['taskmanagers'] == 1
@@ -138,6 +147,15 @@ def test_services_up_status_down(tmp_path):
       assert any('KafkaIO' in t.unique_name for t in proto.components.transforms.values())
       assert 'beam:env:anyof:v1' in {e.urn for e in proto.components.environments.values()}
 
+    # ... and the job server answers Beam's job API (the call a FlinkRunner pipeline makes
+    # first), with no job yet.
+    import grpc
+    from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
+    with grpc.insecure_channel(f'127.0.0.1:{ports.job_server}') as channel:
+      jobs = beam_job_api_pb2_grpc.JobServiceStub(channel).GetJobs(
+          beam_job_api_pb2.GetJobsRequest(), timeout=30)
+    assert list(jobs.job_info) == []
+
     # `up` again is a no-op on a healthy stack.
     again = run_cli('up', *port_args)
     assert again.returncode == 0 and 'already running' in again.stderr
@@ -148,7 +166,8 @@ def test_services_up_status_down(tmp_path):
              'the services\' processes to end after `services down`', interval=0.5)
   assert not any(pid_alive(p) for p in pids), 'a service process outlived `services down`'
   assert not any(port_open(p) for p in (ports.kafka, ports.flink_rest, ports.expansion,
-                                        ports.flink_expansion))
+                                        ports.flink_expansion, ports.job_server))
   after = run_cli('status', *port_args, timeout=60)
   assert 'kafka: stopped' in after.stdout and 'flink: stopped' in after.stdout
   assert 'expansion: stopped' in after.stdout and 'expansion-flink: stopped' in after.stdout
+  assert 'jobserver: stopped' in after.stdout

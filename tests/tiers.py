@@ -41,8 +41,8 @@ import pytest
 
 # Fixtures that start (or connect to) a service. A fixture that depends on one of these is
 # covered too: pytest's ``item.fixturenames`` holds every fixture a test needs, transitively.
-SERVICE_FIXTURES = frozenset({'kafka', 'flink_cluster', 'expansion_services', 'postgres', 'pg_dsn',
-                              's3_service', 'gcs_service'})
+SERVICE_FIXTURES = frozenset({'kafka', 'flink_cluster', 'expansion_services', 'flink_job_server',
+                              'postgres', 'pg_dsn', 's3_service', 'gcs_service'})
 
 INTEGRATION = 'integration'
 CLI = 'cli'
