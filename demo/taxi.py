@@ -179,19 +179,29 @@ class LongRideAlerts(beam.PTransform):
 # --- hourly tips ---------------------------------------------------------------------------
 
 class _TopDriverFn(beam.CombineFn):
-  """Keeps the (driverId, cents) with the highest sum; ties to the lowest driverId."""
+  """Tips summed per driver (a dict of driverId -> cents) and, out, the (driverId, cents)
+  with the highest sum (ties to the lowest driverId). One combine per window: a window is
+  one key of the grouping, where a sum per (driver, window) made every driver a key of its
+  own, each with its window's state and timer (a replay's hourly tips spent most of their
+  time there)."""
 
   def create_accumulator(self):
-    return None
+    return {}
 
-  def add_input(self, acc, driver_cents):
-    return logic.top_driver([x for x in (acc, tuple(driver_cents)) if x is not None])
+  def add_input(self, sums, driver_cents):
+    driver, cents = driver_cents
+    sums[driver] = sums.get(driver, 0) + cents
+    return sums
 
-  def merge_accumulators(self, accs):
-    return logic.top_driver([a for a in accs if a is not None])
+  def merge_accumulators(self, accumulators):
+    merged: Dict[int, int] = {}
+    for sums in accumulators:
+      for driver, cents in sums.items():
+        merged[driver] = merged.get(driver, 0) + cents
+    return merged
 
-  def extract_output(self, acc):
-    return acc
+  def extract_output(self, sums):
+    return logic.top_driver(list(sums.items()))
 
 
 class _WithWindowEnd(beam.DoFn):
@@ -221,6 +231,5 @@ class HourlyTips(beam.PTransform):
         accumulation_mode=beam.trigger.AccumulationMode.ACCUMULATING)
     return (windowed
             | 'DriverCents' >> beam.Map(lambda f: (f['driverId'], logic.tip_cents(f)))
-            | 'SumPerDriver' >> beam.CombinePerKey(sum)
             | 'TopDriver' >> beam.CombineGlobally(_TopDriverFn()).without_defaults()
             | 'WithWindowEnd' >> beam.ParDo(_WithWindowEnd()))
