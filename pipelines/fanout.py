@@ -53,7 +53,7 @@ from sourcebeam.pipelines import outputs, runners
 from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.transforms.app import App
-from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
+from sourcebeam.pipelines.options import Pipeline, pipeline_options, stop_after_dry_run
 from sourcebeam.transforms.fanout import ARCHIVE_CODECS, MATCHED, UNMATCHED, FanOut, ParseEnvelopes, prepare_archive_sinks
 from sourcebeam.transforms.kafka_read import ReadKafkaMessages, check_bounded_read, message_value
 from sourcebeam.transforms.fanout_core import Subscriber, load_subscribers, parse_sink
@@ -209,7 +209,7 @@ def run(subscribers: Sequence[Subscriber], source: str, out: str, beam_args: Lis
   outputs.prepare(out)
   prepare_archive_sinks(subscribers)
   started = time.monotonic()
-  with beam.Pipeline(options=options) as p:
+  with Pipeline(options=options) as p:
     build(p, app, subscribers, source, out, archive=archive, max_records=max_records,
           gap_timeout=gap_timeout, group_id=group_id, bounded=bounded, archive_codec=archive_codec)
   stop_after_dry_run(p, beam_args)

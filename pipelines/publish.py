@@ -35,7 +35,7 @@ from sourcebeam.pipelines import outputs
 from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.inputs import check_input, raw_input  # noqa: F401 (check_input: API)
-from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
+from sourcebeam.pipelines.options import Pipeline, pipeline_options, stop_after_dry_run
 from sourcebeam.schemas.validation import DEFAULT_MAX_EVENT_BYTES
 from sourcebeam.transforms.app import App
 from sourcebeam.transforms.archive import WriteArchive
@@ -156,7 +156,7 @@ def run(input_pattern: str, out: str, beam_args: List[str], app: App,
   with raw_input(input_pattern) as raw:  # stdin or a pipe: copied to a file first
     outputs.prepare(out)
     started = time.monotonic()
-    with beam.Pipeline(options=options) as p:
+    with Pipeline(options=options) as p:
       build_publish(p, app, raw.pattern, out, archive, archive_format, max_event_bytes,
                     source_name=raw.source_name, resequence=resequence)
     stop_after_dry_run(p, beam_args)

@@ -34,7 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 from sourcebeam.pipelines import outputs
 from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import DataError
-from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
+from sourcebeam.pipelines.options import Pipeline, pipeline_options, stop_after_dry_run
 from sourcebeam.transforms.app import App
 from sourcebeam.transforms.archive import check_archive_path
 from sourcebeam.transforms.consumers import (ReplayApp, WriteAppOutputs, UNPROCESSED_FILE,
@@ -83,7 +83,7 @@ def run(archive: str, out: str, beam_args: List[str], app: App) -> Dict[str, Any
   check_archive_path(archive, beam_args)
   outputs.prepare(out)
   started = time.monotonic()
-  with beam.Pipeline(options=options) as p:
+  with Pipeline(options=options) as p:
     build_replay(p, app, archive, out) | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
   stop_after_dry_run(p, beam_args)
   seconds = time.monotonic() - started

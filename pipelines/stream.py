@@ -67,7 +67,7 @@ from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.publish import (add_resequence_arguments, publishing_counts,
                                              resequence_options)
 from sourcebeam.pipelines.replay import not_applied, unprocessed_by_reason
-from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
+from sourcebeam.pipelines.options import Pipeline, pipeline_options, stop_after_dry_run
 from sourcebeam.schemas.envelope import to_json
 from sourcebeam.transforms.app import App
 from sourcebeam.transforms.consumers import ApplyApp, AppResult, WriteAppOutputs, held_counts
@@ -327,7 +327,7 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
                        start_offsets=dict(plan.offsets) if plan else None)
   outputs.prepare(out)
   started = time.monotonic()
-  with beam.Pipeline(options=options) as p:
+  with Pipeline(options=options) as p:
     counts = build_stream(p, app, source, out, max_records=max_records, views=views,
                           publish_topic=publish_topic, group_id=group_id, archive=archive,
                           from_archive=from_archive, output_topic_prefix=output_topic_prefix,

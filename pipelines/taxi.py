@@ -27,7 +27,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from sourcebeam.pipelines.cli import UsageError
-from sourcebeam.pipelines.options import pipeline_options, stop_after_dry_run
+from sourcebeam.pipelines.options import Pipeline, pipeline_options, stop_after_dry_run
 from sourcebeam.demo import taxi as taxi_tf
 from sourcebeam.demo import taxi_logic as logic
 from sourcebeam.transforms.counting import WriteCounts, read_counts
@@ -104,7 +104,7 @@ def run_join(rides: str, fares: str, out: str, beam_args: List[str],
   """START rides enriched with fares -> joined.jsonl; expired or duplicate sides
   -> unmatched.jsonl. Every START ride and fare ends joined or unmatched."""
   expire_ms = int(expire_after_minutes * logic.MINUTE_MS)
-  with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+  with Pipeline(options=pipeline_options(beam_args)) as p:
     ride_lines, parsed_rides = _read(p, 'ride', rides)
     fare_lines, parsed_fares = _read(p, 'fare', fares)
     result = ((parsed_rides.records, parsed_fares.records)
@@ -134,7 +134,7 @@ def run_long_rides(rides: str, out: str, beam_args: List[str],
                    settle_after_minutes: float = 120.0) -> Dict:
   """alerts.jsonl: rides over two hours or with no END two hours after START;
   ignored.jsonl: duplicates and ENDs whose START never came."""
-  with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+  with Pipeline(options=pipeline_options(beam_args)) as p:
     ride_lines, parsed = _read(p, 'ride', rides)
     result = parsed.records | 'LongRides' >> taxi_tf.LongRideAlerts(
         int(settle_after_minutes * logic.MINUTE_MS))
@@ -153,7 +153,7 @@ def run_long_rides(rides: str, out: str, beam_args: List[str],
 
 def run_hourly_tips(fares: str, out: str, beam_args: List[str]) -> Dict:
   """hourly_tips.jsonl: the top-tipped driver of each event-time hour."""
-  with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+  with Pipeline(options=pipeline_options(beam_args)) as p:
     fare_lines, parsed = _read(p, 'fare', fares)
     tips = parsed.records | 'HourlyTips' >> taxi_tf.HourlyTips()
     _write_jsonl(tips, out, 'hourly_tips')
@@ -168,7 +168,7 @@ def run_hourly_tips(fares: str, out: str, beam_args: List[str]) -> Dict:
 
 def run_cleanse(rides: str, out: str, beam_args: List[str]) -> Dict:
   """rides.jsonl: only the rides that start and end inside New York City."""
-  with beam.Pipeline(options=pipeline_options(beam_args)) as p:
+  with Pipeline(options=pipeline_options(beam_args)) as p:
     ride_lines, parsed = _read(p, 'ride', rides)
     kept = parsed.records | 'Cleanse' >> taxi_tf.CleanseRides()
     outside = parsed.records | 'Outside' >> beam.Filter(

@@ -1,4 +1,4 @@
-"""Stopping a live `run.py stream` with SIGTERM stops what it started.
+"""Stopping a live `run.py stream` with SIGTERM stops what it started: its children, its job.
 
 Beam runs the runner's job server (Prism here) and the Java expansion service for
 Kafka as child processes of the command. A service manager or a user's `kill`
@@ -68,3 +68,50 @@ def test_sigterm_stops_a_live_stream_and_its_children(kafka, tmp_path):
     for p in started:
       if alive(p):
         os.kill(p, signal.SIGKILL)
+
+
+def _jobs(endpoint: str):
+  """{job id: state name} of the job server at ``endpoint`` (Beam's job API)."""
+  import grpc
+  from apache_beam.portability.api import beam_job_api_pb2, beam_job_api_pb2_grpc
+  with grpc.insecure_channel(endpoint) as channel:
+    infos = beam_job_api_pb2_grpc.JobServiceStub(channel).GetJobs(
+        beam_job_api_pb2.GetJobsRequest(), timeout=30).job_info
+  return {j.job_id: beam_job_api_pb2.JobState.Enum.Name(j.state) for j in infos}
+
+
+@pytest.mark.integration
+def test_sigterm_cancels_a_live_stream_on_the_running_flink_job_server(kafka, flink_job_server,
+                                                                        tmp_path):
+  """A job on a running job server does not end with the process that submitted it (no job
+  server of its own dies with it): the stopped command cancels its job."""
+  from tests.service_fixtures import create_topic
+  endpoint = flink_job_server[runners.FLINK_JOB_SERVER_ENV]
+  topic = f'signals-{uuid.uuid4().hex[:8]}'
+  create_topic(kafka, topic)
+  before = set(_jobs(endpoint))
+  # A process of its own: the point is the signal.
+  proc = subprocess.Popen(run_py('stream', '--source', f'kafka://{kafka}/{topic}', '--out',
+                                 str(tmp_path / 'out'), '--runner=FlinkRunner',
+                                 '--flink_master=[local]'),
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  mine = {}
+  try:
+    def running():
+      mine.update({j: s for j, s in _jobs(endpoint).items() if j not in before})
+      return 'RUNNING' in mine.values()
+    wait_until(running, 300, 'the stream job to run on the job server', interval=0.5, proc=proc,
+               describe=lambda: f'its jobs: {mine}')
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert 'Traceback' not in err, err[-3000:]
+
+    def cancelled():
+      mine.update({j: s for j, s in _jobs(endpoint).items() if j in mine})
+      return set(mine.values()) == {'CANCELLED'}
+    wait_until(cancelled, 60, 'the job to be cancelled', interval=0.5,
+               describe=lambda: f'its jobs: {mine}')
+  finally:
+    if proc.poll() is None:
+      proc.kill()
