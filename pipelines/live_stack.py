@@ -236,9 +236,11 @@ class LiveStack:
       proc.wait(30)
 
   def stop(self) -> None:
+    """SIGTERM to each process group, SIGKILL after 30 s: the stream command then cancels its
+    job, which on a running job server (``run.py services up jobserver``) would outlive it."""
     for name in ('stream', 'views', 'writer'):
       if name in self.procs:
-        self._signal(name, signal.SIGTERM if name != 'stream' else signal.SIGKILL)
+        self._signal(name, signal.SIGTERM)
     self.procs.clear()
 
   def __enter__(self) -> 'LiveStack':
