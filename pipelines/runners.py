@@ -313,8 +313,9 @@ def runner_args(args: List[str]) -> List[str]:
       # later PrismRunner pipeline in the process: give each its own server.
       args.append(f'--experiments={PRISM_OWN_SERVER}')
   if runner in FLINK_RUNNERS:
-    if not has_option(args, '--job_endpoint') and flink_job_server():
-      args.append(f'--job_endpoint={flink_job_server()}')
+    running = None if has_option(args, '--job_endpoint') else flink_job_server()
+    if running:
+      args.append(f'--job_endpoint={running}')
     if not has_option(args, '--flink_version'):
       args.append(f'--flink_version={FLINK_VERSION}')
     if not has_option(args, '--environment_type'):

@@ -43,7 +43,7 @@ stop() {
 }
 
 status() {
-  local ok=0 stopped=0 code
+  local ok=0 stopped=0 code name_port
   for name_port in "expansion $EXPANSION_PORT" "expansion-flink $FLINK_EXPANSION_PORT"; do
     code=0; java_status $name_port "$EDIR" || code=$?
     (( code == 0 )) && ok=$((ok + 1))

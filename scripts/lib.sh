@@ -1,6 +1,6 @@
 # Shared helpers for Sourcebeam's service scripts (sourced, not run).
-# Why: kafka.sh and flink.sh start JVMs in the background and must agree on where
-# state, logs and pid files live, how to wait for health, and how to stop cleanly.
+# Why: kafka.sh, flink.sh, expansion.sh and jobserver.sh start JVMs in the background and must
+# agree on where state, logs and pid files live, how to wait for health, and how to stop cleanly.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="$ROOT/.cache"
