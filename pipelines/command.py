@@ -29,7 +29,7 @@ SUBCOMMANDS = {
     'keys': ('sourcebeam.pipelines.keys', 'partition-key report of an archive: cardinality, skew, hot keys'),
     'taxi': ('sourcebeam.pipelines.taxi', 'taxi pipelines: join, long-rides, hourly-tips, cleanse'),
     'stream': ('sourcebeam.pipelines.stream', 'run the pipelines live from Kafka (optionally after an archive replay)'),
-    'services': ('sourcebeam.pipelines.services', 'bring the local stack (Kafka, Flink, the IO expansion services) up, down, or show its status'),
+    'services': ('sourcebeam.pipelines.services', 'bring the local stack (Kafka, Flink, the IO expansion services, the Flink job server) up, down, or show its status'),
     'serve': ('sourcebeam.pipelines.serve', 'the event writer (POST /events, receipts) and the view API (reads that wait for receipts)'),
     'fanout': ('sourcebeam.pipelines.fanout', 'deliver the published stream to many declared subscribers (filters, own sinks, backfill)'),
     'bench': ('sourcebeam.benchmarks.cli', 'benchmarks: ordering, replay, fanout, causal'),
