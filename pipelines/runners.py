@@ -250,10 +250,7 @@ def _forget(key: int, ref: Any) -> None:
 
 def _runner_hung_up(exc: Optional[BaseException]) -> bool:
   """The runner closed a LOOPBACK worker's gRPC stream (CANCELLED): a job's end, not an error."""
-  try:
-    import grpc
-  except ImportError:
-    return False
+  import grpc
   code = getattr(exc, 'code', None)
   return isinstance(exc, grpc.RpcError) and callable(code) and code() == grpc.StatusCode.CANCELLED
 
@@ -431,8 +428,7 @@ def live_view_args(args: List[str]) -> List[str]:
   if (option_value(args, '--flink_master') or '[auto]') in EMBEDDED_FLINK:
     if not has_option(args, '--flink_conf_dir'):
       args.append(f'--flink_conf_dir={flink_conf_dir(LIVE_FLINK_CONF)}')
-    if (not has_option(args, '--parallelism') and
-        (option_value(args, '--environment_type') or LOOPBACK).upper() == LOOPBACK):
+    if loopback and not has_option(args, '--parallelism'):
       args.append('--parallelism=1')
   return args
 

@@ -142,6 +142,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='where the services keep data, logs and pid files (default .cache/services)')
 
 
+def _export(env: Dict[str, str]) -> str:
+  """The shell line that puts ``env`` in the environment of later commands."""
+  return 'export ' + ' '.join(f'{k}={v}' for k, v in env.items())
+
+
 def main(args: argparse.Namespace, beam_args: List[str]) -> int:
   if beam_args:
     raise UsageError(f'unknown arguments for services: {" ".join(beam_args)}')
@@ -158,13 +163,11 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
       print(f'flink: web UI http://127.0.0.1:{ports.flink_rest}  '
             f'(use --runner=FlinkRunner --flink_master=localhost:{ports.flink_rest})')
     if 'expansion' in which:
-      exports = ' '.join(f'{k}={v}' for k, v in ports.expansion_env().items())
       print(f'expansion: Kafka IO expands on 127.0.0.1:{ports.expansion} (Flink: '
-            f'{ports.flink_expansion}) for pipelines started with  export {exports}')
+            f'{ports.flink_expansion}) for pipelines started with  {_export(ports.expansion_env())}')
     if 'jobserver' in which:
-      exports = ' '.join(f'{k}={v}' for k, v in ports.job_server_env().items())
       print(f'jobserver: FlinkRunner pipelines submit to 127.0.0.1:{ports.job_server} when '
-            f'started with  export {exports}')
+            f'started with  {_export(ports.job_server_env())}')
     return 0
   if args.action == 'down':
     for service in reversed(which):
