@@ -284,6 +284,25 @@ class LiveStack:
     with ViewStore(self.db) as store:
       return store.read_stage_times([(r['topic'], r['partition'], r['offset']) for r in receipts])
 
+  def backlog(self, receipts: Sequence[Dict[str, Any]]) -> Tuple[int, int]:
+    """``(written, applied)``: the events ``receipts`` say the topic holds so far (each
+    partition's highest receipted offset + 1) and how many of them every view has applied
+    (per partition the least far view's position + 1), summed over partitions."""
+    written: Dict[int, int] = {}
+    for r in list(receipts):
+      written[r['partition']] = max(written.get(r['partition'], 0), r['offset'] + 1)
+    views = self.views_client()
+    try:
+      status, body = views.request('GET', '/positions')
+    finally:
+      views.close()
+    if status != 200:
+      raise StackError(f'the view API answered {status} for /positions: {body}')
+    reached: Dict[int, int] = {}
+    for p in body['positions']:
+      reached[p['partition']] = min(reached.get(p['partition'], p['offset'] + 1), p['offset'] + 1)
+    return sum(written.values()), sum(min(reached.get(p, 0), n) for p, n in written.items())
+
   def wait_caught_up(self, receipts: Sequence[Dict[str, Any]], timeout: float = 300) -> None:
     """Waits until every view has applied the last of ``receipts`` on each partition."""
     last: Dict[int, Dict[str, Any]] = {}

@@ -283,6 +283,44 @@ def quiet_worker_hangups() -> None:
   logging.getLogger('apache_beam.runners.worker.data_plane').addFilter(_NotRunnerHangups())
 
 
+def pipelined_state_commits() -> None:
+  """Send every state write of a bundle to the runner before waiting for any answer.
+
+  At a bundle's end Beam's Python SDK commits each stateful key's state in turn and waits
+  for the runner's answer to one before sending the next: with a remote runner (Flink's
+  job server) a bundle touching 10 keys waited out 10 gRPC round trips one after another,
+  each also waiting for this process's interpreter lock in the threads that send the
+  request and read the answer. In a live view pipeline at 1,000 ev/s that was 40% of the
+  ordering step's bundle thread (py-spy). Bag and read-modify-write state (all Sourcebeam
+  keeps) now send their clear and append requests for every key, then wait for all of
+  them; other kinds commit as before. The runner applies a stream's requests in order and
+  the bundle still ends only when every write is answered, so what is written, and when
+  the bundle counts as done, are unchanged. Idempotent; for in-process (LOOPBACK) workers.
+  """
+  from apache_beam.runners.worker import bundle_processor as bp
+  if getattr(bp.FnApiUserStateContext.commit, 'sourcebeam_pipelined', False):
+    return
+
+  def commit(self) -> None:
+    answers = []
+    for state in self._all_states.values():
+      bag = (state._underlying_bag_state  # noqa: SLF001
+             if type(state) is bp.ReadModifyWriteRuntimeState else state)
+      if type(bag) is not bp.SynchronousBagRuntimeState:
+        state.commit()
+        continue
+      if bag._cleared:  # noqa: SLF001 (what SynchronousBagRuntimeState.commit sends)
+        answers.append(bag._state_handler.clear(bag._state_key))  # noqa: SLF001
+      if bag._added_elements:  # noqa: SLF001
+        answers.append(bag._state_handler.extend(  # noqa: SLF001
+            bag._state_key, bag._value_coder.get_impl(), bag._added_elements))  # noqa: SLF001
+    for answer in answers:
+      answer.get()
+
+  commit.sourcebeam_pipelined = True
+  bp.FnApiUserStateContext.commit = commit
+
+
 def runner_args(args: List[str]) -> List[str]:
   """``args`` plus what the chosen runner needs here."""
   args = list(args)
@@ -320,6 +358,7 @@ def runner_args(args: List[str]) -> List[str]:
     if (option_value(args, '--environment_type') or '').upper() == LOOPBACK:
       quiet_worker_hangups()
       cheap_state_cache_weights()  # the workers are this process: its state cache, if on
+      pipelined_state_commits()
     if not has_option(args, '--job_endpoint'):  # the pipeline starts its own job server
       if not has_option(args, '--flink_job_server_jar'):
         args.append('--flink_job_server_jar=' +

@@ -132,9 +132,12 @@ def test_a_killed_pipeline_restarts_and_its_views_equal_a_replay_of_the_archive(
     stack.wait_caught_up(load.receipts)
     live = _view_rows(stack.db)
     assert stack.pipeline_starts == 2
+    # The benchmark's backlog probe: the topic's events, every one applied by every view.
+    backlog = stack.backlog(load.receipts)
   # The same events archived (read back from Kafka with its own client), then replayed.
   envelopes = _all_envelopes(kafka, topic)
   assert len(envelopes) == len(load.receipts) + 2  # the load and the two readiness probes
+  assert backlog == (len(envelopes), len(envelopes))
   archive, replay_out = str(tmp_path / 'archive'), str(tmp_path / 'replay')
   _archive(envelopes, archive)
   _run('replay', '--archive', archive, '--out', replay_out)

@@ -384,6 +384,74 @@ def test_local_runners_weigh_state_without_walking_every_module():
   assert not any(a.startswith('--max_cache') for a in runners.runner_args([]))
 
 
+class _RunnerEndOfState:
+  """The runner's end of Beam's state API, in memory: it takes requests at once and records
+  when the worker first waits for an answer (a remote runner answers later)."""
+
+  def __init__(self):
+    self.events: List[str] = []
+    self.bags: Dict[bytes, list] = {}
+
+  def _answer(self):
+    from apache_beam.runners.worker.sdk_worker import _Future
+    events = self.events
+
+    class Answer(_Future):
+      def wait(self, timeout=None):
+        events.append('wait')
+        return super().wait(timeout)
+
+    return Answer().set(None)
+
+  def blocking_get(self, state_key, coder):
+    return list(self.bags.get(state_key.SerializeToString(), []))
+
+  def clear(self, state_key):
+    self.events.append('clear')
+    self.bags[state_key.SerializeToString()] = []
+    return self._answer()
+
+  def extend(self, state_key, coder, elements):
+    self.events.append('append')
+    self.bags.setdefault(state_key.SerializeToString(), []).extend(elements)
+    return self._answer()
+
+
+def test_a_bundles_state_writes_all_go_to_the_runner_before_its_commit_waits():
+  from apache_beam.coders import StrUtf8Coder
+  from apache_beam.coders.coders import GlobalWindowCoder
+  from apache_beam.runners.worker import bundle_processor
+  from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+  from apache_beam.transforms.window import GlobalWindow
+  runners.pipelined_state_commits()
+  runners.pipelined_state_commits()  # idempotent
+  runner = _RunnerEndOfState()
+  cell, bag = ReadModifyWriteStateSpec('cell', VarIntCoder()), BagStateSpec('bag', VarIntCoder())
+
+  def bundle(writes):
+    context = bundle_processor.FnApiUserStateContext(runner, 'step', StrUtf8Coder(),
+                                                      GlobalWindowCoder())
+    for key, n in writes:
+      context.get_state(cell, key, GlobalWindow()).write(n)
+      context.get_state(bag, key, GlobalWindow()).add(n)
+    context.commit()
+    context.reset()
+    return context
+
+  bundle([('k1', 1), ('k2', 2), ('k3', 3)])
+  # Each key's cell cleared and written and its bag appended, for all three keys, then the
+  # waits: not a wait after each key.
+  assert runner.events[:9] == ['clear', 'append', 'append'] * 3
+  assert set(runner.events[9:]) == {'wait'}
+  runner.events.clear()
+  read = bundle([('k1', 10)])
+  assert runner.events[:3] == ['clear', 'append', 'append']
+  # What the runner holds is what Beam's own commits write: the cell's last value, every add.
+  assert read.get_state(cell, 'k1', GlobalWindow()).read() == 10
+  assert sorted(read.get_state(bag, 'k1', GlobalWindow()).read()) == [1, 10]
+  assert read.get_state(cell, 'k3', GlobalWindow()).read() == 3
+
+
 def test_each_dofns_state_and_timer_specs_are_inspected_once_with_beams_answers():
   import gc
   from apache_beam.transforms import userstate
