@@ -16,8 +16,9 @@ Prints a table and, last, one JSON object with ``rate``, ``p50_ms``, ``p95_ms``,
 ``plain_reads_stale``, the load actually achieved, what the pipeline applied per
 second (``pipeline_applied_eps``: all load events over the time until the views
 caught up; ``while_loaded``: written and applied events a second between the end of the
-warm-up and the end of the load, read from the receipts and the views' positions, with the
-backlog at both ends; ``kept_up``: every receipt read answered and applied >= 98% of written),
+warm-up and the end of the load, from looks at the receipts and the views' positions every
+0.5 s, with the backlog at the first and last look and its most; ``kept_up``: every receipt
+read answered and applied >= 98% of written),
 the cores each part of the stack used meanwhile (``cpu_cores``: writer,
 views, stream with its runner and workers) and the machine's load average before and
 after (``load_average``: the machine is shared). A pipeline that cannot keep up with ``R`` shows as receipt reads that
@@ -40,17 +41,18 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from sourcebeam.pipelines import services
 from sourcebeam.pipelines.cli import DataError, UsageError
-from sourcebeam.pipelines.live_stack import DEFAULT_RUNNER_ARGS, LiveStack, Load, add_then_view, percentile
+from sourcebeam.pipelines.live_stack import (DEFAULT_RUNNER_ARGS, LiveStack, Load, StackError,
+                                             add_then_view, percentile)
 
-# Kept up: applied at least this share of what was written while loaded. The two looks at the
-# backlog each miss up to a latency's worth of events in flight (~0.5 s at 1,000 ev/s), so over
-# a minute of load the rates compare to within about 1%.
+# Kept up: applied at least this share of what was written while loaded (the slopes of
+# BacklogLooks; each look misses what is in flight, so the two agree to about 1%).
 KEEP_UP = 0.98
 
 
@@ -166,6 +168,53 @@ def print_breakdown(table: List[Dict[str, Any]], out=sys.stdout) -> None:
     print(f'{row["stage"]:<36} {cells}  {row["covers"]}', file=out)
 
 
+class BacklogLooks(threading.Thread):
+  """Looks at the stack's backlog every ``every`` seconds while the load runs after its
+  warm-up: written and applied events (:meth:`LiveStack.backlog`). Their rates are the slopes
+  of least-squares lines through the looks: each look misses what is in flight at that
+  moment, and one line through many looks is steadier than two looks' difference."""
+
+  def __init__(self, stack: LiveStack, load: Load, every: float = 0.5):
+    super().__init__(daemon=True)
+    self.stack, self.load, self.every = stack, load, every
+    self.looks: List[Tuple[float, int, int]] = []
+    self.error: Optional[str] = None
+    self.stopping = threading.Event()
+
+  def run(self) -> None:
+    while True:
+      try:
+        self.looks.append((time.monotonic(), *self.stack.backlog(self.load.receipts)))
+      except (StackError, OSError) as e:
+        self.error = str(e)
+        return
+      if self.stopping.wait(self.every):
+        return
+
+  def stop(self) -> None:
+    self.stopping.set()
+    self.join(30)
+
+  def summary(self) -> Dict[str, Any]:
+    if self.error or len(self.looks) < 2:
+      raise DataError(f'could not follow the backlog while loaded: {self.error or "too few looks"}')
+    t = [look[0] for look in self.looks]
+    backlog = [w - a for _, w, a in self.looks]
+    return {'seconds': round(t[-1] - t[0], 1), 'looks': len(self.looks),
+            'written_eps': round(_slope(t, [look[1] for look in self.looks]), 1),
+            'applied_eps': round(_slope(t, [look[2] for look in self.looks]), 1),
+            'backlog_events': {'first': backlog[0], 'last': backlog[-1], 'most': max(backlog)}}
+
+
+def _slope(x: List[float], y: List[int]) -> float:
+  n = len(x)
+  if n < 2:
+    return 0.0
+  mx, my = sum(x) / n, sum(y) / n
+  sxx = sum((a - mx) ** 2 for a in x)
+  return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx if sxx else 0.0
+
+
 def measure(bootstrap: str, rate: float, reads: int, warmup: float, workdir: str,
             runner_args: List[str], max_wait_ms: int = 30000,
             timing: bool = False) -> Dict[str, Any]:
@@ -183,27 +232,22 @@ def measure(bootstrap: str, rate: float, reads: int, warmup: float, workdir: str
     load.start()
     try:
       time.sleep(warmup)
-      steady_from = (time.monotonic(), *stack.backlog(load.receipts))
+      looks = BacklogLooks(stack, load)
+      looks.start()
       print(f'{reads} Add to Cart / View Cart with receipts ...', file=sys.stderr)
       with_receipts = add_then_view(stack, reads, with_receipts=True, give_up_after=3,
                                     timing=timing)
       print(f'{reads} without ...', file=sys.stderr)
       plain = add_then_view(stack, reads, with_receipts=False)
-      steady_to = (time.monotonic(), *stack.backlog(load.receipts))
     finally:
+      looks.stop()
       load.stop()
     caught_up = time.monotonic()
     stack.wait_caught_up(load.receipts, timeout=1800)
     catch_up_s = time.monotonic() - caught_up
     # What the live pipeline applied per second over the whole load, backlog included.
     applied_eps = len(load.receipts) / (time.monotonic() - load.started_at)
-    # ... and while loaded, after the warm-up, beside what was written meanwhile: a pipeline
-    # that keeps up applies as fast as the topic grows (its backlog does not grow).
-    steady_s = steady_to[0] - steady_from[0]
-    steady = {'seconds': round(steady_s, 1),
-              'written_eps': round((steady_to[1] - steady_from[1]) / steady_s, 1),
-              'applied_eps': round((steady_to[2] - steady_from[2]) / steady_s, 1),
-              'backlog_events': [steady_from[1] - steady_from[2], steady_to[1] - steady_to[2]]}
+    steady = looks.summary()
     # The cores each part used meanwhile (the machine is shared: this is what the stack costs).
     cpu_after, seconds = stack.cpu_seconds(), time.monotonic() - cpu_from
     cpu = {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / seconds, 2)
@@ -253,9 +297,10 @@ def main(args: argparse.Namespace, beam_args: List[str]) -> int:
         f'{result["p99_ms"]!s:>9} {result["receipt_reads_ok"]:>5}/{result["receipt_reads"]:<5} '
         f'{result["plain_reads_stale"]:>6}/{result["plain_reads"]:<5}')
   steady = result['while_loaded']
-  print(f'while loaded ({steady["seconds"]} s after the warm-up): written {steady["written_eps"]} '
-        f'ev/s, applied {steady["applied_eps"]} ev/s, backlog {steady["backlog_events"][0]} -> '
-        f'{steady["backlog_events"][1]} events; kept up: {str(result["kept_up"]).lower()}')
+  print(f'while loaded ({steady["seconds"]} s after the warm-up, {steady["looks"]} looks): written '
+        f'{steady["written_eps"]} ev/s, applied {steady["applied_eps"]} ev/s, backlog '
+        f'{steady["backlog_events"]["first"]} -> {steady["backlog_events"]["last"]} events (most '
+        f'{steady["backlog_events"]["most"]}); kept up: {str(result["kept_up"]).lower()}')
   print(f'pipeline applied {result["pipeline_applied_eps"]} ev/s over the whole load; cores used: ' +
         ', '.join(f'{k} {v}' for k, v in result['cpu_cores'].items()) +
         f'; load average {result["load_average"][0]} before, {result["load_average"][1]} after')

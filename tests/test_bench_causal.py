@@ -50,3 +50,12 @@ def test_the_breakdown_puts_each_stage_between_its_marks():
   assert round_marks(r, {'seen': 1.7}) == {'post_sent': 1.0, 'receipt_at': 2.0, 'get_sent': 3.0,
                                            'answer': 4.0, 'w.acked': 1.5, 'v.noticed': 3.5,
                                            'p.seen': 1.7}
+
+
+def test_the_rates_while_loaded_are_slopes_through_every_look():
+  from sourcebeam.benchmarks.causal import _slope
+  t = [0.0, 0.5, 1.0, 1.5, 2.0]
+  assert _slope(t, [0, 100, 200, 300, 400]) == 200.0
+  # One look that caught a bundle in flight moves a two-look rate by 100 ev/s, the slope by 40.
+  assert _slope(t, [0, 100, 200, 300, 350]) == 180.0
+  assert _slope([1.0], [5]) == 0.0

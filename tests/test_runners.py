@@ -452,6 +452,39 @@ def test_a_bundles_state_writes_all_go_to_the_runner_before_its_commit_waits():
   assert read.get_state(cell, 'k3', GlobalWindow()).read() == 3
 
 
+def test_bundles_start_no_sampling_thread_and_counters_still_count():
+  import threading
+  from apache_beam.metrics.metric import MetricsFilter
+  from apache_beam.runners.worker import statesampler
+  from apache_beam.utils.counters import CounterFactory
+  runners.no_state_sampling_threads()
+  runners.no_state_sampling_threads()  # idempotent
+  sampler = statesampler.StateSampler('stage', CounterFactory())
+  before = set(threading.enumerate())
+  sampler.start()
+  assert set(threading.enumerate()) == before and sampler.started
+  assert statesampler.get_current_tracker() is sampler  # what user counters find their step by
+  sampler.stop_if_still_running()
+  assert sampler.finished and statesampler.get_current_tracker() is None
+  sampler.reset()
+  assert not sampler.started and not sampler.finished  # ready for the next bundle
+
+  class Count(beam.DoFn):
+    def __init__(self):
+      self.seen = beam.metrics.Metrics.counter('test', 'seen')
+
+    def process(self, element):
+      self.seen.inc()
+      yield element
+
+  p = beam.Pipeline()
+  _ = p | beam.Create(range(5)) | beam.ParDo(Count())
+  result = p.run()
+  result.wait_until_finish()
+  seen = result.metrics().query(MetricsFilter().with_name('seen'))['counters']
+  assert [c.committed for c in seen] == [5]
+
+
 def test_each_dofns_state_and_timer_specs_are_inspected_once_with_beams_answers():
   import gc
   from apache_beam.transforms import userstate
