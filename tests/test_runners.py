@@ -450,6 +450,12 @@ def test_a_bundles_state_writes_all_go_to_the_runner_before_its_commit_waits():
   assert read.get_state(cell, 'k1', GlobalWindow()).read() == 10
   assert sorted(read.get_state(bag, 'k1', GlobalWindow()).read()) == [1, 10]
   assert read.get_state(cell, 'k3', GlobalWindow()).read() == 3
+  # Within a bundle the answers are awaited at its very end, after its later steps finished.
+  runner.events.clear()
+  with runners.state_answers_at_bundle_end():
+    bundle([('k2', 20), ('k3', 30)])
+    assert runner.events == ['clear', 'append', 'append'] * 2
+  assert set(runner.events[6:]) == {'wait'} and len(runner.events) > 6
 
 
 def test_bundles_start_no_sampling_thread_and_counters_still_count():
