@@ -276,3 +276,20 @@ def test_quantity_orset_value_is_a_copy_and_duplicates_are_free():
   assert s.add('shoe', 'e1', 5) is s  # a replayed add: the same value, not a copy
   with pytest.raises(AttributeError):
     s._totals = {}
+
+
+_SCALARS = st.one_of(st.text(max_size=6), st.integers(-3, 3), st.booleans(), st.none(),
+                     st.floats(allow_nan=False, allow_infinity=False, width=16))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_SCALARS, _SCALARS, _SCALARS), max_size=12))
+def test_the_cached_sort_keys_of_flat_tuples_are_their_canonical_json(items):
+  # The order every canonical encoding sorts by: the elements' canonical JSON text, cached
+  # for flat tuples (a cart's adds) without confusing values Python holds equal (1, True, 1.0,
+  # -0.0 and 0.0).
+  import json
+  from sourcebeam.transforms.crdt import _canon, _sort_key
+  for x in items + [(1, 'a'), (True, 'a'), (1.0, 'a'), (0.0, 'a'), (-0.0, 'a')]:
+    assert _sort_key(x) == json.dumps(_canon(x), sort_keys=True)
+  assert len({_sort_key((1, 'a')), _sort_key((True, 'a')), _sort_key((1.0, 'a'))}) == 3

@@ -60,10 +60,18 @@ def _uncanon(x: Any) -> Any:
   return x
 
 
+# Items a cached key may hold: equal values of one of these types have one JSON spelling (not
+# floats: -0.0 == 0.0).
+_FLAT = frozenset((str, int, bool, type(None)))
+
+
 def _sort_key(x: Any) -> str:
   """A total order over mixed elements: their canonical JSON text."""
   if type(x) is str:  # the usual element (product ids): cached, the same text
     return _str_sort_key(x)
+  if type(x) is tuple and all(type(i) in _FLAT for i in x):
+    # A cart's adds, (product, tag, quantity): sorted again at every state write.
+    return _flat_tuple_sort_key(x, tuple(map(type, x)))
   return json.dumps(_canon(x), sort_keys=True)
 
 
@@ -75,6 +83,13 @@ def _str_sort_key(x: str) -> str:
   (``1``, ``True``) never share an entry.
   """
   return json.dumps(x, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _flat_tuple_sort_key(x: tuple, types: tuple) -> str:
+  """``_sort_key`` of a tuple of strs, ints, bools and Nones, cached. Keyed by the items' types
+  too: ``(1, 'a')`` and ``(True, 'a')`` are equal to Python but not the same JSON."""
+  return json.dumps(_canon(x), sort_keys=True)
 
 
 class CRDT:
@@ -382,11 +397,11 @@ def to_canonical(c: CRDT) -> Any:
   elif isinstance(c, PNCounter):
     body = [to_canonical(c.p)[1], to_canonical(c.n)[1]]
   elif isinstance(c, ORSet):
-    body = [[[_canon(e), _canon(t)] for e, t in c._state()[0]],
-            [[_canon(e), _canon(t)] for e, t in c._state()[1]]]
+    adds, removes = c._state()
+    body = [[[_canon(e), _canon(t)] for e, t in adds], [[_canon(e), _canon(t)] for e, t in removes]]
   elif isinstance(c, QuantityORSet):
-    body = [[[_canon(e), _canon(t), q] for e, t, q in c._state()[0]],
-            [_canon(t) for t in c._state()[1]]]
+    adds, removes = c._state()
+    body = [[[_canon(e), _canon(t), q] for e, t, q in adds], [_canon(t) for t in removes]]
   elif isinstance(c, LWWRegister):
     body = None if c.entry is None else [_canon(c.entry[0]), c.entry[1], _canon(c.entry[2])]
   else:
