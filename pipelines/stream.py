@@ -335,6 +335,8 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
                           stage_times=stage_times, kafka_read=kafka_read)
     if bounded:
       counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
+    elif views:  # a live view pipeline runs for good in this process: latency first
+      runners.freeze_startup_heap()
   stop_after_dry_run(p, beam_args)
   if not bounded:
     return None

@@ -491,6 +491,15 @@ def test_bundles_start_no_sampling_thread_and_counters_still_count():
   assert [c.committed for c in seen] == [5]
 
 
+def test_a_live_process_keeps_its_startup_heap_out_of_full_collections():
+  import gc
+  runners.freeze_startup_heap()
+  frozen = gc.get_freeze_count()
+  assert frozen > 1000  # Beam and what it loads: never walked by a full collection again
+  runners.freeze_startup_heap()  # once per process
+  assert gc.get_freeze_count() == frozen
+
+
 def test_each_dofns_state_and_timer_specs_are_inspected_once_with_beams_answers():
   import gc
   from apache_beam.transforms import userstate
