@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -207,12 +208,8 @@ class BacklogLooks(threading.Thread):
 
 
 def _slope(x: List[float], y: List[int]) -> float:
-  n = len(x)
-  if n < 2:
-    return 0.0
-  mx, my = sum(x) / n, sum(y) / n
-  sxx = sum((a - mx) ** 2 for a in x)
-  return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx if sxx else 0.0
+  """The slope of the least-squares line through (x, y); 0 for fewer than two points."""
+  return statistics.linear_regression(x, y).slope if len(x) >= 2 else 0.0
 
 
 def measure(bootstrap: str, rate: float, reads: int, warmup: float, workdir: str,

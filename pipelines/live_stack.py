@@ -108,6 +108,15 @@ class Http:
       self.conn = None
 
 
+def last_receipts(receipts: Sequence[Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
+  """Per partition, the receipt of the highest offset among ``receipts``."""
+  last: Dict[int, Dict[str, Any]] = {}
+  for r in receipts:
+    if r['partition'] not in last or r['offset'] > last[r['partition']]['offset']:
+      last[r['partition']] = r
+  return last
+
+
 class LiveStack:
   """Writer, streaming view pipeline and view API on one Kafka topic, as subprocesses.
 
@@ -288,9 +297,7 @@ class LiveStack:
     """``(written, applied)``: the events ``receipts`` say the topic holds so far (each
     partition's highest receipted offset + 1) and how many of them every view has applied
     (per partition the least far view's position + 1), summed over partitions."""
-    written: Dict[int, int] = {}
-    for r in list(receipts):
-      written[r['partition']] = max(written.get(r['partition'], 0), r['offset'] + 1)
+    written = {p: r['offset'] + 1 for p, r in last_receipts(list(receipts)).items()}
     views = self.views_client()
     try:
       status, body = views.request('GET', '/positions')
@@ -305,11 +312,7 @@ class LiveStack:
 
   def wait_caught_up(self, receipts: Sequence[Dict[str, Any]], timeout: float = 300) -> None:
     """Waits until every view has applied the last of ``receipts`` on each partition."""
-    last: Dict[int, Dict[str, Any]] = {}
-    for r in receipts:
-      if r['partition'] not in last or r['offset'] > last[r['partition']]['offset']:
-        last[r['partition']] = r
-    after = ','.join(r['after'] for r in last.values())
+    after = ','.join(r['after'] for r in last_receipts(receipts).values())
     # One read per view, each waiting for every partition's last receipt.
     reads = [f'/carts/x?after={after}&wait_ms=2000',
              f'/users/x/recently-viewed?after={after}&wait_ms=2000',
