@@ -380,3 +380,13 @@ def test_run_py_replay_writes_what_the_consumers_write_over_read_archive(archive
   assert summary['outputs']['unprocessed'] > 0
   assert summary['unprocessed'] == {'before_initial': 1, 'duplicate': 25}
   assert summary['unclaimed'] == 0 and summary['unknown_type'] == 0
+
+
+def test_the_replay_flattens_one_windowing_so_beam_has_nothing_to_warn(archive, caplog):
+  """Every replay printed Beam's warning that a Flatten's inputs differ in windowing (the
+  files refused by the layout check and those refused by the bucket replay)."""
+  with caplog.at_level('WARNING'):
+    with TestPipeline(options=pipeline_options([])) as p:
+      replay = p | ReplayApp(DEMO_APP, archive[0])
+      assert_that(replay.corrupt, equal_to([]))
+  assert not [r for r in caplog.records if 'same window' in r.getMessage()]

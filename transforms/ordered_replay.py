@@ -477,6 +477,9 @@ class OrderedArchiveReplay(beam.PTransform):
             self._key_spaces, self._config, self._latest_by, self._final_status,
             self._registry, manifest['buckets'], self._passthrough))
         .with_outputs(UNPROCESSED, STATUS, CORRUPT, STATS, PASSTHROUGH, main=OUTPUTS))
-    corrupt = (matched.corrupt, results[CORRUPT]) | 'AllCorrupt' >> beam.Flatten()
+    # The bucket replay's outputs carry its earliest-timestamp windowing; the files refused
+    # before it, the default one. Flatten wants one windowing (Beam warns otherwise).
+    refused = results[CORRUPT] | 'CorruptWindowing' >> beam.WindowInto(GlobalWindows())
+    corrupt = (matched.corrupt, refused) | 'AllCorrupt' >> beam.Flatten()
     return ReplayResult(results[OUTPUTS], results[UNPROCESSED], results[STATUS],
                         corrupt, results[STATS], results[PASSTHROUGH])
