@@ -46,6 +46,7 @@ def _json(record) -> str:
 
 
 RIDE_EVENTS = ('RideStarted', 'RideEnded')
+RIDER_AGGREGATE_EVENTS = ('RideRequested',) + riders.RIDER_EVENTS
 
 
 class TaxiConsumers(beam.PTransform):
@@ -88,8 +89,11 @@ class RiderConsumers(beam.PTransform):
       # The aggregates are the state at the end of the input; a live stream has no end: it
       # sends the located riders only.
       return joined
-    occupancy = events | 'TaxiOccupancy' >> riders.TaxiOccupancy()
-    waiting = events | 'ZoneRiderCounts' >> riders.ZoneRiderCounts()
+    # Both aggregates read rider events only: filtered once, not once each from every position.
+    rider_events = events | 'RiderEventsOnly' >> beam.Filter(
+        lambda e: e['event_type'] in RIDER_AGGREGATE_EVENTS)
+    occupancy = rider_events | 'TaxiOccupancy' >> riders.TaxiOccupancy()
+    waiting = rider_events | 'ZoneRiderCounts' >> riders.ZoneRiderCounts()
     return {
         **joined,
         'occupancy': occupancy | 'OccupancyJson' >> beam.Map(

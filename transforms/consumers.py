@@ -24,7 +24,7 @@ the reason). It returns every output's PCollection by name, to count.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -132,14 +132,41 @@ def _split(app: App, per_key_outputs: beam.PCollection, final: bool,
   return views, projections, split[UNPROCESSED]
 
 
+class _RouteToConsumers(beam.DoFn):
+  """Each event once, stamped at its event time, to every transform consumer reading its type:
+  one step per event, where a timestamping step and a filter per consumer were three."""
+
+  def __init__(self, routes: Dict[str, Tuple[str, ...]], to_all: Tuple[str, ...]):
+    self._routes, self._to_all = routes, to_all
+
+  def process(self, env):
+    tags = self._routes.get(env['event_type'], self._to_all)
+    if tags:
+      stamped = window.TimestampedValue(env, env['event_time'] / 1000.0)
+      for tag in tags:
+        yield pvalue.TaggedOutput(tag, stamped)
+
+
+def _route(app: App, events: beam.PCollection):
+  """``events`` (not yet at their event time) -> one PCollection per transform consumer: the
+  events of its types (all of them with no ``event_types``), at their event time."""
+  tags = [f'c{i}' for i in range(len(app.transforms))]
+  to_all = tuple(t for t, c in zip(tags, app.transforms) if c.event_types is None)
+  routes: Dict[str, List[str]] = {}
+  for tag, c in zip(tags, app.transforms):
+    for name in c.event_types or ():
+      routes.setdefault(name, list(to_all)).append(tag)
+  routed = events | 'Events per consumer' >> beam.ParDo(_RouteToConsumers(
+      {name: tuple(ts) for name, ts in routes.items()}, to_all)).with_outputs(*tags)
+  return [routed[t] for t in tags]
+
+
 def _apply_transforms(app: App, events: beam.PCollection) -> Dict[str, beam.PCollection]:
-  """Each transform consumer on the timestamped events of its types."""
+  """Each transform consumer on the events of its types, at their event time."""
   out: Dict[str, beam.PCollection] = {}
-  for c in app.transforms:
-    read = events
-    if c.event_types is not None:
-      types = c.event_types
-      read = events | f'Events for {c.name}' >> beam.Filter(lambda e, t=types: e['event_type'] in t)
+  if not app.transforms:
+    return out
+  for c, read in zip(app.transforms, _route(app, events)):
     try:
       result = read | c.name >> c.transform
     except ValueError as e:
@@ -201,7 +228,7 @@ class ApplyApp(beam.PTransform):
       merged = tuple(outputs) | 'PerKeyOutputs' >> beam.Flatten()
       views, projections, failures = _split(app, merged, final, self.kinds)
       unprocessed.append(failures)
-    consumers = _apply_transforms(app, timed)
+    consumers = _apply_transforms(app, events)
     unp = (tuple(unprocessed) | 'AllUnprocessed' >> beam.Flatten() if unprocessed else
            events.pipeline | 'NoUnprocessed' >> beam.Create([]))
     waiting = (tuple(held) | 'AllHeld' >> beam.Flatten() if held else
@@ -238,8 +265,7 @@ class ReplayApp(beam.PTransform):
     replay = pbegin | 'OrderedReplay' >> self._replay
     views, projections, failures = _split(app, replay.outputs, final=False)  # already final
     unprocessed = (replay.unprocessed, failures) | 'AllUnprocessed' >> beam.Flatten()
-    timed = replay.passthrough | 'AtEventTime' >> beam.Map(at_event_time)
-    consumers = _apply_transforms(app, timed)
+    consumers = _apply_transforms(app, replay.passthrough)
     held = replay.stats | 'Held' >> beam.FlatMap(
         lambda s: [{'key_space': None, 'keys': s['keys_waiting_on_gap'],
                     'events': s['events_left_buffered']}] if s.get('events_left_buffered') else [])
