@@ -14,6 +14,8 @@ from typing import Any, Iterator
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from sourcebeam.transforms.single_file import WriteSingleFile
+
 
 def join(out: str, name: str) -> str:
   return FileSystems.join(out, name) if '://' in out else os.path.join(out, name)
@@ -27,7 +29,7 @@ def prepare(out: str) -> None:
 
 def write_lines(out: str, name: str) -> beam.PTransform:
   """A single-file text sink for ``DIR/name``."""
-  return beam.io.WriteToText(join(out, name), shard_name_template='', num_shards=1)
+  return WriteSingleFile(join(out, name))
 
 
 def write_json(out: str, name: str, obj: Any) -> str:

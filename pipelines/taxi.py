@@ -31,6 +31,7 @@ from sourcebeam.pipelines.options import Pipeline, pipeline_options, stop_after_
 from sourcebeam.demo import taxi as taxi_tf
 from sourcebeam.demo import taxi_logic as logic
 from sourcebeam.transforms.counting import WriteCounts, read_counts
+from sourcebeam.transforms.single_file import WriteSingleFile
 
 COUNTS_FILE = '.counts.json'
 
@@ -66,9 +67,7 @@ def _write_jsonl(pcoll, out: str, name: str, to_json=None):
   fmt = to_json or (lambda rec: json.dumps(rec, sort_keys=True, separators=(',', ':')))
   return (pcoll
           | f'Format {name}' >> beam.Map(fmt)
-          | f'Write {name}' >> beam.io.WriteToText(
-              FileSystems.join(out, name), file_name_suffix='.jsonl',
-              shard_name_template='', num_shards=1))
+          | f'Write {name}' >> WriteSingleFile(FileSystems.join(out, name) + '.jsonl'))
 
 
 def _write_counts(p, counted: Dict[str, beam.PCollection], out: str) -> None:

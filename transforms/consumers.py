@@ -37,6 +37,7 @@ from sourcebeam.transforms.keyspace import (Emitted, Failed, KeySpaceHandler, Vi
                                             failure_record, to_line)
 from sourcebeam.transforms.ordered_replay import KeySpace, OrderedArchiveReplay
 from sourcebeam.transforms.ordering import ProcessInOrder
+from sourcebeam.transforms.single_file import WriteSingleFile
 
 __all__ = ['AppResult', 'ApplyApp', 'ReplayApp', 'WriteAppOutputs', 'at_event_time',
            'key_space_handlers', 'view_line', 'UNPROCESSED_FILE']
@@ -290,8 +291,7 @@ def _projection_line(name: str, kv) -> str:
 
 
 def _write(pcoll: beam.PCollection, out: str, name: str, suffix: str = '.jsonl'):
-  return pcoll | f'Write {name}{suffix}' >> beam.io.WriteToText(
-      join(out, name), file_name_suffix=suffix, shard_name_template='', num_shards=1)
+  return pcoll | f'Write {name}{suffix}' >> WriteSingleFile(join(out, name) + suffix)
 
 
 class WriteAppOutputs(beam.PTransform):

@@ -15,6 +15,8 @@ import apache_beam as beam
 from apache_beam.transforms import window
 from apache_beam.io.filesystems import FileSystems
 
+from sourcebeam.transforms.single_file import WriteSingleFile
+
 
 class WriteCounts(beam.PTransform):
   """``{name: PCollection}`` to one JSON file ``{name: count}`` at ``path``."""
@@ -87,7 +89,7 @@ class _WriteCountsFile(beam.PTransform):
   def expand(self, counts):
     return (counts
             | 'ToJson' >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
-            | 'Write' >> beam.io.WriteToText(self._path, shard_name_template='', num_shards=1))
+            | 'Write' >> WriteSingleFile(self._path))
 
 
 def read_counts(path: str) -> Dict[str, int]:
