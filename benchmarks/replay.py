@@ -49,7 +49,7 @@ Issue 17, the whole app (profiles of the replay of a 100k-event app archive):
   written. The taxi consumer (rides joined with fares and long-ride alerts in
   per-ride state with timers) spent 49 of 64 s there, the naive pipeline most of
   its time. Local runners now weigh it without that walk
-  (:func:`sourcebeam.pipelines.runners.cheap_state_cache_weights`).
+  (:func:`sourcebeam.pipelines.worker_tuning.cheap_state_cache_weights`).
 * What remains is Beam's own per-element cost in the consumers that are Beam
   transforms (taxi: two stateful DoFns with timers, a windowed combine; riders:
   three groupings of envelopes), against a few microseconds per event for the

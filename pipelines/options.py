@@ -16,7 +16,7 @@ from typing import Any, Iterable, List
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from sourcebeam.pipelines import runners
+from sourcebeam.pipelines import runners, worker_tuning
 from sourcebeam.transforms import storage
 from sourcebeam.pipelines.cli import JobBuilt
 
@@ -25,6 +25,8 @@ def pipeline_args(beam_args: List[str], *, streaming: bool = False) -> List[str]
   args = storage.storage_args(runners.runner_args(beam_args))
   if streaming and not runners.has_option(args, '--streaming'):
     args.append('--streaming')
+  if not runners.has_option(args, '--streaming'):
+    worker_tuning.batch_gc_thresholds()  # a bounded run: see there
   return args
 
 

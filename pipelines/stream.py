@@ -61,7 +61,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.kafka import WriteToKafka
 
-from sourcebeam.pipelines import outputs, runners
+from sourcebeam.pipelines import outputs, runners, worker_tuning
 from sourcebeam.pipelines.apps import add_app_argument, load_app
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.publish import (add_resequence_arguments, publishing_counts,
@@ -336,7 +336,7 @@ def run(source: KafkaTopic, out: str, beam_args: List[str], *, app: App, max_rec
     if bounded:
       counts | 'Counts' >> WriteCounts(outputs.join(out, '_counts.json'))
     elif views:  # a live view pipeline runs for good in this process: latency first
-      runners.freeze_startup_heap()
+      worker_tuning.freeze_startup_heap()
   stop_after_dry_run(p, beam_args)
   if not bounded:
     return None

@@ -82,6 +82,6 @@ def _flink_pipelines_on_one_job_server(request):
 
 # Pipelines built in pytest's process (TestPipeline, the in-process CLI) inspect each DoFn's
 # state and timer specs once, as every command does (pipelines/runners.py).
-from sourcebeam.pipelines.runners import remembered_dofn_specs  # noqa: E402
+from sourcebeam.pipelines.worker_tuning import remembered_dofn_specs  # noqa: E402
 
 remembered_dofn_specs()

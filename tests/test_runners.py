@@ -26,7 +26,7 @@ from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.subprocess_server import JavaJarServer
 
-from sourcebeam.pipelines import runners
+from sourcebeam.pipelines import runners, worker_tuning
 from sourcebeam.pipelines.cli import UsageError
 from sourcebeam.pipelines.options import pipeline_options
 # The kafka and flink_cluster fixtures come from tests/conftest.py (one instance per session).
@@ -367,12 +367,12 @@ def test_dataflow_dry_run_builds_the_job():
 def test_local_runners_weigh_state_without_walking_every_module():
   from apache_beam.runners.worker import statecache
   runners.runner_args([])
-  assert statecache.get_deep_size is runners._state_value_size
+  assert statecache.get_deep_size is worker_tuning._state_value_size
   # The same weights as objsize's own walk, for the values state holds.
   import objsize
   for value in ({'a': [1, 2.5, 'x' * 100], 'b': None}, ('ride', {'rideId': 7}, 1795651200000),
                 [frozenset({'u1', 'u2'})], b'bytes' * 10):
-    assert runners._state_value_size(value) == objsize.get_deep_size(
+    assert worker_tuning._state_value_size(value) == objsize.get_deep_size(
         value, get_size_func=statecache._size_func,
         get_referents_func=statecache._get_referents_func, filter_func=statecache._filter_func)
   # Worker processes of the multi-process DirectRunner run without the cache, unless told.
@@ -423,8 +423,8 @@ def test_a_bundles_state_writes_all_go_to_the_runner_before_its_commit_waits():
   from apache_beam.runners.worker import bundle_processor
   from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
   from apache_beam.transforms.window import GlobalWindow
-  runners.pipelined_state_commits()
-  runners.pipelined_state_commits()  # idempotent
+  worker_tuning.pipelined_state_commits()
+  worker_tuning.pipelined_state_commits()  # idempotent
   runner = _RunnerEndOfState()
   cell, bag = ReadModifyWriteStateSpec('cell', VarIntCoder()), BagStateSpec('bag', VarIntCoder())
 
@@ -452,7 +452,7 @@ def test_a_bundles_state_writes_all_go_to_the_runner_before_its_commit_waits():
   assert read.get_state(cell, 'k3', GlobalWindow()).read() == 3
   # Within a bundle the answers are awaited at its very end, after its later steps finished.
   runner.events.clear()
-  with runners.state_answers_at_bundle_end():
+  with worker_tuning.state_answers_at_bundle_end():
     bundle([('k2', 20), ('k3', 30)])
     assert runner.events == ['clear', 'append', 'append'] * 2
   assert set(runner.events[6:]) == {'wait'} and len(runner.events) > 6
@@ -463,8 +463,8 @@ def test_bundles_start_no_sampling_thread_and_counters_still_count():
   from apache_beam.metrics.metric import MetricsFilter
   from apache_beam.runners.worker import statesampler
   from apache_beam.utils.counters import CounterFactory
-  runners.no_state_sampling_threads()
-  runners.no_state_sampling_threads()  # idempotent
+  worker_tuning.no_state_sampling_threads()
+  worker_tuning.no_state_sampling_threads()  # idempotent
   sampler = statesampler.StateSampler('stage', CounterFactory())
   before = set(threading.enumerate())
   sampler.start()
@@ -493,10 +493,10 @@ def test_bundles_start_no_sampling_thread_and_counters_still_count():
 
 def test_a_live_process_keeps_its_startup_heap_out_of_full_collections():
   import gc
-  runners.freeze_startup_heap()
+  worker_tuning.freeze_startup_heap()
   frozen = gc.get_freeze_count()
   assert frozen > 1000  # Beam and what it loads: never walked by a full collection again
-  runners.freeze_startup_heap()  # once per process
+  worker_tuning.freeze_startup_heap()  # once per process
   assert gc.get_freeze_count() == frozen
 
 
@@ -506,7 +506,7 @@ def test_each_dofns_state_and_timer_specs_are_inspected_once_with_beams_answers(
   runners.runner_args([])
   memo = userstate.get_dofn_specs
   inspect_specs = memo.__wrapped__
-  runners.remembered_dofn_specs()  # idempotent: wraps once
+  worker_tuning.remembered_dofn_specs()  # idempotent: wraps once
   assert userstate.get_dofn_specs is memo
 
   class Stateful(beam.DoFn):
@@ -545,10 +545,10 @@ def test_each_dofns_state_and_timer_specs_are_inspected_once_with_beams_answers(
   fn = Stateful()
   memo(fn)
   key = id(fn)
-  assert key in runners._dofn_specs
+  assert key in worker_tuning._dofn_specs
   del fn
   gc.collect()
-  assert key not in runners._dofn_specs
+  assert key not in worker_tuning._dofn_specs
 
 
 def test_a_job_server_hanging_up_on_its_loopback_workers_prints_no_traceback(capsys, caplog):
@@ -570,7 +570,7 @@ def test_a_job_server_hanging_up_on_its_loopback_workers_prints_no_traceback(cap
   saved = threading.excepthook
   threading.excepthook = lambda args: hooks.append(args.exc_value)  # pytest's, in a test
   try:
-    runners.quiet_worker_hangups()
+    worker_tuning.quiet_worker_hangups()
 
     def die(exc):
       def run():
@@ -595,3 +595,20 @@ def test_a_job_server_hanging_up_on_its_loopback_workers_prints_no_traceback(cap
     except grpc.RpcError:
       log.exception('Failed to read inputs in the data plane.')
   assert [r.exc_info[1].code() for r in caplog.records] == [grpc.StatusCode.UNAVAILABLE]
+
+
+def test_a_bounded_pipeline_raises_the_collection_thresholds_and_a_live_one_keeps_them():
+  import gc
+  from sourcebeam.pipelines.options import pipeline_args
+  saved = gc.get_threshold()
+  try:
+    gc.set_threshold(700, 10, 10)  # Python's own
+    pipeline_args([], streaming=True)
+    assert gc.get_threshold() == (700, 10, 10)
+    pipeline_args([])
+    assert gc.get_threshold() == worker_tuning.BATCH_GC_THRESHOLDS
+    gc.set_threshold(100_000, 50, 200)
+    worker_tuning.batch_gc_thresholds()  # only ever raises them
+    assert gc.get_threshold() == (100_000, 50, 200)
+  finally:
+    gc.set_threshold(*saved)
