@@ -517,21 +517,24 @@ def _count_in_one_combine(named: Dict[str, Any], path: str) -> None:
   """``{name: PCollection}`` -> ``path`` holding ``{'counts': {name: n}, 'stats': [...]}``;
   the ``stats`` PCollection's records are kept whole.
 
-  One shuffle for every output (not one per output, as WriteCounts has), so
-  the benchmark pipeline fits a small Flink TaskManager's network buffers.
+  Each output counted per bundle (what ``WriteCounts`` does), and one shuffle for every
+  output (not one per output, as ``WriteCounts`` has), so the benchmark pipeline fits a small
+  Flink TaskManager's network buffers.
   """
   import apache_beam as beam
+  from apache_beam.transforms.window import GlobalWindows
+  from sourcebeam.transforms.counting import count_per_bundle
 
   class CountByName(beam.CombineFn):
     def create_accumulator(self):
       return ({}, [])
 
     def add_input(self, acc, item):
-      name, value = item
-      if name == 'stats':
-        acc[1].append(value)
+      if isinstance(item, dict):  # partial counts
+        for name, n in item.items():
+          acc[0][name] = acc[0].get(name, 0) + n
       else:
-        acc[0][name] = acc[0].get(name, 0) + 1
+        acc[1].append(item[1])
       return acc
 
     def merge_accumulators(self, accs):
@@ -545,12 +548,11 @@ def _count_in_one_combine(named: Dict[str, Any], path: str) -> None:
     def extract_output(self, acc):
       return {'counts': acc[0], 'stats': acc[1]}
 
-  from apache_beam.transforms.window import GlobalWindows
-  # Outputs come in their own windows (hourly tips: one-hour windows): all in one to flatten.
-  tagged = [pc | f'Tag {name}' >> beam.Map(lambda v, name=name: (name, v if name == 'stats' else None))
-            | f'Global {name}' >> beam.WindowInto(GlobalWindows())
-            for name, pc in sorted(named.items())]
-  _ = (tagged
+  parts = [count_per_bundle(pc, name) for name, pc in sorted(named.items()) if name != 'stats']
+  if 'stats' in named:
+    parts.append(named['stats'] | 'Tag stats' >> beam.Map(lambda v: ('stats', v))
+                 | 'Global stats' >> beam.WindowInto(GlobalWindows()))
+  _ = (parts
        | 'AllOutputs' >> beam.Flatten()
        | 'CountByName' >> beam.CombineGlobally(CountByName())
        | 'WriteCounts' >> beam.Map(_write_json, path))
