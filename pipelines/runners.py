@@ -52,7 +52,8 @@ import tempfile
 from typing import Dict, List, Optional
 
 from sourcebeam.pipelines.cli import UsageError
-from sourcebeam.pipelines.worker_tuning import (LOCAL_STATE_RUNNERS, cheap_state_cache_weights,
+from sourcebeam.pipelines.worker_tuning import (LOCAL_STATE_RUNNERS, cheap_global_windows,
+                                                cheap_state_cache_weights,
                                                 no_state_sampling_threads, pipelined_state_commits,
                                                 quiet_worker_hangups, remembered_dofn_specs)
 
@@ -174,6 +175,7 @@ def runner_args(args: List[str]) -> List[str]:
   args = list(args)
   runner = runner_of(args)
   remembered_dofn_specs()
+  cheap_global_windows()
   if runner in LOCAL_STATE_RUNNERS:
     cheap_state_cache_weights()
     if (option_value(args, '--direct_running_mode') == 'multi_processing' and

@@ -612,3 +612,21 @@ def test_a_bounded_pipeline_raises_the_collection_thresholds_and_a_live_one_keep
     assert gc.get_threshold() == (100_000, 50, 200)
   finally:
     gc.set_threshold(*saved)
+
+
+def test_the_global_window_is_made_once_with_its_end_unchanged():
+  from apache_beam.transforms import window
+  end = window.GlobalWindow().max_timestamp()
+  worker_tuning.cheap_global_windows()
+  worker_tuning.cheap_global_windows()  # idempotent
+  assert window.GlobalWindow.__init__.sourcebeam_once
+  assert window.GlobalWindow() is window.GlobalWindow()
+  assert window.GlobalWindow().max_timestamp() == end
+  assert window.GlobalWindow().end == window.GlobalWindow._getTimestampFromProto()
+  from apache_beam.testing.test_pipeline import TestPipeline
+  from apache_beam.testing.util import assert_that, equal_to
+  with TestPipeline(options=pipeline_options([])) as p:
+    out = (p | beam.Create([1, 2]) | 'Fixed' >> beam.WindowInto(window.FixedWindows(10))
+           | 'Global' >> beam.WindowInto(window.GlobalWindows()) | beam.Map(lambda x: (x % 2, x))
+           | beam.GroupByKey() | beam.MapTuple(lambda k, vs: (k, sorted(vs))))
+    assert_that(out, equal_to([(0, [2]), (1, [1])]))

@@ -266,7 +266,11 @@ class ReplayApp(beam.PTransform):
     replay = pbegin | 'OrderedReplay' >> self._replay
     views, projections, failures = _split(app, replay.outputs, final=False)  # already final
     unprocessed = (replay.unprocessed, failures) | 'AllUnprocessed' >> beam.Flatten()
-    consumers = _apply_transforms(app, replay.passthrough)
+    # The bucket replay's outputs carry its earliest-timestamp windowing (see there); the
+    # consumers get the default one, as over ReadArchive, so their groupings take Beam's
+    # plain path instead of its general trigger driver.
+    consumers = _apply_transforms(
+        app, replay.passthrough | 'DefaultWindowing' >> beam.WindowInto(window.GlobalWindows()))
     held = replay.stats | 'Held' >> beam.FlatMap(
         lambda s: [{'key_space': None, 'keys': s['keys_waiting_on_gap'],
                     'events': s['events_left_buffered']}] if s.get('events_left_buffered') else [])
