@@ -50,7 +50,8 @@ from apache_beam.transforms import window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (BagStateSpec, ReadModifyWriteStateSpec,
                                               TimerSpec, on_timer)
-from sourcebeam import TIMER_OUTPUT_LATENESS, MergeCRDTs, ORSet, PNCounter, Registry, make_envelope
+from sourcebeam import (TIMER_OUTPUT_LATENESS, MergeCRDTs, ORSet, PNCounter, Registry,
+                        in_global_window, make_envelope)
 from sourcebeam import ts_of_millis as _ts
 
 Envelope = Dict[str, Any]
@@ -383,11 +384,10 @@ class LocateRiders(beam.PTransform):
     locations grouped once and numbered by time."""
     by_taxi = envelopes | 'ByTaxi' >> beam.FlatMap(_keyed_by_taxi).with_output_types(
         Tuple[int, Any])
-    if not isinstance(envelopes.windowing.windowfn, window.GlobalWindows):
-      # One join over all of a taxi's events, whatever windows they came in. (In the global
-      # window already, re-windowing each event would only cost: 5% of a replay of the riders
-      # consumer alone, 320,000 events, went to it.)
-      by_taxi = by_taxi | 'Global' >> beam.WindowInto(window.GlobalWindows())
+    # One join over all of a taxi's events, whatever windows they came in. (In the global
+    # window already, re-windowing each event would only cost: 5% of a replay of the riders
+    # consumer alone, 320,000 events, went to it.)
+    by_taxi = in_global_window(by_taxi)
     join, registry = self.join, self.registry
     joined = (by_taxi
               | 'PerTaxi' >> beam.GroupByKey()

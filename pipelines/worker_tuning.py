@@ -79,6 +79,7 @@ def cheap_global_windows() -> None:
   __init__.sourcebeam_once = True
   window.GlobalWindow.__init__ = __init__
 
+
 _dofn_specs: Dict[int, Tuple[Any, Tuple[frozenset, frozenset]]] = {}
 
 

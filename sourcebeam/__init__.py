@@ -52,6 +52,7 @@ _EXPORTS = {
     'Machine': 'sourcebeam.transforms.state_machine',
     'Step': 'sourcebeam.transforms.state_machine',
     'timer_output_windowing': 'sourcebeam.transforms.timing',
+    'in_global_window': 'sourcebeam.transforms.timing',
     'TIMER_OUTPUT_LATENESS': 'sourcebeam.transforms.timing',
     'ts_of_millis': 'sourcebeam.transforms.timing',
     'millis_of_ts': 'sourcebeam.transforms.timing',

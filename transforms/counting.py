@@ -16,6 +16,7 @@ from apache_beam.transforms import window
 from apache_beam.io.filesystems import FileSystems
 
 from sourcebeam.transforms.single_file import WriteSingleFile
+from sourcebeam.transforms.timing import in_global_window
 
 
 class _CountBundle(beam.DoFn):
@@ -40,9 +41,8 @@ def count_per_bundle(pcoll: beam.PCollection, name: str) -> beam.PCollection:
   window (to sum with :class:`WriteSummedCounts`): one step per element. ``Count.Globally``
   took three and its pre-combining, and a replay of a million events counts ~700,000 output
   elements this way."""
-  if not isinstance(pcoll.windowing.windowfn, window.GlobalWindows):
-    # (hourly outputs...: a partial count is in no one window of theirs)
-    pcoll = pcoll | f'Global {name}' >> beam.WindowInto(window.GlobalWindows())
+  # (hourly outputs...: a partial count is in no one window of theirs)
+  pcoll = in_global_window(pcoll, f'Global {name}')
   return pcoll | f'Count {name}' >> beam.ParDo(_CountBundle(name))
 
 

@@ -109,6 +109,7 @@ from sourcebeam.transforms.expansions import check_expansion, chosen_expansion
 from sourcebeam.transforms.ordering_core import (HOLD, INT64_MAX, INVALID_KEY, SKIP, Activation,
                                       DictBuffer, Handler, KeyState, Orderer, OrderingConfig,
                                       batch_order)
+from sourcebeam.transforms.timing import in_global_window
 
 __all__ = ['ProcessInOrder', 'OrderedResult', 'StatusRequest', 'Handler', 'OrderingConfig',
            'HOLD', 'SKIP']
@@ -633,9 +634,8 @@ class ProcessInOrder(beam.PTransform):
     return 'ordered_list' if runner_name.split('.')[-1] in _ORDERED_LIST_RUNNERS else 'value'
 
   def expand(self, pcoll: beam.PCollection) -> OrderedResult:
-    if not isinstance(pcoll.windowing.windowfn, window.GlobalWindows):
-      # One key's order spans windows: its state must not restart per window.
-      pcoll = pcoll | 'GlobalWindow' >> beam.WindowInto(window.GlobalWindows())
+    # One key's order spans windows: its state must not restart per window.
+    pcoll = in_global_window(pcoll, 'GlobalWindow')
     batch = self.chosen_expansion(pcoll) == 'batch'
     keyed = (pcoll
              | 'KeyBySequence' >> beam.ParDo(_KeyBySequence(self._key_fn, self._sequence_fn,

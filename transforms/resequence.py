@@ -77,6 +77,7 @@ from sourcebeam.transforms.expansions import check_expansion, chosen_expansion
 from sourcebeam.transforms.resequence_core import (
     DEFAULT_HISTORY, DEFAULT_MAX_HELD, EVENT_TIME, FIRST_SEEN, GAP, INVALID_KEY, RAW_SEQUENCE, SOURCE,
     Activation, KeyState, ResequenceConfig, Resequencer, batch_order, key_of)
+from sourcebeam.transforms.timing import in_global_window
 
 __all__ = ['Resequence', 'Resequenced', 'SummarizeStats', 'summarize_stats', 'make_resequence_fn',
            'ResequenceConfig', 'RAW_SEQUENCE', 'EVENT_TIME', 'FIRST_SEEN']
@@ -444,9 +445,8 @@ class Resequence(beam.PTransform):
     return chosen_expansion(self._expansion, pcoll)
 
   def expand(self, pcoll: beam.PCollection) -> Resequenced:
-    if not isinstance(pcoll.windowing.windowfn, window.GlobalWindows):
-      # A key's numbering spans windows: its state must not restart per window.
-      pcoll = pcoll | 'GlobalWindow' >> beam.WindowInto(window.GlobalWindows())
+    # A key's numbering spans windows: its state must not restart per window.
+    pcoll = in_global_window(pcoll, 'GlobalWindow')
     keyed = (pcoll
              | 'KeyByPartition' >> beam.ParDo(_KeyEvents(self.config, self._key_fn))
              .with_output_types(Tuple[str, Tuple[Any, Any]])

@@ -25,6 +25,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsList
 from apache_beam.transforms.window import GlobalWindows
 
+from sourcebeam.transforms.timing import in_global_window
+
 __all__ = ['WriteSingleFile']
 
 _COPY_BYTES = 1 << 20
@@ -84,10 +86,8 @@ class WriteSingleFile(beam.PTransform):
                                                     num_shards=1)
     folder, name = FileSystems.split(self._path)
     prefix = FileSystems.join(folder, f'.{name}.part-{uuid.uuid4().hex[:12]}-')
-    if not isinstance(lines.windowing.windowfn, GlobalWindows):
-      # A part holds lines of any window: its path is in the global one.
-      lines = lines | 'Global' >> beam.WindowInto(GlobalWindows())
-    parts = lines | 'WriteParts' >> beam.ParDo(_WriteParts(prefix))
+    # A part holds lines of any window: its path is in the global one.
+    parts = in_global_window(lines) | 'WriteParts' >> beam.ParDo(_WriteParts(prefix))
     return (lines.pipeline
             | 'Once' >> beam.Create([None])
             | 'JoinParts' >> beam.Map(_join_parts, self._path, prefix, AsList(parts)))
